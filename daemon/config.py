@@ -1,0 +1,342 @@
+"""The only code that reads the TOML config: frozen, validated dataclasses.
+
+Every mistake becomes one ConfigError naming the key, the value found and what is allowed,
+so an admin can fix the file without reading code. Secrets never live in the TOML: an account
+names a ``password_file``, a ``password_env`` variable or a systemd ``password_credential``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mailtriage.errors import ConfigError
+
+Action = Literal["move", "keyword", "header"]
+TlsMode = Literal["implicit", "starttls", "none"]
+AuthMethod = Literal["login", "plain", "xoauth2", "oauthbearer"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+
+# Keys that would put a secret into the config file; refused with a pointer to the safe ways.
+_SECRET_KEYS = {"password", "token", "oauth_token", "secret"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "/var/lib/mailtriage/models/current"
+    threshold: float = 0.6
+    device: Device = "auto"
+    batch_size: int = 16
+    max_length: int = 256
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(
+                f"model.threshold = {self.threshold!r} is outside 0..1: it is the softmax "
+                "confidence below which mail goes to the unsure folder (0.6 is a sound start)"
+            )
+        _positive("model.batch_size", self.batch_size)
+        _positive("model.max_length", self.max_length)
+
+
+@dataclass(frozen=True)
+class AccountConfig:
+    name: str
+    host: str
+    username: str
+    port: int = 993
+    tls: TlsMode = "implicit"
+    verify_tls: bool = True
+    ca_file: str | None = None
+    auth: AuthMethod = "login"
+    password_file: str | None = None
+    password_env: str | None = None
+    password_credential: str | None = None
+    oauth_token_command: str | None = None
+    oauth_token_file: str | None = None
+    mailboxes: tuple[str, ...] = ("INBOX",)
+    action: Action = "move"
+    keyword_prefix: str = "mt_"
+    dry_run: bool = False
+    idle_timeout: int = 1500
+    poll_interval: int = 60
+    fetch_batch: int = 50
+    reconnect_max: int = 300
+
+    def __post_init__(self) -> None:
+        where = f"accounts[{self.name!r}]"
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"{where}.port = {self.port!r} is not a TCP port (1..65535)")
+        if not self.mailboxes:
+            raise ConfigError(f"{where}.mailboxes is empty: name at least one folder to watch, e.g. [\"INBOX\"]")
+        if not 30 <= self.idle_timeout <= 29 * 60 - 1:
+            raise ConfigError(
+                f"{where}.idle_timeout = {self.idle_timeout!r} seconds: must be 30..1739, because "
+                "RFC 2177 servers may drop an IDLE after 29 minutes (1500 is the default)"
+            )
+        _positive(f"{where}.poll_interval", self.poll_interval)
+        _positive(f"{where}.fetch_batch", self.fetch_batch)
+        _positive(f"{where}.reconnect_max", self.reconnect_max)
+        if self.auth in ("login", "plain"):
+            given = [k for k in ("password_file", "password_env", "password_credential") if getattr(self, k)]
+            if len(given) != 1:
+                raise ConfigError(
+                    f"{where}: auth = {self.auth!r} needs exactly one of password_file, password_env "
+                    f"or password_credential, found {given or 'none'}"
+                )
+        else:
+            given = [k for k in ("oauth_token_command", "oauth_token_file") if getattr(self, k)]
+            if len(given) != 1:
+                raise ConfigError(
+                    f"{where}: auth = {self.auth!r} needs exactly one of oauth_token_command or "
+                    f"oauth_token_file, found {given or 'none'}"
+                )
+        if not self.keyword_prefix or any(c in self.keyword_prefix for c in " ()]{%*\"\\"):
+            raise ConfigError(
+                f"{where}.keyword_prefix = {self.keyword_prefix!r} is not a valid IMAP atom prefix "
+                "(letters, digits, '_' and '-' are safe)"
+            )
+
+    def secret(self) -> str:
+        """The password or OAuth token, read now (so a rotated secret is picked up on reconnect)."""
+        where = f"accounts[{self.name!r}]"
+        if self.password_file or self.oauth_token_file:
+            path = Path(self.password_file or self.oauth_token_file or "")
+            try:
+                return path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"{where}: cannot read secret file {str(path)!r}: {exc.strerror}") from exc
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if not value:
+                raise ConfigError(f"{where}: environment variable {self.password_env} is not set or empty")
+            return value
+        if self.password_credential:
+            cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not cred_dir:
+                raise ConfigError(
+                    f"{where}: password_credential = {self.password_credential!r} but $CREDENTIALS_DIRECTORY "
+                    "is not set; add LoadCredential=... to the systemd unit or use password_file"
+                )
+            path = Path(cred_dir) / self.password_credential
+            try:
+                return path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"{where}: cannot read credential {str(path)!r}: {exc.strerror}") from exc
+        if self.oauth_token_command:
+            import subprocess
+
+            try:
+                out = subprocess.run(
+                    self.oauth_token_command, shell=True, check=True, capture_output=True, text=True, timeout=60
+                )
+            except (subprocess.SubprocessError, OSError) as exc:
+                raise ConfigError(f"{where}: oauth_token_command failed: {exc}") from exc
+            return out.stdout.strip()
+        raise ConfigError(f"{where}: no secret configured")  # unreachable after validation
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    enabled: bool = False
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 10025
+    next_hop_host: str = "127.0.0.1"
+    next_hop_port: int = 10026
+
+    def __post_init__(self) -> None:
+        for key in ("listen_port", "next_hop_port"):
+            port = getattr(self, key)
+            if not 0 < port < 65536:
+                raise ConfigError(f"smtp.{key} = {port!r} is not a TCP port (1..65535)")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    base_model: str = ""
+    model_dir: str = "/var/lib/mailtriage/models"
+    schedule: str = "0 3 * * 0"
+    min_examples_per_class: int = 10
+    holdout_fraction: float = 0.2
+    epochs: int = 8
+    learning_rate: float = 5e-4
+    batch_size: int = 16
+    lora_r: int = 16
+    seed: int = 13
+
+    def __post_init__(self) -> None:
+        if self.schedule and len(self.schedule.split()) != 5:
+            raise ConfigError(
+                f"training.schedule = {self.schedule!r} is not a 5-field cron expression "
+                "(minute hour day month weekday, e.g. \"0 3 * * 0\" for Sundays 03:00); \"\" disables it"
+            )
+        if not 0.05 <= self.holdout_fraction <= 0.5:
+            raise ConfigError(f"training.holdout_fraction = {self.holdout_fraction!r}: allowed 0.05..0.5")
+        for key in ("min_examples_per_class", "epochs", "batch_size", "lora_r"):
+            _positive(f"training.{key}", getattr(self, key))
+        if not 0 < self.learning_rate < 1:
+            raise ConfigError(f"training.learning_rate = {self.learning_rate!r}: allowed 0 < lr < 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    # category name -> IMAP folder it is filed into; order is the label order shown in reports
+    categories: Mapping[str, str]
+    unsure_folder: str = "Support/Unsure"
+    state_path: str = "/var/lib/mailtriage/state.sqlite3"
+    correction_scan_interval: int = 600
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    accounts: tuple[AccountConfig, ...] = ()
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def __post_init__(self) -> None:
+        if len(self.categories) < 2:
+            raise ConfigError(
+                f"[categories] has {len(self.categories)} entries: a classifier needs at least 2 "
+                "(one line per category: name = \"Folder/Name\")"
+            )
+        for name, folder in self.categories.items():
+            if not isinstance(folder, str) or not folder.strip():
+                raise ConfigError(f"categories.{name} = {folder!r}: expected the IMAP folder name as a string")
+        folders = list(self.categories.values())
+        dupes = sorted({f for f in folders if folders.count(f) > 1})
+        if dupes:
+            raise ConfigError(f"[categories] maps several categories to the same folder {dupes}: each needs its own")
+        if self.unsure_folder in folders:
+            raise ConfigError(f"unsure_folder = {self.unsure_folder!r} is also a category folder; pick a separate one")
+        names = [a.name for a in self.accounts]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"[[accounts]] names must be unique, found {names}")
+        _positive("correction_scan_interval", self.correction_scan_interval)
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"metrics_port = {self.metrics_port!r}: allowed 0 (off) or 1..65535")
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.categories)
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} = {value!r}: must be a positive number")
+
+
+# ---- generic TOML table -> dataclass, with messages that name the key -----------------------
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in typing.get_args(hint) if a is not type(None))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if isinstance(hint, type):
+        return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}.get(
+            hint.__name__, f"a table ({hint.__name__})"
+        )
+    return str(hint)
+
+
+def _convert(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _convert(key, value, args[0])
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected {_describe(hint)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} = {value!r}: expected {_describe(hint)}")
+        inner = typing.get_args(hint)[0]
+        return tuple(_convert(f"{key}[{i}]", v, inner) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, found {value!r}")
+        return _build(hint, value, key)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"{key} = {value!r}: expected {_describe(hint)}")
+    return value
+
+
+def _build(cls: Any, table: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    dot = f"{prefix}." if prefix else ""
+    for key in table:
+        if key in _SECRET_KEYS:
+            raise ConfigError(
+                f"{dot}{key}: secrets never live in the config file. Put it in a file readable only by "
+                "the service and set password_file (or oauth_token_file), or use password_env, or "
+                "systemd LoadCredential= with password_credential"
+            )
+        if key not in known:
+            close = [k for k in known if k.split("_")[0] == key.split("_")[0]]
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{dot}{key}: unknown key. Known keys: {', '.join(sorted(known))}.{hint}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in table:
+            kwargs[f.name] = _convert(f"{dot}{f.name}", table[f.name], hints[f.name])
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{dot}{f.name} is required but missing")
+    return cls(**kwargs)
+
+
+def parse_config(data: Mapping[str, Any]) -> Config:
+    """Validate an already-parsed TOML document (tests use this directly)."""
+    table = dict(data)
+    categories = table.pop("categories", None)
+    if not isinstance(categories, dict):
+        raise ConfigError(
+            "[categories] is missing: add one line per category, name = \"IMAP folder\", e.g. "
+            "billing = \"Support/Billing\""
+        )
+    if "accounts" in table and not isinstance(table["accounts"], list):
+        raise ConfigError("accounts: write each account as an [[accounts]] table")
+    accounts = table.get("accounts", [])
+    for i, acc in enumerate(accounts):
+        if isinstance(acc, dict) and "name" not in acc:
+            acc["name"] = acc.get("username", f"account{i}")
+    table["categories"] = "placeholder"  # validated below, not by the generic builder
+    hints = dict(typing.get_type_hints(Config))
+    hints["categories"] = str
+    cfg_kwargs: dict[str, Any] = {}
+    known = {f.name for f in dataclasses.fields(Config)}
+    for key, value in table.items():
+        if key in _SECRET_KEYS or key not in known:
+            _build(Config, {key: value}, "")  # raises the uniform unknown/secret message
+        if key != "categories":
+            cfg_kwargs[key] = _convert(key, value, hints[key])
+    return Config(categories=dict(categories), **cfg_kwargs)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML config file; any problem is one ConfigError naming the key."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read config {str(p)!r}: {exc.strerror}. Start from config.example.toml"
+        ) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{str(p)!r} is not valid TOML: {exc}") from exc
+    return parse_config(data)

@@ -1,0 +1,37 @@
+"""One exception tree for everything mailtriage raises on purpose.
+
+    MailtriageError
+    ├── ConfigError          the config file or a flag is wrong; the message names key and fix
+    ├── ModelError           a model directory cannot be loaded or used
+    │   └── LabelMismatchError   the adapter's labels differ from the configured categories
+    ├── MailboxError         an IMAP server refused, vanished or lacks something we need
+    └── TrainingDataError    the training data cannot make a sound model (too few, unreadable)
+
+Wrap at the boundary: ``raise MailboxError(f"MOVE uid={uid} to {folder!r} failed") from exc``.
+"""
+
+from __future__ import annotations
+
+
+class MailtriageError(Exception):
+    """Base of every error mailtriage raises deliberately; the CLI prints these without a traceback."""
+
+
+class ConfigError(MailtriageError):
+    """The configuration is invalid: says which key, what was found and what is allowed."""
+
+
+class ModelError(MailtriageError):
+    """A model directory is missing, incomplete or cannot be loaded."""
+
+
+class LabelMismatchError(ModelError):
+    """The adapter was trained on a different label set than the config names."""
+
+
+class MailboxError(MailtriageError):
+    """An IMAP operation failed or a server lacks a capability or folder we need."""
+
+
+class TrainingDataError(MailtriageError):
+    """Training data is unreadable or too thin to train on."""

@@ -1,0 +1,22 @@
+"""Pure routing: a Prediction and the config's threshold -> where the message should go."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mailtriage.classifier import Prediction
+
+
+@dataclass(frozen=True)
+class Decision:
+    label: str            # the predicted label (recorded even when unsure)
+    confidence: float
+    unsure: bool          # below threshold: never filed as a guess
+    folder: str           # destination folder: the category's, or the unsure folder
+
+
+def decide(prediction: Prediction, threshold: float, categories: Mapping[str, str], unsure_folder: str) -> Decision:
+    unsure = prediction.confidence < threshold
+    folder = unsure_folder if unsure else categories[prediction.label]
+    return Decision(prediction.label, prediction.confidence, unsure, folder)

@@ -1,0 +1,10 @@
+"""Shared fixtures. Each fixture family lives in its own module, imported here so pytest sees it."""
+
+from __future__ import annotations
+
+import os
+
+# Tests never reach a model hub; everything they load is built locally or shipped in a package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

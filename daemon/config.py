@@ -8,6 +8,7 @@ names a ``password_file``, a ``password_env`` variable or a systemd ``password_c
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 import types
@@ -286,7 +287,7 @@ def _build(cls: Any, table: Mapping[str, Any], prefix: str) -> Any:
                 "systemd LoadCredential= with password_credential"
             )
         if key not in known:
-            close = [k for k in known if k.split("_")[0] == key.split("_")[0]]
+            close = difflib.get_close_matches(key, known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{dot}{key}: unknown key. Known keys: {', '.join(sorted(known))}.{hint}")
     kwargs = {}

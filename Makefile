@@ -1,0 +1,39 @@
+# Two entry points: `make demo` (set up, then run the whole product on a throwaway mailbox)
+# and `make test` (set up, then run every test tier). Both install what they need.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast venv deps bench clean
+
+# Dovecot is the real IMAP server the tests and the demo start on 127.0.0.1.
+deps:
+	@command -v dovecot >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dovecot-imapd >/dev/null; \
+	  else echo "Dovecot is missing: run 'sudo apt-get install -y dovecot-imapd'" >&2; exit 1; fi; }
+
+# torch is installed first and pinned: anything looser pulls GBs of CUDA wheels on a CPU host.
+$(BIN)/mailtriage: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(BIN)/mailtriage
+
+demo: deps venv
+	$(BIN)/python -m demo.run
+
+test: deps venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: deps venv
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: deps venv
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) demo-run bench-out .pytest_cache

@@ -1,0 +1,158 @@
+"""`mailtriage` command line: serve, classify, check, stats, text.
+
+Heavy imports (torch, imapclient) happen inside the subcommand that needs them, so
+`mailtriage text` and `--help` start instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mailtriage.config import Config, load_config
+from mailtriage.errors import ConfigError, MailtriageError
+from mailtriage.logs import configure_logging
+
+DEFAULT_CONFIG = "/etc/mailtriage/config.toml"
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    return args.config or os.environ.get("MAILTRIAGE_CONFIG") or DEFAULT_CONFIG
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(_config_path(args))
+
+
+def _load_optional(args: argparse.Namespace) -> Config | None:
+    """The config when one was named (or the default exists); commands that can run without one use this."""
+    path = _config_path(args)
+    if args.config or os.environ.get("MAILTRIAGE_CONFIG") or Path(path).exists():
+        return load_config(path)
+    return None
+
+
+def cmd_text(args: argparse.Namespace) -> int:
+    from mailtriage.mailtext import mail_text
+
+    for name in args.files or ["-"]:
+        raw = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+        if len(args.files) > 1:
+            print(f"==> {name} <==")
+        print(mail_text(raw))
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from mailtriage.mailtext import mail_text
+    from mailtriage.model import load_classifier
+
+    cfg = _load_optional(args)
+    threshold = args.threshold if args.threshold is not None else (cfg.model.threshold if cfg else 0.6)
+    model_path = args.model or (cfg.model.path if cfg else None)
+    if not model_path:
+        raise ConfigError("no model given: pass --model PATH (a model directory) or --config with model.path")
+    classifier = load_classifier(
+        model_path,
+        device=args.device or (cfg.model.device if cfg else "auto"),
+        batch_size=cfg.model.batch_size if cfg else 16,
+        max_length=cfg.model.max_length if cfg else 256,
+        expected_labels=cfg.labels if cfg else None,
+    )
+    names = args.files or ["-"]
+    batch = 64  # bounded memory for thousands of files; the classifier batches again internally
+    for start in range(0, len(names), batch):
+        chunk = names[start : start + batch]
+        texts = [mail_text(sys.stdin.buffer.read() if n == "-" else Path(n).read_bytes()) for n in chunk]
+        for name, pred in zip(chunk, classifier.classify(texts), strict=True):
+            row = {
+                "file": name,
+                "label": pred.label,
+                "confidence": round(pred.confidence, 4),
+                "unsure": pred.confidence < threshold,
+            }
+            print(json.dumps(row), flush=True)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mailtriage.service import serve
+
+    cfg = _load(args)
+    if args.dry_run:
+        cfg = dataclasses.replace(cfg, accounts=tuple(dataclasses.replace(a, dry_run=True) for a in cfg.accounts))
+    return serve(cfg, _config_path(args))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from mailtriage.check import run_check
+
+    return run_check(_load(args), create_folders=args.create_folders)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from mailtriage.stats import print_stats
+
+    return print_stats(_load(args), window_days=args.days, as_json=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help=f"TOML config (default: $MAILTRIAGE_CONFIG or {DEFAULT_CONFIG})")
+    common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    parser = argparse.ArgumentParser(
+        prog="mailtriage",
+        description="File every new support email into its category with a small fine-tuned model.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", parents=[common], help="run the daemon (IMAP watcher and/or SMTP filter)")
+    p.add_argument("--dry-run", action="store_true", help="shadow mode: record decisions, touch no mail")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("classify", parents=[common], help="classify raw messages; one JSON line each")
+    p.add_argument("--model", metavar="PATH", help="model directory (MODEL_DIR, MODEL_DIR/current or a version)")
+    p.add_argument("--threshold", type=float, help="confidence below which a message is 'unsure'")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("files", nargs="*", metavar="FILE", help="raw RFC 822 files (default: one message on stdin)")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("check", parents=[common], help="validate config, server, folders and model")
+    p.add_argument("--create-folders", action="store_true", help="create missing category/unsure folders")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("stats", parents=[common], help="decisions, corrections and live accuracy")
+    p.add_argument("--days", type=int, default=30, help="window in days (default 30)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("text", parents=[common], help="print the exact text the model sees for a raw message")
+    p.add_argument("files", nargs="*", metavar="FILE", help="raw RFC 822 files (default: stdin)")
+    p.set_defaults(func=cmd_text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        return int(args.func(args))
+    except MailtriageError as exc:
+        print(f"mailtriage {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"mailtriage {args.command}: error: {exc.filename}: no such file", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

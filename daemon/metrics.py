@@ -1,0 +1,90 @@
+"""Prometheus metrics of the daemon, on a private registry so tests and other libraries never clash.
+
+Every module that counts something imports the object from here; ``start_metrics_server`` exposes
+``REGISTRY`` over HTTP when ``[metrics] port`` is non-zero.
+"""
+
+from __future__ import annotations
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+log = structlog.get_logger(__name__)
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# outcome: 'filed' (acted on with a category), 'unsure' (below threshold), 'dry_run' (decided,
+# nothing done), 'failed' (the action failed; the message stays in its source folder).
+OUTCOMES = ("filed", "unsure", "dry_run", "failed")
+
+MESSAGES = Counter(
+    "mailtriage_messages",
+    "Messages decided by the daemon, by predicted category and outcome.",
+    ["category", "outcome"],
+    registry=REGISTRY,
+)
+
+# Seconds from fetching a message to its action being done: what staff feel as triage delay.
+LATENCY = Histogram(
+    "mailtriage_message_latency_seconds",
+    "Seconds from fetch to completed action, per message.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+    registry=REGISTRY,
+)
+
+CLASSIFY_LATENCY = Histogram(
+    "mailtriage_classify_batch_seconds",
+    "Seconds one classify() batch took on the inference worker (queue wait excluded).",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+
+QUEUE_DEPTH = Gauge(
+    "mailtriage_queue_depth",
+    "Messages seen in a watched mailbox and not yet acted on.",
+    ["account", "mailbox"],
+    registry=REGISTRY,
+)
+
+CORRECTIONS = Counter(
+    "mailtriage_corrections",
+    "Messages staff moved out of the folder the daemon chose (predicted) into another (actual).",
+    ["predicted", "actual"],
+    registry=REGISTRY,
+)
+
+MODEL_INFO = Info(
+    "mailtriage_model",
+    "The model version currently serving.",
+    registry=REGISTRY,
+)
+
+MODEL_RELOADS = Counter(
+    "mailtriage_model_reloads",
+    "Hot reload attempts of the model, by result ('ok' or 'refused').",
+    ["result"],
+    registry=REGISTRY,
+)
+
+RETRAINS = Counter(
+    "mailtriage_retrains",
+    "Scheduled retrain subprocess runs, by result ('ok', 'failed', 'skipped').",
+    ["result"],
+    registry=REGISTRY,
+)
+
+
+def set_model_version(version: str) -> None:
+    MODEL_INFO.info({"version": version})
+
+
+def start_metrics_server(host: str, port: int) -> bool:
+    """Serve ``REGISTRY`` on http://host:port/metrics in a daemon thread; port 0 means off.
+
+    Returns True when a server was started.
+    """
+    if not port:
+        return False
+    start_http_server(port, addr=host, registry=REGISTRY)
+    log.info("metrics_server_started", host=host, port=port)
+    return True

@@ -1,0 +1,611 @@
+"""A real, throwaway, unprivileged Dovecot 2.3 IMAP server for tests and the demo.
+
+Plain Python (importable without pytest); the pytest fixtures at the bottom exist only when pytest is.
+"""
+
+from __future__ import annotations
+
+import atexit
+import grp
+import itertools
+import os
+import pwd
+import re
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+
+from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientError
+
+from mailtriage.errors import MailboxError
+
+try:  # The demo script imports this module without pytest installed.
+    import pytest
+except ImportError:  # pragma: no cover - exercised by the demo, not the suite
+    pytest = None  # type: ignore[assignment]
+
+__all__ = [
+    "DEFAULT_IMAP_CAPABILITY",
+    "NO_IDLE",
+    "NO_MOVE",
+    "Dovecot",
+    "DovecotError",
+    "DovecotNotInstalledError",
+    "imap_capability_without",
+    "load_folder_tree",
+    "load_messages",
+]
+
+INSTALL_HINT = "install it with `apt-get update && apt-get install -y dovecot-imapd`"
+
+# Same as shared/reference/dovecot-test.conf (which lives outside the repository, so CI would not
+# see it), with the port and the unprivileged user filled in at start and two speed settings added.
+CONF_TEMPLATE = """\
+# Throwaway, unprivileged Dovecot 2.3 instance written by tests/dovecot.py.
+protocols = imap
+listen = 127.0.0.1
+base_dir = @ROOT@/run
+state_dir = @ROOT@/state
+log_path = @ROOT@/dovecot.log
+instance_name = mailtriage-test
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+# Non-root: every service runs as the user that started the master.
+default_internal_user = @USER@
+default_internal_group = @GROUP@
+default_login_user = @USER@
+first_valid_uid = 1
+# Test mail is disposable: skip fsync so APPEND-heavy fixtures stay fast.
+mail_fsync = never
+
+passdb {
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u @ROOT@/users
+}
+userdb {
+  driver = passwd-file
+  args = username_format=%u @ROOT@/users
+  default_fields = uid=@USER@ gid=@GROUP@ home=@ROOT@/home/%u
+}
+mail_location = maildir:~/Maildir
+namespace inbox {
+  inbox = yes
+  separator = /
+  mailbox Archive {
+    auto = create
+  }
+}
+protocol imap {
+  mail_max_userip_connections = 50
+}
+service imap-login {
+  chroot =
+  inet_listener imap {
+    address = 127.0.0.1
+    port = @PORT@
+  }
+  inet_listener imaps {
+    port = 0
+  }
+}
+service pop3-login {
+  chroot =
+}
+service submission-login {
+  chroot =
+}
+service anvil {
+  chroot =
+}
+service stats {
+  unix_listener stats-reader {
+    mode = 0600
+  }
+  unix_listener stats-writer {
+    mode = 0600
+  }
+}
+"""
+
+# What Dovecot 2.3.19 advertises after login with the config above. `imap_capability` replaces the
+# whole list (a leading "+" can only add), so removing one capability means restating the rest.
+DEFAULT_IMAP_CAPABILITY = (
+    "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT SORT=DISPLAY THREAD=REFERENCES "
+    "THREAD=REFS THREAD=ORDEREDSUBJECT MULTIAPPEND URL-PARTIAL CATENATE UNSELECT CHILDREN "
+    "NAMESPACE UIDPLUS LIST-EXTENDED I18NLEVEL=1 CONDSTORE QRESYNC ESEARCH ESORT SEARCHRES "
+    "WITHIN CONTEXT=SEARCH LIST-STATUS BINARY MOVE SNIPPET=FUZZY PREVIEW=FUZZY PREVIEW "
+    "STATUS=SIZE SAVEDATE LITERAL+ NOTIFY SPECIAL-USE"
+)
+
+
+def imap_capability_without(*names: str) -> str:
+    """The `extra_conf` line that makes Dovecot advertise its default capabilities minus `names`.
+
+    Dovecot still executes the commands (e.g. MOVE) if a client sends them anyway; what changes is
+    what CAPABILITY says, which is what a well-behaved client (imapclient's @require_capability) checks.
+    """
+    drop = {n.upper() for n in names}
+    unknown = drop - {c.upper() for c in DEFAULT_IMAP_CAPABILITY.split()}
+    if unknown:
+        raise ValueError(
+            f"capabilities {sorted(unknown)} are not in Dovecot's default list; "
+            f"expected some of: {DEFAULT_IMAP_CAPABILITY}"
+        )
+    kept = [c for c in DEFAULT_IMAP_CAPABILITY.split() if c.upper() not in drop]
+    return "imap_capability = " + " ".join(kept) + "\n"
+
+
+NO_MOVE = imap_capability_without("MOVE")
+NO_IDLE = imap_capability_without("IDLE")
+
+_START_TIMEOUT_S = 10.0
+_STOP_TIMEOUT_S = 5.0
+_APPENDUID_RE = re.compile(rb"\[APPENDUID (\d+) (\d+)\]", re.IGNORECASE)
+_running: weakref.WeakSet[Dovecot] = weakref.WeakSet()
+
+
+class DovecotError(MailboxError):
+    """The test Dovecot could not be started, configured or fed with messages."""
+
+
+class DovecotNotInstalledError(DovecotError):
+    """The `dovecot` binary is missing on this machine."""
+
+
+def _find_binary(name: str) -> str | None:
+    # /usr/sbin is often not on a non-root user's PATH, yet that is where Debian puts dovecot.
+    found = shutil.which(name)
+    if found:
+        return found
+    for folder in ("/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"):
+        candidate = Path(folder) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"({path} not readable)"
+    return "\n".join(text.splitlines()[-lines:]) or f"({path} is empty)"
+
+
+def _check_uid(value: str, what: str) -> None:
+    if not value or any(ch in value for ch in ":\n\r") or (what == "user name" and value.strip() != value):
+        raise ValueError(f"{what} {value!r} cannot go into a passwd-file line; use no ':' or newlines")
+
+
+class Dovecot:
+    """One Dovecot master on a free 127.0.0.1 port, with its config, mail and log under `root`.
+
+    Run as root, the server runs as `nobody` (root is never needed and Dovecot refuses some things
+    as root); otherwise it runs as the current user. `root=None` makes a temporary directory that
+    `stop()` deletes; a given `root` is kept.
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(
+        self,
+        root: Path | None = None,
+        extra_conf: str = "",
+        users: dict[str, str] | None = None,
+    ) -> None:
+        self.extra_conf = extra_conf
+        self.users: dict[str, str] = dict(users) if users is not None else {"support": "secret"}
+        for name, password in self.users.items():
+            _check_uid(name, "user name")
+            _check_uid(password, "password")
+        self._given_root = Path(root) if root is not None else None
+        self._root: Path | None = self._given_root
+        self._port: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        if os.geteuid() == 0:
+            entry = pwd.getpwnam("nobody")
+            self._uid, self._gid = entry.pw_uid, entry.pw_gid
+        else:
+            self._uid, self._gid = os.geteuid(), os.getegid()
+        self._user = pwd.getpwuid(self._uid).pw_name
+        self._group = grp.getgrgid(self._gid).gr_name
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def root(self) -> Path:
+        if self._root is None:
+            raise DovecotError("Dovecot has no root directory yet; call start() first")
+        return self._root
+
+    @property
+    def port(self) -> int:
+        if self._port is None or self._proc is None:
+            raise DovecotError("Dovecot is not running; call start() (or use it as a context manager)")
+        return self._port
+
+    @property
+    def conf_path(self) -> Path:
+        return self.root / "dovecot.conf"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "dovecot.log"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def __repr__(self) -> str:
+        where = f"{self.host}:{self._port}" if self.running else "stopped"
+        return f"<Dovecot {where} root={self._root}>"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> Dovecot:
+        """Write the config, start `dovecot -F` and return once the port greets with `* OK`."""
+        if self.running:
+            return self
+        binary = _find_binary("dovecot")
+        if binary is None:
+            raise DovecotNotInstalledError(
+                f"the `dovecot` binary was not found on PATH or in /usr/sbin; the IMAP tests need a "
+                f"real Dovecot 2.3: {INSTALL_HINT}"
+            )
+        self._prepare_root()
+        last_error: DovecotError | None = None
+        # A free port can be taken between our probe and Dovecot's bind; retry on a new one.
+        for _attempt in range(3):
+            try:
+                self._spawn(binary)
+                break
+            except DovecotError as exc:
+                last_error = exc
+                if "Address already in use" not in str(exc):
+                    raise
+        else:
+            assert last_error is not None
+            raise last_error
+        _running.add(self)
+        return self
+
+    def _prepare_root(self) -> None:
+        if self._root is None:
+            self._root = Path(tempfile.mkdtemp(prefix="mailtriage-dovecot-"))
+        root = self._root
+        root.mkdir(parents=True, exist_ok=True)
+        self._check_reachable(root)
+        (root / "home").mkdir(exist_ok=True)
+        self._write_users()
+        if os.geteuid() == 0:
+            for path in (root, root / "home"):
+                os.chown(path, self._uid, self._gid)
+
+    def _check_reachable(self, root: Path) -> None:
+        # The server user must traverse every parent (pytest's tmp_path under root is 0700).
+        if os.geteuid() != 0:
+            return
+        for parent in reversed(root.resolve().parents):
+            st = parent.stat()
+            if st.st_uid != self._uid and not st.st_mode & stat.S_IXOTH:
+                raise DovecotError(
+                    f"Dovecot runs as {self._user!r} but cannot enter {parent} (mode "
+                    f"{stat.filemode(st.st_mode)}, owner uid {st.st_uid}); pass a root under a "
+                    f"world-traversable directory such as /tmp, or root=None for a fresh temp dir"
+                )
+
+    def _write_conf(self, port: int) -> None:
+        text = (
+            CONF_TEMPLATE.replace("@ROOT@", str(self.root))
+            .replace("@USER@", self._user)
+            .replace("@GROUP@", self._group)
+            .replace("@PORT@", str(port))
+        )
+        if self.extra_conf:
+            text += "\n# extra_conf\n" + self.extra_conf.rstrip("\n") + "\n"
+        self._write_owned(self.conf_path, text.encode())
+
+    def _write_users(self) -> None:
+        lines = "".join(f"{name}:{{PLAIN}}{pw}::::::\n" for name, pw in self.users.items())
+        self._write_owned(self.root / "users", lines.encode())
+
+    def _write_owned(self, path: Path, data: bytes) -> None:
+        # Replace atomically: the auth process re-reads the passwd-file when it changes, and must
+        # never see half a file.
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        tmp.write_bytes(data)
+        if os.geteuid() == 0:
+            os.chown(tmp, self._uid, self._gid)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+
+    def _drop_privileges(self) -> dict[str, object]:
+        if os.geteuid() != 0:
+            return {}
+        return {"user": self._uid, "group": self._gid, "extra_groups": []}
+
+    def _spawn(self, binary: str) -> None:
+        port = _free_port()
+        self._write_conf(port)
+        stderr_path = self.root / "dovecot.stderr"
+        with open(stderr_path, "wb") as stderr:
+            # -F keeps the master in the foreground, so this Popen *is* the master and we can wait on it.
+            proc = subprocess.Popen(
+                [binary, "-c", str(self.conf_path), "-F"],
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                cwd=self.root,
+                start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop it
+                **self._drop_privileges(),  # type: ignore[arg-type]
+            )
+        self._proc, self._port = proc, port
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        last = "no connection attempt yet"
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self._proc = None
+                raise DovecotError(
+                    f"Dovecot exited with status {proc.returncode} while starting on port {port}.\n"
+                    f"--- {stderr_path} ---\n{_tail(stderr_path)}\n"
+                    f"--- {self.log_path} ---\n{_tail(self.log_path)}"
+                )
+            try:
+                with socket.create_connection((self.host, port), timeout=1.0) as sock:
+                    greeting = sock.recv(512)
+                if greeting.startswith(b"* OK"):
+                    return
+                last = f"greeting {greeting[:80]!r}"
+            except OSError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            time.sleep(0.05)
+        self.stop(_keep_root=True)
+        raise DovecotError(
+            f"Dovecot did not greet with '* OK' on {self.host}:{port} within {_START_TIMEOUT_S:.0f} s "
+            f"(last: {last}).\n--- {stderr_path} ---\n{_tail(stderr_path)}\n"
+            f"--- {self.log_path} ---\n{_tail(self.log_path)}"
+        )
+
+    def stop(self, *, _keep_root: bool = False) -> None:
+        """Stop the server (doveadm stop, then SIGTERM, then SIGKILL) and delete a temp root."""
+        proc, self._proc = self._proc, None
+        _running.discard(self)
+        if proc is not None and proc.poll() is None:
+            doveadm = _find_binary("doveadm")
+            if doveadm is not None:
+                try:
+                    subprocess.run(
+                        [doveadm, "-c", str(self.conf_path), "stop"],
+                        stdin=subprocess.DEVNULL,
+                        capture_output=True,
+                        timeout=_STOP_TIMEOUT_S,
+                        check=False,
+                        **self._drop_privileges(),  # type: ignore[arg-type]
+                    )
+                except subprocess.TimeoutExpired:
+                    pass
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    proc.wait(timeout=_STOP_TIMEOUT_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    # The master's session holds its children; signal them all.
+                    try:
+                        os.killpg(proc.pid, sig)
+                    except ProcessLookupError:
+                        break
+            else:
+                proc.wait(timeout=_STOP_TIMEOUT_S)
+        if self._given_root is None and self._root is not None and not _keep_root:
+            shutil.rmtree(self._root, ignore_errors=True)
+            self._root = None
+
+    def __enter__(self) -> Dovecot:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- users and clients --------------------------------------------------------------------
+
+    def add_user(self, name: str, password: str) -> None:
+        """Add (or change) a user; works while running, as Dovecot re-reads a changed passwd-file."""
+        _check_uid(name, "user name")
+        _check_uid(password, "password")
+        self.users[name] = password
+        if self._root is not None:
+            self._write_users()
+
+    def client(self, user: str = "support", password: str | None = None, timeout: float = 10.0) -> IMAPClient:
+        """A logged-in plain-text IMAPClient; the caller logs it out."""
+        if password is None:
+            if user not in self.users:
+                raise DovecotError(f"no user {user!r} on this server (have {sorted(self.users)}); call add_user first")
+            password = self.users[user]
+        client = IMAPClient(self.host, port=self.port, ssl=False, timeout=timeout)
+        try:
+            client.login(user, password)
+        except Exception:
+            client.shutdown()
+            raise
+        return client
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    # A demo that crashes, or a test run interrupted hard, must not leave masters behind.
+    for server in list(_running):
+        server.stop()
+
+
+# -- loading mail -----------------------------------------------------------------------------
+
+MessageSource = bytes | os.PathLike[str]
+
+
+def _raw_messages(messages: Iterable[MessageSource] | MessageSource) -> Iterator[bytes]:
+    if isinstance(messages, (bytes, bytearray, memoryview, os.PathLike)):
+        messages = [messages]  # type: ignore[list-item]
+    for item in messages:  # type: ignore[union-attr]
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            yield bytes(item)
+        elif isinstance(item, os.PathLike):
+            path = Path(item)
+            if path.is_dir():
+                for child in sorted(path.iterdir()):
+                    if child.is_file() and not child.name.startswith("."):
+                        yield child.read_bytes()
+            elif path.is_file():
+                yield path.read_bytes()
+            else:
+                raise DovecotError(f"message source {path} does not exist; expected a file or a directory of files")
+        else:
+            raise TypeError(
+                f"a message must be raw bytes or a pathlib.Path (file or directory), got {type(item).__name__}; "
+                f"wrap a file name in Path(...)"
+            )
+
+
+def load_messages(
+    target: IMAPClient | Dovecot,
+    folder: str,
+    messages: Iterable[MessageSource] | MessageSource,
+    flags: Iterable[bytes | str] = (),
+    create: bool = True,
+) -> list[int]:
+    """APPEND raw messages (bytes, .eml files, or every file in a directory) to `folder`; return their UIDs.
+
+    Given a Dovecot, it logs in as "support" for the duration. Dovecot stores bare-LF messages as
+    they come but FETCH returns CRLF line endings.
+    """
+    if isinstance(target, Dovecot):
+        client = target.client()
+        try:
+            return load_messages(client, folder, messages, flags=flags, create=create)
+        finally:
+            client.logout()
+    client = target
+    flags = tuple(flags)
+    if not client.folder_exists(folder):
+        if not create:
+            raise DovecotError(f"folder {folder!r} does not exist; pass create=True or create it first")
+        client.create_folder(folder)
+    uidplus = client.has_capability("UIDPLUS")
+    uidnext = None if uidplus else int(client.folder_status(folder, [b"UIDNEXT"])[b"UIDNEXT"])
+    uids: list[int] = []
+    for n, raw in enumerate(_raw_messages(messages)):
+        try:
+            response = client.append(folder, raw, flags=flags)
+        except IMAPClientError as exc:
+            raise DovecotError(f"APPEND of message #{n} ({len(raw)} bytes) to {folder!r} failed: {exc}") from exc
+        match = _APPENDUID_RE.search(response)
+        if match:
+            uids.append(int(match.group(2)))
+    if uidnext is not None:
+        # No UIDPLUS: the new messages are those at or above the UIDNEXT seen before appending.
+        client.select_folder(folder, readonly=True)
+        uids = sorted(u for u in client.search(["UID", f"{uidnext}:*"]) if u >= uidnext)
+    return uids
+
+
+def load_folder_tree(
+    dovecot: Dovecot, root_dir: Path, prefix: str = "", user: str = "support"
+) -> dict[str, int]:
+    """Create folder `prefix + name` for each sub-directory of `root_dir` and load its files into it."""
+    root_dir = Path(root_dir)
+    subdirs = sorted(p for p in root_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) if root_dir.is_dir() else []
+    if not subdirs:
+        raise DovecotError(
+            f"{root_dir} has no sub-folders; expected one sub-folder per category holding raw messages"
+        )
+    counts: dict[str, int] = {}
+    client = dovecot.client(user)
+    try:
+        for sub in subdirs:
+            folder = prefix + sub.name
+            counts[folder] = len(load_messages(client, folder, sub))
+    finally:
+        client.logout()
+    return counts
+
+
+# -- pytest fixtures --------------------------------------------------------------------------
+
+if pytest is not None:
+
+    def _start_or_fail(server: Dovecot) -> Dovecot:
+        # A missing Dovecot must fail loudly, never skip: CI has to exercise the real server.
+        try:
+            return server.start()
+        except DovecotError as exc:
+            server.stop()
+            pytest.fail(str(exc), pytrace=False)
+
+    _user_numbers = itertools.count(1)
+
+    @pytest.fixture(scope="session")
+    def dovecot() -> Iterator[Dovecot]:
+        """One Dovecot for the whole session; tests isolate themselves with `imap_user`."""
+        server = _start_or_fail(Dovecot())
+        try:
+            yield server
+        finally:
+            server.stop()
+
+    @pytest.fixture
+    def imap_user(dovecot: Dovecot) -> tuple[str, str]:
+        """A fresh user (empty mailbox) on the session server: (username, password)."""
+        name = f"user{next(_user_numbers)}-{secrets.token_hex(3)}"
+        password = secrets.token_hex(8)
+        dovecot.add_user(name, password)
+        return name, password
+
+    @pytest.fixture
+    def imap(dovecot: Dovecot, imap_user: tuple[str, str]) -> Iterator[IMAPClient]:
+        """A logged-in IMAPClient for a fresh user (request `imap_user` too to know who)."""
+        client = dovecot.client(*imap_user)
+        try:
+            yield client
+        finally:
+            try:
+                client.logout()
+            except Exception:  # noqa: BLE001 - a test may have closed it already
+                client.shutdown()
+
+    @pytest.fixture
+    def dovecot_factory() -> Iterator[Callable[..., Dovecot]]:
+        """Start extra servers: `dovecot_factory(extra_conf=NO_MOVE, users=None)`; all stop at teardown."""
+        servers: list[Dovecot] = []
+
+        def make(extra_conf: str = "", users: dict[str, str] | None = None) -> Dovecot:
+            server = Dovecot(extra_conf=extra_conf, users=users)
+            servers.append(server)
+            return _start_or_fail(server)
+
+        try:
+            yield make
+        finally:
+            for server in servers:
+                server.stop()

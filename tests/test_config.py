@@ -1,0 +1,107 @@
+"""Config loading: the example loads, and every class of mistake gets one clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailtriage.config import load_config, parse_config
+from mailtriage.errors import ConfigError
+
+pytestmark = pytest.mark.pure
+
+ROOT = Path(__file__).resolve().parent.parent
+CATS = {"billing": "Support/Billing", "refunds": "Support/Refunds"}
+ACCOUNT = {"name": "support", "host": "imap.example.com", "username": "u", "password_file": "/etc/pw"}
+
+
+def test_example_config_loads() -> None:
+    cfg = load_config(ROOT / "config.example.toml")
+    assert len(cfg.labels) == 15
+    assert cfg.accounts[0].action == "move"
+    assert cfg.accounts[0].verify_tls is True
+    assert cfg.model.threshold == 0.6
+
+
+def test_defaults_fill_in() -> None:
+    cfg = parse_config({"categories": CATS, "accounts": [ACCOUNT]})
+    assert cfg.accounts[0].mailboxes == ("INBOX",)
+    assert cfg.accounts[0].port == 993
+    assert cfg.labels == ("billing", "refunds")
+
+
+def _with(**overrides: object) -> dict[str, object]:
+    return {"categories": CATS, "accounts": [ACCOUNT], **overrides}
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        # missing or thin label set
+        ({"accounts": [ACCOUNT]}, r"\[categories\] is missing"),
+        ({"categories": {"billing": "A"}}, r"at least 2"),
+        ({"categories": {"a": "X", "b": "X"}}, r"same folder \['X'\]"),
+        (_with(unsure_folder="Support/Billing"), r"unsure_folder = 'Support/Billing' is also a category folder"),
+        # wrong type, out of range, not one of the allowed values
+        (_with(model={"threshold": 1.5}), r"model.threshold = 1.5 is outside 0..1"),
+        (_with(model={"batch_size": "8"}), r"model.batch_size = '8': expected an integer"),
+        (_with(model={"device": "tpu"}), r"model.device = 'tpu' is not allowed: expected one of 'auto', 'cpu'"),
+        (_with(metrics_port=70000), r"metrics_port = 70000"),
+        # typos get a suggestion
+        (_with(model={"treshold": 0.5}), r"model.treshold: unknown key.*Did you mean 'threshold'"),
+        (_with(stat_path="/x"), r"stat_path: unknown key.*Did you mean 'state_path'"),
+        # account mistakes
+        ({"categories": CATS, "accounts": [{**ACCOUNT, "action": "copy"}]}, r"accounts\[0\].action = 'copy' is not allowed"),
+        ({"categories": CATS, "accounts": [{**ACCOUNT, "port": 0}]}, r"accounts\['support'\].port = 0"),
+        ({"categories": CATS, "accounts": [{**ACCOUNT, "idle_timeout": 3600}]}, r"idle_timeout = 3600.*29 minutes"),
+        ({"categories": CATS, "accounts": [{**ACCOUNT, "mailboxes": []}]}, r"mailboxes is empty"),
+        ({"categories": CATS, "accounts": [{k: v for k, v in ACCOUNT.items() if k != "host"}]}, r"accounts\[0\].host is required"),
+        ({"categories": CATS, "accounts": [ACCOUNT, ACCOUNT]}, r"names must be unique"),
+        ({"categories": CATS, "accounts": {"name": "x"}}, r"\[\[accounts\]\]"),
+        # secrets never inline; exactly one secret source
+        ({"categories": CATS, "accounts": [{**ACCOUNT, "password": "hunter2"}]}, r"password: secrets never live in the config file"),
+        ({"categories": CATS, "accounts": [{**ACCOUNT, "password_env": "PW"}]}, r"exactly one of password_file.*found \['password_file', 'password_env'\]"),
+        ({"categories": CATS, "accounts": [{**ACCOUNT, "auth": "xoauth2"}]}, r"needs exactly one of oauth_token_command or oauth_token_file"),
+        # training
+        (_with(training={"schedule": "every sunday"}), r"training.schedule = 'every sunday' is not a 5-field cron"),
+        (_with(training={"holdout_fraction": 0.9}), r"holdout_fraction = 0.9"),
+    ],
+)
+def test_bad_config_names_key_and_fix(data: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        parse_config(data)
+
+
+def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read config .*config.example.toml"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\nthreshold = 0.5\n")
+    with pytest.raises(ConfigError, match=r"is not valid TOML"):
+        load_config(bad)
+
+
+def test_secret_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    cfg = parse_config({"categories": CATS, "accounts": [{**ACCOUNT, "password_file": str(pw)}]})
+    assert cfg.accounts[0].secret() == "s3cret"
+
+    monkeypatch.setenv("MT_PW", "from-env")
+    acc = {k: v for k, v in ACCOUNT.items() if k != "password_file"}
+    cfg = parse_config({"categories": CATS, "accounts": [{**acc, "password_env": "MT_PW"}]})
+    assert cfg.accounts[0].secret() == "from-env"
+
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    (tmp_path / "imap-password").write_text("from-systemd")
+    cfg = parse_config({"categories": CATS, "accounts": [{**acc, "password_credential": "imap-password"}]})
+    assert cfg.accounts[0].secret() == "from-systemd"
+
+    cfg = parse_config({"categories": CATS, "accounts": [{**acc, "password_file": str(tmp_path / "missing")}]})
+    with pytest.raises(ConfigError, match=r"cannot read secret file"):
+        cfg.accounts[0].secret()
+    monkeypatch.delenv("MT_PW")
+    cfg = parse_config({"categories": CATS, "accounts": [{**acc, "password_env": "MT_PW"}]})
+    with pytest.raises(ConfigError, match=r"MT_PW is not set"):
+        cfg.accounts[0].secret()

@@ -69,13 +69,15 @@ first_valid_uid = 1
 # Test mail is disposable: skip fsync so APPEND-heavy fixtures stay fast.
 mail_fsync = never
 
+# One passwd-file per user: Dovecot re-reads a changed passwd-file at most once per second, so a
+# user added to a shared file right after a login would be unknown; a new file is always read.
 passdb {
   driver = passwd-file
-  args = scheme=PLAIN username_format=%u @ROOT@/users
+  args = scheme=PLAIN username_format=%u @ROOT@/users/%u
 }
 userdb {
   driver = passwd-file
-  args = username_format=%u @ROOT@/users
+  args = username_format=%u @ROOT@/users/%u
   default_fields = uid=@USER@ gid=@GROUP@ home=@ROOT@/home/%u
 }
 mail_location = maildir:~/Maildir
@@ -189,9 +191,13 @@ def _tail(path: Path, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:]) or f"({path} is empty)"
 
 
-def _check_uid(value: str, what: str) -> None:
-    if not value or any(ch in value for ch in ":\n\r") or (what == "user name" and value.strip() != value):
-        raise ValueError(f"{what} {value!r} cannot go into a passwd-file line; use no ':' or newlines")
+def _check_passwd_field(value: str, what: str) -> None:
+    bad = ":\n\r" + ("/ \t%" if what == "user name" else "")
+    if not value or any(ch in value for ch in bad) or value.startswith("."):
+        raise ValueError(
+            f"{what} {value!r} cannot go into a passwd-file; expected a non-empty value without "
+            f"{bad!r} that does not start with '.'"
+        )
 
 
 class Dovecot:
@@ -213,8 +219,8 @@ class Dovecot:
         self.extra_conf = extra_conf
         self.users: dict[str, str] = dict(users) if users is not None else {"support": "secret"}
         for name, password in self.users.items():
-            _check_uid(name, "user name")
-            _check_uid(password, "password")
+            _check_passwd_field(name, "user name")
+            _check_passwd_field(password, "password")
         self._given_root = Path(root) if root is not None else None
         self._root: Path | None = self._given_root
         self._port: int | None = None
@@ -292,11 +298,13 @@ class Dovecot:
         root = self._root
         root.mkdir(parents=True, exist_ok=True)
         self._check_reachable(root)
-        (root / "home").mkdir(exist_ok=True)
-        self._write_users()
+        for sub in ("home", "users"):
+            (root / sub).mkdir(exist_ok=True)
         if os.geteuid() == 0:
-            for path in (root, root / "home"):
+            for path in (root, root / "home", root / "users"):
                 os.chown(path, self._uid, self._gid)
+        for name, password in self.users.items():
+            self._write_user(name, password)
 
     def _check_reachable(self, root: Path) -> None:
         # The server user must traverse every parent (pytest's tmp_path under root is 0700).
@@ -322,13 +330,11 @@ class Dovecot:
             text += "\n# extra_conf\n" + self.extra_conf.rstrip("\n") + "\n"
         self._write_owned(self.conf_path, text.encode())
 
-    def _write_users(self) -> None:
-        lines = "".join(f"{name}:{{PLAIN}}{pw}::::::\n" for name, pw in self.users.items())
-        self._write_owned(self.root / "users", lines.encode())
+    def _write_user(self, name: str, password: str) -> None:
+        self._write_owned(self.root / "users" / name, f"{name}:{{PLAIN}}{password}::::::\n".encode())
 
     def _write_owned(self, path: Path, data: bytes) -> None:
-        # Replace atomically: the auth process re-reads the passwd-file when it changes, and must
-        # never see half a file.
+        # Replace atomically: the auth process must never read half a file.
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
         tmp.write_bytes(data)
         if os.geteuid() == 0:
@@ -431,12 +437,16 @@ class Dovecot:
     # -- users and clients --------------------------------------------------------------------
 
     def add_user(self, name: str, password: str) -> None:
-        """Add (or change) a user; works while running, as Dovecot re-reads a changed passwd-file."""
-        _check_uid(name, "user name")
-        _check_uid(password, "password")
+        """Add a user; works while running (a new user's file is read at their first login).
+
+        Changing an existing user's password while running takes effect only after Dovecot's
+        once-per-second passwd-file re-check; add a new user instead.
+        """
+        _check_passwd_field(name, "user name")
+        _check_passwd_field(password, "password")
         self.users[name] = password
         if self._root is not None:
-            self._write_users()
+            self._write_user(name, password)
 
     def client(self, user: str = "support", password: str | None = None, timeout: float = 10.0) -> IMAPClient:
         """A logged-in plain-text IMAPClient; the caller logs it out."""

@@ -1,1 +1,1 @@
-"""mailtriage_trainer: harvests folder-sorted mail, fine-tunes an adapter, evaluates and promotes it."""
+"""mailtriage_trainer: builds model versions (LoRA adapters) for the mailtriage daemon from sorted mail."""

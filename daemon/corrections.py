@@ -1,0 +1,225 @@
+"""The feedback path: mail staff moved out of the folder the daemon chose is a correction.
+
+A message the daemon filed as A that now sits in category B's folder is a correction (predicted A,
+actual B); one it sent to the unsure folder that staff sorted into a category folder is a fresh
+labelled example. Both are recorded in the state database (live accuracy, next retrain's data).
+
+The matching is pure (``match_corrections``); ``scan_corrections`` is the IMAP edge. It reads only
+the Message-ID header of each message, and caches keys per (folder, UIDVALIDITY, UID) across scans,
+so a periodic scan of large folders fetches only what is new.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from mailtriage import metrics
+from mailtriage.config import AccountConfig, Config
+
+log = structlog.get_logger(__name__)
+
+# UIDs per FETCH: bounded response size, few round trips.
+_FETCH_CHUNK = 500
+_MID_ITEM = b"BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
+_MID_KEY = b"BODY[HEADER.FIELDS (MESSAGE-ID)]"
+_HEADER_ITEM = b"BODY.PEEK[HEADER]"
+_HEADER_KEY = b"BODY[HEADER]"
+
+
+@dataclass(frozen=True)
+class FiledMessage:
+    """What the daemon decided for one message (the fields of a state row this module needs)."""
+
+    key: str
+    label: str
+    unsure: bool
+
+
+@dataclass(frozen=True)
+class Correction:
+    key: str
+    account: str
+    predicted: str        # the label the daemon chose (for an unsure message: its best guess)
+    actual: str           # the category whose folder the message now sits in
+    was_unsure: bool      # True: it was in the unsure folder, so this is a new labelled example
+
+
+class StateLike(Protocol):
+    def filed(self, account: str | None = None) -> Iterable[Any]: ...
+
+    def record_correction(self, key: str, account: str, predicted: str, actual: str, was_unsure: bool) -> bool: ...
+
+
+def _field(row: Any, name: str) -> Any:
+    # State rows may be dataclasses, namedtuples or sqlite3.Row; read either way.
+    try:
+        return getattr(row, name)
+    except AttributeError:
+        return row[name]
+
+
+def as_filed(row: Any) -> FiledMessage:
+    return FiledMessage(key=str(_field(row, "key")), label=str(_field(row, "label")), unsure=bool(_field(row, "unsure")))
+
+
+def match_corrections(
+    account: str,
+    filed: Iterable[FiledMessage],
+    found: Mapping[str, Iterable[str]],
+) -> list[Correction]:
+    """Pure: compare the daemon's decisions with where messages are now.
+
+    ``found`` maps each category label to the message keys now in its folder. A message found in
+    the folder of the label it was filed as is not a correction, even if a copy also sits
+    elsewhere (staff copied it: ambiguous, so the daemon's label stands). A message found in two
+    other category folders is ambiguous too and skipped. Messages the daemon never decided are
+    ignored (history, or mail it never saw).
+    """
+    where: dict[str, set[str]] = {}
+    for label, keys in found.items():
+        for key in keys:
+            where.setdefault(key, set()).add(label)
+    out: list[Correction] = []
+    seen: set[str] = set()
+    for row in filed:
+        if row.key in seen:  # the same message decided twice (e.g. re-delivered): judge it once
+            continue
+        seen.add(row.key)
+        labels = where.get(row.key)
+        if not labels:
+            continue
+        if row.unsure:
+            if len(labels) == 1:
+                (actual,) = labels
+                out.append(Correction(row.key, account, row.label, actual, was_unsure=True))
+            continue
+        if row.label in labels or len(labels) != 1:
+            continue
+        (actual,) = labels
+        out.append(Correction(row.key, account, row.label, actual, was_unsure=False))
+    return out
+
+
+# -- IMAP edge --------------------------------------------------------------------------------
+
+
+@dataclass
+class KeyCache:
+    """Message keys already read, per (account, folder): {UIDVALIDITY, {uid: key}}; reused across scans."""
+
+    folders: dict[tuple[str, str], tuple[int, dict[int, str]]] = field(default_factory=dict)
+
+
+def _message_id(header_bytes: bytes) -> str | None:
+    msg = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(header_bytes)
+    value = msg.get("Message-ID")
+    if value is None:
+        return None
+    value = " ".join(str(value).split())
+    return value or None
+
+
+def _key_from_header(header_bytes: bytes) -> str:
+    from mailtriage.mailtext import message_key  # the one definition of a message's identity
+
+    return message_key(header_bytes)
+
+
+def folder_keys(client: Any, folder: str, cached: tuple[int, dict[int, str]] | None = None) -> tuple[int, dict[int, str]]:
+    """``(UIDVALIDITY, {uid: message key})`` for every message in ``folder`` (selected read-only).
+
+    Only UIDs not in ``cached`` (same UIDVALIDITY) are fetched; a message whose Message-ID is
+    missing has its key computed from its full header block (``mailtext.message_key``).
+    """
+    info = client.select_folder(folder, readonly=True)
+    uidvalidity = int(info.get(b"UIDVALIDITY", 0))
+    known: dict[int, str] = dict(cached[1]) if cached and cached[0] == uidvalidity else {}
+    uids = list(client.search(["ALL"])) if int(info.get(b"EXISTS", 1)) else []
+    present = set(uids)
+    known = {u: k for u, k in known.items() if u in present}
+    todo = sorted(present - known.keys())
+    need_full: list[int] = []
+    for start in range(0, len(todo), _FETCH_CHUNK):
+        chunk = todo[start : start + _FETCH_CHUNK]
+        for uid, data in client.fetch(chunk, [_MID_ITEM]).items():
+            header = data.get(_MID_KEY) or b""
+            mid = _message_id(header) if header.strip() else None
+            if mid is None:
+                need_full.append(uid)
+                continue
+            # message_key over the Message-ID line alone gives the same key as over the whole
+            # message, because the key is the Message-ID whenever there is one.
+            known[uid] = _key_from_header(header)
+    for start in range(0, len(need_full), _FETCH_CHUNK):
+        chunk = need_full[start : start + _FETCH_CHUNK]
+        for uid, data in client.fetch(chunk, [_HEADER_ITEM]).items():
+            known[uid] = _key_from_header(data.get(_HEADER_KEY) or b"")
+    return uidvalidity, known
+
+
+def scan_account(
+    client: Any, account: AccountConfig, config: Config, state: StateLike, cache: KeyCache | None = None
+) -> list[Correction]:
+    """Scan one logged-in account's category folders and return (not record) its corrections."""
+    found: dict[str, list[str]] = {}
+    for label, folder in config.categories.items():
+        try:
+            cached = cache.folders.get((account.name, folder)) if cache else None
+            result = folder_keys(client, folder, cached)
+        except Exception as exc:  # noqa: BLE001 - a missing folder must not stop the others
+            log.warning("correction_scan_folder_failed", account=account.name, folder=folder, error=str(exc))
+            continue
+        if cache is not None:
+            cache.folders[(account.name, folder)] = result
+        found[label] = list(result[1].values())
+    filed = [as_filed(row) for row in state.filed(account=account.name)]
+    return match_corrections(account.name, filed, found)
+
+
+def scan_corrections(
+    client_factory: Callable[[AccountConfig], Any],
+    config: Config,
+    state: StateLike,
+    cache: KeyCache | None = None,
+    accounts: Sequence[AccountConfig] | None = None,
+) -> list[Correction]:
+    """For every account: find corrections, record the new ones, count them; return the new ones.
+
+    Blocking (IMAP): call it from a worker thread. One failing account is logged and skipped.
+    """
+    new: list[Correction] = []
+    for account in accounts if accounts is not None else config.accounts:
+        try:
+            client = client_factory(account)
+        except Exception as exc:  # noqa: BLE001 - retried at the next scan
+            log.warning("correction_scan_connect_failed", account=account.name, error=str(exc))
+            continue
+        try:
+            found = scan_account(client, account, config, state, cache)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("correction_scan_failed", account=account.name, error=str(exc))
+            continue
+        finally:
+            try:
+                client.logout()
+            except Exception:  # noqa: BLE001 - the connection may be gone already
+                pass
+        for corr in found:
+            if state.record_correction(corr.key, corr.account, corr.predicted, corr.actual, corr.was_unsure):
+                metrics.CORRECTIONS.labels(predicted=corr.predicted, actual=corr.actual).inc()
+                log.info(
+                    "correction_found",
+                    account=corr.account,
+                    key=corr.key,
+                    predicted=corr.predicted,
+                    actual=corr.actual,
+                    was_unsure=corr.was_unsure,
+                )
+                new.append(corr)
+    return new

@@ -1,0 +1,315 @@
+"""The Classifier implementation on transformers + peft: the only daemon module that imports torch.
+
+A model version is a base model (named in manifest.json) plus a LoRA adapter whose saved
+``modules_to_save`` carry the trained classification head, so the head has exactly the labels in
+labels.json and nothing else. The trainer reuses the loading helpers here, so training and serving
+build the model and tokenizer the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from peft import PeftModel
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+from transformers.utils import logging as hf_logging
+
+from mailtriage import modeldir
+from mailtriage.classifier import Prediction
+from mailtriage.errors import ModelError
+from mailtriage.labels import LabelSet
+
+log = structlog.get_logger(__name__)
+
+# Module-name suffixes of the attention projections LoRA adapts, per model family; the first family
+# whose names occur in the model wins. Query and value are the classic LoRA choice and enough here.
+_LORA_TARGETS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "v_proj"),     # Qwen2, Llama, Mistral, Gemma, Phi-3 ...
+    ("query", "value"),       # BERT, RoBERTa, MiniLM, XLM-R, ELECTRA
+    ("q_lin", "v_lin"),       # DistilBERT
+)
+
+
+def pick_device(pref: str = "auto") -> str:
+    """``auto`` picks cuda, then mps, then cpu; an explicit choice that is not available is an error."""
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if pref == "auto":
+        return next(name for name in ("cuda", "mps", "cpu") if available[name])
+    if pref not in available:
+        raise ModelError(f"device {pref!r} is unknown; use one of auto, cuda, mps, cpu")
+    if not available[pref]:
+        raise ModelError(f"device {pref!r} was asked for but torch sees none here; use device = \"auto\" or \"cpu\"")
+    return pref
+
+
+def pick_dtype(device: str) -> torch.dtype:
+    """bf16 on CUDA (half the memory, fast tensor cores); fp32 elsewhere: on CPUs without AMX bf16 is
+    slower than fp32, and bf16 support on MPS depends on the macOS version."""
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def autocast(device: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA, so fp32 trainable weights (LoRA, head) mix with the bf16 base; a no-op elsewhere."""
+    if device == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' load report ("classifier.weight MISSING": expected, the adapter brings the
+    head) and its weight-loading progress bars, which would only clutter the daemon's log."""
+    verbosity = hf_logging.get_verbosity()
+    bars_were_disabled = hf_logging.is_progress_bar_enabled() is False
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if not bars_were_disabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it can pad.
+
+    A tokenizer built with the ``tokenizers`` library (saved as plain ``PreTrainedTokenizerFast`` /
+    ``TokenizersBackend``) is loaded with that class: ``AutoTokenizer`` next to a Qwen2 config.json
+    would silently swap in Qwen's own normalizer. Decoders often have no pad token: use EOS (the
+    model reads the last non-pad token, and pad_token_id goes into the model config).
+    """
+    location = modeldir.resolve_base_model(path)
+    tokenizer_class = None
+    config_file = Path(location, "tokenizer_config.json")
+    if config_file.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            tokenizer_class = json.loads(config_file.read_text(encoding="utf-8")).get("tokenizer_class")
+    try:
+        with _quiet_transformers():
+            if tokenizer_class in ("PreTrainedTokenizerFast", "TokenizersBackend"):
+                tokenizer = PreTrainedTokenizerFast.from_pretrained(location)
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"no usable tokenizer at {str(path)!r}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(
+                f"the tokenizer at {str(path)!r} has neither a pad nor an eos token, so batches cannot be "
+                "padded; add a pad token to its tokenizer_config.json"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(
+    base: str | Path, labels: LabelSet, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype
+) -> PreTrainedModel:
+    """The base model with a fresh classification head of exactly ``labels``, ready for a LoRA adapter."""
+    location = modeldir.resolve_base_model(base)
+    try:
+        with _quiet_transformers():
+            return AutoModelForSequenceClassification.from_pretrained(
+                location,
+                num_labels=len(labels.labels),
+                id2label=labels.id2label,
+                label2id=labels.label2id,
+                pad_token_id=tokenizer.pad_token_id,  # without it, batches larger than 1 fail on decoders
+                dtype=dtype,
+            )
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"base model {str(base)!r} could not be loaded from {location!r}: {exc}. Nothing is downloaded "
+            "at run time: install or copy the base model to that path, or retrain on a base that is here."
+        ) from exc
+
+
+def default_target_modules(model: torch.nn.Module) -> list[str]:
+    """The LoRA targets for this model's family (query/value projections)."""
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for family in _LORA_TARGETS:
+        if set(family) <= leaf_names:
+            return list(family)
+    raise ModelError(
+        f"cannot tell which attention layers to adapt in a {type(model).__name__}; pass target_modules "
+        f"explicitly (known families: {[list(f) for f in _LORA_TARGETS]})"
+    )
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated to ``max_length``; padding happens per batch (dynamic padding)."""
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+    return [list(ids) for ids in encoded["input_ids"]]
+
+
+def collate(tokenizer: PreTrainedTokenizerBase, rows: Sequence[list[int]], device: str) -> dict[str, torch.Tensor]:
+    """Pad one batch of token ids to its longest row and move it to ``device``."""
+    batch = tokenizer.pad({"input_ids": list(rows)}, padding=True, return_tensors="pt")
+    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+
+class TransformersClassifier:
+    """A loaded model version; ``classify`` is the daemon's only entry point into torch."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        labels: LabelSet,
+        *,
+        path: Path,
+        manifest: dict[str, Any],
+        device: str,
+        batch_size: int = 16,
+        max_length: int = 256,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.labels: tuple[str, ...] = labels.labels
+        self.path = path
+        self.version: str = path.name
+        self.manifest = manifest
+        self.device = device
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    def logits(self, texts: Sequence[str]) -> torch.Tensor:
+        """Raw head outputs (n_texts x n_labels, fp32 on CPU), in input order."""
+        ids = tokenize(self.tokenizer, texts, self.max_length)
+        # Batching texts of similar length wastes less compute on padding; the order is restored below.
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = torch.empty((len(ids), len(self.labels)), dtype=torch.float32)
+        with torch.inference_mode(), autocast(self.device):
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                batch = collate(self.tokenizer, [ids[i] for i in chunk], self.device)
+                out[chunk] = self.model(**batch).logits.float().cpu()
+        return out
+
+    def classify(self, texts: Sequence[str]) -> list[Prediction]:
+        if not texts:
+            return []
+        probs = torch.softmax(self.logits(texts), dim=-1)
+        predictions = []
+        for row in probs.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            predictions.append(
+                Prediction(
+                    label=self.labels[best],
+                    confidence=row[best],
+                    scores={label: p for label, p in zip(self.labels, row, strict=True)},
+                )
+            )
+        return predictions
+
+    def __repr__(self) -> str:
+        return f"TransformersClassifier(version={self.version!r}, labels={list(self.labels)}, device={self.device!r})"
+
+
+def load_classifier(
+    path: str | Path,
+    device: str = "auto",
+    batch_size: int = 16,
+    max_length: int = 256,
+    expected_labels: Sequence[str] | None = None,
+) -> TransformersClassifier:
+    """Load MODEL_DIR, MODEL_DIR/current or a version directory; refuse labels that differ from config."""
+    version_dir = modeldir.resolve(Path(path))
+    labels = LabelSet.load(version_dir)
+    if expected_labels is not None:
+        labels.check_matches(expected_labels, where=f"model version {str(version_dir)!r}")
+    if not (version_dir / modeldir.ADAPTER_CONFIG_FILE).is_file():
+        raise ModelError(
+            f"{str(version_dir)!r} has labels.json but no {modeldir.ADAPTER_CONFIG_FILE}: the adapter is "
+            "missing (training interrupted?); promote a complete version or retrain"
+        )
+    manifest: dict[str, Any] = {}
+    if (version_dir / modeldir.MANIFEST_FILE).is_file():
+        manifest = modeldir.read_manifest(version_dir)
+    else:
+        log.warning("model_manifest_missing", path=str(version_dir))
+    base = manifest.get("base_model") or _adapter_base(version_dir)
+    _warn_on_mailtext_skew(manifest, version_dir)
+
+    resolved_device = pick_device(device)
+    dtype = pick_dtype(resolved_device)
+    tokenizer = load_tokenizer(version_dir if (version_dir / "tokenizer_config.json").is_file() else base)
+    model = load_base_model(base, labels, tokenizer, dtype)
+    try:
+        with _quiet_transformers():
+            model = PeftModel.from_pretrained(model, str(version_dir), is_trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelError(
+            f"the adapter in {str(version_dir)!r} does not fit base model {str(base)!r} with "
+            f"{len(labels.labels)} labels: {exc}"
+        ) from exc
+    model.to(resolved_device)
+    model.eval()
+    log.info(
+        "model_loaded",
+        version=version_dir.name,
+        base_model=str(base),
+        labels=list(labels.labels),
+        device=resolved_device,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    return TransformersClassifier(
+        model,
+        tokenizer,
+        labels,
+        path=version_dir,
+        manifest=manifest,
+        device=resolved_device,
+        batch_size=batch_size,
+        max_length=max_length,
+    )
+
+
+def _adapter_base(version_dir: Path) -> str:
+    """Fallback when the manifest names no base model: peft records the one it was trained on."""
+    path = version_dir / modeldir.ADAPTER_CONFIG_FILE
+    try:
+        base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{str(path)!r} is unreadable: {exc}") from exc
+    if not base:
+        raise ModelError(
+            f"neither manifest.json nor {str(path)!r} names the base model; add \"base_model\" to manifest.json"
+        )
+    return str(base)
+
+
+def _warn_on_mailtext_skew(manifest: dict[str, Any], version_dir: Path) -> None:
+    """An adapter trained on another mail-text version saw differently prepared text; say so loudly."""
+    trained_with = manifest.get("mailtext_version")
+    if trained_with is None:
+        return
+    try:
+        from mailtriage.mailtext import MAILTEXT_VERSION
+    except ImportError:
+        return
+    if str(trained_with) != str(MAILTEXT_VERSION):
+        log.warning(
+            "model_mailtext_version_differs",
+            path=str(version_dir),
+            trained_with=trained_with,
+            running=MAILTEXT_VERSION,
+            hint="retrain with mailtriage-train so the model sees text prepared the way it is served",
+        )

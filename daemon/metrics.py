@@ -6,6 +6,8 @@ Every module that counts something imports the object from here; ``start_metrics
 
 from __future__ import annotations
 
+from wsgiref.simple_server import WSGIServer
+
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
@@ -78,13 +80,13 @@ def set_model_version(version: str) -> None:
     MODEL_INFO.info({"version": version})
 
 
-def start_metrics_server(host: str, port: int) -> bool:
+def start_metrics_server(host: str, port: int) -> WSGIServer | None:
     """Serve ``REGISTRY`` on http://host:port/metrics in a daemon thread; port 0 means off.
 
-    Returns True when a server was started.
+    Returns the server (call ``.shutdown()`` to stop it), or None when off.
     """
     if not port:
-        return False
-    start_http_server(port, addr=host, registry=REGISTRY)
+        return None
+    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
     log.info("metrics_server_started", host=host, port=port)
-    return True
+    return server

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from demo.corpus import CATEGORIES, generate
 from mailtriage.mailtext import message_key
-from tests.dovecot import Dovecot, load_folder_tree, load_messages
+from tests.dovecot import Dovecot, load_messages
 
 UNSURE = "Support/Unsure"
 
@@ -155,9 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _step("Starting a throwaway Dovecot on 127.0.0.1")
     with Dovecot(root=run / "dovecot") as dovecot:
         print(f"   listening on {dovecot.host}:{dovecot.port}")
-        counts = load_folder_tree(dovecot, run / "corpus" / "history", prefix="", folder_map=CATEGORIES)
         inbox_files = sorted((run / "corpus" / "inbox").glob("*.eml"))
         with dovecot.client("support") as client:
+            counts = {
+                folder: len(load_messages(client, folder, run / "corpus" / "history" / label))
+                for label, folder in CATEGORIES.items()
+            }
             client.create_folder(UNSURE)
             load_messages(client, "INBOX", inbox_files)
         print(f"   loaded {sum(counts.values())} sorted messages into {len(counts)} folders, {len(inbox_files)} into INBOX")

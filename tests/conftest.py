@@ -8,3 +8,5 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.dovecot import dovecot, dovecot_factory, imap, imap_user  # noqa: E402, F401

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import email.utils
+import functools
 import hashlib
 import io
 import json
@@ -75,11 +76,12 @@ def load_source(
     spec: str | Path,
     *,
     categories: Mapping[str, str] | None = None,
-    max_chars: int = 2000,
+    max_chars: int | None = None,
     progress: bool | None = None,
 ) -> list[Example]:
     """Read every labelled example from ``spec``, auto-detecting its format (see module docstring).
 
+    ``max_chars``: None uses mail_text's own default, which is what the daemon serves with.
     ``progress``: None shows a bar only on a terminal, False never.
     Raises TrainingDataError when the path is missing, the format unknown or nothing is labelled.
     """
@@ -107,7 +109,7 @@ def load_imap(
     cfg: Config,
     *,
     account: str | None = None,
-    max_chars: int = 2000,
+    max_chars: int | None = None,
     progress: bool | None = None,
 ) -> list[Example]:
     """Harvest each category folder of one account (``cfg.categories``: label -> folder).
@@ -186,7 +188,7 @@ def _pick_account(cfg: Config, name: str | None) -> AccountConfig:
 
 
 class _Reader:
-    def __init__(self, categories: Mapping[str, str] | None, max_chars: int, progress: bool | None) -> None:
+    def __init__(self, categories: Mapping[str, str] | None, max_chars: int | None, progress: bool | None) -> None:
         self.max_chars = max_chars
         self.progress = progress
         self.skipped: Counter[str] = Counter()
@@ -222,7 +224,7 @@ class _Reader:
         from mailtriage.mailtext import mail_text, message_date, message_key
 
         try:
-            text = mail_text(raw, max_chars=self.max_chars)
+            text = mail_text(raw) if self.max_chars is None else mail_text(raw, max_chars=self.max_chars)
             key = message_key(raw)
             date = _aware(message_date(raw))
         except Exception as exc:  # mail_text promises not to raise; one bad file must not stop a harvest
@@ -235,7 +237,7 @@ class _Reader:
         return Example(text=text, label=label, key=key, date=date, source=source)
 
     def from_plain(self, text: str, label: str, date: str | None, ident: str | None, source: str) -> Example | None:
-        text = _tidy(text)[: self.max_chars]
+        text = _tidy(text)[: self.max_chars or _mailtext_max_chars()]
         if not text:
             self.skipped["empty text"] += 1
             return None
@@ -529,6 +531,17 @@ def _load_rows(path: Path, rows: Iterator[tuple[int, Mapping[str, Any]]], reader
 
 
 # ---- small helpers -------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _mailtext_max_chars() -> int:
+    """mail_text's default bound, so plain-text rows are cut where served mail is cut."""
+    import inspect
+
+    from mailtriage.mailtext import mail_text
+
+    default = inspect.signature(mail_text).parameters.get("max_chars")
+    return default.default if default is not None and isinstance(default.default, int) else 2000
 
 
 def _tidy(text: str) -> str:

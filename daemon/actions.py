@@ -1,0 +1,307 @@
+"""Decision -> IMAP: move, keyword or header rewrite of one message, never losing or doubling it.
+
+Every function takes a logged-in client with the source mailbox selected read-write and leaves it
+selected again on return. IMAP refusals become MailboxError (the message stays where it was);
+connection errors pass through unchanged so the watcher reconnects and finishes the job from the
+state database. Header bytes are handled as bytes: no re-serialisation through ``email``, so the
+copy is the original plus two lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+import structlog
+from imapclient import DELETED, IMAPClient
+from imapclient import exceptions as imap_exc
+
+from mailtriage.errors import MailboxError
+from mailtriage.routing import Decision
+
+log = structlog.get_logger(__name__)
+
+ACTIONS = ("move", "keyword", "header")
+CATEGORY_HEADER = "X-Mailtriage-Category"
+CONFIDENCE_HEADER = "X-Mailtriage-Confidence"
+UNSURE = "unsure"
+
+_RECENT = b"\\Recent"
+_HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+_ATOM_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+_APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]", re.IGNORECASE)
+_TRYCREATE = "TRYCREATE"
+
+
+# ---- pure byte helpers ---------------------------------------------------------------------
+
+
+def split_header(raw: bytes) -> tuple[bytes, bytes]:
+    """(header block without its terminating blank line, rest from the blank line on)."""
+    found = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i != -1]
+    if not found:
+        return raw, b""
+    idx = min(found)
+    return raw[:idx], raw[idx:]
+
+
+def _newline(header: bytes) -> bytes:
+    return b"\r\n" if b"\r\n" in header else b"\n"
+
+
+def strip_mailtriage_headers(raw: bytes) -> bytes:
+    """Drop every X-Mailtriage-* field (with its folded lines) from the header block.
+
+    A sender could otherwise forge a category; only the daemon writes these headers.
+    """
+    header, rest = split_header(raw)
+    nl = _newline(header)
+    kept: list[bytes] = []
+    dropping = False
+    for line in header.split(nl):
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        m = _HEADER_NAME.match(line)
+        dropping = bool(m and m.group(1).lower().startswith(b"x-mailtriage-"))
+        if not dropping:
+            kept.append(line)
+    return nl.join(kept) + rest
+
+
+def category_value(decision: Decision) -> str:
+    # An unsure message is labelled "unsure", never with the guess: header rules downstream must
+    # not file a guess (the guess is still in the state database).
+    return UNSURE if decision.unsure else decision.label
+
+
+def add_headers(raw: bytes, decision: Decision) -> bytes:
+    """The message with X-Mailtriage-Category/-Confidence on top and any sender-supplied ones removed."""
+    clean = strip_mailtriage_headers(raw)
+    nl = _newline(split_header(clean)[0])
+    value = _ATOM_UNSAFE.sub("_", category_value(decision))
+    top = f"{CATEGORY_HEADER}: {value}".encode() + nl + f"{CONFIDENCE_HEADER}: {decision.confidence:.4f}".encode() + nl
+    return top + clean
+
+
+def header_fingerprint(raw_or_header: bytes) -> str:
+    """Identity of a message's header block that survives COPY and our APPEND: X-Mailtriage-*
+    fields dropped, line endings and trailing blanks normalised (servers may turn LF into CRLF)."""
+    header, _rest = split_header(strip_mailtriage_headers(raw_or_header))
+    lines = [ln.rstrip() for ln in header.replace(b"\r\n", b"\n").split(b"\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    return hashlib.sha256(b"\n".join(lines)).hexdigest()
+
+
+def keyword_for(prefix: str, decision: Decision) -> str:
+    """One keyword per category (prefix+label); below threshold only prefix+"unsure"."""
+    return prefix + _ATOM_UNSAFE.sub("_", UNSURE if decision.unsure else decision.label)
+
+
+def appended_uid(response: bytes | str | None) -> int | None:
+    """The UID from an APPEND response's [APPENDUID v uid] (UIDPLUS), if any."""
+    if response is None:
+        return None
+    data = response if isinstance(response, bytes) else response.encode()
+    m = _APPENDUID.search(data)
+    return int(m.group(2)) if m else None
+
+
+def append_flags(flags: Iterable[bytes | str]) -> list[bytes]:
+    """Flags an APPENDed copy can carry: all but \\Recent (only the server may set it)."""
+    out = []
+    for f in flags:
+        b = f if isinstance(f, bytes) else f.encode()
+        if b.lower() != _RECENT.lower():
+            out.append(b)
+    return out
+
+
+# ---- IMAP edge -----------------------------------------------------------------------------
+
+
+def _wrap(what: str, exc: imap_exc.IMAPClientError, folder: str | None = None) -> MailboxError:
+    text = str(exc)
+    if folder is not None and (_TRYCREATE in text.upper() or "mailbox doesn't exist" in text.lower()
+                               or "does not exist" in text.lower()):
+        return MailboxError(
+            f"{what} failed: destination folder {folder!r} does not exist ({text}). Create it on the "
+            "server or fix [categories] / unsure_folder in the config"
+        )
+    return MailboxError(f"{what} failed: {text}")
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    # A NO/BAD answer; an abort (BYE, EOF) is a connection error and must pass through.
+    return isinstance(exc, imap_exc.IMAPClientError) and not isinstance(exc, imap_exc.IMAPClientAbortError)
+
+
+def select_source(client: IMAPClient, mailbox: str, uidvalidity: int | None, *, readonly: bool = False) -> dict:
+    """(Re)select the source mailbox; refuse to go on if its UIDVALIDITY changed under us,
+    because then our UIDs would name other messages."""
+    try:
+        info = client.select_folder(mailbox, readonly=readonly)
+    except Exception as exc:
+        if _is_refusal(exc):
+            raise _wrap(f"SELECT {mailbox!r}", exc, mailbox) from exc  # type: ignore[arg-type]
+        raise
+    current = int(info.get(b"UIDVALIDITY", 0))
+    if uidvalidity is not None and current != uidvalidity:
+        raise MailboxError(
+            f"UIDVALIDITY of {mailbox!r} changed from {uidvalidity} to {current} while acting; "
+            "the watcher will rescan it by Message-ID"
+        )
+    return info
+
+
+def uid_exists(client: IMAPClient, uid: int) -> bool:
+    """Is ``uid`` in the selected mailbox (and not already flagged \\Deleted by us)?"""
+    try:
+        found = client.search(["UID", str(uid), "UNDELETED"])
+    except Exception as exc:
+        if _is_refusal(exc):
+            raise _wrap(f"SEARCH UID {uid}", exc) from exc  # type: ignore[arg-type]
+        raise
+    return uid in found
+
+
+def delete_original(client: IMAPClient, uid: int, has_uidplus: bool) -> None:
+    """Flag \\Deleted and UID EXPUNGE exactly this UID; never a plain EXPUNGE, which would also
+    remove every other message someone flagged \\Deleted in the mailbox."""
+    if not has_uidplus:
+        raise MailboxError(
+            f"cannot remove uid={uid} from the source mailbox: the server has neither MOVE nor UIDPLUS, "
+            "and a plain EXPUNGE would also delete other messages flagged \\Deleted. Use action = "
+            "\"keyword\" on this server, or enable MOVE/UIDPLUS"
+        )
+    try:
+        client.add_flags([uid], [DELETED], silent=True)
+        client.uid_expunge([uid])
+    except Exception as exc:
+        if _is_refusal(exc):
+            raise _wrap(f"UID EXPUNGE uid={uid}", exc) from exc  # type: ignore[arg-type]
+        raise
+
+
+def move(client: IMAPClient, uid: int, folder: str, has_move: bool, has_uidplus: bool) -> None:
+    """MOVE, or COPY + \\Deleted + UID EXPUNGE when MOVE is missing (refused without UIDPLUS)."""
+    if has_move:
+        try:
+            client.move([uid], folder)
+        except Exception as exc:
+            if _is_refusal(exc):
+                raise _wrap(f"MOVE uid={uid} to {folder!r}", exc, folder) from exc  # type: ignore[arg-type]
+            raise
+        return
+    if not has_uidplus:
+        # Check before COPY: a copy we could not then remove would be a duplicate.
+        raise MailboxError(
+            f"cannot move uid={uid} to {folder!r}: the server lacks MOVE, and the COPY+EXPUNGE fallback "
+            "needs UIDPLUS (UID EXPUNGE) so that other messages flagged \\Deleted are never expunged. "
+            "Use action = \"keyword\" on this server, or enable MOVE or UIDPLUS"
+        )
+    try:
+        client.copy([uid], folder)
+    except Exception as exc:
+        if _is_refusal(exc):
+            raise _wrap(f"COPY uid={uid} to {folder!r}", exc, folder) from exc  # type: ignore[arg-type]
+        raise
+    delete_original(client, uid, has_uidplus)
+
+
+def set_keyword(client: IMAPClient, uid: int, decision: Decision, prefix: str) -> str:
+    """Add the category keyword (or prefix+"unsure"); idempotent, so a retry after a crash is safe."""
+    keyword = keyword_for(prefix, decision)
+    try:
+        client.add_flags([uid], [keyword.encode()], silent=True)
+    except Exception as exc:
+        if _is_refusal(exc):
+            raise _wrap(f"STORE +FLAGS {keyword} uid={uid}", exc) from exc  # type: ignore[arg-type]
+        raise
+    return keyword
+
+
+def find_copy(
+    client: IMAPClient, folder: str, fingerprint: str, since_uid: int = 1, uid_hint: int | None = None
+) -> int | None:
+    """UID of the message in ``folder`` whose header fingerprint matches, looking only at UIDs
+    >= ``since_uid`` (the folder's UIDNEXT before we acted). Leaves ``folder`` selected read-only."""
+    try:
+        client.select_folder(folder, readonly=True)
+        if uid_hint is not None:
+            candidates = [uid_hint]
+        else:
+            candidates = [u for u in client.search(["UID", f"{max(since_uid, 1)}:*"]) if u >= since_uid]
+        for start in range(0, len(candidates), 200):
+            chunk = candidates[start : start + 200]
+            data = client.fetch(chunk, ["BODY.PEEK[HEADER]"])
+            for uid in chunk:
+                header = data.get(uid, {}).get(b"BODY[HEADER]")
+                if header is not None and header_fingerprint(header) == fingerprint:
+                    return uid
+    except Exception as exc:
+        if _is_refusal(exc):
+            raise _wrap(f"looking for the copy in {folder!r}", exc, folder) from exc  # type: ignore[arg-type]
+        raise
+    if uid_hint is not None:  # APPENDUID named another message (should not happen): look properly
+        return find_copy(client, folder, fingerprint, since_uid)
+    return None
+
+
+def folder_uidnext(client: IMAPClient, folder: str) -> tuple[int, int]:
+    """(UIDVALIDITY, UIDNEXT) of ``folder``: recorded before acting so a crash recovery only scans
+    the destination's newer messages."""
+    try:
+        st = client.folder_status(folder, [b"UIDVALIDITY", b"UIDNEXT"])
+    except Exception as exc:
+        if _is_refusal(exc):
+            raise _wrap(f"STATUS {folder!r}", exc, folder) from exc  # type: ignore[arg-type]
+        raise
+    return int(st[b"UIDVALIDITY"]), int(st[b"UIDNEXT"])
+
+
+def rewrite_header(
+    client: IMAPClient,
+    uid: int,
+    raw: bytes,
+    flags: Sequence[bytes | str],
+    internaldate: datetime | None,
+    decision: Decision,
+    source: str,
+    *,
+    source_uidvalidity: int | None = None,
+    has_uidplus: bool = True,
+    dest_uidnext: int | None = None,
+) -> int:
+    """APPEND a tagged copy to ``decision.folder`` (same flags and INTERNALDATE), verify it is
+    there, then remove the original. Returns the copy's UID."""
+    if not has_uidplus:
+        raise MailboxError(
+            f"cannot rewrite headers of uid={uid}: removing the original needs UIDPLUS (UID EXPUNGE), "
+            "which this server lacks; a plain EXPUNGE would delete other messages flagged \\Deleted. "
+            "Use action = \"keyword\" or \"move\" on this server"
+        )
+    tagged = add_headers(raw, decision)
+    folder = decision.folder
+    if dest_uidnext is None:
+        _validity, dest_uidnext = folder_uidnext(client, folder)
+    try:
+        response = client.append(folder, tagged, flags=append_flags(flags), msg_time=internaldate)
+    except Exception as exc:
+        if _is_refusal(exc):
+            raise _wrap(f"APPEND tagged copy of uid={uid} to {folder!r}", exc, folder) from exc  # type: ignore[arg-type]
+        raise
+    new_uid = find_copy(client, folder, header_fingerprint(raw), dest_uidnext, appended_uid(response))
+    select_source(client, source, source_uidvalidity)
+    if new_uid is None:
+        # Never delete an original whose copy we cannot see.
+        raise MailboxError(
+            f"APPEND of the tagged copy of uid={uid} to {folder!r} was answered OK but the copy is not "
+            "there; the original was kept"
+        )
+    delete_original(client, uid, has_uidplus)
+    return new_uid

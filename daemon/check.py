@@ -1,0 +1,227 @@
+"""`mailtriage check`: every precondition of `serve`, checked up front, one line each with a fix.
+
+Connects and logs in to each account, reads its capabilities, checks (or creates) the category and
+unsure folders and the watched mailboxes, checks that the state directory is writable and that the
+model loads with the configured labels. Exit status 0 when nothing FAILed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+from mailtriage.config import AccountConfig, Config
+
+log = structlog.get_logger(__name__)
+
+OK, WARN, FAIL = "OK", "WARN", "FAIL"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    status: str          # OK | WARN | FAIL
+    subject: str         # what was checked, e.g. "[support] folder 'Support/Billing'"
+    detail: str          # what was found
+    fix: str = ""        # how to fix it (WARN/FAIL)
+
+    def line(self) -> str:
+        text = f"{self.status:<4}  {self.subject}: {self.detail}"
+        return f"{text} -> fix: {self.fix}" if self.fix else text
+
+
+class _Report:
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.results: list[CheckResult] = []
+
+    def add(self, status: str, subject: str, detail: str, fix: str = "") -> CheckResult:
+        result = CheckResult(status, subject, detail, fix)
+        self.results.append(result)
+        print(result.line(), file=self.out, flush=True)
+        return result
+
+    @property
+    def failed(self) -> bool:
+        return any(r.status == FAIL for r in self.results)
+
+
+def _check_capabilities(report: _Report, client: Any, account: AccountConfig) -> None:
+    where = f"[{account.name}]"
+    has = client.has_capability
+    if has("IDLE"):
+        report.add(OK, f"{where} IDLE", "supported: new mail is seen within seconds")
+    else:
+        report.add(
+            WARN, f"{where} IDLE", f"not offered: falling back to polling every {account.poll_interval} s",
+            f"lower accounts[{account.name!r}].poll_interval if that is too slow",
+        )
+    if account.action == "move":
+        if has("MOVE"):
+            report.add(OK, f"{where} MOVE", "supported (atomic move)")
+        elif has("UIDPLUS"):
+            report.add(
+                WARN, f"{where} MOVE", "not offered: will COPY + UID EXPUNGE (UIDPLUS), two steps instead of one",
+                "nothing to do; a server with MOVE (RFC 6851) is faster",
+            )
+        else:
+            report.add(
+                FAIL, f"{where} MOVE", "neither MOVE nor UIDPLUS offered: mail cannot be moved without "
+                "expunging other deleted messages",
+                f"use a server with MOVE or UIDPLUS, or set accounts[{account.name!r}].action = \"keyword\"",
+            )
+    elif account.action == "header":
+        if has("UIDPLUS"):
+            report.add(OK, f"{where} UIDPLUS", "supported (the original is removed by UID after the tagged copy)")
+        else:
+            report.add(
+                FAIL, f"{where} UIDPLUS", "not offered: the header action cannot remove exactly the original",
+                f"set accounts[{account.name!r}].action = \"keyword\" or \"move\"",
+            )
+
+
+def _check_folders(report: _Report, client: Any, account: AccountConfig, config: Config, create: bool) -> None:
+    where = f"[{account.name}]"
+    existing = {name for _flags, _delim, name in client.list_folders()}
+    targets = [*config.categories.values(), config.unsure_folder]
+    for folder in targets:
+        subject = f"{where} folder {folder!r}"
+        if folder in existing:
+            report.add(OK, subject, "exists")
+        elif create:
+            try:
+                client.create_folder(folder)
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                report.add(FAIL, subject, f"missing, and CREATE failed: {exc}", "create it in the mail server")
+            else:
+                report.add(OK, subject, "was missing: created")
+        else:
+            report.add(
+                FAIL, subject, "missing (mail cannot be filed there)",
+                "run `mailtriage check --create-folders`, or fix [categories] / unsure_folder",
+            )
+    for mailbox in account.mailboxes:
+        subject = f"{where} watched mailbox {mailbox!r}"
+        if mailbox not in existing:
+            report.add(
+                FAIL, subject, "missing",
+                f"fix accounts[{account.name!r}].mailboxes; existing folders: {sorted(existing)}",
+            )
+            continue
+        try:
+            info = client.select_folder(mailbox, readonly=True)
+        except Exception as exc:  # noqa: BLE001
+            report.add(FAIL, subject, f"exists but cannot be selected: {exc}", "check the user's rights on it")
+            continue
+        report.add(OK, subject, f"exists, {int(info.get(b'EXISTS', 0))} message(s)")
+        if account.action == "keyword":
+            perm = [f.decode() if isinstance(f, bytes) else str(f) for f in info.get(b"PERMANENTFLAGS", ())]
+            if "\\*" in perm:
+                report.add(OK, f"{subject} keywords", "new keywords may be set")
+            else:
+                report.add(
+                    FAIL, f"{subject} keywords", f"the server does not allow new keywords (PERMANENTFLAGS {perm})",
+                    f"set accounts[{account.name!r}].action = \"move\"",
+                )
+        client.unselect_folder() if client.has_capability("UNSELECT") else client.close_folder()
+
+
+def _check_account(report: _Report, account: AccountConfig, config: Config, create: bool, connect: Callable[[AccountConfig], Any]) -> None:
+    where = f"[{account.name}]"
+    try:
+        client = connect(account)
+    except Exception as exc:  # noqa: BLE001 - MailboxError/ConfigError carry the fix in their message
+        report.add(FAIL, f"{where} connect {account.host}:{account.port}", str(exc))
+        return
+    report.add(OK, f"{where} connect {account.host}:{account.port}", f"logged in as {account.username!r} ({account.tls})")
+    try:
+        _check_capabilities(report, client, account)
+        _check_folders(report, client, account, config, create)
+    except Exception as exc:  # noqa: BLE001 - a dropped connection mid-check is itself a finding
+        report.add(FAIL, f"{where} IMAP", f"{type(exc).__name__}: {exc}", "check the server log")
+    finally:
+        try:
+            client.logout()
+        except Exception:  # noqa: BLE001
+            pass
+    if account.dry_run:
+        report.add(WARN, f"{where} dry_run", "on: decisions are recorded but no mail is touched", "set dry_run = false to file mail")
+
+
+def _check_writable_dir(report: _Report, subject: str, path: Path, fix: str) -> None:
+    # The nearest existing ancestor decides whether the service can create the rest.
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.is_dir() and os.access(probe, os.W_OK | os.X_OK):
+        note = "writable" if probe == path else f"will be created (under writable {str(probe)!r})"
+        report.add(OK, subject, f"{str(path)!r} {note}")
+    else:
+        report.add(FAIL, subject, f"{str(path)!r} is not writable by uid {os.geteuid()} ({str(probe)!r} exists)", fix)
+
+
+def _check_state(report: _Report, config: Config) -> None:
+    path = Path(config.state_path)
+    fix = "create the directory and give it to the service user, or change state_path"
+    if path.exists():
+        if os.access(path, os.R_OK | os.W_OK) and os.access(path.parent, os.W_OK):
+            report.add(OK, "state database", f"{str(path)!r} writable")
+        else:
+            report.add(FAIL, "state database", f"{str(path)!r} (or its directory, for the WAL files) is not writable", fix)
+        return
+    _check_writable_dir(report, "state directory", path.parent, fix)
+
+
+def _check_model(report: _Report, config: Config) -> None:
+    try:
+        from mailtriage.model import load_classifier
+
+        clf = load_classifier(
+            config.model.path,
+            device=config.model.device,
+            batch_size=config.model.batch_size,
+            max_length=config.model.max_length,
+            expected_labels=config.labels,
+        )
+        clf.classify(["mailtriage check: a test message"])
+    except Exception as exc:  # noqa: BLE001 - ModelError/LabelMismatchError say how to fix
+        report.add(FAIL, f"model {config.model.path!r}", f"{type(exc).__name__}: {exc}")
+        return
+    report.add(OK, f"model {config.model.path!r}", f"version {clf.version} loads; labels match [categories]")
+
+
+def run_check(
+    config: Config,
+    create_folders: bool = False,
+    out: TextIO = sys.stdout,
+    *,
+    connect: Callable[[AccountConfig], Any] | None = None,
+    check_model: bool = True,
+) -> int:
+    """Run every check, printing one line each; 0 when none FAILed, else 1."""
+    if connect is None:
+        from mailtriage.imapconn import connect as imap_connect
+
+        connect = imap_connect
+    report = _Report(out)
+    if not config.accounts:
+        report.add(WARN, "accounts", "none configured: `serve` has no mailbox to watch", "add an [[accounts]] table")
+    for account in config.accounts:
+        _check_account(report, account, config, create_folders, connect)
+    _check_state(report, config)
+    if config.training.schedule:
+        _check_writable_dir(
+            report, "training model_dir", Path(config.training.model_dir),
+            "give the service user write access to training.model_dir, or set training.schedule = \"\"",
+        )
+    if check_model:
+        _check_model(report, config)
+    fails = sum(r.status == FAIL for r in report.results)
+    warns = sum(r.status == WARN for r in report.results)
+    print(f"{'FAILED' if fails else 'OK'}: {fails} failure(s), {warns} warning(s)", file=out, flush=True)
+    return 1 if report.failed else 0

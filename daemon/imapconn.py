@@ -1,0 +1,178 @@
+"""The one place the daemon opens IMAP sockets: TLS, authentication and clear errors.
+
+Everything above this module receives a logged-in ``IMAPClient`` or a MailboxError whose message
+says what failed and which config key to check.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterable
+
+import structlog
+from imapclient import IMAPClient
+from imapclient import exceptions as imap_exc
+
+from mailtriage.config import AccountConfig
+from mailtriage.errors import MailboxError
+
+log = structlog.get_logger(__name__)
+
+# Errors that mean "the connection is gone or unusable": the watcher reconnects on these.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # socket.error, TimeoutError, ssl.SSLError, ConnectionResetError
+    imap_exc.IMAPClientAbortError,  # imaplib.IMAP4.abort: BYE, EOF, protocol desync
+)
+
+
+def ssl_context(account: AccountConfig) -> ssl.SSLContext:
+    """Verification on by default; ``verify_tls = false`` is an explicit, logged opt-out."""
+    where = f"accounts[{account.name!r}]"
+    try:
+        ctx = ssl.create_default_context(cafile=account.ca_file) if account.ca_file else ssl.create_default_context()
+    except (OSError, ssl.SSLError) as exc:
+        raise MailboxError(f"{where}.ca_file = {account.ca_file!r} cannot be loaded as a PEM CA bundle: {exc}") from exc
+    if not account.verify_tls:
+        log.warning("tls_verification_disabled", account=account.name, host=account.host)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def connect(account: AccountConfig, timeout: float = 30) -> IMAPClient:
+    """A logged-in client for ``account``; raises MailboxError naming the cause and the fix."""
+    where = f"accounts[{account.name!r}]"
+    hostport = f"{account.host}:{account.port}"
+    ctx = ssl_context(account) if account.tls != "none" else None
+    try:
+        client = IMAPClient(
+            account.host,
+            port=account.port,
+            ssl=account.tls == "implicit",
+            ssl_context=ctx,
+            timeout=timeout,
+        )
+    except ssl.SSLError as exc:
+        raise MailboxError(_tls_message(account, exc)) from exc
+    except (OSError, imap_exc.IMAPClientError) as exc:
+        raise MailboxError(
+            f"cannot connect to {hostport}: {exc} — is the server running? check {where}.host/port "
+            f"(and tls = {account.tls!r}: implicit TLS is usually port 993, STARTTLS/none port 143)"
+        ) from exc
+    # Aware datetimes for INTERNALDATE, so an APPENDed copy keeps exactly the original's time.
+    client.normalise_times = False
+    try:
+        if account.tls == "starttls":
+            try:
+                client.starttls(ctx)
+            except imap_exc.CapabilityError as exc:
+                raise MailboxError(
+                    f"{hostport} does not offer STARTTLS: set {where}.tls = \"implicit\" (port 993) if it "
+                    "speaks TLS from the start, or \"none\" only on a trusted network"
+                ) from exc
+            except ssl.SSLError as exc:
+                raise MailboxError(_tls_message(account, exc)) from exc
+        _login(client, account)
+    except BaseException:
+        _close_quietly(client)
+        raise
+    log.info("imap_connected", account=account.name, host=account.host, port=account.port, tls=account.tls)
+    return client
+
+
+def _tls_message(account: AccountConfig, exc: BaseException) -> str:
+    where = f"accounts[{account.name!r}]"
+    hint = (
+        f"if the server uses a private CA set {where}.ca_file to its PEM bundle"
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate" in str(exc).lower()
+        else f"check that {where}.tls = {account.tls!r} matches what port {account.port} speaks"
+    )
+    return f"TLS handshake with {account.host}:{account.port} failed: {exc}; {hint}"
+
+
+def _login(client: IMAPClient, account: AccountConfig) -> None:
+    where = f"accounts[{account.name!r}]"
+    secret = account.secret()
+    source = (
+        f"password_file {account.password_file!r}" if account.password_file
+        else f"environment variable {account.password_env}" if account.password_env
+        else f"credential {account.password_credential!r}" if account.password_credential
+        else "oauth_token_command" if account.oauth_token_command
+        else f"oauth_token_file {account.oauth_token_file!r}"
+    )
+    try:
+        if account.auth == "login":
+            client.login(account.username, secret)
+        elif account.auth == "plain":
+            client.plain_login(account.username, secret)
+        elif account.auth == "xoauth2":
+            client.oauth2_login(account.username, secret)
+        else:
+            client.oauthbearer_login(account.username, secret)
+    except imap_exc.LoginError as exc:
+        raise MailboxError(
+            f"login as {account.username!r} ({account.auth}) refused by server {account.host}:{account.port}: "
+            f"{exc}. Check {source} and {where}.username"
+            + ("; an OAuth token may have expired" if account.auth in ("xoauth2", "oauthbearer") else "")
+        ) from exc
+    except imap_exc.IMAPClientError as exc:
+        if isinstance(exc, imap_exc.IMAPClientAbortError):
+            raise
+        raise MailboxError(
+            f"authentication {account.auth!r} failed on {account.host}:{account.port}: {exc}. Does the server "
+            f"offer it? Its capabilities: {_caps(client)}; change {where}.auth"
+        ) from exc
+
+
+def _caps(client: IMAPClient) -> str:
+    try:
+        return " ".join(c.decode() for c in client.capabilities())
+    except Exception:  # only for an error message
+        return "(unknown)"
+
+
+def require_capabilities(client: IMAPClient, names: Iterable[str], why: str = "") -> None:
+    """Fail fast when the server lacks a capability we rely on."""
+    missing = [n for n in names if not client.has_capability(n)]
+    if missing:
+        raise MailboxError(
+            f"the IMAP server lacks {', '.join(missing)}{' (needed ' + why + ')' if why else ''}; "
+            f"it offers: {_caps(client)}"
+        )
+
+
+def check_folders(client: IMAPClient, folders: Iterable[str], account: str = "") -> None:
+    """Every folder we may file into must exist: a missing one is a config error, said at start-up."""
+    existing = {name for _flags, _delim, name in client.list_folders()}
+    missing = sorted({f for f in folders if f not in existing})
+    if missing:
+        raise MailboxError(
+            f"folder(s) {missing} do not exist on account {account!r}: create them in the mail server "
+            f"(or fix [categories] / unsure_folder in the config). Existing folders: {sorted(existing)}"
+        )
+
+
+def close(client: IMAPClient | None) -> None:
+    """Log out, or at least drop the socket; never raises (used on error paths)."""
+    if client is not None:
+        _close_quietly(client)
+
+
+def _close_quietly(client: IMAPClient) -> None:
+    try:
+        client.logout()
+    except Exception:
+        try:
+            client.shutdown()
+        except Exception:
+            pass
+
+
+__all__ = [
+    "CONNECTION_ERRORS",
+    "check_folders",
+    "close",
+    "connect",
+    "require_capabilities",
+    "ssl_context",
+]

@@ -1,0 +1,437 @@
+"""The daemon's memory in one SQLite file (WAL): what was decided for which message, so restarts,
+crashes, UIDVALIDITY changes and duplicate deliveries never file a message twice or lose it.
+
+Schema (version 1)::
+
+    messages      one row per message the watcher saw, keyed like IMAP keys it
+      account, mailbox, uidvalidity, uid   PRIMARY KEY — where the message was when seen
+      key            Message-ID (or mailtext's hash of stable headers); indexed per account, so a
+                     renumbered (UIDVALIDITY change) or re-delivered message is recognised
+      fingerprint    sha256 of the header block without X-Mailtriage-* lines: finds the copy in a
+                     destination folder after a crash (COPY and APPEND keep these bytes)
+      label, confidence, unsure, folder    the decision; folder = where the message was put
+                     (the source mailbox for the keyword action)
+      action         move | keyword | header | none (skipped duplicate)
+      model_version, dry_run
+      status         pending (recorded before acting) -> done | failed; skipped (already decided
+                     under another UID)
+      dest_uidvalidity, dest_uidnext   the destination folder's UIDNEXT just before acting: a
+                     crash-recovery scan only has to look at newer UIDs
+      error, decided_at, updated_at (unix seconds)
+    mailbox_state  (account, mailbox, dry_run) PRIMARY KEY -> uidvalidity, last_uid
+                     the highest UID fully handled; a dry run keeps its own cursor so switching
+                     dry_run off later still files the backlog for real
+    corrections    (key, actual) PRIMARY KEY -> account, predicted, was_unsure, corrected_at
+                     staff moved a filed message into another category folder (feedback path)
+
+Thread safety: one sqlite3 connection per thread (``threading.local``); WAL lets watcher threads
+write while ``mailtriage stats`` reads.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mailtriage.errors import MailtriageError
+from mailtriage.routing import Decision
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    account TEXT NOT NULL,
+    mailbox TEXT NOT NULL,
+    uidvalidity INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT,
+    label TEXT,
+    confidence REAL,
+    unsure INTEGER NOT NULL DEFAULT 0,
+    folder TEXT,
+    action TEXT NOT NULL,
+    model_version TEXT,
+    dry_run INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed', 'skipped')),
+    dest_uidvalidity INTEGER,
+    dest_uidnext INTEGER,
+    error TEXT,
+    decided_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (account, mailbox, uidvalidity, uid)
+);
+CREATE INDEX IF NOT EXISTS messages_key ON messages (account, key);
+CREATE INDEX IF NOT EXISTS messages_status ON messages (account, mailbox, status);
+CREATE INDEX IF NOT EXISTS messages_decided ON messages (decided_at);
+CREATE TABLE IF NOT EXISTS mailbox_state (
+    account TEXT NOT NULL,
+    mailbox TEXT NOT NULL,
+    dry_run INTEGER NOT NULL DEFAULT 0,
+    uidvalidity INTEGER NOT NULL,
+    last_uid INTEGER NOT NULL,
+    PRIMARY KEY (account, mailbox, dry_run)
+);
+CREATE TABLE IF NOT EXISTS corrections (
+    key TEXT NOT NULL,
+    actual TEXT NOT NULL,
+    account TEXT NOT NULL,
+    predicted TEXT NOT NULL,
+    was_unsure INTEGER NOT NULL,
+    corrected_at REAL NOT NULL,
+    PRIMARY KEY (key, actual)
+);
+"""
+
+STATUSES = ("pending", "done", "failed", "skipped")
+OUTCOMES = ("filed", "unsure", "dry_run", "failed")
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    """One row of ``messages``: what is known about a message the watcher saw."""
+
+    account: str
+    mailbox: str
+    uidvalidity: int
+    uid: int
+    key: str
+    fingerprint: str | None
+    label: str | None
+    confidence: float | None
+    unsure: bool
+    folder: str | None
+    action: str
+    model_version: str | None
+    dry_run: bool
+    status: str
+    dest_uidvalidity: int | None
+    dest_uidnext: int | None
+    error: str | None
+    decided_at: float
+
+
+@dataclass(frozen=True)
+class FiledRow:
+    """A message the daemon really filed or tagged: input of the correction scan."""
+
+    key: str
+    label: str
+    unsure: bool
+    folder: str
+    account: str
+    decided_at: float
+    model_version: str | None
+
+
+class StateDB:
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._conn()  # create the schema now, so a bad path fails at start-up, not mid-mail
+
+    # ---- connection per thread ---------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA busy_timeout=30000")
+                conn.executescript(_SCHEMA)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            except sqlite3.Error as exc:
+                raise MailtriageError(
+                    f"cannot open the state database {self.path!r}: {exc}. Check state_path in the config "
+                    "and that the service user may write to its directory"
+                ) from exc
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        """Close this thread's connection (other threads close theirs when they end)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _exec(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
+        return self._conn().execute(sql, tuple(params))
+
+    # ---- per-message progress ----------------------------------------------------------------
+
+    def is_done(self, account: str, key: str, *, dry_run: bool = False) -> bool:
+        """Was this message (by key) already decided in this account?
+
+        A real decision counts for both modes; a dry-run decision only for dry runs, so turning
+        dry_run off files what the dry run merely looked at.
+        """
+        row = self._exec(
+            "SELECT 1 FROM messages WHERE account=? AND key=? AND status='done' AND (dry_run=0 OR ?=1) LIMIT 1",
+            (account, key, int(dry_run)),
+        ).fetchone()
+        return row is not None
+
+    def handled_uids(self, account: str, mailbox: str, uidvalidity: int, uids: Iterable[int], *, dry_run: bool = False) -> set[int]:
+        """The subset of ``uids`` already done, failed or skipped under this UIDVALIDITY."""
+        wanted = list(uids)
+        found: set[int] = set()
+        for start in range(0, len(wanted), 500):  # stay under SQLite's bound-parameter limit
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._exec(
+                f"SELECT uid FROM messages WHERE account=? AND mailbox=? AND uidvalidity=? "
+                f"AND status IN ('done','failed','skipped') AND (dry_run=0 OR ?=1) AND uid IN ({marks})",
+                (account, mailbox, uidvalidity, int(dry_run), *chunk),
+            ).fetchall()
+            found.update(r["uid"] for r in rows)
+        return found
+
+    def claim(self, account: str, mailbox: str, uidvalidity: int, uid: int, key: str, *, dry_run: bool = False) -> bool:
+        """True when this message still needs a decision: neither its UID nor its key is handled."""
+        if self.handled_uids(account, mailbox, uidvalidity, [uid], dry_run=dry_run):
+            return False
+        return not self.is_done(account, key, dry_run=dry_run)
+
+    def record_decision(
+        self,
+        account: str,
+        mailbox: str,
+        uidvalidity: int,
+        uid: int,
+        key: str,
+        decision: Decision,
+        action: str,
+        model_version: str | None,
+        dry_run: bool,
+        status: str,
+        *,
+        folder: str | None = None,
+        fingerprint: str | None = None,
+        dest_uidvalidity: int | None = None,
+        dest_uidnext: int | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Insert or update the row of one message; call with 'pending' before acting."""
+        if status not in STATUSES:
+            raise ValueError(f"status {status!r} is not one of {STATUSES}")
+        now = time.time()
+        self._exec(
+            """
+            INSERT INTO messages (account, mailbox, uidvalidity, uid, key, fingerprint, label, confidence,
+                unsure, folder, action, model_version, dry_run, status, dest_uidvalidity, dest_uidnext,
+                error, decided_at, updated_at)
+            VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+            ON CONFLICT (account, mailbox, uidvalidity, uid) DO UPDATE SET
+                key=excluded.key, fingerprint=COALESCE(excluded.fingerprint, fingerprint),
+                label=excluded.label, confidence=excluded.confidence, unsure=excluded.unsure,
+                folder=excluded.folder, action=excluded.action, model_version=excluded.model_version,
+                dry_run=excluded.dry_run, status=excluded.status,
+                dest_uidvalidity=COALESCE(excluded.dest_uidvalidity, dest_uidvalidity),
+                dest_uidnext=COALESCE(excluded.dest_uidnext, dest_uidnext),
+                error=excluded.error, updated_at=excluded.updated_at
+            """,
+            (
+                account, mailbox, uidvalidity, uid, key, fingerprint, decision.label, decision.confidence,
+                int(decision.unsure), folder if folder is not None else decision.folder, action, model_version,
+                int(dry_run), status, dest_uidvalidity, dest_uidnext, error, now, now,
+            ),
+        )
+
+    def set_status(
+        self, account: str, mailbox: str, uidvalidity: int, uid: int, status: str, error: str | None = None
+    ) -> None:
+        if status not in STATUSES:
+            raise ValueError(f"status {status!r} is not one of {STATUSES}")
+        self._exec(
+            "UPDATE messages SET status=?, error=?, updated_at=? WHERE account=? AND mailbox=? AND uidvalidity=? AND uid=?",
+            (status, error, time.time(), account, mailbox, uidvalidity, uid),
+        )
+
+    def record_skip(self, account: str, mailbox: str, uidvalidity: int, uid: int, key: str, reason: str) -> None:
+        """Remember a UID whose message was already decided under another UID (never overwrites)."""
+        now = time.time()
+        self._exec(
+            """INSERT OR IGNORE INTO messages (account, mailbox, uidvalidity, uid, key, action, status, error,
+                decided_at, updated_at) VALUES (?,?,?,?,?,'none','skipped',?,?,?)""",
+            (account, mailbox, uidvalidity, uid, key, reason, now, now),
+        )
+
+    def pending(self, account: str, mailbox: str) -> list[MessageRow]:
+        """Rows recorded 'pending' and never finished: a crash happened while acting on them."""
+        rows = self._exec(
+            "SELECT * FROM messages WHERE account=? AND mailbox=? AND status='pending' ORDER BY uid",
+            (account, mailbox),
+        ).fetchall()
+        return [_message_row(r) for r in rows]
+
+    def get(self, account: str, mailbox: str, uidvalidity: int, uid: int) -> MessageRow | None:
+        row = self._exec(
+            "SELECT * FROM messages WHERE account=? AND mailbox=? AND uidvalidity=? AND uid=?",
+            (account, mailbox, uidvalidity, uid),
+        ).fetchone()
+        return _message_row(row) if row else None
+
+    def rows(self, account: str | None = None) -> list[MessageRow]:
+        """Every message row (tests and debugging)."""
+        if account is None:
+            rows = self._exec("SELECT * FROM messages ORDER BY decided_at, uid").fetchall()
+        else:
+            rows = self._exec("SELECT * FROM messages WHERE account=? ORDER BY decided_at, uid", (account,)).fetchall()
+        return [_message_row(r) for r in rows]
+
+    # ---- mailbox cursor ----------------------------------------------------------------------
+
+    def last_uid(self, account: str, mailbox: str, uidvalidity: int, *, dry_run: bool = False) -> int:
+        """Highest UID fully handled under ``uidvalidity``; 0 when unknown or the UIDVALIDITY changed."""
+        row = self._exec(
+            "SELECT uidvalidity, last_uid FROM mailbox_state WHERE account=? AND mailbox=? AND dry_run=?",
+            (account, mailbox, int(dry_run)),
+        ).fetchone()
+        if row is None or row["uidvalidity"] != uidvalidity:
+            return 0
+        return int(row["last_uid"])
+
+    def stored_uidvalidity(self, account: str, mailbox: str, *, dry_run: bool = False) -> int | None:
+        row = self._exec(
+            "SELECT uidvalidity FROM mailbox_state WHERE account=? AND mailbox=? AND dry_run=?",
+            (account, mailbox, int(dry_run)),
+        ).fetchone()
+        return None if row is None else int(row["uidvalidity"])
+
+    def set_last_uid(self, account: str, mailbox: str, uidvalidity: int, uid: int, *, dry_run: bool = False) -> None:
+        """Advance the cursor (never backwards under the same UIDVALIDITY; a new one resets it)."""
+        self._exec(
+            """INSERT INTO mailbox_state (account, mailbox, dry_run, uidvalidity, last_uid) VALUES (?,?,?,?,?)
+               ON CONFLICT (account, mailbox, dry_run) DO UPDATE SET
+                 last_uid = CASE WHEN uidvalidity = excluded.uidvalidity
+                                 THEN MAX(last_uid, excluded.last_uid) ELSE excluded.last_uid END,
+                 uidvalidity = excluded.uidvalidity""",
+            (account, mailbox, int(dry_run), uidvalidity, uid),
+        )
+
+    # ---- feedback ----------------------------------------------------------------------------
+
+    def filed(self, account: str | None = None) -> list[FiledRow]:
+        """Messages the daemon really moved or tagged (not dry runs), the latest decision per key."""
+        sql = """
+            SELECT key, label, unsure, folder, account, MAX(decided_at) AS decided_at, model_version
+            FROM messages WHERE status='done' AND dry_run=0 AND action != 'none' {where}
+            GROUP BY account, key ORDER BY decided_at
+        """
+        if account is None:
+            rows = self._exec(sql.format(where="")).fetchall()
+        else:
+            rows = self._exec(sql.format(where="AND account=?"), (account,)).fetchall()
+        return [
+            FiledRow(r["key"], r["label"], bool(r["unsure"]), r["folder"], r["account"], r["decided_at"], r["model_version"])
+            for r in rows
+        ]
+
+    def record_correction(self, key: str, account: str, predicted: str, actual: str, was_unsure: bool) -> bool:
+        """Remember that staff moved ``key`` from ``predicted`` to ``actual``; True if it is new."""
+        cur = self._exec(
+            "INSERT OR IGNORE INTO corrections (key, actual, account, predicted, was_unsure, corrected_at) VALUES (?,?,?,?,?,?)",
+            (key, actual, account, predicted, int(was_unsure), time.time()),
+        )
+        return cur.rowcount == 1
+
+    def corrections(self) -> list[dict[str, Any]]:
+        rows = self._exec("SELECT * FROM corrections ORDER BY corrected_at").fetchall()
+        return [dict(r) for r in rows]
+
+    # ---- reporting ---------------------------------------------------------------------------
+
+    def stats(self, window_days: int = 30, *, now: float | None = None) -> dict[str, Any]:
+        """Decisions, corrections and live accuracy over the last ``window_days`` (``mailtriage stats``).
+
+        Outcomes: filed (acted on with a category), unsure (below threshold), dry_run, failed.
+        Live accuracy of a category = 1 - corrections of messages filed as it / messages filed as it.
+        """
+        since = (time.time() if now is None else now) - window_days * 86400
+        decisions: dict[str, dict[str, int]] = {}
+        totals = dict.fromkeys(OUTCOMES, 0)
+        rows = self._exec(
+            """SELECT label, status, dry_run, unsure, COUNT(*) AS n FROM messages
+               WHERE status IN ('done','failed') AND decided_at >= ? GROUP BY label, status, dry_run, unsure""",
+            (since,),
+        ).fetchall()
+        for r in rows:
+            if r["status"] == "failed":
+                outcome = "failed"
+            elif r["dry_run"]:
+                outcome = "dry_run"
+            elif r["unsure"]:
+                outcome = "unsure"
+            else:
+                outcome = "filed"
+            per = decisions.setdefault(r["label"], dict.fromkeys(OUTCOMES, 0))
+            per[outcome] += r["n"]
+            totals[outcome] += r["n"]
+        corr_rows = self._exec(
+            "SELECT predicted, actual, was_unsure, COUNT(*) AS n FROM corrections WHERE corrected_at >= ? "
+            "GROUP BY predicted, actual, was_unsure",
+            (since,),
+        ).fetchall()
+        pairs = [{"predicted": r["predicted"], "actual": r["actual"], "was_unsure": bool(r["was_unsure"]), "n": r["n"]} for r in corr_rows]
+        wrong_by_label: dict[str, int] = {}
+        for p in pairs:
+            if not p["was_unsure"]:
+                wrong_by_label[p["predicted"]] = wrong_by_label.get(p["predicted"], 0) + p["n"]
+        accuracy: dict[str, dict[str, Any]] = {}
+        for label, per in sorted(decisions.items(), key=lambda kv: str(kv[0])):
+            filed_n = per["filed"]
+            wrong = min(wrong_by_label.get(label, 0), filed_n)
+            accuracy[label] = {
+                "filed": filed_n,
+                "corrected": wrong,
+                "accuracy": (1 - wrong / filed_n) if filed_n else None,
+            }
+        filed_total = totals["filed"]
+        wrong_total = min(sum(wrong_by_label.values()), filed_total)
+        return {
+            "window_days": window_days,
+            "since": since,
+            "decisions": decisions,
+            "totals": {**totals, "all": sum(totals.values())},
+            "corrections": {
+                "total": sum(p["n"] for p in pairs),
+                "from_unsure": sum(p["n"] for p in pairs if p["was_unsure"]),
+                "pairs": pairs,
+            },
+            "accuracy": accuracy,
+            "overall_accuracy": (1 - wrong_total / filed_total) if filed_total else None,
+        }
+
+
+def _message_row(r: sqlite3.Row) -> MessageRow:
+    return MessageRow(
+        account=r["account"],
+        mailbox=r["mailbox"],
+        uidvalidity=r["uidvalidity"],
+        uid=r["uid"],
+        key=r["key"],
+        fingerprint=r["fingerprint"],
+        label=r["label"],
+        confidence=r["confidence"],
+        unsure=bool(r["unsure"]),
+        folder=r["folder"],
+        action=r["action"],
+        model_version=r["model_version"],
+        dry_run=bool(r["dry_run"]),
+        status=r["status"],
+        dest_uidvalidity=r["dest_uidvalidity"],
+        dest_uidnext=r["dest_uidnext"],
+        error=r["error"],
+        decided_at=r["decided_at"],
+    )

@@ -1,0 +1,187 @@
+"""Tiny models built offline in seconds, so tests exercise the real transformers + peft path.
+
+Session fixtures: ``tiny_encoder_base`` (a 2-layer BERT with a WordPiece tokenizer trained on the
+fly), ``tiny_decoder_base`` (a 2-layer Qwen2 with a byte-level BPE tokenizer) and ``tiny_model_dir``
+(the encoder fine-tuned on the toy billing/login/refunds set and promoted: a real MODEL_DIR).
+torch and transformers are imported inside the builders, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TOY_LABELS: tuple[str, ...] = ("billing", "login", "refunds")
+
+# Each category has its own obvious keywords, so even a tiny random-init model learns them quickly.
+TOY_EXAMPLES: list[tuple[str, str]] = [
+    ("My invoice shows the wrong amount, please fix the invoice", "billing"),
+    ("Question about my invoice and the billing address on it", "billing"),
+    ("The invoice for March was charged twice to my card", "billing"),
+    ("Can you send me a copy of my latest invoice", "billing"),
+    ("Billing: please update the VAT number on our invoice", "billing"),
+    ("Why is my invoice higher than last month", "billing"),
+    ("Invoice number missing, our billing department needs it", "billing"),
+    ("Please change the billing plan on the invoice to annual", "billing"),
+    ("Our accountant asks for the invoice with the company name", "billing"),
+    ("The invoice total does not match the billing quote", "billing"),
+    ("Subject: invoice\n\nHello, where is my invoice? Thanks", "billing"),
+    ("I cannot login, my password is not accepted", "login"),
+    ("Password reset link does not work, cannot login", "login"),
+    ("Locked out of my account after a wrong password", "login"),
+    ("Login page says my password expired", "login"),
+    ("Two factor code never arrives so I cannot login", "login"),
+    ("Forgot my password, please help me login again", "login"),
+    ("The login button does nothing when I type my password", "login"),
+    ("How do I change my password after login", "login"),
+    ("My colleague cannot login with the new password", "login"),
+    ("Login fails with an error about the password", "login"),
+    ("Subject: login\n\nHello, I cannot login to my account. Thanks", "login"),
+    ("I want a refund for the order I returned", "refunds"),
+    ("Please refund my money, the product was broken", "refunds"),
+    ("Where is my refund? You promised it last week", "refunds"),
+    ("Refund request for a cancelled subscription", "refunds"),
+    ("The refund has not reached my bank yet", "refunds"),
+    ("Can I get a refund if I return the item", "refunds"),
+    ("How long does a refund take to arrive", "refunds"),
+    ("Refund please, I was sent the wrong size", "refunds"),
+    ("I returned the parcel and want my refund", "refunds"),
+    ("Is a partial refund possible for the damaged box", "refunds"),
+    ("Subject: refund\n\nHello, I would like a refund please. Thanks", "refunds"),
+]
+
+# Extra words give the tokenizers an email-ish vocabulary beyond the toy sentences.
+_EXTRA_WORDS = (
+    "hello hi dear team support customer service regards thanks thank you best kind from to cc date "
+    "subject re fwd wrote on mon tue wed thu fri sat sun jan feb mar apr may jun jul aug sep oct nov dec "
+    "order account payment charge card bank delivery shipping parcel product price plan subscription "
+    "email address phone number problem issue error help urgent asap please sorry question request"
+)
+
+
+def toy_dataset() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, val) from TOY_EXAMPLES: every third example of each category is held out."""
+    train: list[tuple[str, str]] = []
+    val: list[tuple[str, str]] = []
+    for label in TOY_LABELS:
+        rows = [row for row in TOY_EXAMPLES if row[1] == label]
+        for i, row in enumerate(rows):
+            (val if i % 3 == 2 else train).append(row)
+    return train, val
+
+
+def _corpus() -> list[str]:
+    return [text for text, _ in TOY_EXAMPLES] * 3 + [_EXTRA_WORDS] * 3
+
+
+def build_tiny_encoder(directory: Path) -> Path:
+    """A 2-layer, 32-wide BERT with a WordPiece tokenizer, loadable by the Auto classes."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(_corpus(), trainers.WordPieceTrainer(vocab_size=600, special_tokens=special))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    tokenizer = BertTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=512,
+    )
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512, pad_token_id=tok.token_to_id("[PAD]"),
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    _seeded()
+    BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def build_tiny_decoder(directory: Path) -> Path:
+    """A 2-layer, 32-wide Qwen2 with a byte-level BPE tokenizer whose only special token is EOS.
+
+    The tokenizer is saved as a plain PreTrainedTokenizerFast next to a Qwen2 config.json: the case
+    where AutoTokenizer would swap in Qwen's normalizer, which mailtriage.model.load_tokenizer avoids.
+    No pad token is set on purpose: the loader must fall back to EOS like it does for real decoders.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        _corpus(),
+        trainers.BpeTrainer(
+            vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    eos = tok.token_to_id("<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", model_max_length=512)
+    config = Qwen2Config(
+        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=eos, bos_token_id=None, pad_token_id=None, tie_word_embeddings=True,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    _seeded()
+    Qwen2ForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def toy_params(**overrides: object) -> object:
+    """TrainParams that teach a tiny model the toy set in a second or two on a CPU."""
+    from mailtriage_trainer.finetune import TrainParams
+
+    values: dict[str, object] = dict(
+        epochs=12, learning_rate=1e-2, batch_size=8, lora_r=8, lora_alpha=16, lora_dropout=0.0,
+        max_length=64, patience=20, warmup=0.0, device="cpu",
+    )
+    values.update(overrides)
+    return TrainParams(**values)  # type: ignore[arg-type]
+
+
+def build_tiny_model_dir(model_dir: Path, base: Path) -> Path:
+    """Fine-tune ``base`` on the toy set into a new version of ``model_dir`` and promote it."""
+    from mailtriage import modeldir
+    from mailtriage.labels import LabelSet
+    from mailtriage_trainer.finetune import finetune
+
+    train, val = toy_dataset()
+    version = modeldir.new_version_dir(model_dir)
+    finetune(base, train, val, LabelSet(TOY_LABELS), version, toy_params(), progress=False)  # type: ignore[arg-type]
+    modeldir.promote(model_dir, version)
+    return model_dir
+
+
+def _seeded() -> None:
+    import torch
+
+    torch.manual_seed(0)  # the same random base weights in every test session
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_decoder(tmp_path_factory.mktemp("tiny-decoder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_base: Path) -> Path:
+    """MODEL_DIR with one promoted version classifying billing / login / refunds. Treat as read-only."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("models"), tiny_encoder_base)

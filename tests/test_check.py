@@ -1,0 +1,161 @@
+"""`mailtriage check` against a real Dovecot: the OK case and each failure an admin meets first."""
+
+from __future__ import annotations
+
+import io
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailtriage.check import run_check
+from mailtriage.config import AccountConfig, Config, ModelConfig
+from tests.dovecot import imap_capability_without
+
+pytestmark = pytest.mark.component
+
+CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
+UNSURE = "Support/Unsure"
+
+
+def _config(tmp_path: Path, host: str, port: int, user: str, password: str, **account: Any) -> Config:
+    pw = tmp_path / "imap-password"
+    pw.write_text(password + "\n")
+    acc = AccountConfig(
+        name="support", host=host, port=port, tls="none", username=user, password_file=str(pw), **account
+    )
+    return Config(
+        categories=CATEGORIES,
+        unsure_folder=UNSURE,
+        state_path=str(tmp_path / "state" / "state.sqlite3"),
+        accounts=(acc,),
+        model=ModelConfig(path=str(tmp_path / "no-model")),
+    )
+
+
+def _run(config: Config, **kwargs: Any) -> tuple[int, list[str]]:
+    out = io.StringIO()
+    rc = run_check(config, out=out, **kwargs)
+    return rc, out.getvalue().splitlines()
+
+
+def _line(lines: list[str], needle: str) -> str:
+    found = [line for line in lines if needle in line]
+    assert found, f"no line with {needle!r} in:\n" + "\n".join(lines)
+    return found[0]
+
+
+def _make_folders(dovecot: Any, user: str, password: str) -> None:
+    client = dovecot.client(user, password)
+    try:
+        for folder in (*CATEGORIES.values(), UNSURE):
+            client.create_folder(folder)
+    finally:
+        client.logout()
+
+
+def test_all_ok(dovecot: Any, imap_user: tuple[str, str], tmp_path: Path) -> None:
+    user, password = imap_user
+    _make_folders(dovecot, user, password)
+    rc, lines = _run(_config(tmp_path, dovecot.host, dovecot.port, user, password), check_model=False)
+    assert rc == 0, "\n".join(lines)
+    assert _line(lines, "connect").startswith("OK")
+    assert _line(lines, "IDLE").startswith("OK")
+    assert _line(lines, "MOVE").startswith("OK")
+    assert _line(lines, "'Support/Billing'").startswith("OK")
+    assert _line(lines, "watched mailbox 'INBOX'").startswith("OK")
+    assert _line(lines, "state directory").startswith("OK")
+    assert not any(line.startswith("FAIL") for line in lines)
+
+
+def test_wrong_password_fails_with_hint(dovecot: Any, imap_user: tuple[str, str], tmp_path: Path) -> None:
+    user, _password = imap_user
+    rc, lines = _run(_config(tmp_path, dovecot.host, dovecot.port, user, "wrong"), check_model=False)
+    assert rc == 1
+    line = _line(lines, "connect")
+    assert line.startswith("FAIL")
+    assert "password_file" in line  # says which secret to check
+
+
+def test_unreachable_port_fails(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    rc, lines = _run(_config(tmp_path, "127.0.0.1", port, "u", "p"), check_model=False)
+    assert rc == 1
+    line = _line(lines, "connect")
+    assert line.startswith("FAIL") and f"127.0.0.1:{port}" in line
+
+
+def test_missing_folder_then_create_folders_fixes_it(dovecot: Any, imap_user: tuple[str, str], tmp_path: Path) -> None:
+    user, password = imap_user
+    config = _config(tmp_path, dovecot.host, dovecot.port, user, password)
+    rc, lines = _run(config, check_model=False)
+    assert rc == 1
+    line = _line(lines, "'Support/Refunds'")
+    assert line.startswith("FAIL") and "--create-folders" in line
+
+    rc, lines = _run(config, create_folders=True, check_model=False)
+    assert rc == 0, "\n".join(lines)
+    assert "created" in _line(lines, "'Support/Refunds'")
+    client = dovecot.client(user, password)
+    try:
+        assert all(client.folder_exists(f) for f in (*CATEGORIES.values(), UNSURE))
+    finally:
+        client.logout()
+    rc, lines = _run(config, check_model=False)
+    assert rc == 0 and "was missing" not in "\n".join(lines)
+
+
+def test_missing_watched_mailbox_fails(dovecot: Any, imap_user: tuple[str, str], tmp_path: Path) -> None:
+    user, password = imap_user
+    _make_folders(dovecot, user, password)
+    config = _config(tmp_path, dovecot.host, dovecot.port, user, password, mailboxes=("INBOX", "Support/New"))
+    rc, lines = _run(config, create_folders=True, check_model=False)
+    assert rc == 1
+    assert _line(lines, "watched mailbox 'Support/New'").startswith("FAIL")
+
+
+def test_no_idle_no_move_are_warnings(dovecot_factory: Any, tmp_path: Path) -> None:
+    server = dovecot_factory(extra_conf=imap_capability_without("IDLE", "MOVE"), users={"support": "secret"})
+    _make_folders(server, "support", "secret")
+    rc, lines = _run(_config(tmp_path, server.host, server.port, "support", "secret"), check_model=False)
+    assert rc == 0, "\n".join(lines)
+    assert _line(lines, "IDLE").startswith("WARN") and "poll" in _line(lines, "IDLE")
+    assert _line(lines, "MOVE").startswith("WARN") and "UIDPLUS" in _line(lines, "MOVE")
+
+
+def test_unwritable_state_dir_fails(tmp_path: Path) -> None:
+    import dataclasses
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root can write anywhere")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    config = dataclasses.replace(
+        _config(tmp_path, "127.0.0.1", 1, "u", "p"), accounts=(), state_path=str(locked / "sub" / "s.db")
+    )
+    rc, lines = _run(config, check_model=False)
+    assert rc == 1 and _line(lines, "state directory").startswith("FAIL")
+
+
+def test_model_ok_and_label_mismatch(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    base = _config(tmp_path, "127.0.0.1", 1, "u", "p")
+    config = dataclasses.replace(base, accounts=(), model=ModelConfig(path=str(tiny_model_dir), device="cpu"))
+    rc, lines = _run(config)
+    assert rc == 0, "\n".join(lines)
+    assert _line(lines, "model").startswith("OK") and "labels match" in _line(lines, "model")
+
+    mismatched = dataclasses.replace(config, categories={**CATEGORIES, "shipping": "Support/Shipping"})
+    rc, lines = _run(mismatched)
+    assert rc == 1
+    line = _line(lines, "model")
+    assert line.startswith("FAIL") and "LabelMismatchError" in line and "shipping" in line
+
+    missing = dataclasses.replace(config, model=ModelConfig(path=str(tmp_path / "nowhere")))
+    rc, lines = _run(missing)
+    assert rc == 1 and "does not exist" in _line(lines, "model")

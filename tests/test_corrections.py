@@ -1,0 +1,177 @@
+"""Feedback path: table tests of the matching, and a real Dovecot where another client moves mail."""
+
+from __future__ import annotations
+
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailtriage import metrics
+from mailtriage.config import AccountConfig, Config
+from mailtriage.corrections import Correction, FiledMessage, KeyCache, match_corrections, scan_corrections
+
+F = FiledMessage
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize(
+    ("filed", "found", "expected"),
+    [
+        pytest.param([], {"billing": ["<a>"]}, [], id="nothing-filed"),
+        pytest.param([F("<a>", "billing", False)], {"billing": ["<a>"]}, [], id="still-where-filed"),
+        pytest.param(
+            [F("<a>", "billing", False)],
+            {"billing": [], "login": ["<a>"]},
+            [("<a>", "billing", "login", False)],
+            id="moved-to-other-category",
+        ),
+        pytest.param([F("<a>", "billing", False)], {"login": []}, [], id="gone-from-all-category-folders"),
+        pytest.param(
+            [F("<a>", "billing", False)], {"billing": ["<a>"], "login": ["<a>"]}, [], id="copied-keeps-label"
+        ),
+        pytest.param(
+            [F("<a>", "billing", False)], {"login": ["<a>"], "refunds": ["<a>"]}, [], id="ambiguous-two-others"
+        ),
+        pytest.param(
+            [F("<u>", "login", True)],
+            {"billing": ["<u>"]},
+            [("<u>", "login", "billing", True)],
+            id="sorted-out-of-unsure",
+        ),
+        pytest.param(
+            [F("<u>", "login", True)],
+            {"login": ["<u>"]},
+            [("<u>", "login", "login", True)],
+            id="unsure-confirmed-is-a-labelled-example",
+        ),
+        pytest.param([F("<x>", "login", False)], {"billing": ["<other>"]}, [], id="unknown-messages-ignored"),
+        pytest.param(
+            [F("<a>", "billing", False), F("<a>", "billing", False)],
+            {"login": ["<a>"]},
+            [("<a>", "billing", "login", False)],
+            id="duplicate-rows-judged-once",
+        ),
+        pytest.param(
+            [F("<a>", "billing", False), F("<b>", "login", False), F("<c>", "refunds", True)],
+            {"billing": ["<b>"], "login": ["<a>"], "refunds": ["<c>"]},
+            [("<a>", "billing", "login", False), ("<b>", "login", "billing", False), ("<c>", "refunds", "refunds", True)],
+            id="several",
+        ),
+    ],
+)
+def test_match_corrections(
+    filed: list[FiledMessage], found: dict[str, list[str]], expected: list[tuple[str, str, str, bool]]
+) -> None:
+    got = match_corrections("acct", filed, found)
+    assert got == [Correction(k, "acct", p, a, u) for k, p, a, u in expected]
+
+
+# -- against a real Dovecot ------------------------------------------------------------------
+
+CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
+
+
+def _mail(n: int, mid: bool = True) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = f"customer{n}@example.com"
+    msg["To"] = "support@example.com"
+    msg["Subject"] = f"question {n}"
+    msg["Date"] = "Mon, 02 Mar 2026 10:00:00 +0000"
+    if mid:
+        msg["Message-ID"] = f"<m{n}@example.com>"
+    msg.set_content(f"Hello, this is question number {n}.\n")
+    return msg.as_bytes()
+
+
+def _config(dovecot: Any, user: str, pw_file: Path, state: Path) -> Config:
+    account = AccountConfig(
+        name="support", host=dovecot.host, port=dovecot.port, tls="none", username=user, password_file=str(pw_file)
+    )
+    return Config(categories=CATEGORIES, unsure_folder="Support/Unsure", state_path=str(state), accounts=(account,))
+
+
+@pytest.mark.component
+def test_scan_finds_move_by_another_client(dovecot: Any, imap_user: tuple[str, str], tmp_path: Path) -> None:
+    from imapclient import IMAPClient
+
+    from mailtriage.imapconn import connect
+    from mailtriage.mailtext import message_key
+    from mailtriage.routing import Decision
+    from mailtriage.state import StateDB
+    from tests.dovecot import load_messages
+
+    user, password = imap_user
+    (tmp_path / "pw").write_text(password)
+    config = _config(dovecot, user, tmp_path / "pw", tmp_path / "state.sqlite3")
+    state = StateDB(config.state_path)
+    raws = {n: _mail(n, mid=(n != 3)) for n in (1, 2, 3, 4)}
+    # What the daemon did: 1 -> billing, 2 -> login, 3 (no Message-ID) -> billing, 4 -> unsure.
+    placed = {1: "billing", 2: "login", 3: "billing", 4: None}
+    client: IMAPClient = dovecot.client(user, password)
+    try:
+        for n, label in placed.items():
+            folder = CATEGORIES[label] if label else config.unsure_folder
+            (uid,) = load_messages(client, folder, [raws[n]])
+            decision = Decision(label or "refunds", 0.9 if label else 0.3, label is None, folder)
+            state.record_decision(
+                "support", "INBOX", 1, n, message_key(raws[n]), decision, "move", "v1", False, "done"
+            )
+        for folder in (*CATEGORIES.values(), config.unsure_folder):
+            if not client.folder_exists(folder):
+                client.create_folder(folder)
+    finally:
+        client.logout()
+
+    cache = KeyCache()
+    assert scan_corrections(connect, config, state, cache) == []
+
+    # Staff, in their own mail client: 1 billing -> refunds, 3 billing -> login, 4 unsure -> billing.
+    staff: IMAPClient = dovecot.client(user, password)
+    try:
+        staff.select_folder(CATEGORIES["billing"])
+        by_subject = {
+            data[b"ENVELOPE"].subject.decode(): uid
+            for uid, data in staff.fetch(staff.search(["ALL"]), [b"ENVELOPE"]).items()
+        }
+        staff.move([by_subject["question 1"]], CATEGORIES["refunds"])
+        staff.move([by_subject["question 3"]], CATEGORIES["login"])
+        staff.select_folder(config.unsure_folder)
+        staff.move(staff.search(["ALL"]), CATEGORIES["billing"])
+    finally:
+        staff.logout()
+
+    before = metrics.CORRECTIONS.labels(predicted="billing", actual="refunds")._value.get()
+    found = scan_corrections(connect, config, state, cache)
+    assert sorted((c.key, c.predicted, c.actual, c.was_unsure) for c in found) == sorted(
+        [
+            (message_key(raws[1]), "billing", "refunds", False),
+            (message_key(raws[3]), "billing", "login", False),
+            (message_key(raws[4]), "refunds", "billing", True),
+        ]
+    )
+    assert metrics.CORRECTIONS.labels(predicted="billing", actual="refunds")._value.get() == before + 1
+    # Recorded once: a second scan finds nothing new, and stats count them.
+    assert scan_corrections(connect, config, state, cache) == []
+    stats = state.stats(30)
+    assert stats["corrections"]["total"] == 3
+    assert stats["corrections"]["from_unsure"] == 1
+
+
+@pytest.mark.component
+def test_scan_skips_unreachable_account(tmp_path: Path) -> None:
+    import socket
+
+    from mailtriage.imapconn import connect
+    from mailtriage.state import StateDB
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "pw").write_text("x")
+    account = AccountConfig(
+        name="gone", host="127.0.0.1", port=port, tls="none", username="u", password_file=str(tmp_path / "pw")
+    )
+    config = Config(categories=CATEGORIES, state_path=str(tmp_path / "s.db"), accounts=(account,))
+    assert scan_corrections(connect, config, StateDB(config.state_path)) == []

@@ -1,0 +1,114 @@
+"""Evaluation numbers: metrics, threshold coverage, the TF-IDF baseline and classifier batching."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from mailtriage.classifier import Prediction
+from mailtriage.errors import TrainingDataError
+from mailtriage_trainer.evaluate import (
+    Baseline,
+    at_threshold,
+    ensemble_probs,
+    evaluate_classifier,
+    metrics,
+    score_probs,
+)
+from mailtriage_trainer.sources import Example
+
+pytestmark = pytest.mark.pure
+
+
+def test_metrics_known_values() -> None:
+    y_true = ["a", "a", "a", "b", "b", "c"]
+    y_pred = ["a", "a", "b", "b", "b", "a"]
+    m = metrics(y_true, y_pred, ["a", "b", "c"])
+    assert m["n"] == 6
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["per_class"]["a"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
+    assert m["per_class"]["b"]["precision"] == pytest.approx(2 / 3)
+    assert m["per_class"]["b"]["recall"] == 1.0
+    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 0.0) / 3)
+    assert m["confusion"] == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
+
+
+def test_macro_f1_skips_labels_absent_from_truth_and_predictions() -> None:
+    m = metrics(["a", "b"], ["a", "b"], ["a", "b", "never"])
+    assert m["macro_f1"] == 1.0
+
+
+def test_metrics_refuses_unknown_labels() -> None:
+    with pytest.raises(TrainingDataError, match="zzz"):
+        metrics(["a"], ["zzz"], ["a", "b"])
+
+
+def test_at_threshold() -> None:
+    t = at_threshold(["a", "b", "a", "b"], ["a", "a", "a", "b"], [0.9, 0.8, 0.4, 0.7], 0.75)
+    assert t == {"threshold": 0.75, "n_covered": 2, "coverage": 0.5, "accuracy_on_covered": 0.5}
+    assert at_threshold(["a"], ["a"], [0.1], 0.5)["accuracy_on_covered"] == 0.0
+
+
+def test_score_probs_argmax_and_threshold_table() -> None:
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.55, 0.45]])
+    r = score_probs(["a", "b", "b"], probs, ["a", "b"], thresholds=[0.0, 0.6])
+    assert r["accuracy"] == pytest.approx(2 / 3)
+    assert [t["coverage"] for t in r["thresholds"]] == [1.0, pytest.approx(2 / 3)]
+    assert r["thresholds"][1]["accuracy_on_covered"] == 1.0
+
+
+TEXTS = {
+    "billing": ["invoice amount wrong", "invoice charged twice", "copy of my invoice", "invoice vat number",
+                "invoice total wrong", "send invoice please"],
+    "login": ["cannot login password", "password reset broken", "login locked out", "forgot password login",
+              "login error password", "password expired login"],
+}
+
+
+def test_baseline_learns_keywords_and_orders_columns_by_labels() -> None:
+    texts = [t for label in TEXTS for t in TEXTS[label]]
+    y = [label for label in TEXTS for _ in TEXTS[label]]
+    labels = ["login", "billing", "refunds"]  # a label without training examples keeps probability 0
+    model = Baseline(labels, seed=0).fit(texts, y)
+    p = model.predict_proba(["my invoice is wrong", "the password does not work"])
+    assert p.shape == (2, 3)
+    assert p[0].argmax() == 1 and p[1].argmax() == 0
+    assert np.allclose(p[:, 2], 0.0) and np.allclose(p.sum(axis=1), 1.0)
+    assert np.allclose(ensemble_probs(p, p), p)
+
+
+class FakeClassifier:
+    """A keyword classifier standing in for the torch one (pure logic under test is the batching)."""
+
+    labels = ("billing", "login")
+    version = "fake"
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def classify(self, texts: Sequence[str]) -> list[Prediction]:
+        self.batches.append(len(texts))
+        out = []
+        for t in texts:
+            label = "billing" if "invoice" in t else "login"
+            scores = {"billing": 0.8 if label == "billing" else 0.2}
+            scores["login"] = 1 - scores["billing"]
+            out.append(Prediction(label, max(scores.values()), scores))
+        return out
+
+
+def test_evaluate_classifier_batches_and_scores() -> None:
+    examples = [Example(t, label, t, None, "x") for label in TEXTS for t in TEXTS[label]]
+    clf = FakeClassifier()
+    r = evaluate_classifier(clf, examples, batch_size=5, progress=False)
+    assert clf.batches == [5, 5, 2]
+    assert r["accuracy"] == 1.0 and r["n"] == 12
+    assert {"n", "accuracy", "macro_f1", "per_class"} <= set(r)
+
+
+def test_evaluate_classifier_refuses_labels_the_model_lacks() -> None:
+    with pytest.raises(TrainingDataError, match="refunds"):
+        evaluate_classifier(FakeClassifier(), [Example("x", "refunds", "k", None, "s")], progress=False)

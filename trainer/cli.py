@@ -1,0 +1,529 @@
+"""`mailtriage-train`: harvest, dedupe, split, fine-tune, evaluate, gate, promote; and `eval`.
+
+Usage:
+    mailtriage-train [train] [--config FILE] [--data SOURCE] [--base MODEL] [--model-dir DIR]
+                     [--epochs N] [--threshold T] [--force] [--dry-run] ...
+    mailtriage-train eval --data SOURCE --model PATH [--json]
+
+Exit codes (a cron job or systemd timer can tell them apart):
+    0   trained and promoted (or --dry-run / eval finished)
+    3   trained, but the gate refused to promote: the new version scored a lower macro-F1 than the
+        current one on the same held-out mail. The version and its report are kept for a look;
+        nothing is broken, so a systemd unit may list 3 in SuccessExitStatus=.
+    2   a MailtriageError: bad config or flags, unusable data, unreachable IMAP, unloadable model
+    130 interrupted
+    1   an unexpected crash (traceback on stderr)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from mailtriage.errors import ConfigError, MailtriageError, ModelError
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_CONFIG = "/etc/mailtriage/config.toml"
+EXIT_PROMOTED = 0
+EXIT_ERROR = 2
+EXIT_NOT_PROMOTED = 3
+# Share of the training split set aside for early stopping; the holdout stays untouched until the end.
+VALIDATION_FRACTION = 0.1
+TRAIN_KEYS_FILE = "train_keys.txt"
+LOCK_FILE = ".train.lock"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    command = "train"
+    if args_list and args_list[0] in ("train", "eval"):
+        command = args_list.pop(0)
+    parser = build_eval_parser() if command == "eval" else build_train_parser()
+    args = parser.parse_args(args_list)
+    _configure_logging(args.log_level)
+    try:
+        return cmd_eval(args) if command == "eval" else cmd_train(args)
+    except MailtriageError as exc:
+        print(f"mailtriage-train {command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"mailtriage-train {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---- argument parsing ------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help=f"TOML config (default: $MAILTRIAGE_CONFIG, else {DEFAULT_CONFIG} when it exists); "
+                        "flags override it; without one, the flags must say everything")
+    p.add_argument("--data", metavar="SOURCE",
+                   help="a directory with one sub-folder per category of raw messages, a Maildir, a "
+                        "directory of <label>.mbox, an mbox with X-Mailtriage-Label headers, a .tar.gz of "
+                        "a folder tree, or .csv/.jsonl with text,label columns")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="default: model.device or auto")
+    p.add_argument("--max-length", type=int, metavar="N", help="tokens per message (default: model.max_length)")
+    p.add_argument("--threshold", type=float, metavar="T",
+                   help="confidence threshold to report coverage for (default: model.threshold or 0.6)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mailtriage-train",
+        description="Harvest folder-sorted mail, fine-tune a LoRA adapter into a new version under the "
+                    "model directory, evaluate it on the newest held-out mail next to a TF-IDF baseline, "
+                    "and promote it only if its macro-F1 is not below the current version's on the same "
+                    "held-out mail. 'mailtriage-train eval --help' scores a model on a data set.",
+        epilog="exit codes: 0 promoted (or --dry-run), 3 trained but not promoted by the gate, "
+               "2 error (config, data, IMAP, model), 130 interrupted",
+    )
+    _common(p)
+    p.add_argument("--account", metavar="NAME", help="account to harvest from (default: the first)")
+    p.add_argument("--base", metavar="MODEL", help="base model folder or name (default: training.base_model)")
+    p.add_argument("--model-dir", metavar="DIR", help="versioned model directory (default: training.model_dir)")
+    p.add_argument("--epochs", type=int, metavar="N")
+    p.add_argument("--learning-rate", type=float, metavar="LR")
+    p.add_argument("--batch-size", type=int, metavar="N")
+    p.add_argument("--lora-r", type=int, metavar="R")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--holdout-fraction", type=float, metavar="F")
+    p.add_argument("--min-examples", type=int, metavar="N", help="per class (default: training.min_examples_per_class)")
+    p.add_argument("--force", action="store_true", help="promote even when the gate would refuse")
+    p.add_argument("--dry-run", action="store_true",
+                   help="harvest, dedupe, check and split, print the data summary; train nothing")
+    return p
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mailtriage-train eval",
+        description="Score a model version on labelled data; --json prints one JSON object "
+                    '{"n", "accuracy", "macro_f1", "per_class", ...} on stdout.',
+    )
+    _common(p)
+    p.add_argument("--model", metavar="PATH", help="MODEL_DIR, MODEL_DIR/current or a version (default: model.path)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="inference batch (default: model.batch_size)")
+    p.add_argument("--json", action="store_true", help="machine-readable metrics on stdout")
+    return p
+
+
+# ---- train ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    data: str | None
+    base: str
+    model_dir: Path | None
+    threshold: float
+    holdout_fraction: float
+    min_examples: int
+    seed: int
+    epochs: int
+    learning_rate: float
+    batch_size: int
+    lora_r: int
+    max_length: int
+    device: str
+
+
+def _settings(args: argparse.Namespace, cfg: Any) -> _Settings:
+    from mailtriage.config import ModelConfig, TrainingConfig
+
+    tc = cfg.training if cfg is not None else TrainingConfig()
+    mc = cfg.model if cfg is not None else ModelConfig()
+
+    def pick(flag: Any, default: Any) -> Any:
+        return default if flag is None else flag
+
+    model_dir = args.model_dir or (tc.model_dir if cfg is not None else None)
+    s = _Settings(
+        data=args.data,
+        base=args.base or tc.base_model,
+        model_dir=Path(model_dir).expanduser() if model_dir else None,
+        threshold=pick(args.threshold, mc.threshold),
+        holdout_fraction=pick(args.holdout_fraction, tc.holdout_fraction),
+        min_examples=pick(args.min_examples, tc.min_examples_per_class),
+        seed=pick(args.seed, tc.seed),
+        epochs=pick(args.epochs, tc.epochs),
+        learning_rate=pick(args.learning_rate, tc.learning_rate),
+        batch_size=pick(args.batch_size, tc.batch_size),
+        lora_r=pick(args.lora_r, tc.lora_r),
+        max_length=pick(args.max_length, mc.max_length),
+        device=pick(args.device, mc.device),
+    )
+    if not 0.0 <= s.threshold <= 1.0:
+        raise ConfigError(f"--threshold {s.threshold!r} is outside 0..1")
+    if not 0.0 < s.holdout_fraction < 1.0:
+        raise ConfigError(f"--holdout-fraction {s.holdout_fraction!r}: expected a number between 0 and 1 (0.2 is usual)")
+    for name in ("min_examples", "epochs", "batch_size", "lora_r", "max_length"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(s, name)!r}: must be a positive number")
+    return s
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mailtriage import modeldir
+    from mailtriage_trainer import dataset, sources
+
+    cfg = _load_optional_config(args.config)
+    s = _settings(args, cfg)
+    if not args.dry_run:
+        if not s.base:
+            raise ConfigError("no base model: pass --base MODEL (a local model folder, or all-MiniLM-L6-v2) "
+                              "or set training.base_model in the config")
+        if s.model_dir is None:
+            raise ConfigError("no model directory: pass --model-dir DIR or --config with training.model_dir")
+    progress = sys.stderr.isatty()
+
+    # 1. harvest
+    if s.data:
+        examples = sources.load_source(s.data, categories=cfg.categories if cfg else None, progress=None)
+        source_name = str(s.data)
+    elif cfg is not None:
+        examples = sources.load_imap(cfg, account=args.account, progress=None)
+        source_name = "imap:" + (args.account or (cfg.accounts[0].name if cfg.accounts else "?"))
+    else:
+        raise ConfigError("no training data: pass --data SOURCE, or --config with [categories] and "
+                          "[[accounts]] to harvest the category folders over IMAP")
+    loaded = len(examples)
+
+    # 2. hygiene and split
+    examples, dropped = dataset.dedupe(examples)
+    labels = list(cfg.labels) if cfg is not None else sources.labels_of(examples)
+    dataset.check_min_examples(examples, s.min_examples, labels)
+    train_all, holdout = dataset.split(examples, s.holdout_fraction, s.seed)
+    train, val = dataset.split(train_all, VALIDATION_FRACTION, s.seed)
+    data_info: dict[str, Any] = {
+        "source": source_name,
+        "loaded": loaded,
+        "duplicates_dropped": dropped,
+        "split": "time-ordered (newest per class held out)" if dataset.is_time_ordered(examples)
+                 else "stratified random",
+        "all": dataset.summary(examples, labels),
+        "train": dataset.summary(train, labels),
+        "validation": dataset.summary(val, labels),
+        "holdout": dataset.summary(holdout, labels),
+    }
+    if args.dry_run:
+        print(json.dumps({"labels": labels, "data": data_info}, indent=2))
+        return 0
+    assert s.model_dir is not None
+
+    with _exclusive(s.model_dir):
+        version_dir = modeldir.new_version_dir(s.model_dir)
+        log.info("training", version=version_dir.name, base_model=s.base, train=len(train),
+                 validation=len(val), holdout=len(holdout), labels=len(labels))
+        try:
+            params, result = _finetune(s, train, val, labels, version_dir, progress)
+        except BaseException:
+            # An adapter that never finished is no version; leave no half directory behind.
+            shutil.rmtree(version_dir, ignore_errors=True)
+            raise
+        manifest = _base_manifest(version_dir, s, labels, data_info, params, result)
+        modeldir.write_manifest(version_dir, manifest)  # load_classifier reads base_model from it
+        (version_dir / TRAIN_KEYS_FILE).write_text(
+            "".join(_key_digest(e.key) + "\n" for e in sorted(train_all, key=lambda e: e.key)), encoding="utf-8")
+
+        # 3. evaluate on the holdout: model, baseline, ensemble
+        manifest.update(_evaluate_all(s, version_dir, labels, train_all, holdout, progress))
+
+        # 4. the gate
+        gate = _gate(s, cfg, version_dir, labels, holdout, manifest["metrics"], args.force, progress)
+        manifest["gate"] = gate
+        modeldir.write_manifest(version_dir, manifest)
+        from mailtriage_trainer.report import write_report
+
+        report = write_report(version_dir, manifest)
+        if gate["promoted"]:
+            modeldir.promote(s.model_dir, version_dir)
+
+    _print_summary(version_dir, manifest, report)
+    return EXIT_PROMOTED if gate["promoted"] else EXIT_NOT_PROMOTED
+
+
+def _finetune(
+    s: _Settings, train: Sequence[Any], val: Sequence[Any], labels: Sequence[str], out_dir: Path, progress: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    from mailtriage import modeldir
+    from mailtriage.labels import LabelSet
+    from mailtriage_trainer.finetune import TrainParams, finetune
+
+    wanted = {
+        "epochs": s.epochs, "learning_rate": s.learning_rate, "batch_size": s.batch_size,
+        "lora_r": s.lora_r, "max_length": s.max_length, "seed": s.seed, "device": s.device,
+    }
+    known = {f.name for f in dataclasses.fields(TrainParams)}
+    params = TrainParams(**{k: v for k, v in wanted.items() if k in known})
+    result = finetune(
+        modeldir.resolve_base_model(s.base),
+        [(e.text, e.label) for e in train],
+        [(e.text, e.label) for e in val],
+        LabelSet(tuple(labels)),
+        out_dir,
+        params,
+        progress=progress,
+    )
+    res = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else dict(vars(result))
+    return dataclasses.asdict(params), res
+
+
+def _base_manifest(
+    version_dir: Path, s: _Settings, labels: Sequence[str], data: dict[str, Any],
+    params: dict[str, Any], training: dict[str, Any],
+) -> dict[str, Any]:
+    from mailtriage import modeldir
+    from mailtriage.mailtext import MAILTEXT_VERSION
+
+    manifest: dict[str, Any] = {}
+    if (version_dir / modeldir.MANIFEST_FILE).is_file():  # finetune may have recorded its own facts
+        manifest = modeldir.read_manifest(version_dir)
+    manifest.update({
+        "version": version_dir.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "base_model": modeldir.base_model_name(s.base),
+        "mailtext_version": MAILTEXT_VERSION,
+        "labels": list(labels),
+        "threshold": s.threshold,
+        "data": data,
+        "params": params,
+        "training": training,
+    })
+    return manifest
+
+
+def _evaluate_all(
+    s: _Settings, version_dir: Path, labels: Sequence[str], train_all: Sequence[Any], holdout: Sequence[Any],
+    progress: bool,
+) -> dict[str, Any]:
+    from mailtriage.model import load_classifier
+    from mailtriage_trainer.evaluate import (
+        DEFAULT_THRESHOLDS, Baseline, classifier_probs, ensemble_probs, score_probs,
+    )
+
+    thresholds = (*DEFAULT_THRESHOLDS, s.threshold)
+    texts = [e.text for e in holdout]
+    y = [e.label for e in holdout]
+    # Load the saved adapter the way the daemon will: this also proves the version directory is complete.
+    clf = load_classifier(version_dir, device=s.device, batch_size=s.batch_size, max_length=s.max_length,
+                          expected_labels=labels)
+    model_p = classifier_probs(clf, texts, labels, batch_size=max(s.batch_size, 32), progress=progress)
+    del clf
+    baseline = Baseline(labels, seed=s.seed).fit([e.text for e in train_all], [e.label for e in train_all])
+    base_p = baseline.predict_proba(texts)
+    out = {
+        "metrics": score_probs(y, model_p, labels, thresholds),
+        "baseline_metrics": score_probs(y, base_p, labels, thresholds),
+        "ensemble_metrics": score_probs(y, ensemble_probs(model_p, base_p), labels, thresholds),
+    }
+    log.info("evaluated", holdout=len(holdout),
+             **{k.replace("_metrics", ""): round(v["macro_f1"], 4) for k, v in out.items()})
+    return out
+
+
+def _gate(
+    s: _Settings, cfg: Any, version_dir: Path, labels: Sequence[str], holdout: Sequence[Any],
+    new_metrics: dict[str, Any], force: bool, progress: bool,
+) -> dict[str, Any]:
+    """Promote only if the new macro-F1 >= the current version's on the same held-out mail."""
+    from mailtriage import modeldir
+    from mailtriage.labels import LabelSet
+
+    assert s.model_dir is not None
+    current = modeldir.current_version(s.model_dir)
+    gate: dict[str, Any] = {"current_version": current.name if current else None, "new_macro_f1": new_metrics["macro_f1"]}
+
+    def decide(promoted: bool, reason: str, decision: str | None = None) -> dict[str, Any]:
+        if not promoted and force:
+            promoted, decision, reason = True, "forced", reason + " Promoted anyway because of --force."
+        gate.update(promoted=promoted, decision=decision or ("promoted" if promoted else "refused"), reason=reason)
+        log.info("gate", **{k: v for k, v in gate.items() if k != "current_metrics"})
+        return gate
+
+    if current is None:
+        return decide(True, "No version was promoted before; this one becomes current.")
+    if current == version_dir.resolve():
+        return decide(True, "This version is already current.")
+    try:
+        current_labels = LabelSet.load(current).labels
+    except ModelError as exc:
+        return decide(True, f"The current version {current.name} cannot be read ({exc}); replacing it.")
+    if set(current_labels) != set(labels):
+        change = (f"labels {sorted(current_labels)} -> {sorted(labels)}")
+        if cfg is not None:
+            # The config names the categories the daemon serves; an old label set cannot be served anyway.
+            return decide(True, f"The current version {current.name} has another label set ({change}) that no "
+                                "longer matches the config; the two are not comparable, so the new one replaces it.")
+        return decide(False, f"The current version {current.name} has another label set ({change}); without a "
+                             "config saying which set is right, the gate keeps the current one. Pass --force to "
+                             "replace it, or --config so the configured categories decide.")
+
+    # Compare on held-out mail the current version never trained on, when it says what it trained on.
+    subset = list(holdout)
+    note = ""
+    keys_file = current / TRAIN_KEYS_FILE
+    if keys_file.is_file():
+        seen = set(keys_file.read_text(encoding="utf-8").split())
+        unseen = [e for e in holdout if _key_digest(e.key) not in seen]
+        if len(unseen) < len(holdout) and len({e.label for e in unseen}) == len({e.label for e in holdout}):
+            subset = unseen
+            note = (f" Compared on the {len(unseen)} of {len(holdout)} held-out messages that "
+                    f"{current.name} did not train on.")
+    try:
+        current_metrics = _score_version(current, s, labels, subset, progress)
+    except ModelError as exc:
+        return decide(True, f"The current version {current.name} cannot be loaded ({exc}); replacing it.")
+    new_f1 = new_metrics["macro_f1"]
+    if len(subset) != len(holdout):
+        new_f1 = _score_version(version_dir, s, labels, subset, progress)["macro_f1"]
+    cur_f1 = current_metrics["macro_f1"]
+    gate.update(current_macro_f1=cur_f1, new_macro_f1_compared=new_f1, compared_on=len(subset),
+                current_metrics=current_metrics)
+    # A tiny tolerance so a re-run that reproduces the same model is not refused on float noise.
+    if new_f1 >= cur_f1 - 1e-9:
+        return decide(True, f"Macro-F1 {new_f1:.4f} >= current version {current.name}'s {cur_f1:.4f} on the "
+                            f"same held-out mail.{note}")
+    return decide(False, f"Macro-F1 {new_f1:.4f} < current version {current.name}'s {cur_f1:.4f} on the same "
+                         f"held-out mail, so {current.name} stays current.{note} This version and its "
+                         "report are kept; promote it with --force if that is intended.")
+
+
+def _score_version(path: Path, s: _Settings, labels: Sequence[str], examples: Sequence[Any], progress: bool) -> dict[str, Any]:
+    from mailtriage.model import load_classifier
+    from mailtriage_trainer.evaluate import DEFAULT_THRESHOLDS, classifier_probs, score_probs
+
+    clf = load_classifier(path, device=s.device, batch_size=s.batch_size, max_length=s.max_length,
+                          expected_labels=labels)
+    probs = classifier_probs(clf, [e.text for e in examples], labels, batch_size=max(s.batch_size, 32),
+                             progress=progress)
+    return score_probs([e.label for e in examples], probs, labels, (*DEFAULT_THRESHOLDS, s.threshold))
+
+
+def _print_summary(version_dir: Path, manifest: dict[str, Any], report: Path) -> None:
+    m, b, e = manifest["metrics"], manifest["baseline_metrics"], manifest["ensemble_metrics"]
+    gate = manifest["gate"]
+    print(f"version {version_dir.name}: accuracy {m['accuracy']:.1%}, macro-F1 {m['macro_f1']:.3f} "
+          f"on {m['n']} held-out messages (baseline {b['macro_f1']:.3f}, ensemble {e['macro_f1']:.3f})")
+    if gate["promoted"]:
+        print(f"PROMOTED: {gate['reason']}")
+    else:
+        print(f"NOT PROMOTED: {gate['reason']}")
+    print(f"report: {report}")
+
+
+def _key_digest(key: str) -> str:
+    return hashlib.sha1(key.encode("utf-8", "replace")).hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def _exclusive(model_dir: Path) -> Iterator[None]:
+    """One training per model directory: a cron run and a daemon-started run must not race."""
+    import fcntl
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with open(model_dir / LOCK_FILE, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise MailtriageError(
+                f"another mailtriage-train (pid {holder}) is training into {str(model_dir)!r}; wait for it "
+                "to finish"
+            ) from exc
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# ---- eval ----------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mailtriage.model import load_classifier
+    from mailtriage_trainer import dataset, sources
+    from mailtriage_trainer.evaluate import DEFAULT_THRESHOLDS, brief, evaluate_classifier
+
+    cfg = _load_optional_config(args.config)
+    model_path = args.model or (cfg.model.path if cfg is not None else None)
+    if not model_path:
+        raise ConfigError("no model given: pass --model PATH (a model directory or version) or --config with model.path")
+    if not args.data:
+        raise ConfigError("no evaluation data: pass --data SOURCE (same formats as training)")
+    threshold = args.threshold if args.threshold is not None else (cfg.model.threshold if cfg else 0.6)
+    clf = load_classifier(
+        model_path,
+        device=args.device or (cfg.model.device if cfg else "auto"),
+        batch_size=args.batch_size or (cfg.model.batch_size if cfg else 16),
+        max_length=args.max_length or (cfg.model.max_length if cfg else 256),
+        expected_labels=list(cfg.labels) if cfg is not None else None,
+    )
+    examples = sources.load_source(args.data, categories=cfg.categories if cfg else None, progress=None)
+    examples, _ = dataset.dedupe(examples)
+    result = evaluate_classifier(clf, examples, thresholds=(*DEFAULT_THRESHOLDS, threshold))
+    if args.json:
+        out = brief(result)
+        out.update(model=clf.version, confusion=result["confusion"],
+                   coverage=next(t for t in result["thresholds"] if t["threshold"] == threshold))
+        print(json.dumps(out))
+        return 0
+    print(f"model {clf.version} on {result['n']} messages from {args.data}")
+    print(f"accuracy {result['accuracy']:.1%}   macro-F1 {result['macro_f1']:.3f}")
+    width = max(len(label) for label in result["per_class"])
+    print(f"{'label':<{width}}  precision  recall     f1  support")
+    for label, pc in result["per_class"].items():
+        print(f"{label:<{width}}  {pc['precision']:9.3f}  {pc['recall']:6.3f}  {pc['f1']:5.3f}  {pc['support']:7d}")
+    for t in result["thresholds"]:
+        print(f"threshold {t['threshold']:<4g}: coverage {t['coverage']:6.1%}, accuracy on covered "
+              f"{t['accuracy_on_covered']:6.1%}")
+    return 0
+
+
+# ---- shared --------------------------------------------------------------------------------
+
+
+def _load_optional_config(path: str | None) -> Any:
+    """The config when one is named (flag or $MAILTRIAGE_CONFIG) or the default file exists; else None."""
+    from mailtriage.config import load_config
+
+    named = path or os.environ.get("MAILTRIAGE_CONFIG")
+    if named:
+        return load_config(named)
+    if Path(DEFAULT_CONFIG).is_file():
+        return load_config(DEFAULT_CONFIG)
+    return None
+
+
+def _configure_logging(level: str) -> None:
+    try:
+        from mailtriage.logs import configure_logging
+    except ImportError:  # the daemon's logging module is optional for the trainer
+        import logging
+
+        logging.basicConfig(level=level.upper(), stream=sys.stderr)
+        return
+    configure_logging(level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Turn a version's manifest into what a person reads: report.md and confusion.png.
+
+The report is rendered from the manifest alone, so it can never disagree with the numbers the
+gate used, and can be re-rendered from any old version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPORT_FILE = "report.md"
+CONFUSION_FILE = "confusion.png"
+
+
+def write_report(version_dir: Path, manifest: dict[str, Any]) -> Path:
+    """Write report.md (and confusion.png when the manifest has a confusion matrix); returns the report."""
+    version_dir = Path(version_dir)
+    model = manifest.get("metrics") or {}
+    if model.get("confusion"):
+        title = (
+            f"{manifest.get('version', version_dir.name)}: accuracy {_pct(model['accuracy'])}, "
+            f"macro-F1 {model['macro_f1']:.3f} (n={model['n']})"
+        )
+        plot_confusion(model["confusion"], model["labels"], version_dir / CONFUSION_FILE, title)
+    path = version_dir / REPORT_FILE
+    path.write_text(render_markdown(manifest, confusion_png=(version_dir / CONFUSION_FILE).is_file()),
+                    encoding="utf-8")
+    return path
+
+
+def render_markdown(manifest: dict[str, Any], confusion_png: bool = True) -> str:
+    m = manifest
+    model: dict[str, Any] = m.get("metrics") or {}
+    baseline: dict[str, Any] = m.get("baseline_metrics") or {}
+    ensemble: dict[str, Any] = m.get("ensemble_metrics") or {}
+    gate: dict[str, Any] = m.get("gate") or {}
+    data: dict[str, Any] = m.get("data") or {}
+    threshold = m.get("threshold")
+    out: list[str] = []
+    add = out.append
+
+    add(f"# mailtriage model {m.get('version', '?')}")
+    add("")
+    if gate:
+        add(f"**{_gate_headline(gate)}**")
+        add("")
+    add(f"- created: {m.get('created', '?')}")
+    add(f"- base model: `{m.get('base_model', '?')}`")
+    add(f"- mail-text version: {m.get('mailtext_version', '?')}")
+    add(f"- labels ({len(m.get('labels', []))}): {', '.join(m.get('labels', []))}")
+    add("")
+
+    if gate:
+        add("## Gate")
+        add("")
+        add(gate.get("reason", ""))
+        add("")
+
+    if model:
+        add("## Held-out results")
+        add("")
+        n_holdout = model.get("n", 0)
+        add(f"Measured on {n_holdout} held-out messages"
+            + (f" ({data.get('split')} split)" if data.get("split") else "")
+            + "; the gate compares macro-F1 (the mean of per-class F1, so small classes count as much as big ones).")
+        add("")
+        thr_head = f" | coverage @ {threshold:g} | accuracy on covered" if threshold is not None else ""
+        add("| | accuracy | macro-F1" + thr_head + " |")
+        add("|---|---:|---:" + ("|---:|---:" if threshold is not None else "") + "|")
+        rows: list[tuple[str, dict[str, Any]]] = [("fine-tuned model (this version)", model)]
+        if baseline:
+            rows.append(("TF-IDF + logistic regression baseline", baseline))
+        if ensemble:
+            rows.append(("ensemble (mean of model and baseline)", ensemble))
+        current = gate.get("current_metrics")
+        if current:
+            rows.append((f"current version {gate.get('current_version')}", current))
+        for name, r in rows:
+            line = f"| {name} | {_pct(r['accuracy'])} | {r['macro_f1']:.3f}"
+            if threshold is not None:
+                t = _threshold_row(r, threshold)
+                line += f" | {_pct(t['coverage'])} | {_pct(t['accuracy_on_covered'])}" if t else " | | "
+            add(line + " |")
+        add("")
+        if ensemble and baseline:
+            best = max(rows[:3], key=lambda nr: nr[1]["macro_f1"])
+            add(f"Best on held-out by macro-F1: {best[0]}."
+                + (" The ensemble is reported only; the daemon serves the fine-tuned model."
+                   if best[1] is ensemble else ""))
+            add("")
+
+        add("## Per class (fine-tuned model)")
+        add("")
+        has_base = bool(baseline.get("per_class"))
+        add("| label | precision | recall | F1 | support" + (" | baseline F1" if has_base else "") + " |")
+        add("|---|---:|---:|---:|---:" + ("|---:" if has_base else "") + "|")
+        for label, pc in model["per_class"].items():
+            line = (f"| {_cell(label)} | {pc['precision']:.3f} | {pc['recall']:.3f} | {pc['f1']:.3f} "
+                    f"| {pc['support']}")
+            if has_base:
+                b = baseline["per_class"].get(label)
+                line += f" | {b['f1']:.3f}" if b else " | "
+            add(line + " |")
+        add("")
+
+        pairs = _confused_pairs(model)
+        if pairs:
+            add("Most frequent confusions (true -> predicted): "
+                + "; ".join(f"{_cell(t)} -> {_cell(p)} ({n})" for t, p, n in pairs) + ".")
+            add("")
+
+        if model.get("thresholds"):
+            add("## Confidence threshold")
+            add("")
+            add("Below the threshold a message goes to the unsure folder instead of a category. "
+                "Coverage is the share filed automatically; accuracy is measured on that share.")
+            add("")
+            add("| threshold | coverage | accuracy on covered | filed |")
+            add("|---:|---:|---:|---:|")
+            for t in model["thresholds"]:
+                mark = " (configured)" if threshold is not None and abs(t["threshold"] - threshold) < 1e-9 else ""
+                add(f"| {t['threshold']:g}{mark} | {_pct(t['coverage'])} | {_pct(t['accuracy_on_covered'])} "
+                    f"| {t['n_covered']} |")
+            add("")
+
+    if data:
+        add("## Data")
+        add("")
+        add(f"- source: `{data.get('source', '?')}`")
+        if "loaded" in data:
+            add(f"- loaded {data['loaded']} examples, dropped {data.get('duplicates_dropped', 0)} duplicates")
+        if data.get("split"):
+            add(f"- split: {data['split']}")
+        whole = data.get("all") or {}
+        if whole.get("date_min"):
+            add(f"- dates: {whole['date_min']} .. {whole['date_max']} ({whole.get('dated', 0)} dated)")
+        parts = [(name, data[name]) for name in ("train", "validation", "holdout") if data.get(name)]
+        if whole.get("per_class"):
+            add("")
+            add("| label | all | " + " | ".join(name for name, _ in parts) + " |")
+            add("|---|---:|" + "---:|" * len(parts))
+            for label, n in whole["per_class"].items():
+                add(f"| {_cell(label)} | {n} | "
+                    + " | ".join(str(p.get("per_class", {}).get(label, 0)) for _, p in parts) + " |")
+        add("")
+
+    training = m.get("training") or {}
+    params = m.get("params") or {}
+    if training or params:
+        add("## Training")
+        add("")
+        for key in ("best_epoch", "val_accuracy", "val_macro_f1", "steps", "train_seconds", "peak_rss_mb"):
+            if training.get(key) is not None:
+                value = training[key]
+                add(f"- {key.replace('_', ' ')}: {value:.3f}" if isinstance(value, float) else
+                    f"- {key.replace('_', ' ')}: {value}")
+        if params:
+            add("- parameters: " + ", ".join(f"{k}={v}" for k, v in params.items()))
+        add("")
+
+    if confusion_png and model:
+        add("## Confusion matrix")
+        add("")
+        add(f"![confusion matrix, rows normalized]({CONFUSION_FILE})")
+        add("")
+    return "\n".join(out)
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str], path: Path, title: str) -> None:
+    """Row-normalized confusion matrix (each row: where mail of that true class went)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a server; must precede pyplot
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(confusion, dtype=float)
+    rows = counts.sum(axis=1, keepdims=True)
+    norm = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    k = len(labels)
+    size = max(5.0, 0.45 * k + 3.0)
+    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    try:
+        im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
+        ax.set_xticks(range(k))
+        ax.set_yticks(range(k))
+        short = [label if len(label) <= 28 else label[:26] + "…" for label in labels]
+        ax.set_xticklabels(short, rotation=45, ha="right", fontsize=8 if k > 12 else 10)
+        ax.set_yticklabels([f"{s} ({int(n)})" for s, n in zip(short, rows[:, 0], strict=True)],
+                           fontsize=8 if k > 12 else 10)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true (support)")
+        ax.set_title(title, fontsize=10)
+        if k <= 25:
+            for i in range(k):
+                for j in range(k):
+                    if counts[i, j]:
+                        ax.text(j, i, f"{norm[i, j]:.2f}".lstrip("0") if norm[i, j] < 1 else "1",
+                                ha="center", va="center", fontsize=7 if k > 12 else 9,
+                                color="white" if norm[i, j] > 0.5 else "black")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def _gate_headline(gate: dict[str, Any]) -> str:
+    if gate.get("promoted"):
+        return "Promoted to current" + (" (forced)" if gate.get("decision") == "forced" else "") + "."
+    if gate.get("decision") == "dry-run":
+        return "Not promoted: evaluation only."
+    return "Not promoted: the gate refused this version."
+
+
+def _threshold_row(result: dict[str, Any], threshold: float) -> dict[str, Any] | None:
+    for t in result.get("thresholds") or []:
+        if abs(t["threshold"] - threshold) < 1e-9:
+            return t
+    return None
+
+
+def _confused_pairs(result: dict[str, Any], top: int = 5) -> list[tuple[str, str, int]]:
+    labels = result.get("labels") or []
+    pairs = [
+        (labels[i], labels[j], n)
+        for i, row in enumerate(result.get("confusion") or [])
+        for j, n in enumerate(row)
+        if i != j and n
+    ]
+    return sorted(pairs, key=lambda p: -p[2])[:top]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|")

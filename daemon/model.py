@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,15 +73,18 @@ def autocast(device: str) -> contextlib.AbstractContextManager[Any]:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Hide transformers' load report ("classifier.weight MISSING": expected, the adapter brings the
-    head) and its weight-loading progress bars, which would only clutter the daemon's log."""
+    head), its weight-loading progress bars and peft's use of a deprecated transformers name, which
+    would only clutter the daemon's log."""
     verbosity = hf_logging.get_verbosity()
     bars_were_disabled = hf_logging.is_progress_bar_enabled() is False
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if not bars_were_disabled:
@@ -102,7 +106,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         with contextlib.suppress(OSError, ValueError):
             tokenizer_class = json.loads(config_file.read_text(encoding="utf-8")).get("tokenizer_class")
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             if tokenizer_class in ("PreTrainedTokenizerFast", "TokenizersBackend"):
                 tokenizer = PreTrainedTokenizerFast.from_pretrained(location)
             else:
@@ -125,7 +129,7 @@ def load_base_model(
     """The base model with a fresh classification head of exactly ``labels``, ready for a LoRA adapter."""
     location = modeldir.resolve_base_model(base)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return AutoModelForSequenceClassification.from_pretrained(
                 location,
                 num_labels=len(labels.labels),
@@ -156,7 +160,10 @@ def default_target_modules(model: torch.nn.Module) -> list[str]:
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[list[int]]:
     """Token ids per text, truncated to ``max_length``; padding happens per batch (dynamic padding)."""
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
-    return [list(ids) for ids in encoded["input_ids"]]
+    # Decoder tokenizers add no special tokens, so an empty text would be an empty row, which the
+    # model cannot take; one EOS (or pad) token gives it a defined, if uninformative, input.
+    filler = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id]
+    return [list(ids) or filler for ids in encoded["input_ids"]]
 
 
 def collate(tokenizer: PreTrainedTokenizerBase, rows: Sequence[list[int]], device: str) -> dict[str, torch.Tensor]:
@@ -253,7 +260,7 @@ def load_classifier(
     tokenizer = load_tokenizer(version_dir if (version_dir / "tokenizer_config.json").is_file() else base)
     model = load_base_model(base, labels, tokenizer, dtype)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model = PeftModel.from_pretrained(model, str(version_dir), is_trainable=False)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelError(

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from mailtriage import metrics
-from mailtriage.config import AccountConfig, Config
+from mailtriage.config import AccountConfig, Config, ModelConfig
 from mailtriage.corrections import Correction, FiledMessage, KeyCache, match_corrections, scan_corrections
 
 F = FiledMessage
@@ -175,3 +175,84 @@ def test_scan_skips_unreachable_account(tmp_path: Path) -> None:
     )
     config = Config(categories=CATEGORIES, state_path=str(tmp_path / "s.db"), accounts=(account,))
     assert scan_corrections(connect, config, StateDB(config.state_path)) == []
+
+
+# -- mailtriage stats over the same state ------------------------------------------------------
+
+
+def _decide(state: Any, uid: int, key: str, label: str, unsure: bool = False, dry_run: bool = False) -> None:
+    from mailtriage.routing import Decision
+
+    folder = "Support/Unsure" if unsure else CATEGORIES[label]
+    state.record_decision(
+        "support", "INBOX", 1, uid, key, Decision(label, 0.4 if unsure else 0.9, unsure, folder),
+        "move", "v1", dry_run, "done",
+    )
+
+
+@pytest.mark.pure
+def test_stats_table_and_json(tmp_path: Path) -> None:
+    import io
+    import json
+
+    from mailtriage.state import StateDB
+    from mailtriage.stats import print_stats
+
+    config = Config(
+        categories=CATEGORIES, state_path=str(tmp_path / "state.sqlite3"), model=ModelConfig(path=str(tmp_path / "none"))
+    )
+    state = StateDB(config.state_path)
+    for uid, (label, unsure) in enumerate(
+        [("billing", False), ("billing", False), ("billing", False), ("billing", False), ("login", False), ("refunds", True)],
+        start=1,
+    ):
+        _decide(state, uid, f"<k{uid}>", label, unsure)
+    _decide(state, 7, "<k7>", "login", dry_run=True)
+    state.record_correction("<k1>", "support", "billing", "refunds", False)
+    state.record_correction("<k6>", "support", "refunds", "login", True)
+
+    out = io.StringIO()
+    assert print_stats(config, window_days=30, as_json=True, out=out) == 0
+    data = json.loads(out.getvalue())
+    assert data["totals"]["filed"] == 5 and data["totals"]["unsure"] == 1 and data["totals"]["dry_run"] == 1
+    assert data["accuracy"]["billing"]["accuracy"] == pytest.approx(0.75)
+    assert data["corrections"]["total"] == 2 and data["corrections"]["from_unsure"] == 1
+    # No model at model.path: every example counts. 5 filed (1 of them corrected) + 1 out of unsure.
+    assert data["next_retrain"] == {
+        "since": None, "corrections": 1, "from_unsure": 1, "filed_unchanged": 4, "total": 6,
+    }
+
+    out = io.StringIO()
+    assert print_stats(config, window_days=30, out=out) == 0
+    text = out.getvalue()
+    assert "billing" in text and "75.0%" in text
+    assert "Next retrain: 6 new labelled example(s)" in text
+
+
+@pytest.mark.pure
+def test_stats_without_state_db_creates_nothing(tmp_path: Path) -> None:
+    import io
+
+    from mailtriage.stats import print_stats
+
+    config = Config(categories=CATEGORIES, state_path=str(tmp_path / "missing" / "state.sqlite3"))
+    out = io.StringIO()
+    assert print_stats(config, out=out) == 0
+    assert "no state database yet" in out.getvalue()
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.pure
+def test_next_retrain_counts_only_since_model_creation(tmp_path: Path) -> None:
+    import time
+
+    from mailtriage.state import StateDB
+    from mailtriage.stats import next_retrain_examples
+
+    state = StateDB(tmp_path / "s.db")
+    _decide(state, 1, "<old>", "billing")
+    cutoff = time.time() + 0.001
+    time.sleep(0.01)
+    _decide(state, 2, "<new>", "login")
+    assert next_retrain_examples(state, cutoff)["total"] == 1
+    assert next_retrain_examples(state, None)["total"] == 2

@@ -34,6 +34,7 @@ from mailtriage.model import (
     load_tokenizer,
     pick_device,
     pick_dtype,
+    quiet_transformers,
     tokenize,
 )
 
@@ -110,10 +111,12 @@ def finetune(
         r=params.lora_r,
         lora_alpha=params.lora_alpha,
         lora_dropout=params.lora_dropout,
-        target_modules=params.target_modules or default_target_modules(model),
-        modules_to_save=params.modules_to_save,
+        target_modules=list(params.target_modules or default_target_modules(model)),
+        # a copy: peft appends the head's name to the list it is given
+        modules_to_save=list(params.modules_to_save) if params.modules_to_save else None,
     )
-    model = get_peft_model(model, lora)
+    with quiet_transformers():
+        model = get_peft_model(model, lora)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # trainable weights in fp32 even on a bf16 base (autocast mixes them)

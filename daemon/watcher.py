@@ -1,0 +1,508 @@
+"""One watched (account, mailbox): catch up, then IDLE (or poll), and file every new message
+exactly once — state is written before acting, so a crash at any point is finished on restart.
+
+Runs in its own thread; its IMAPClient is created and used only there. Inference is the service's
+``classify`` callable, which serialises all watchers on one model worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import structlog
+from imapclient import IMAPClient
+
+from mailtriage import actions, imapconn
+from mailtriage.classifier import Prediction
+from mailtriage.config import AccountConfig, Config
+from mailtriage.errors import MailboxError, ModelError
+from mailtriage.routing import Decision, decide
+from mailtriage.state import MessageRow, StateDB
+
+try:  # metrics are optional: a test or a tool may run the watcher without prometheus wiring
+    from mailtriage import metrics as _metrics
+except Exception:  # pragma: no cover - only when prometheus_client is missing
+    _metrics = None  # type: ignore[assignment]
+
+log = structlog.get_logger(__name__)
+
+ClassifyFn = Callable[[Sequence[str]], tuple[list[Prediction], str]]
+ConnectFn = Callable[[AccountConfig], IMAPClient]
+
+# A message larger than this is classified on its first bytes (mailtext bounds its text anyway);
+# the header action still fetches the whole message, since it must copy it byte for byte.
+CLASSIFY_FETCH_BYTES = 4 * 1024 * 1024
+IDLE_SLICE_S = 1.0  # idle_check timeout: how quickly a stop request is noticed
+_FLAGS, _DATE = b"FLAGS", b"INTERNALDATE"
+
+
+@dataclass
+class _Fetched:
+    uid: int
+    raw: bytes
+    flags: tuple[bytes, ...]
+    internaldate: datetime | None
+    key: str
+    fetched_at: float
+
+
+def _message_key(raw: bytes) -> str:
+    try:
+        from mailtriage.mailtext import message_key
+
+        return message_key(raw)
+    except Exception as exc:  # a key must always exist; a raw hash is stable across renumbering
+        log.warning("message_key_failed", error=str(exc))
+        return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def _mail_text(raw: bytes, uid: int) -> str:
+    from mailtriage.mailtext import mail_text
+
+    try:
+        return mail_text(raw)
+    except Exception as exc:  # hostile mail must not stop the mailbox; classify what we can read
+        log.error("mail_text_failed", uid=uid, error=str(exc), error_type=type(exc).__name__)
+        return raw[:20000].decode("utf-8", "replace")
+
+
+class MailboxWatcher:
+    """Files new mail of one mailbox. ``run(stop)`` is the worker loop; the other public methods
+    are its steps, usable on their own (tests, ``mailtriage check``)."""
+
+    def __init__(
+        self,
+        account: AccountConfig,
+        mailbox: str,
+        config: Config,
+        state: StateDB,
+        classify: ClassifyFn,
+        *,
+        connect: ConnectFn | None = None,
+        idle_slice: float = IDLE_SLICE_S,
+        backoff_start: float = 1.0,
+    ) -> None:
+        self.account = account
+        self.mailbox = mailbox
+        self.config = config
+        self.state = state
+        self.classify = classify
+        self._connect_fn = connect or imapconn.connect
+        self.idle_slice = idle_slice
+        self.backoff_start = backoff_start
+        self.client: IMAPClient | None = None
+        self.uidvalidity: int | None = None
+        self.dry_run = account.dry_run
+        self.action = account.action
+        self._stop = threading.Event()
+        self._has_move = self._has_uidplus = self._has_idle = False
+        self.log = log.bind(account=account.name, mailbox=mailbox)
+
+    # ---- connection ------------------------------------------------------------------------
+
+    def connect(self) -> IMAPClient:
+        """Connect, check what our action needs, select the mailbox and finish crashed work."""
+        self.close()
+        client = self._connect_fn(self.account)
+        self.client = client
+        try:
+            self._has_move = client.has_capability("MOVE")
+            self._has_uidplus = client.has_capability("UIDPLUS")
+            self._has_idle = client.has_capability("IDLE")
+            self._preflight(client)
+            self.select()
+            if not self.dry_run:
+                self.recover_pending()
+        except BaseException:
+            self.close()
+            raise
+        return client
+
+    def close(self) -> None:
+        client, self.client = self.client, None
+        imapconn.close(client)
+
+    def check(self) -> None:
+        """Connect and verify capabilities and folders (``mailtriage check``); raises MailboxError."""
+        try:
+            self.connect()
+        finally:
+            self.close()
+
+    def _preflight(self, client: IMAPClient) -> None:
+        where = f"accounts[{self.account.name!r}]"
+        problems: list[str] = []
+        if self.action == "move" and not (self._has_move or self._has_uidplus):
+            problems.append(
+                f"{where}.action = \"move\" needs MOVE, or UIDPLUS for the COPY + UID EXPUNGE fallback; "
+                "the server has neither (a plain EXPUNGE would delete other messages flagged \\Deleted). "
+                "Use action = \"keyword\""
+            )
+        if self.action == "header" and not self._has_uidplus:
+            problems.append(
+                f"{where}.action = \"header\" needs UIDPLUS to remove the original after appending the "
+                "tagged copy; the server lacks it. Use action = \"keyword\" or \"move\""
+            )
+        if self.action in ("move", "header"):
+            try:
+                imapconn.check_folders(client, [*self.config.categories.values(), self.config.unsure_folder], self.account.name)
+            except MailboxError as exc:
+                problems.append(str(exc))
+        if problems:
+            if self.dry_run:  # a dry run touches nothing, so it can still show what it would do
+                for p in problems:
+                    self.log.warning("preflight_problem_dry_run", problem=p)
+                return
+            raise MailboxError("; ".join(problems))
+
+    def _client(self) -> IMAPClient:
+        if self.client is None:
+            self.connect()
+        assert self.client is not None
+        return self.client
+
+    def select(self) -> int:
+        """Select the watched mailbox (read-only in a dry run) and note a UIDVALIDITY change."""
+        client = self._client()
+        info = actions.select_source(client, self.mailbox, None, readonly=self.dry_run)
+        uidvalidity = int(info[b"UIDVALIDITY"])
+        stored = self.state.stored_uidvalidity(self.account.name, self.mailbox, dry_run=self.dry_run)
+        if stored is not None and stored != uidvalidity:
+            # UIDs were renumbered: start the cursor again; message keys keep us from refiling.
+            self.log.warning("uidvalidity_changed", old=stored, new=uidvalidity)
+        if self.action == "keyword" and not self.dry_run:
+            perm = {f.lower() for f in info.get(b"PERMANENTFLAGS", ())}
+            if perm and b"\\*" not in perm:
+                raise MailboxError(
+                    f"{self.mailbox!r} on account {self.account.name!r} does not allow new keywords "
+                    f"(PERMANENTFLAGS {sorted(p.decode() for p in perm)} lacks \\*): use action = \"move\""
+                )
+        self.uidvalidity = uidvalidity
+        return uidvalidity
+
+    # ---- crash recovery ----------------------------------------------------------------------
+
+    def recover_pending(self) -> int:
+        """Finish or settle actions a crash interrupted; each ends in exactly one place."""
+        rows = self.state.pending(self.account.name, self.mailbox)
+        for row in rows:
+            self._recover(row)
+        if rows:
+            self.select()
+        return len(rows)
+
+    def _locate(self, row: MessageRow) -> tuple[bool, int | None]:
+        """(is the UID still in the source mailbox, UID of its copy in the destination or None)."""
+        client = self._client()
+        assert self.uidvalidity is not None
+        in_source = row.uidvalidity == self.uidvalidity and actions.uid_exists(client, row.uid)
+        copy = None
+        if row.action in ("move", "header") and row.folder and row.fingerprint:
+            try:
+                since = 1
+                if row.dest_uidnext is not None:
+                    dest_validity, _next = actions.folder_uidnext(client, row.folder)
+                    since = row.dest_uidnext if dest_validity == row.dest_uidvalidity else 1
+                copy = actions.find_copy(client, row.folder, row.fingerprint, since)
+            except MailboxError as exc:
+                # The destination cannot even be examined (e.g. it does not exist): no copy there.
+                self.log.warning("destination_unreadable", folder=row.folder, uid=row.uid, error=str(exc))
+            actions.select_source(client, self.mailbox, self.uidvalidity)
+        return in_source, copy
+
+    def _recover(self, row: MessageRow) -> None:
+        client = self._client()
+        bound = self.log.bind(uid=row.uid, message_id=row.key, action=row.action, folder=row.folder)
+        decision = Decision(row.label or "", row.confidence or 0.0, row.unsure, row.folder or self.mailbox)
+        in_source, copy = False, None
+        try:
+            in_source, copy = self._locate(row)
+            if row.action == "keyword":
+                if in_source:
+                    actions.set_keyword(client, row.uid, decision, self.account.keyword_prefix)
+                    return self._settle(row, "done", bound, "recovered_keyword_set")
+                return self._settle(row, "failed", bound, "recovered_vanished", "message left the mailbox before it was tagged")
+            if copy is not None and in_source:
+                # The copy exists (COPY or APPEND done) but the original was not removed yet.
+                actions.delete_original(client, row.uid, self._has_uidplus)
+                return self._settle(row, "done", bound, "recovered_original_removed", copy_uid=copy)
+            if copy is not None:
+                return self._settle(row, "done", bound, "recovered_already_filed", copy_uid=copy)
+            if in_source:
+                item = self._refetch(row.uid) if row.action == "header" else None
+                self._act(row.action, row.uid, decision, item, row.uidvalidity)
+                return self._settle(row, "done", bound, "recovered_redone")
+            return self._settle(
+                row, "failed", bound, "recovered_vanished",
+                "message is neither in the source mailbox (same UIDVALIDITY) nor in its destination; "
+                "someone moved or deleted it, or UIDVALIDITY changed (it will be seen again by Message-ID)",
+            )
+        except MailboxError as exc:
+            # Copy made but original not removable: stay 'pending', so the next connect tries again.
+            status = "pending" if copy is not None and in_source else "failed"
+            bound.error("recovery_failed", error=str(exc), status=status)
+            self.state.set_status(self.account.name, self.mailbox, row.uidvalidity, row.uid, status, str(exc))
+
+    def _settle(self, row: MessageRow, status: str, bound: Any, event: str, error: str | None = None, **kw: Any) -> None:
+        self.state.set_status(self.account.name, self.mailbox, row.uidvalidity, row.uid, status, error)
+        (bound.info if status == "done" else bound.warning)(event, status=status, **kw)
+
+    def _refetch(self, uid: int) -> _Fetched:
+        client = self._client()
+        data = client.fetch([uid], ["BODY.PEEK[]", "FLAGS", "INTERNALDATE"]).get(uid)
+        if data is None:
+            raise MailboxError(f"uid={uid} vanished from {self.mailbox!r} during recovery")
+        raw = data[b"BODY[]"]
+        return _Fetched(uid, raw, tuple(data.get(_FLAGS, ())), data.get(_DATE), _message_key(raw), time.monotonic())
+
+    # ---- the work ----------------------------------------------------------------------------
+
+    def process_backlog(self) -> int:
+        """Decide and act on every message above the cursor, in batches; returns how many were decided."""
+        client = self._client()
+        uidvalidity = self.select()
+        last = self.state.last_uid(self.account.name, self.mailbox, uidvalidity, dry_run=self.dry_run)
+        found = sorted(u for u in client.search(["UID", f"{last + 1}:*", "UNDELETED"]) if u > last)
+        handled = self.state.handled_uids(self.account.name, self.mailbox, uidvalidity, found, dry_run=self.dry_run)
+        todo = [u for u in found if u not in handled]
+        self._queue_depth(len(todo))
+        if todo:
+            self.log.info("backlog", messages=len(todo), last_uid=last)
+        count = 0
+        batch_size = self.account.fetch_batch
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            count += self._process_batch(batch, uidvalidity)
+            self.state.set_last_uid(self.account.name, self.mailbox, uidvalidity, batch[-1], dry_run=self.dry_run)
+            self._queue_depth(len(todo) - start - len(batch))
+            if self._stop.is_set():
+                break
+        if found and not todo:
+            self.state.set_last_uid(self.account.name, self.mailbox, uidvalidity, found[-1], dry_run=self.dry_run)
+        return count
+
+    def _fetch(self, uids: list[int]) -> list[_Fetched]:
+        client = self._client()
+        if self.action == "header" and not self.dry_run:
+            body_item, body_key = "BODY.PEEK[]", b"BODY[]"
+        else:
+            body_item, body_key = f"BODY.PEEK[]<0.{CLASSIFY_FETCH_BYTES}>", b"BODY[]<0>"
+        started = time.monotonic()
+        data = client.fetch(uids, [body_item, "FLAGS", "INTERNALDATE"])
+        out = []
+        for uid in uids:
+            d = data.get(uid)
+            if d is None:  # expunged between SEARCH and FETCH: nothing to do
+                continue
+            raw = d.get(body_key)
+            if raw is None:
+                raw = d.get(b"BODY[]", b"")
+            out.append(_Fetched(uid, raw, tuple(d.get(_FLAGS, ())), d.get(_DATE), _message_key(raw), started))
+        return out
+
+    def _process_batch(self, uids: list[int], uidvalidity: int) -> int:
+        fetched = self._fetch(uids)
+        fresh: list[_Fetched] = []
+        keys: set[str] = set()
+        for item in fetched:
+            if item.key in keys or self.state.is_done(self.account.name, item.key, dry_run=self.dry_run):
+                # Same message under another UID: a re-delivery, or renumbered by a UIDVALIDITY change.
+                self.state.record_skip(self.account.name, self.mailbox, uidvalidity, item.uid, item.key, "already decided")
+                self.log.info("message_skipped_already_decided", uid=item.uid, message_id=item.key)
+                continue
+            keys.add(item.key)
+            fresh.append(item)
+        if not fresh:
+            return 0
+        texts = [_mail_text(item.raw, item.uid) for item in fresh]
+        predictions, model_version = self.classify(texts)
+        if len(predictions) != len(texts):
+            raise ModelError(f"classify returned {len(predictions)} predictions for {len(texts)} texts")
+        for item, pred in zip(fresh, predictions):
+            if pred.label not in self.config.categories:
+                raise ModelError(
+                    f"the model predicted {pred.label!r}, which is not a configured category "
+                    f"{list(self.config.categories)}; the adapter does not match [categories]"
+                )
+            decision = decide(pred, self.config.model.threshold, self.config.categories, self.config.unsure_folder)
+            self._decide_and_act(item, decision, model_version, uidvalidity)
+        return len(fresh)
+
+    def _placed_folder(self, decision: Decision) -> str:
+        return self.mailbox if self.action == "keyword" else decision.folder
+
+    def _decide_and_act(self, item: _Fetched, decision: Decision, model_version: str, uidvalidity: int) -> None:
+        acct, mbox = self.account.name, self.mailbox
+        placed = self._placed_folder(decision)
+        if self.dry_run:
+            self.state.record_decision(
+                acct, mbox, uidvalidity, item.uid, item.key, decision, self.action, model_version, True, "done",
+                folder=placed,
+            )
+            return self._done(item, decision, "dry_run", placed)
+        client = self._client()
+        fingerprint = actions.header_fingerprint(item.raw)
+        dest_validity = dest_next = None
+        try:
+            if self.action in ("move", "header"):
+                dest_validity, dest_next = actions.folder_uidnext(client, decision.folder)
+        except MailboxError as exc:
+            self.state.record_decision(
+                acct, mbox, uidvalidity, item.uid, item.key, decision, self.action, model_version, False, "failed",
+                folder=placed, fingerprint=fingerprint, error=str(exc),
+            )
+            return self._done(item, decision, "failed", placed, error=str(exc))
+        # Written before acting: after a crash, recover_pending finds the message and finishes.
+        self.state.record_decision(
+            acct, mbox, uidvalidity, item.uid, item.key, decision, self.action, model_version, False, "pending",
+            folder=placed, fingerprint=fingerprint, dest_uidvalidity=dest_validity, dest_uidnext=dest_next,
+        )
+        try:
+            self._act(self.action, item.uid, decision, item, uidvalidity, dest_next)
+        except MailboxError as exc:
+            status = self._status_after_failure(item.uid, uidvalidity)
+            self.state.set_status(acct, mbox, uidvalidity, item.uid, status, str(exc))
+            return self._done(item, decision, "failed", placed, error=str(exc), status=status)
+        self.state.set_status(acct, mbox, uidvalidity, item.uid, "done")
+        self._done(item, decision, "unsure" if decision.unsure else "filed", placed)
+
+    def _act(
+        self, action: str, uid: int, decision: Decision, item: _Fetched | None, uidvalidity: int,
+        dest_next: int | None = None,
+    ) -> None:
+        client = self._client()
+        if action == "move":
+            actions.move(client, uid, decision.folder, self._has_move, self._has_uidplus)
+        elif action == "keyword":
+            actions.set_keyword(client, uid, decision, self.account.keyword_prefix)
+        else:
+            assert item is not None, "the header action needs the fetched message"
+            actions.rewrite_header(
+                client, uid, item.raw, item.flags, item.internaldate, decision, self.mailbox,
+                source_uidvalidity=uidvalidity, has_uidplus=self._has_uidplus, dest_uidnext=dest_next,
+            )
+
+    def _status_after_failure(self, uid: int, uidvalidity: int) -> str:
+        """After a refused action: 'failed' when the message is safely in the source only; still
+        'pending' when a copy may exist too (the next connect finishes the removal)."""
+        client = self._client()
+        actions.select_source(client, self.mailbox, uidvalidity)
+        row = self.state.get(self.account.name, self.mailbox, uidvalidity, uid)
+        if row is None or row.action == "keyword":
+            return "failed"
+        try:
+            in_source, copy = self._locate(row)
+        except MailboxError:
+            return "pending"  # cannot tell where it is: the next connect looks again
+        if copy is not None and in_source:
+            return "pending"
+        return "done" if copy is not None else "failed"
+
+    def _done(self, item: _Fetched, decision: Decision, outcome: str, folder: str, **extra: Any) -> None:
+        latency = time.monotonic() - item.fetched_at
+        if _metrics is not None:
+            _metrics.MESSAGES.labels(category=decision.label, outcome=outcome).inc()
+            if outcome != "failed":
+                _metrics.LATENCY.observe(latency)
+        event = "message_failed" if outcome == "failed" else "message_decided"
+        (self.log.error if outcome == "failed" else self.log.info)(
+            event,
+            message_id=item.key,
+            uid=item.uid,
+            label=decision.label,
+            confidence=round(decision.confidence, 4),
+            unsure=decision.unsure,
+            action="none" if self.dry_run else self.action,
+            outcome=outcome,
+            folder=folder,
+            dry_run=self.dry_run,
+            latency_ms=round(latency * 1000, 1),
+            **extra,
+        )
+
+    def _queue_depth(self, n: int) -> None:
+        if _metrics is not None:
+            _metrics.QUEUE_DEPTH.labels(account=self.account.name, mailbox=self.mailbox).set(n)
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Worker-thread loop until ``stop`` is set: connect, recover, catch up, then IDLE or poll;
+        on any error log it, close, and reconnect after an exponential backoff (<= reconnect_max)."""
+        self._stop = stop
+        attempt = 0
+        try:
+            while not stop.is_set():
+                try:
+                    self.connect()
+                    self.process_backlog()
+                    attempt = 0
+                    if self._has_idle:
+                        self._idle_loop(stop)
+                    else:
+                        self._poll_loop(stop)
+                except imapconn.CONNECTION_ERRORS as exc:
+                    self.log.warning("imap_connection_lost", error=str(exc), error_type=type(exc).__name__)
+                except MailboxError as exc:
+                    self.log.error("imap_error", error=str(exc))
+                except Exception as exc:  # noqa: BLE001 - e.g. the model failed: retry later, never die
+                    self.log.error("watcher_error", error=str(exc), error_type=type(exc).__name__, exc_info=True)
+                self.close()
+                if stop.is_set():
+                    break
+                delay = min(float(self.account.reconnect_max), self.backoff_start * 2**attempt)
+                attempt += 1
+                self.log.info("imap_reconnect_scheduled", delay_s=delay, attempt=attempt)
+                stop.wait(delay)
+        finally:
+            self.close()
+            self.log.info("watcher_stopped")
+
+    def _idle_loop(self, stop: threading.Event) -> None:
+        client = self._client()
+        while not stop.is_set():
+            client.idle()
+            started = time.monotonic()
+            new_mail = False
+            quick_empty = 0
+            try:
+                # Re-issued before idle_timeout: RFC 2177 servers may drop an IDLE after 29 minutes.
+                while not stop.is_set() and time.monotonic() - started < self.account.idle_timeout:
+                    t0 = time.monotonic()
+                    responses = client.idle_check(timeout=self.idle_slice)
+                    for resp in responses:
+                        if resp and resp[0] == b"BYE":
+                            raise ConnectionAbortedError(f"server said BYE during IDLE: {resp!r}")
+                        if len(resp) >= 2 and resp[1] in (b"EXISTS", b"RECENT"):
+                            new_mail = True
+                    if new_mail:
+                        break
+                    # idle_check swallows EOF: a readable socket that yields nothing, again and
+                    # again, is a closed connection.
+                    if not responses and time.monotonic() - t0 < self.idle_slice / 2:
+                        quick_empty += 1
+                        if quick_empty >= 3:
+                            raise ConnectionAbortedError("server closed the connection during IDLE")
+                    else:
+                        quick_empty = 0
+            except BaseException:
+                imapconn.close(client)
+                self.client = None
+                raise
+            client.idle_done()
+            if stop.is_set():
+                return
+            self.process_backlog()
+
+    def _poll_loop(self, stop: threading.Event) -> None:
+        client = self._client()
+        self.log.info("imap_polling", interval_s=self.account.poll_interval, reason="server lacks IDLE")
+        while not stop.wait(self.account.poll_interval):
+            client.noop()
+            self.process_backlog()

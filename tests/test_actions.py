@@ -1,0 +1,256 @@
+"""Actions and connections against a real Dovecot: move (and its fallback), keyword, header rewrite,
+and the clear errors for what can go wrong; plus the pure byte helpers they rely on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from imapclient import DELETED, SEEN, IMAPClient
+
+from mailtriage import actions, imapconn
+from mailtriage.config import AccountConfig
+from mailtriage.errors import MailboxError
+from mailtriage.routing import Decision
+from tests.dovecot import NO_MOVE, Dovecot, imap_capability_without, load_messages
+
+pure = pytest.mark.pure
+component = pytest.mark.component
+
+BILLING = Decision("billing", 0.8765, False, "Support/Billing")
+UNSURE = Decision("login", 0.31, True, "Support/Unsure")
+
+RAW = (
+    b"From: Alice <alice@example.com>\r\n"
+    b"To: support@example.com\r\n"
+    b"X-Mailtriage-Category: refunds\r\n"
+    b"Subject: Invoice 42\r\n"
+    b"x-mailtriage-confidence: 1.0\r\n"
+    b"  folded forged line\r\n"
+    b"Message-ID: <inv-42@example.com>\r\n"
+    b"\r\n"
+    b"X-Mailtriage-Category: body text stays\r\n"
+)
+
+
+def _msg(n: int, subject: str = "Invoice") -> bytes:
+    return (
+        f"From: c{n}@example.com\r\nTo: support@example.com\r\nSubject: {subject} {n}\r\n"
+        f"Message-ID: <m{n}-{subject.replace(' ', '')}@example.com>\r\n\r\nbody {n}\r\n"
+    ).encode()
+
+
+# ---- pure helpers ---------------------------------------------------------------------------
+
+
+@pure
+def test_add_headers_on_top_and_forged_ones_removed() -> None:
+    out = actions.add_headers(RAW, BILLING)
+    header, body = actions.split_header(out)
+    lines = header.split(b"\r\n")
+    assert lines[0] == b"X-Mailtriage-Category: billing"
+    assert lines[1] == b"X-Mailtriage-Confidence: 0.8765"
+    assert b"refunds" not in header and b"folded forged" not in header and b"1.0" not in header
+    assert body == b"\r\n\r\nX-Mailtriage-Category: body text stays\r\n"  # the body is never touched
+    assert b"Subject: Invoice 42" in header and b"Message-ID: <inv-42@example.com>" in header
+
+
+@pure
+def test_add_headers_keeps_bare_lf_and_says_unsure() -> None:
+    raw = b"From: a@x\nSubject: s\n\nbody\n"
+    out = actions.add_headers(raw, UNSURE)
+    assert out == b"X-Mailtriage-Category: unsure\nX-Mailtriage-Confidence: 0.3100\nFrom: a@x\nSubject: s\n\nbody\n"
+
+
+@pure
+def test_fingerprint_survives_our_headers_and_crlf() -> None:
+    fp = actions.header_fingerprint(RAW)
+    assert actions.header_fingerprint(actions.add_headers(RAW, BILLING)) == fp
+    assert actions.header_fingerprint(RAW.replace(b"\r\n", b"\n")) == fp
+    header_only = actions.split_header(RAW)[0] + b"\r\n\r\n"
+    assert actions.header_fingerprint(header_only) == fp
+    assert actions.header_fingerprint(RAW.replace(b"Invoice 42", b"Invoice 43")) != fp
+
+
+@pure
+@pytest.mark.parametrize(
+    ("decision", "expected"),
+    [(BILLING, "mt_billing"), (UNSURE, "mt_unsure"), (Decision("a b(c)", 0.9, False, "F"), "mt_a_b_c_")],
+)
+def test_keyword_for(decision: Decision, expected: str) -> None:
+    assert actions.keyword_for("mt_", decision) == expected
+
+
+@pure
+def test_small_parsers() -> None:
+    assert actions.appended_uid(b"[APPENDUID 1700000000 42] Append completed.") == 42
+    assert actions.appended_uid(b"Append completed.") is None
+    assert actions.append_flags([b"\\Seen", b"\\Recent", "$label1"]) == [b"\\Seen", b"$label1"]
+
+
+# ---- real server ----------------------------------------------------------------------------
+
+
+def _folder_uids(client: IMAPClient, folder: str) -> list[int]:
+    client.select_folder(folder, readonly=True)
+    return list(client.search(["ALL"]))
+
+
+@component
+def test_move_with_move_capability_keeps_flags(imap: IMAPClient) -> None:
+    imap.create_folder("Support/Billing")
+    uid, other = load_messages(imap, "INBOX", [_msg(1), _msg(2)])
+    imap.select_folder("INBOX")
+    actions.move(imap, uid, "Support/Billing", has_move=True, has_uidplus=True)
+    assert _folder_uids(imap, "INBOX") == [other]
+    (moved,) = _folder_uids(imap, "Support/Billing")
+    assert SEEN not in imap.get_flags([moved])[moved]
+
+
+@component
+def test_move_to_missing_folder_is_a_clear_error(imap: IMAPClient) -> None:
+    (uid,) = load_messages(imap, "INBOX", [_msg(1)])
+    imap.select_folder("INBOX")
+    with pytest.raises(MailboxError, match=r"destination folder 'Support/Nope' does not exist"):
+        actions.move(imap, uid, "Support/Nope", has_move=True, has_uidplus=True)
+    with pytest.raises(MailboxError, match=r"does not exist"):
+        actions.move(imap, uid, "Support/Nope", has_move=False, has_uidplus=True)
+    assert _folder_uids(imap, "INBOX") == [uid]
+    with pytest.raises(MailboxError, match=r"Support/Nope"):
+        imapconn.check_folders(imap, ["INBOX", "Support/Nope"], "acct")
+
+
+@component
+def test_move_fallback_expunges_only_its_own_uid(dovecot_factory: Callable[..., Dovecot]) -> None:
+    server = dovecot_factory(extra_conf=NO_MOVE)
+    client = server.client()
+    try:
+        assert not client.has_capability("MOVE") and client.has_capability("UIDPLUS")
+        client.create_folder("Support/Billing")
+        uid, trashed = load_messages(client, "INBOX", [_msg(1), _msg(2)])
+        client.select_folder("INBOX")
+        client.add_flags([trashed], [DELETED])  # someone else's pending deletion
+        actions.move(client, uid, "Support/Billing", has_move=False, has_uidplus=True)
+        assert _folder_uids(client, "INBOX") == [trashed]  # still there, still \Deleted
+        assert len(_folder_uids(client, "Support/Billing")) == 1
+    finally:
+        client.logout()
+
+
+@component
+def test_move_without_move_or_uidplus_is_refused_before_copy(dovecot_factory: Callable[..., Dovecot]) -> None:
+    server = dovecot_factory(extra_conf=imap_capability_without("MOVE", "UIDPLUS"))
+    client = server.client()
+    try:
+        client.create_folder("Support/Billing")
+        (uid,) = load_messages(client, "INBOX", [_msg(1)])
+        client.select_folder("INBOX")
+        with pytest.raises(MailboxError, match="UIDPLUS"):
+            actions.move(client, uid, "Support/Billing", has_move=False, has_uidplus=False)
+        assert _folder_uids(client, "Support/Billing") == []
+        assert _folder_uids(client, "INBOX") == [uid]
+    finally:
+        client.logout()
+
+
+@component
+def test_set_keyword_only_adds_the_keyword(imap: IMAPClient) -> None:
+    a, b = load_messages(imap, "INBOX", [_msg(1), _msg(2)])
+    imap.select_folder("INBOX")
+    assert actions.set_keyword(imap, a, BILLING, "mt_") == "mt_billing"
+    assert actions.set_keyword(imap, b, UNSURE, "mt_") == "mt_unsure"
+    flags = {uid: set(f) - {b"\\Recent"} for uid, f in imap.get_flags([a, b]).items()}
+    assert flags == {a: {b"mt_billing"}, b: {b"mt_unsure"}}
+
+
+@component
+def test_rewrite_header_preserves_flags_and_date(imap: IMAPClient) -> None:
+    imap.create_folder("Support/Billing")
+    when = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone(timedelta(hours=2)))
+    imap.append("INBOX", RAW, flags=[SEEN, b"$custom"], msg_time=when)
+    imap.normalise_times = False
+    info = imap.select_folder("INBOX")
+    (uid,) = imap.search(["ALL"])
+    data = imap.fetch([uid], ["BODY.PEEK[]", "FLAGS", "INTERNALDATE"])[uid]
+    new_uid = actions.rewrite_header(
+        imap, uid, data[b"BODY[]"], data[b"FLAGS"], data[b"INTERNALDATE"], BILLING, "INBOX",
+        source_uidvalidity=int(info[b"UIDVALIDITY"]),
+    )
+    assert _folder_uids(imap, "INBOX") == []  # the original is gone
+    assert _folder_uids(imap, "Support/Billing") == [new_uid]
+    copy = imap.fetch([new_uid], ["BODY.PEEK[]", "FLAGS", "INTERNALDATE"])[new_uid]
+    assert copy[b"BODY[]"].startswith(b"X-Mailtriage-Category: billing\r\nX-Mailtriage-Confidence: 0.8765\r\n")
+    assert copy[b"BODY[]"].count(b"X-Mailtriage-Category") == 2  # ours + the one in the body
+    assert set(copy[b"FLAGS"]) - {b"\\Recent"} == {SEEN, b"$custom"}
+    assert copy[b"INTERNALDATE"] == when
+
+
+@pure
+def test_rewrite_header_refuses_without_uidplus() -> None:
+    with pytest.raises(MailboxError, match="UIDPLUS"):
+        actions.rewrite_header(None, 1, RAW, (), None, BILLING, "INBOX", has_uidplus=False)  # type: ignore[arg-type]
+
+
+# ---- connect ---------------------------------------------------------------------------------
+
+
+def _account(dovecot: Dovecot, user: str, password: str, tmp_path: Path, **kw: object) -> AccountConfig:
+    secret = tmp_path / f"{user}.secret"
+    secret.write_text(password + "\n")
+    defaults: dict[str, object] = {"port": dovecot.port, "tls": "none", "password_file": str(secret)}
+    defaults.update(kw)
+    return AccountConfig(name="acct", host=dovecot.host, username=user, **defaults)  # type: ignore[arg-type]
+
+
+@component
+@pytest.mark.parametrize("auth", ["login", "plain"])
+def test_connect_logs_in(dovecot: Dovecot, imap_user: tuple[str, str], tmp_path: Path, auth: str) -> None:
+    client = imapconn.connect(_account(dovecot, *imap_user, tmp_path, auth=auth), timeout=5)
+    try:
+        assert client.normalise_times is False
+        client.select_folder("INBOX")
+        imapconn.require_capabilities(client, ["IDLE", "UIDPLUS"])
+        with pytest.raises(MailboxError, match="lacks X-NOPE"):
+            imapconn.require_capabilities(client, ["X-NOPE"])
+    finally:
+        imapconn.close(client)
+
+
+@component
+def test_connect_wrong_password(dovecot: Dovecot, imap_user: tuple[str, str], tmp_path: Path) -> None:
+    user, _ = imap_user
+    with pytest.raises(MailboxError, match=rf"login as '{user}' \(login\) refused by server.*password_file"):
+        imapconn.connect(_account(dovecot, user, "wrong", tmp_path), timeout=5)
+
+
+@component
+def test_connect_unreachable(tmp_path: Path, dovecot: Dovecot, imap_user: tuple[str, str]) -> None:
+    account = _account(dovecot, *imap_user, tmp_path, port=1)
+    with pytest.raises(MailboxError, match=r"cannot connect to 127.0.0.1:1: .*is the server running\? check accounts\['acct'\].host/port"):
+        imapconn.connect(account, timeout=5)
+
+
+@component
+def test_connect_tls_mismatches(dovecot: Dovecot, imap_user: tuple[str, str], tmp_path: Path) -> None:
+    # The test server speaks plain IMAP only: both TLS modes must fail with a message naming tls.
+    with pytest.raises(MailboxError, match="STARTTLS"):
+        imapconn.connect(_account(dovecot, *imap_user, tmp_path, tls="starttls"), timeout=5)
+    with pytest.raises(MailboxError, match=r"TLS handshake with 127.0.0.1:\d+ failed"):
+        imapconn.connect(_account(dovecot, *imap_user, tmp_path, tls="implicit"), timeout=5)
+
+
+@pure
+def test_ssl_context_verifies_by_default(tmp_path: Path) -> None:
+    import ssl
+
+    secret = tmp_path / "s"
+    secret.write_text("x")
+    acct = AccountConfig(name="a", host="h", username="u", password_file=str(secret))
+    ctx = imapconn.ssl_context(acct)
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    off = imapconn.ssl_context(AccountConfig(name="a", host="h", username="u", password_file=str(secret), verify_tls=False))
+    assert off.verify_mode == ssl.CERT_NONE
+    with pytest.raises(MailboxError, match="ca_file"):
+        imapconn.ssl_context(AccountConfig(name="a", host="h", username="u", password_file=str(secret), ca_file=str(tmp_path / "none.pem")))

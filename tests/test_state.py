@@ -1,0 +1,163 @@
+"""StateDB: the keys that make restarts, renumbering and duplicates safe, and the stats it reports."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mailtriage.routing import Decision
+from mailtriage.state import FiledRow, StateDB
+
+pytestmark = pytest.mark.pure
+
+BILLING = Decision("billing", 0.9, False, "Support/Billing")
+UNSURE = Decision("login", 0.3, True, "Support/Unsure")
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> StateDB:
+    return StateDB(tmp_path / "state.sqlite3")
+
+
+def _record(db: StateDB, uid: int, key: str, decision: Decision = BILLING, status: str = "done", *,
+            dry_run: bool = False, account: str = "acct", uidvalidity: int = 7, action: str = "move") -> None:
+    db.record_decision(account, "INBOX", uidvalidity, uid, key, decision, action, "v1", dry_run, status)
+
+
+def test_schema_is_wal_and_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "state.sqlite3"
+    db = StateDB(path)
+    _record(db, 1, "<a@x>")
+    db.close()
+    again = StateDB(path)
+    assert again.is_done("acct", "<a@x>")
+    assert again._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_pending_then_done_lifecycle(db: StateDB) -> None:
+    _record(db, 5, "<a@x>", status="pending")
+    assert not db.is_done("acct", "<a@x>")
+    assert [r.uid for r in db.pending("acct", "INBOX")] == [5]
+    db.set_status("acct", "INBOX", 7, 5, "done")
+    assert db.pending("acct", "INBOX") == []
+    assert db.is_done("acct", "<a@x>")
+    assert db.handled_uids("acct", "INBOX", 7, [4, 5, 6]) == {5}
+
+
+def test_claim_by_uid_and_by_key(db: StateDB) -> None:
+    assert db.claim("acct", "INBOX", 7, 1, "<a@x>")
+    _record(db, 1, "<a@x>")
+    assert not db.claim("acct", "INBOX", 7, 1, "<a@x>")
+    # Renumbered (UIDVALIDITY change) or re-delivered: the key still says "done".
+    assert not db.claim("acct", "INBOX", 8, 1, "<a@x>")
+    assert not db.claim("acct", "INBOX", 7, 99, "<a@x>")
+    # Keys are per account.
+    assert db.claim("other", "INBOX", 7, 1, "<a@x>")
+
+
+def test_failed_is_not_done_but_is_handled(db: StateDB) -> None:
+    _record(db, 3, "<f@x>", status="failed")
+    assert not db.is_done("acct", "<f@x>")
+    assert db.handled_uids("acct", "INBOX", 7, [3]) == {3}
+
+
+def test_dry_run_does_not_count_for_real_mode(db: StateDB) -> None:
+    _record(db, 1, "<d@x>", dry_run=True)
+    assert db.is_done("acct", "<d@x>", dry_run=True)
+    assert not db.is_done("acct", "<d@x>")
+    assert db.handled_uids("acct", "INBOX", 7, [1]) == set()
+    assert db.handled_uids("acct", "INBOX", 7, [1], dry_run=True) == {1}
+    _record(db, 2, "<r@x>")
+    assert db.is_done("acct", "<r@x>", dry_run=True)  # a real decision also holds for dry runs
+
+
+def test_last_uid_cursor(db: StateDB) -> None:
+    assert db.last_uid("acct", "INBOX", 7) == 0
+    db.set_last_uid("acct", "INBOX", 7, 10)
+    db.set_last_uid("acct", "INBOX", 7, 4)  # never backwards
+    assert db.last_uid("acct", "INBOX", 7) == 10
+    assert db.last_uid("acct", "INBOX", 8) == 0  # another UIDVALIDITY: start again
+    db.set_last_uid("acct", "INBOX", 8, 2)
+    assert db.last_uid("acct", "INBOX", 8) == 2
+    assert db.stored_uidvalidity("acct", "INBOX") == 8
+    # The dry-run cursor is separate.
+    assert db.last_uid("acct", "INBOX", 8, dry_run=True) == 0
+
+
+def test_record_skip_never_overwrites(db: StateDB) -> None:
+    _record(db, 1, "<a@x>")
+    db.record_skip("acct", "INBOX", 7, 1, "<a@x>", "already decided")
+    assert db.get("acct", "INBOX", 7, 1).status == "done"  # type: ignore[union-attr]
+    db.record_skip("acct", "INBOX", 7, 2, "<a@x>", "already decided")
+    assert db.get("acct", "INBOX", 7, 2).status == "skipped"  # type: ignore[union-attr]
+    assert len(db.filed()) == 1
+
+
+def test_filed_lists_real_done_decisions_once_per_key(db: StateDB) -> None:
+    _record(db, 1, "<a@x>")
+    _record(db, 2, "<b@x>", UNSURE)
+    _record(db, 3, "<c@x>", dry_run=True)
+    _record(db, 4, "<d@x>", status="failed")
+    _record(db, 5, "<e@x>", status="pending")
+    _record(db, 6, "<z@x>", account="other")
+    rows = db.filed("acct")
+    assert [r.key for r in rows] == ["<a@x>", "<b@x>"]
+    assert rows[0] == FiledRow("<a@x>", "billing", False, "Support/Billing", "acct", rows[0].decided_at, "v1")
+    assert rows[1].unsure and rows[1].label == "login"
+    assert {r.account for r in db.filed()} == {"acct", "other"}
+
+
+def test_record_correction_is_idempotent(db: StateDB) -> None:
+    assert db.record_correction("<a@x>", "acct", "billing", "login", False)
+    assert not db.record_correction("<a@x>", "acct", "billing", "login", False)
+    assert db.record_correction("<a@x>", "acct", "billing", "refunds", False)
+    assert len(db.corrections()) == 2
+
+
+def test_stats_outcomes_and_live_accuracy(db: StateDB) -> None:
+    for uid in range(1, 5):
+        _record(db, uid, f"<b{uid}@x>")                        # 4 filed billing
+    _record(db, 10, "<u@x>", UNSURE)                           # 1 unsure
+    _record(db, 11, "<d@x>", dry_run=True)                     # 1 dry run
+    _record(db, 12, "<f@x>", status="failed")                  # 1 failed
+    _record(db, 13, "<p@x>", status="pending")                 # not counted
+    db.record_correction("<b1@x>", "acct", "billing", "login", False)
+    db.record_correction("<u@x>", "acct", "login", "refunds", True)
+    s = db.stats(30)
+    assert s["decisions"]["billing"] == {"filed": 4, "unsure": 0, "dry_run": 1, "failed": 1}
+    assert s["decisions"]["login"]["unsure"] == 1
+    assert s["totals"] == {"filed": 4, "unsure": 1, "dry_run": 1, "failed": 1, "all": 7}
+    assert s["corrections"]["total"] == 2 and s["corrections"]["from_unsure"] == 1
+    assert s["accuracy"]["billing"] == {"filed": 4, "corrected": 1, "accuracy": 0.75}
+    assert s["overall_accuracy"] == 0.75
+    # Outside the window nothing counts.
+    later = db.stats(1, now=time.time() + 3 * 86400)
+    assert later["totals"]["all"] == 0 and later["overall_accuracy"] is None
+
+
+def test_threads_each_get_a_connection(db: StateDB) -> None:
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for uid in range(50):
+                db.record_decision(f"a{n}", "INBOX", 1, uid, f"<{n}-{uid}@x>", BILLING, "move", "v1", False, "done")
+            db.close()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(db.rows()) == 200
+
+
+def test_bad_status_is_refused(db: StateDB) -> None:
+    with pytest.raises(ValueError):
+        _record(db, 1, "<a@x>", status="moved")

@@ -1,0 +1,500 @@
+"""The watcher against a real Dovecot: every message filed exactly once, whatever happens —
+IDLE and polling, backlog batches, each action, dry runs, restarts, renumbering, crashes."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog.testing
+from imapclient import DELETED, SEEN, IMAPClient
+
+from mailtriage import actions, imapconn
+from mailtriage.classifier import Prediction
+from mailtriage.config import AccountConfig, Config, ModelConfig
+from mailtriage.errors import MailboxError
+from mailtriage.state import StateDB
+from mailtriage.watcher import MailboxWatcher
+from tests.dovecot import NO_IDLE, NO_MOVE, Dovecot, load_messages
+
+pytestmark = pytest.mark.component
+
+CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
+UNSURE_FOLDER = "Support/Unsure"
+ALL_FOLDERS = [*CATEGORIES.values(), UNSURE_FOLDER]
+_WORDS = {"invoice": "billing", "password": "login", "refund": "refunds"}
+
+
+class FakeClassifier:
+    """Keyword rules instead of a model (pure logic); anything without a keyword is unsure."""
+
+    version = "fake-v1"
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, texts: Sequence[str]) -> tuple[list[Prediction], str]:
+        self.calls.append(len(texts))
+        out = []
+        for text in texts:
+            label = next((lab for word, lab in _WORDS.items() if word in text.lower()), None)
+            conf = 0.95 if label else 0.4
+            label = label or "billing"
+            scores = {lab: (conf if lab == label else (1 - conf) / 2) for lab in CATEGORIES}
+            out.append(Prediction(label, conf, scores))
+        return out, self.version
+
+
+def msg(n: int, subject: str, mid: str | None = None) -> bytes:
+    mid = mid or f"<msg-{n}-{subject.split()[0].lower()}@example.com>"
+    return (
+        f"From: Customer {n} <c{n}@example.com>\r\nTo: support@example.com\r\nSubject: {subject}\r\n"
+        f"Message-ID: {mid}\r\nDate: Mon, 6 May 2024 07:08:09 +0200\r\n\r\nHello, {subject}.\r\n"
+    ).encode()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return Config(
+        categories=CATEGORIES, unsure_folder=UNSURE_FOLDER, state_path=str(tmp_path / "state.sqlite3"),
+        model=ModelConfig(threshold=0.6),
+    )
+
+
+@pytest.fixture
+def make_account(tmp_path: Path) -> Callable[..., AccountConfig]:
+    def make(server: Dovecot, user: str, password: str, **kw: Any) -> AccountConfig:
+        secret = tmp_path / f"{user}.pw"
+        secret.write_text(password)
+        fields: dict[str, Any] = {
+            "port": server.port, "tls": "none", "password_file": str(secret), "idle_timeout": 30,
+            "poll_interval": 1, "fetch_batch": 3, "reconnect_max": 1,
+        }
+        fields.update(kw)
+        return AccountConfig(name="acct", host=server.host, username=user, **fields)
+
+    return make
+
+
+@pytest.fixture
+def user(dovecot: Dovecot, imap_user: tuple[str, str]) -> Iterator[tuple[str, str, IMAPClient]]:
+    """A fresh user with the category folders, and a second connection to feed and inspect it."""
+    name, password = imap_user
+    client = dovecot.client(name, password)
+    for folder in ALL_FOLDERS:
+        client.create_folder(folder)
+    try:
+        yield name, password, client
+    finally:
+        imapconn.close(client)
+
+
+def contents(client: IMAPClient, folder: str) -> dict[int, dict[bytes, Any]]:
+    """uid -> {FLAGS (without \\Recent), BODY[HEADER.FIELDS (MESSAGE-ID SUBJECT)]} of a folder."""
+    client.select_folder(folder, readonly=True)
+    uids = client.search(["ALL"])
+    if not uids:
+        return {}
+    data = client.fetch(uids, ["FLAGS", "BODY.PEEK[HEADER]"])
+    return {
+        u: {"flags": set(d[b"FLAGS"]) - {b"\\Recent"}, "header": d[b"BODY[HEADER]"]} for u, d in data.items()
+    }
+
+
+def count_where(client: IMAPClient) -> dict[str, int]:
+    return {f: len(contents(client, f)) for f in ["INBOX", *ALL_FOLDERS]}
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return pred()
+
+
+def watcher_for(account: AccountConfig, config: Config, path: str | None = None, **kw: Any) -> tuple[MailboxWatcher, FakeClassifier]:
+    clf = FakeClassifier()
+    w = MailboxWatcher(account, "INBOX", config, StateDB(path or config.state_path), clf, idle_slice=0.2, backoff_start=0.1, **kw)
+    return w, clf
+
+
+MIXED = [msg(1, "Invoice 1 wrong"), msg(2, "Password reset"), msg(3, "Refund please"), msg(4, "Just saying hi"),
+         msg(5, "Invoice 5 again"), msg(6, "Refund status"), msg(7, "Password expired")]
+
+
+# ---- catch-up and actions --------------------------------------------------------------------
+
+
+def test_backlog_moves_each_message_once_in_batches(dovecot: Dovecot, user: Any, make_account: Any, config: Config) -> None:
+    name, password, client = user
+    load_messages(client, "INBOX", MIXED)
+    w, clf = watcher_for(make_account(dovecot, name, password, fetch_batch=3), config)
+    try:
+        assert w.process_backlog() == 7
+        assert clf.calls == [3, 3, 1]
+        assert count_where(client) == {"INBOX": 0, "Support/Billing": 2, "Support/Login": 2, "Support/Refunds": 2,
+                                       "Support/Unsure": 1}
+        assert all(SEEN not in m["flags"] for f in ALL_FOLDERS for m in contents(client, f).values())
+        assert b"hi" in next(iter(contents(client, UNSURE_FOLDER).values()))["header"]
+        rows = w.state.rows("acct")
+        assert [r.status for r in rows] == ["done"] * 7 and {r.model_version for r in rows} == {"fake-v1"}
+        assert w.process_backlog() == 0
+        stats = w.state.stats()
+        assert stats["totals"]["filed"] == 6 and stats["totals"]["unsure"] == 1
+    finally:
+        w.close()
+
+
+def test_keyword_action_tags_in_place(dovecot: Dovecot, user: Any, make_account: Any, config: Config) -> None:
+    name, password, client = user
+    load_messages(client, "INBOX", [msg(1, "Invoice 1"), msg(2, "Hello there")], flags=[b"$seenbefore"])
+    w, _ = watcher_for(make_account(dovecot, name, password, action="keyword", keyword_prefix="mt_"), config)
+    try:
+        assert w.process_backlog() == 2
+    finally:
+        w.close()
+    inbox = contents(client, "INBOX")
+    assert sorted(tuple(sorted(m["flags"])) for m in inbox.values()) == [
+        (b"$seenbefore", b"mt_billing"), (b"$seenbefore", b"mt_unsure")]
+    assert count_where(client)["Support/Billing"] == 0
+    filed = w.state.filed("acct")
+    assert {r.folder for r in filed} == {"INBOX"} and {r.unsure for r in filed} == {False, True}
+
+
+def test_header_action_appends_tagged_copy_and_removes_original(dovecot: Dovecot, user: Any, make_account: Any, config: Config) -> None:
+    name, password, client = user
+    forged = msg(1, "Invoice 1").replace(b"Subject:", b"X-Mailtriage-Category: refunds\r\nSubject:")
+    load_messages(client, "INBOX", [forged, msg(2, "Hello there")], flags=[SEEN])
+    client.normalise_times = False
+    client.select_folder("INBOX", readonly=True)
+    dates = {d[b"BODY[HEADER.FIELDS (SUBJECT)]"]: d[b"INTERNALDATE"]
+             for d in client.fetch(client.search(["ALL"]), ["INTERNALDATE", "BODY.PEEK[HEADER.FIELDS (SUBJECT)]"]).values()}
+    w, _ = watcher_for(make_account(dovecot, name, password, action="header"), config)
+    try:
+        assert w.process_backlog() == 2
+    finally:
+        w.close()
+    assert count_where(client) == {"INBOX": 0, "Support/Billing": 1, "Support/Login": 0, "Support/Refunds": 0,
+                                   "Support/Unsure": 1}
+    (billing,) = contents(client, "Support/Billing").values()
+    assert billing["header"].startswith(b"X-Mailtriage-Category: billing\r\nX-Mailtriage-Confidence: 0.9500\r\n")
+    assert b"refunds" not in billing["header"]  # the sender's forged header is gone
+    assert billing["flags"] == {SEEN}
+    (unsure,) = contents(client, UNSURE_FOLDER).values()
+    assert unsure["header"].startswith(b"X-Mailtriage-Category: unsure\r\n")
+    for folder in ("Support/Billing", UNSURE_FOLDER):
+        client.select_folder(folder, readonly=True)
+        for d in client.fetch(client.search(["ALL"]), ["INTERNALDATE", "BODY.PEEK[HEADER.FIELDS (SUBJECT)]"]).values():
+            assert d[b"INTERNALDATE"] == dates[d[b"BODY[HEADER.FIELDS (SUBJECT)]"]]
+
+
+def test_dry_run_touches_nothing(dovecot: Dovecot, user: Any, make_account: Any, config: Config) -> None:
+    name, password, client = user
+    load_messages(client, "INBOX", MIXED[:4])
+    before = contents(client, "INBOX")
+    w, _ = watcher_for(make_account(dovecot, name, password, dry_run=True), config)
+    try:
+        assert w.process_backlog() == 4
+        assert w.process_backlog() == 0
+    finally:
+        w.close()
+    assert contents(client, "INBOX") == before
+    assert all(not contents(client, f) for f in ALL_FOLDERS)
+    rows = w.state.rows("acct")
+    assert len(rows) == 4 and all(r.dry_run and r.status == "done" for r in rows)
+    assert w.state.stats()["totals"]["dry_run"] == 4 and w.state.filed() == []
+    # Turning dry_run off later files what the dry run only looked at.
+    real, _ = watcher_for(make_account(dovecot, name, password), config)
+    try:
+        assert real.process_backlog() == 4
+    finally:
+        real.close()
+    assert count_where(client)["INBOX"] == 0
+
+
+# ---- restarts, renumbering, duplicates ---------------------------------------------------------
+
+
+def test_restart_resumes_without_refiling(dovecot: Dovecot, user: Any, make_account: Any, config: Config) -> None:
+    name, password, client = user
+    load_messages(client, "INBOX", MIXED[:3])
+    account = make_account(dovecot, name, password, action="keyword")
+    w, _ = watcher_for(account, config)
+    assert w.process_backlog() == 3
+    w.close()
+    w.state.close()
+    load_messages(client, "INBOX", [msg(8, "Invoice 8")])
+    again, clf = watcher_for(account, config)  # a new StateDB on the same file: a restarted daemon
+    try:
+        assert again.process_backlog() == 1
+        assert clf.calls == [1]
+    finally:
+        again.close()
+    assert len(again.state.rows("acct")) == 4
+
+
+def test_uidvalidity_change_and_duplicates_are_not_refiled(dovecot: Dovecot, user: Any, make_account: Any, config: Config) -> None:
+    name, password, client = user
+    load_messages(client, "INBOX", MIXED[:3])
+    account = make_account(dovecot, name, password, action="keyword")
+    w, clf = watcher_for(account, config)
+    try:
+        assert w.process_backlog() == 3
+        # Simulate a server that renumbered the mailbox: what we stored no longer matches.
+        conn = w.state._conn()
+        conn.execute("UPDATE mailbox_state SET uidvalidity = uidvalidity - 1")
+        conn.execute("UPDATE messages SET uidvalidity = uidvalidity - 1")
+        # ... and the same message delivered a second time.
+        load_messages(client, "INBOX", [MIXED[0]])
+        assert w.process_backlog() == 0
+        assert clf.calls == [3]  # nothing was classified again
+        statuses = sorted(r.status for r in w.state.rows("acct"))
+        assert statuses == ["done"] * 3 + ["skipped"] * 4
+        assert w.state.last_uid("acct", "INBOX", w.uidvalidity or 0) == 4
+    finally:
+        w.close()
+    flags = [m["flags"] for m in contents(client, "INBOX").values()]
+    assert flags.count({b"mt_billing"}) == 1 and flags.count(set()) == 1  # the duplicate is left alone
+
+
+# ---- servers without MOVE / IDLE ----------------------------------------------------------------
+
+
+def _server_user(server: Dovecot) -> IMAPClient:
+    client = server.client()
+    for folder in ALL_FOLDERS:
+        client.create_folder(folder)
+    return client
+
+
+def test_no_move_server_uses_copy_uid_expunge_and_spares_deleted(
+    dovecot_factory: Callable[..., Dovecot], make_account: Any, config: Config
+) -> None:
+    server = dovecot_factory(extra_conf=NO_MOVE)
+    client = _server_user(server)
+    try:
+        load_messages(client, "INBOX", [msg(9, "Someone deleted this")], flags=[DELETED])
+        load_messages(client, "INBOX", MIXED[:3])
+        w, _ = watcher_for(make_account(server, "support", "secret"), config)
+        try:
+            w.process_backlog()
+            assert not w._has_move
+        finally:
+            w.close()
+        inbox = contents(client, "INBOX")
+        assert len(inbox) == 1 and DELETED in next(iter(inbox.values()))["flags"]
+        assert count_where(client)["Support/Billing"] == 1
+    finally:
+        imapconn.close(client)
+
+
+def test_polls_when_server_lacks_idle(dovecot_factory: Callable[..., Dovecot], make_account: Any, config: Config) -> None:
+    server = dovecot_factory(extra_conf=NO_IDLE)
+    client = _server_user(server)
+    w, _ = watcher_for(make_account(server, "support", "secret", poll_interval=1), config)
+    stop = threading.Event()
+    thread = threading.Thread(target=w.run, args=(stop,))
+    thread.start()
+    try:
+        assert wait_for(lambda: w.client is not None and w.uidvalidity is not None)
+        load_messages(client, "INBOX", [msg(1, "Refund now")])
+        assert wait_for(lambda: count_where(client)["Support/Refunds"] == 1)
+        assert not w._has_idle
+    finally:
+        stop.set()
+        thread.join(5)
+        imapconn.close(client)
+    assert not thread.is_alive()
+
+
+# ---- the run loop -------------------------------------------------------------------------------
+
+
+def test_idle_files_new_mail_and_survives_a_dropped_connection(
+    dovecot: Dovecot, user: Any, make_account: Any, config: Config
+) -> None:
+    name, password, client = user
+    load_messages(client, "INBOX", [msg(1, "Invoice backlog")])
+    clients: list[IMAPClient] = []
+
+    def connect(account: AccountConfig) -> IMAPClient:
+        c = imapconn.connect(account, timeout=5)
+        clients.append(c)
+        return c
+
+    w, _ = watcher_for(make_account(dovecot, name, password), config, connect=connect)
+    stop = threading.Event()
+    thread = threading.Thread(target=w.run, args=(stop,))
+    thread.start()
+    try:
+        assert wait_for(lambda: count_where(client)["Support/Billing"] == 1)  # catch-up
+        load_messages(client, "INBOX", [msg(2, "Password lost")])            # arrives during IDLE
+        assert wait_for(lambda: count_where(client)["Support/Login"] == 1)
+        # The network drops: the watcher notices, reconnects with backoff and carries on.
+        clients[-1].socket().shutdown(socket.SHUT_RDWR)
+        assert wait_for(lambda: len(clients) >= 2)
+        load_messages(client, "INBOX", [msg(3, "Refund after reconnect")])
+        assert wait_for(lambda: count_where(client)["Support/Refunds"] == 1)
+    finally:
+        t0 = time.monotonic()
+        stop.set()
+        thread.join(5)
+    assert not thread.is_alive() and time.monotonic() - t0 < 3  # stop is noticed promptly
+    assert count_where(client)["INBOX"] == 0
+
+
+def test_idle_is_reissued_before_idle_timeout(dovecot: Dovecot, user: Any, make_account: Any, config: Config) -> None:
+    name, password, _client = user
+    account = make_account(dovecot, name, password)
+    object.__setattr__(account, "idle_timeout", 0.3)  # the config floor is 30 s; shrink it for the test
+    idles: list[float] = []
+
+    def connect(acct: AccountConfig) -> IMAPClient:
+        c = imapconn.connect(acct, timeout=5)
+        real_idle = c.idle
+
+        def counted_idle() -> Any:
+            idles.append(time.monotonic())
+            return real_idle()
+
+        c.idle = counted_idle  # type: ignore[method-assign]
+        return c
+
+    w, _ = watcher_for(account, config, connect=connect)
+    stop = threading.Event()
+    thread = threading.Thread(target=w.run, args=(stop,))
+    thread.start()
+    try:
+        assert wait_for(lambda: len(idles) >= 4, timeout=5)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert not thread.is_alive()
+    gaps = [b - a for a, b in zip(idles, idles[1:])]
+    assert all(0.25 < g < 1.5 for g in gaps), gaps
+
+
+def test_run_backs_off_while_server_is_unreachable_and_stops(
+    dovecot: Dovecot, imap_user: tuple[str, str], make_account: Any, config: Config
+) -> None:
+    # (Wrong credentials get the same treatment; test_actions checks their message. Repeating
+    # failed logins here would only buy Dovecot's 2 s auth-failure delays.)
+    attempts: list[float] = []
+
+    def connect(account: AccountConfig) -> IMAPClient:
+        attempts.append(time.monotonic())
+        return imapconn.connect(account, timeout=5)
+
+    w, _ = watcher_for(make_account(dovecot, *imap_user, port=1), config, connect=connect)
+    with pytest.raises(MailboxError, match="cannot connect to 127.0.0.1:1"):
+        w.check()
+    attempts.clear()
+    stop = threading.Event()
+    thread = threading.Thread(target=w.run, args=(stop,))
+    thread.start()
+    assert wait_for(lambda: len(attempts) >= 4, timeout=10)
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive()
+    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    assert gaps[0] >= 0.09 and gaps[2] > gaps[0]  # exponential backoff (0.1, 0.2, 0.4 ... capped at 1 s)
+
+
+def test_missing_destination_folder_fails_fast(dovecot: Dovecot, imap_user: tuple[str, str], make_account: Any, config: Config) -> None:
+    w, _ = watcher_for(make_account(dovecot, *imap_user), config)
+    with pytest.raises(MailboxError, match=r"Support/Billing.*do not exist on account 'acct'"):
+        w.check()
+    # A dry run still runs (it changes nothing) and only warns.
+    dry, _ = watcher_for(make_account(dovecot, *imap_user, dry_run=True), config, path=str(Path(config.state_path).with_suffix(".dry")))
+    dry.check()
+
+
+# ---- crashes --------------------------------------------------------------------------------------
+
+
+class Crash(Exception):
+    """Stands for the process dying at this exact point."""
+
+
+def _crash_once(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    real = getattr(actions, name)
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(actions, name, real)
+        raise Crash(f"crash in {name}")
+
+    monkeypatch.setattr(actions, name, boom)
+
+
+@pytest.mark.parametrize(
+    ("extra_conf", "action", "crash_in", "recovery"),
+    [
+        # after COPY, before the original is removed
+        (NO_MOVE, "move", "delete_original", "recovered_original_removed"),
+        # after APPEND + verify, before the original is removed
+        ("", "header", "delete_original", "recovered_original_removed"),
+        # after APPEND, before it was verified
+        ("", "header", "find_copy", "recovered_original_removed"),
+        # 'pending' recorded, the action never ran
+        ("", "move", "move", "recovered_redone"),
+        ("", "header", "append_flags", "recovered_redone"),
+    ],
+)
+def test_crash_mid_action_then_restart_leaves_exactly_one_copy(
+    dovecot_factory: Callable[..., Dovecot], make_account: Any, config: Config, monkeypatch: pytest.MonkeyPatch,
+    extra_conf: str, action: str, crash_in: str, recovery: str,
+) -> None:
+    server = dovecot_factory(extra_conf=extra_conf)
+    client = _server_user(server)
+    try:
+        load_messages(client, "INBOX", [msg(1, "Invoice crash"), msg(2, "Password after crash")])
+        account = make_account(server, "support", "secret", action=action)
+        _crash_once(monkeypatch, crash_in)
+        w, _ = watcher_for(account, config)
+        with pytest.raises(Crash):
+            w.process_backlog()
+        w.close()
+        assert [r.status for r in w.state.pending("acct", "INBOX")] == ["pending"]
+        restarted, _ = watcher_for(account, config)
+        try:
+            with structlog.testing.capture_logs() as logs:
+                restarted.connect()  # recovery runs on connect
+            assert [e["event"] for e in logs if e["event"].startswith("recovered")] == [recovery]
+            assert restarted.state.pending("acct", "INBOX") == []
+            restarted.process_backlog()
+        finally:
+            restarted.close()
+        assert count_where(client) == {"INBOX": 0, "Support/Billing": 1, "Support/Login": 1, "Support/Refunds": 0,
+                                       "Support/Unsure": 0}
+        assert sorted(r.status for r in restarted.state.rows("acct")) == ["done", "done"]
+        if action == "header":
+            (billing,) = contents(client, "Support/Billing").values()
+            assert billing["header"].startswith(b"X-Mailtriage-Category: billing")
+    finally:
+        imapconn.close(client)
+
+
+# ---- the real model ------------------------------------------------------------------------------
+
+
+def test_with_the_real_tiny_model(dovecot: Dovecot, user: Any, make_account: Any, config: Config, tiny_model_dir: Path) -> None:
+    from mailtriage.model import load_classifier
+
+    clf = load_classifier(tiny_model_dir, device="cpu", expected_labels=list(CATEGORIES))
+    name, password, client = user
+    load_messages(client, "INBOX", MIXED[:3])
+    w = MailboxWatcher(make_account(dovecot, name, password), "INBOX", config, StateDB(config.state_path),
+                       lambda texts: (clf.classify(texts), clf.version))
+    try:
+        assert w.process_backlog() == 3
+    finally:
+        w.close()
+    assert count_where(client)["INBOX"] == 0
+    assert {r.model_version for r in w.state.rows("acct")} == {clf.version}

@@ -294,7 +294,7 @@ def _param(value: str, name: str) -> str:
     match = pattern.search(value)
     if match is None:
         return ""
-    return (match.group(1) if match.group(1) is not None else match.group(2)).strip()
+    return (match.group(1) if match.group(1) is not None else match.group(2)).strip().strip('"')
 
 
 _MIME_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
@@ -508,15 +508,19 @@ def _codec(charset: str | None) -> str | None:
 
 
 def _decode_bytes(data: bytes, charset: str | None) -> str:
-    """Bytes -> str, never failing: the declared charset, then UTF-8, then cp1252, then latin-1."""
+    """Bytes -> str, never failing: the declared charset, then UTF-8, then cp1252, then latin-1.
+
+    Strict decoding, except that an incomplete character at the very end is dropped: our byte
+    caps can cut one in half, and that must not demote a whole UTF-8 part to cp1252.
+    """
     codec = _codec(charset)
     if codec is not None and codec not in _WESTERN:
         try:
-            return data.decode(codec)
+            return codecs.getincrementaldecoder(codec)().decode(data, final=False)
         except Exception:
             pass
     try:
-        return data.decode("utf-8")
+        return codecs.getincrementaldecoder("utf-8")().decode(data, final=False)
     except UnicodeDecodeError:
         pass
     try:

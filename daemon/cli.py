@@ -152,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `mailtriage text big.eml | head` is fine, not a crash
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,16 @@ import sys
 import structlog
 
 
+class _Stderr:
+    """Resolves sys.stderr at each write, so a replaced stream (pytest capture) is never stale."""
+
+    def write(self, data: str) -> int:
+        return sys.stderr.write(data)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str = "info", json: bool | None = None) -> None:
     """JSON lines when running under systemd (JOURNAL_STREAM set) or not on a terminal.
 
@@ -30,7 +40,7 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     # Libraries that use stdlib logging (apscheduler, transformers) share the same stream.

@@ -32,7 +32,9 @@ def notify(state: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(_address(name))
-            sock.sendall(state.encode())
+            # Never block the event loop: a receiver whose queue is full (only ~10 datagrams by
+            # default) costs us this one notification, not a stalled service.
+            sock.send(state.encode(), socket.MSG_DONTWAIT)
         return True
     except OSError as exc:
         log.warning("sd_notify_failed", socket=name, error=str(exc))

@@ -56,10 +56,10 @@ LABELS_FILE = "inbox_labels.json"
 # How often each kind of difficulty shows up (per message). Tuned so that a TF-IDF + logistic
 # regression baseline trained on the history lands around 80-90% on the inbox, not 100%.
 P_AMBIGUOUS = 0.05  # body about two categories; the label is one of them
-P_QUOTED_REPLY = 0.35 # a reply quoting earlier mail, mostly about another category
+P_QUOTED_REPLY = 0.4  # a reply quoting earlier mail, mostly about another category
 P_FORWARD = 0.03
 P_MENTION_OTHER = 0.3  # the customer's own text also names another category's issue
-P_VAGUE_SUBJECT = 0.18
+P_VAGUE_SUBJECT = 0.25
 P_HTML_ONLY = 0.12
 P_ALTERNATIVE = 0.18
 P_ATTACHMENT = 0.05
@@ -463,7 +463,8 @@ _FIRST = ("Anna", "James", "Maria", "David", "Sarah", "Michael", "Laura", "Tom",
           "Noémie", "Thérèse", "Andrés", "Ayşe", "Ingrid", "Marco", "Yuki", "Grace")
 _LAST = ("Smith", "Johnson", "Nguyen", "Patel", "Okafor", "Tanaka", "Rossi", "Jensen", "O'Connor", "Brown",
          "Kim", "Schmidt", "Novak", "Silva", "Murphy", "Cohen", "Larsen", "Ivanova", "Walker", "Dubois",
-         "Müller", "García", "Lefèvre", "Åkesson", "Wójcik", "Núñez", "Weiß", "Çelik", "Ó Briain", "Fernández")
+         "Müller", "García", "Lefèvre", "Åkesson", "Wójcik", "Núñez", "Weiß", "Çelik", "Ó Briain",
+         "Fernández")
 _MAIL_DOMAINS = ("gmail.com", "outlook.com", "yahoo.com", "hotmail.co.uk", "icloud.com", "proton.me",
                  "web.de", "orange.fr", "gmx.net", "example.org", "fastmail.com")
 _COMPANIES = ("Brightside Dental", "Kestrel Logistics GmbH", "Atelier Noël", "Hollow Oak Farm",
@@ -548,7 +549,8 @@ class _Generator:
     def _slots(self, when: datetime, email: str) -> dict[str, str]:
         rng = self.rng
         currency = rng.choice(("${:.2f}", "€{:.2f}", "£{:.2f}", "{:.2f} EUR", "USD {:.2f}"))
-        amounts = [rng.choice((4.99, 9.99, 12.99, 49.99, 59.0, 99.0, 129.0, 179.99, 19.98, 7.5, 239.0)) for _ in range(2)]
+        prices = (4.99, 9.99, 12.99, 49.99, 59.0, 99.0, 129.0, 179.99, 19.98, 7.5, 239.0)
+        amounts = [rng.choice(prices) for _ in range(2)]
         past = when - timedelta(days=rng.randint(1, 40))
         date = rng.choice((past.strftime("%B %d"), past.strftime("%d/%m/%Y"), past.strftime("%Y-%m-%d"),
                            past.strftime("%d %b"), "last week", "yesterday", past.strftime("%A")))
@@ -561,10 +563,12 @@ class _Generator:
             "tracking": rng.choice(("1Z{:016d}", "JD{:018d}", "{:012d}")).format(rng.randint(0, 10**12)),
             "days": str(rng.randint(3, 21)), "version": f"{rng.randint(3, 5)}.{rng.randint(0, 14)}.{rng.randint(0, 9)}",
             "device": rng.choice(_DEVICES), "device2": rng.choice(_DEVICES), "os": rng.choice(_OSES),
-            "browser": rng.choice(_BROWSERS), "error": rng.choice(_ERRORS), "decline": rng.choice(_DECLINES), "module": rng.choice(_MODULES),
+            "browser": rng.choice(_BROWSERS), "error": rng.choice(_ERRORS), "decline": rng.choice(_DECLINES),
+            "module": rng.choice(_MODULES),
             "company": rng.choice(_COMPANIES), "country": rng.choice(_COUNTRIES), "city": rng.choice(_CITIES),
             "feature": rng.choice(_FEATURES), "router": rng.choice(_ROUTERS),
-            "ticket": f"#{rng.randint(100000, 999999)}", "vat": f"{rng.choice(('DE', 'FR', 'GB', 'NL'))}{rng.randint(10**8, 10**9 - 1)}",
+            "ticket": f"#{rng.randint(100000, 999999)}",
+            "vat": f"{rng.choice(('DE', 'FR', 'GB', 'NL'))}{rng.randint(10**8, 10**9 - 1)}",
             "year": str(rng.randint(2016, 2023)), "month": rng.choice(_MONTHS), "relative": rng.choice(_RELATIVES),
             "topic": "", "agent": rng.choice(_AGENTS),
         }
@@ -687,9 +691,10 @@ class _Generator:
         if mail.quote_style == "gmail":
             mail.quote_attribution = f"On {then.strftime('%a, %b %d, %Y at %H:%M')}, {who_name} <{who_addr}> wrote:"
         else:
+            to = mail.sender[1] if who_addr == SUPPORT_ADDRESS else SUPPORT_ADDRESS
             mail.quote_attribution = (f"-----Original Message-----\nFrom: {who_name} <{who_addr}>\n"
-                                      f"Sent: {then.strftime('%A, %B %d, %Y %H:%M')}\nTo: {SUPPORT_ADDRESS}\n"
-                                      f"Subject: {old_subject}")
+                                      f"Sent: {then.strftime('%A, %B %d, %Y %H:%M')}\nTo: {to}\n"
+                                      f"Subject: {old_subject}\n")
         if rng.random() < 0.6 and not mail.subject.lower().startswith("re:"):
             # Keeping the old thread's subject is common and misleading, as in real support mail.
             mail.subject = "Re: " + (old_subject if rng.random() < 0.6 else mail.subject)
@@ -703,7 +708,7 @@ class _Generator:
         body = _wrap(" ".join(self._core(mail.label, dict(slots), short=True)))
         mail.quote_style = "outlook"
         mail.quote_attribution = (f"---------- Forwarded message ---------\nFrom: {mail.sender[0]} <{mail.sender[1]}>\n"
-                                  f"Date: {then.strftime('%a, %b %d, %Y')}\nSubject: {mail.subject}\nTo: {SUPPORT_ADDRESS}")
+                                  f"Date: {then.strftime('%a, %b %d, %Y')}\nSubject: {mail.subject}\nTo: {SUPPORT_ADDRESS}\n")
         mail.quote_lines = body
         mail.subject = "Fwd: " + mail.subject
         mail.paragraphs = mail.paragraphs[:1] + [rng.choice(("See below.", "Forwarding my earlier email, no answer yet.",
@@ -764,6 +769,8 @@ class _Generator:
             texts = [("plain", self._plain(mail))]
         charset = _charset(rng, " ".join([mail.subject, *(t for _, t in texts)]))
         cte = _cte(rng, charset)
+        # The HTML's own <meta> names the charset the part is really sent in.
+        texts = [(st, t.replace('charset=utf-8"', f'charset={charset}"')) for st, t in texts]
         msg: Message
         if len(texts) == 1:
             msg = _text_part(texts[0][1], texts[0][0], charset, cte)

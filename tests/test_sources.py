@@ -54,7 +54,7 @@ def test_folder_per_category(tmp_path: Path) -> None:
     (root / "billing" / ".hidden").write_bytes(raw("billing", 99))
     examples = load_source(root, progress=False)
     assert by_label(examples) == {"billing": 3, "login": 3}
-    e = next(e for e in examples if e.key == "<billing-1@example.com>")
+    e = next(e for e in examples if e.key == "billing-1@example.com")
     assert e.label == "billing"
     assert "invoice wrong amount" in e.text
     assert e.date == datetime(2024, 1, 2, 10, 0, tzinfo=timezone.utc)
@@ -185,6 +185,19 @@ def test_tar_gz_of_a_folder_tree_read_in_place(tmp_path: Path) -> None:
     examples = load_source(archive, progress=False)
     assert by_label(examples) == {"billing": 2, "login": 2}
     assert set(tmp_path.iterdir()) == before  # nothing extracted to disk
+
+
+def test_mbox_files_inside_category_folders_of_an_archive(tmp_path: Path) -> None:
+    archive = tmp_path / "export.tgz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for label in CATEGORIES:
+            data = b"".join(b"From someone Mon Jan  1 00:00:00 2024\n" + raw(label, i) + b"\n" for i in range(3))
+            info = tarfile.TarInfo(f"{label}/archive.mbox")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    examples = load_source(archive, progress=False)
+    assert by_label(examples) == {"billing": 3, "login": 3}
+    assert len({e.key for e in examples}) == 6
 
 
 def test_categories_ignore_unknown_folders_and_match_folder_names(tmp_path: Path) -> None:

@@ -100,6 +100,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, metavar="LR")
     p.add_argument("--batch-size", type=int, metavar="N")
     p.add_argument("--lora-r", type=int, metavar="R")
+    p.add_argument("--patience", type=int, metavar="N", help="stop after N epochs without a better validation score")
     p.add_argument("--seed", type=int)
     p.add_argument("--holdout-fraction", type=float, metavar="F")
     p.add_argument("--min-examples", type=int, metavar="N", help="per class (default: training.min_examples_per_class)")
@@ -140,6 +141,7 @@ class _Settings:
     lora_r: int
     max_length: int
     device: str
+    patience: int | None
 
 
 def _settings(args: argparse.Namespace, cfg: Any) -> _Settings:
@@ -166,13 +168,14 @@ def _settings(args: argparse.Namespace, cfg: Any) -> _Settings:
         lora_r=pick(args.lora_r, tc.lora_r),
         max_length=pick(args.max_length, mc.max_length),
         device=pick(args.device, mc.device),
+        patience=args.patience,
     )
     if not 0.0 <= s.threshold <= 1.0:
         raise ConfigError(f"--threshold {s.threshold!r} is outside 0..1")
     if not 0.0 < s.holdout_fraction < 1.0:
         raise ConfigError(f"--holdout-fraction {s.holdout_fraction!r}: expected a number between 0 and 1 (0.2 is usual)")
-    for name in ("min_examples", "epochs", "batch_size", "lora_r", "max_length"):
-        if getattr(s, name) <= 0:
+    for name in ("min_examples", "epochs", "batch_size", "lora_r", "max_length", "patience"):
+        if getattr(s, name) is not None and getattr(s, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(s, name)!r}: must be a positive number")
     return s
 
@@ -208,7 +211,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     labels = list(cfg.labels) if cfg is not None else sources.labels_of(examples)
     dataset.check_min_examples(examples, s.min_examples, labels)
     train_all, holdout = dataset.split(examples, s.holdout_fraction, s.seed)
-    train, val = dataset.split(train_all, VALIDATION_FRACTION, s.seed)
+    train, val = dataset.split(train_all, VALIDATION_FRACTION, s.seed, name="validation")
     data_info: dict[str, Any] = {
         "source": source_name,
         "loaded": loaded,
@@ -227,7 +230,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     with _exclusive(s.model_dir):
         version_dir = modeldir.new_version_dir(s.model_dir)
-        log.info("training", version=version_dir.name, base_model=s.base, train=len(train),
+        log.info("training_started", version=version_dir.name, base_model=s.base, train=len(train),
                  validation=len(val), holdout=len(holdout), labels=len(labels))
         try:
             params, result = _finetune(s, train, val, labels, version_dir, progress)
@@ -241,10 +244,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             "".join(_key_digest(e.key) + "\n" for e in sorted(train_all, key=lambda e: e.key)), encoding="utf-8")
 
         # 3. evaluate on the holdout: model, baseline, ensemble
-        manifest.update(_evaluate_all(s, version_dir, labels, train_all, holdout, progress))
+        scores, model_probs = _evaluate_all(s, version_dir, labels, train_all, holdout, progress)
+        manifest.update(scores)
 
         # 4. the gate
-        gate = _gate(s, cfg, version_dir, labels, holdout, manifest["metrics"], args.force, progress)
+        gate = _gate(s, cfg, labels, holdout, model_probs, manifest["metrics"], args.force, progress)
         manifest["gate"] = gate
         modeldir.write_manifest(version_dir, manifest)
         from mailtriage_trainer.report import write_report
@@ -268,6 +272,8 @@ def _finetune(
         "epochs": s.epochs, "learning_rate": s.learning_rate, "batch_size": s.batch_size,
         "lora_r": s.lora_r, "max_length": s.max_length, "seed": s.seed, "device": s.device,
     }
+    if s.patience is not None:
+        wanted["patience"] = s.patience
     known = {f.name for f in dataclasses.fields(TrainParams)}
     params = TrainParams(**{k: v for k, v in wanted.items() if k in known})
     result = finetune(
@@ -310,7 +316,8 @@ def _base_manifest(
 def _evaluate_all(
     s: _Settings, version_dir: Path, labels: Sequence[str], train_all: Sequence[Any], holdout: Sequence[Any],
     progress: bool,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Any]:
+    """(manifest entries for model, baseline and ensemble metrics; the model's holdout probabilities)."""
     from mailtriage.model import load_classifier
     from mailtriage_trainer.evaluate import (
         DEFAULT_THRESHOLDS, Baseline, classifier_probs, ensemble_probs, score_probs,
@@ -331,13 +338,14 @@ def _evaluate_all(
         "baseline_metrics": score_probs(y, base_p, labels, thresholds),
         "ensemble_metrics": score_probs(y, ensemble_probs(model_p, base_p), labels, thresholds),
     }
-    log.info("evaluated", holdout=len(holdout),
-             **{k.replace("_metrics", ""): round(v["macro_f1"], 4) for k, v in out.items()})
-    return out
+    log.info("holdout_evaluated", holdout=len(holdout),
+             **{name: round(out[key]["macro_f1"], 4) for name, key in
+                (("model", "metrics"), ("baseline", "baseline_metrics"), ("ensemble", "ensemble_metrics"))})
+    return out, model_p
 
 
 def _gate(
-    s: _Settings, cfg: Any, version_dir: Path, labels: Sequence[str], holdout: Sequence[Any],
+    s: _Settings, cfg: Any, labels: Sequence[str], holdout: Sequence[Any], model_probs: Any,
     new_metrics: dict[str, Any], force: bool, progress: bool,
 ) -> dict[str, Any]:
     """Promote only if the new macro-F1 >= the current version's on the same held-out mail."""
@@ -352,13 +360,11 @@ def _gate(
         if not promoted and force:
             promoted, decision, reason = True, "forced", reason + " Promoted anyway because of --force."
         gate.update(promoted=promoted, decision=decision or ("promoted" if promoted else "refused"), reason=reason)
-        log.info("gate", **{k: v for k, v in gate.items() if k != "current_metrics"})
+        log.info("gate_decided", **{k: v for k, v in gate.items() if k != "current_metrics"})
         return gate
 
     if current is None:
         return decide(True, "No version was promoted before; this one becomes current.")
-    if current == version_dir.resolve():
-        return decide(True, "This version is already current.")
     try:
         current_labels = LabelSet.load(current).labels
     except ModelError as exc:
@@ -374,23 +380,28 @@ def _gate(
                              "replace it, or --config so the configured categories decide.")
 
     # Compare on held-out mail the current version never trained on, when it says what it trained on.
-    subset = list(holdout)
+    # A current version trained on some of this holdout would score itself too well (a random split
+    # moves mail between train and holdout from one run to the next).
+    rows = list(range(len(holdout)))
     note = ""
     keys_file = current / TRAIN_KEYS_FILE
     if keys_file.is_file():
         seen = set(keys_file.read_text(encoding="utf-8").split())
-        unseen = [e for e in holdout if _key_digest(e.key) not in seen]
-        if len(unseen) < len(holdout) and len({e.label for e in unseen}) == len({e.label for e in holdout}):
-            subset = unseen
-            note = (f" Compared on the {len(unseen)} of {len(holdout)} held-out messages that "
+        unseen = [i for i in rows if _key_digest(holdout[i].key) not in seen]
+        if len(unseen) < len(rows) and {holdout[i].label for i in unseen} == {e.label for e in holdout}:
+            rows = unseen
+            note = (f" Compared on the {len(rows)} of {len(holdout)} held-out messages that "
                     f"{current.name} did not train on.")
+    subset = [holdout[i] for i in rows]
     try:
         current_metrics = _score_version(current, s, labels, subset, progress)
     except ModelError as exc:
         return decide(True, f"The current version {current.name} cannot be loaded ({exc}); replacing it.")
     new_f1 = new_metrics["macro_f1"]
-    if len(subset) != len(holdout):
-        new_f1 = _score_version(version_dir, s, labels, subset, progress)["macro_f1"]
+    if len(rows) != len(holdout):
+        from mailtriage_trainer.evaluate import score_probs
+
+        new_f1 = score_probs([e.label for e in subset], model_probs[rows], labels, ())["macro_f1"]
     cur_f1 = current_metrics["macro_f1"]
     gate.update(current_macro_f1=cur_f1, new_macro_f1_compared=new_f1, compared_on=len(subset),
                 current_metrics=current_metrics)

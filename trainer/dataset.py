@@ -56,7 +56,7 @@ def dedupe(examples: Sequence[Example]) -> tuple[list[Example], int]:
         kept = [ex for i, ex in enumerate(kept) if i not in drop]
     dropped = len(examples) - len(kept)
     if dropped:
-        log.info("duplicates dropped", dropped=dropped, with_conflicting_labels=conflicts, kept=len(kept))
+        log.info("duplicates_dropped", dropped=dropped, with_conflicting_labels=conflicts, kept=len(kept))
     return kept, dropped
 
 
@@ -85,11 +85,12 @@ def check_min_examples(
 
 
 def split(
-    examples: Sequence[Example], holdout_fraction: float, seed: int
+    examples: Sequence[Example], holdout_fraction: float, seed: int, *, name: str = "holdout"
 ) -> tuple[list[Example], list[Example]]:
     """(train, holdout): per class, the newest ``holdout_fraction`` (or a seeded random sample).
 
-    Every class with at least 2 examples gets at least one example on each side.
+    Every class with at least 2 examples gets at least one example on each side. ``name`` only
+    labels the log line (the trainer splits twice: holdout, then validation for early stopping).
     """
     if not 0.0 < holdout_fraction < 1.0:
         raise TrainingDataError(f"holdout_fraction = {holdout_fraction!r}: expected a number between 0 and 1")
@@ -115,8 +116,8 @@ def split(
         else:
             holdout.extend(group[:k])
             train.extend(group[k:])
-    log.info("split", mode="time-ordered" if time_ordered else "stratified random",
-             train=len(train), holdout=len(holdout))
+    log.info("data_split", part=name, mode="time-ordered" if time_ordered else "stratified random",
+             kept=len(train), held_out=len(holdout))
     return train, holdout
 
 

@@ -63,8 +63,8 @@ def render_markdown(manifest: dict[str, Any], confusion_png: bool = True) -> str
         add("")
         n_holdout = model.get("n", 0)
         add(f"Measured on {n_holdout} held-out messages"
-            + (f" ({data.get('split')} split)" if data.get("split") else "")
-            + "; the gate compares macro-F1 (the mean of per-class F1, so small classes count as much as big ones).")
+            + (f" (split: {data.get('split')})" if data.get("split") else "")
+            + ". The gate compares macro-F1: the mean of per-class F1, so small classes count as much as big ones.")
         add("")
         thr_head = f" | coverage @ {threshold:g} | accuracy on covered" if threshold is not None else ""
         add("| | accuracy | macro-F1" + thr_head + " |")
@@ -84,6 +84,18 @@ def render_markdown(manifest: dict[str, Any], confusion_png: bool = True) -> str
                 line += f" | {_pct(t['coverage'])} | {_pct(t['accuracy_on_covered'])}" if t else " | | "
             add(line + " |")
         add("")
+        if baseline and baseline["macro_f1"] - model["macro_f1"] > 0.05:
+            add(f"**Warning:** the TF-IDF baseline beats the fine-tuned model by "
+                f"{baseline['macro_f1'] - model['macro_f1']:.3f} macro-F1. The fine-tune is probably "
+                "undertrained (more epochs or a higher learning rate), or the base model is too weak for "
+                "this mail.")
+            add("")
+        configured = _threshold_row(model, threshold) if threshold is not None else None
+        if configured and configured["coverage"] < 0.5:
+            add(f"**Warning:** at the configured threshold {threshold:g} only {_pct(configured['coverage'])} of "
+                "held-out mail would be filed; the rest would go to the unsure folder. The model is "
+                "under-confident (train longer) or the threshold is too high for it; see the table below.")
+            add("")
         if ensemble and baseline:
             best = max(rows[:3], key=lambda nr: nr[1]["macro_f1"])
             add(f"Best on held-out by macro-F1: {best[0]}."

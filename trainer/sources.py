@@ -100,7 +100,7 @@ def load_source(
             f"no labelled examples found in {str(path)!r}{wanted}; expected {_WHAT_WE_READ}"
             + (f". Ignored folders/labels: {sorted(reader.ignored)}" if reader.ignored else "")
         )
-    log.info("training data loaded", source=str(path), examples=len(examples),
+    log.info("training_data_loaded", source=str(path), examples=len(examples),
              classes=len({e.label for e in examples}))
     return examples
 
@@ -151,7 +151,7 @@ def load_imap(
                 bar.close()
             except (IMAPClientError, OSError) as exc:
                 raise MailboxError(f"harvesting {where} failed: {exc}") from exc
-            log.info("harvested folder", account=acc.name, folder=folder, label=label, messages=len(uids))
+            log.info("imap_folder_harvested", account=acc.name, folder=folder, label=label, messages=len(uids))
     finally:
         try:
             client.logout()
@@ -229,7 +229,7 @@ class _Reader:
             date = _aware(message_date(raw))
         except Exception as exc:  # mail_text promises not to raise; one bad file must not stop a harvest
             self.skipped["unreadable"] += 1
-            log.warning("skipping unreadable message", source=source, error=repr(exc))
+            log.warning("message_unreadable_skipped", source=source, error=repr(exc))
             return None
         if not text.strip():
             self.skipped["empty text"] += 1
@@ -246,9 +246,9 @@ class _Reader:
 
     def log_skipped(self, where: object) -> None:
         if self.skipped:
-            log.warning("skipped messages", source=str(where), **dict(self.skipped))
+            log.warning("messages_skipped", source=str(where), **dict(self.skipped))
         if self.ignored:
-            log.warning("ignored folders that match no configured category", source=str(where),
+            log.warning("folders_ignored_not_a_category", source=str(where),
                         folders=sorted(self.ignored))
 
 
@@ -384,6 +384,9 @@ def _load_maildir_plus(path: Path, reader: _Reader) -> list[Example]:
 # ---- mbox ---------------------------------------------------------------------------------
 
 
+_UNQUOTE_FROM = re.compile(rb"(?m)^>(>*From )")
+
+
 def _mbox_messages(data: bytes) -> list[bytes]:
     """Split mbox bytes at 'From ' lines (mboxrd '>From ' quoting undone)."""
     msgs: list[bytes] = []
@@ -397,8 +400,7 @@ def _mbox_messages(data: bytes) -> list[bytes]:
             continue
         if not started:
             continue
-        if re.match(rb"^>+From ", line):
-            line = line[1:]
+        line = _UNQUOTE_FROM.sub(rb"\1", line)
         current.append(line)
     if started and current:
         msgs.append(b"".join(current))
@@ -413,7 +415,8 @@ def _load_mbox(path: Path, reader: _Reader, fixed_label: str | None = None) -> l
     bar = reader.bar(total=len(keys), desc=f"{(fixed_label or path.name):<20.20}")
     for key in keys:
         bar.update(1)
-        raw = box.get_bytes(key)
+        # mailbox keeps the '>From ' quoting; undone here so mail_text does not take it for a quoted reply.
+        raw = _UNQUOTE_FROM.sub(rb"\1", box.get_bytes(key))
         label = fixed_label
         if label is None:
             found = _header_label(raw)

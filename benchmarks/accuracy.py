@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,15 +65,16 @@ class Plan:
     epochs: int
     max_length: int
     holdout_fraction: float          # the trainer's internal holdout (the gate's); small when a real test set exists
+    learning_rate: float | None = None  # None: the trainer's default (5e-4)
 
 
 # Sized so each data set trains in well under 15 min on 2 shared cores (a 16 x 256-token LoRA step
 # takes ~1.5-4 s there, depending on how busy the machine is).
 PLANS: dict[str, Plan] = {
-    "20news": Plan(train_per_class=50, test_per_class=40, epochs=3, max_length=256, holdout_fraction=0.1),
+    "20news": Plan(train_per_class=50, test_per_class=40, epochs=8, max_length=256, holdout_fraction=0.1),
     "banking77": Plan(train_per_class=25, test_per_class=None, epochs=6, max_length=64, holdout_fraction=0.1),
     "bitext": Plan(train_per_class=120, test_per_class=None, epochs=5, max_length=64, holdout_fraction=0.1),
-    "demo": Plan(train_per_class=40, test_per_class=None, epochs=4, max_length=256, holdout_fraction=0.1),
+    "demo": Plan(train_per_class=40, test_per_class=None, epochs=8, max_length=256, holdout_fraction=0.1),
 }
 QUICK = {
     "20news": Plan(8, 4, 1, 128, 0.2),
@@ -208,6 +209,7 @@ def train_cmd(data: Path, model_dir: Path, plan: Plan) -> list[str]:
         "--epochs", str(plan.epochs), "--max-length", str(plan.max_length),
         "--holdout-fraction", str(plan.holdout_fraction), "--seed", str(SEED), "--min-examples", "2",
         "--device", "cpu", "--force",
+        *(["--learning-rate", str(plan.learning_rate)] if plan.learning_rate else []),
     ]
 
 
@@ -263,10 +265,10 @@ def score_external(model_dir: Path, train_src: Path, test_src: Path, plan: Plan,
     }
 
 
-def run_case(name: str, quick: bool, keep: bool) -> dict[str, Any]:
-    plan = (QUICK if quick else PLANS)[name]
+def run_case(name: str, quick: bool, keep: bool, overrides: dict[str, Any], tag: str) -> dict[str, Any]:
+    plan = replace((QUICK if quick else PLANS)[name], **overrides)
     work = Path(tempfile.mkdtemp(prefix=f"mt-bench-{name}-"))
-    model_dir = OUT / "models" / (name + ("-quick" if quick else ""))
+    model_dir = OUT / "models" / (name + tag)
     shutil.rmtree(model_dir, ignore_errors=True)  # a fresh directory: no gate run against an older version
     try:
         if name == "20news":
@@ -279,7 +281,7 @@ def run_case(name: str, quick: bool, keep: bool) -> dict[str, Any]:
             train_src, test_src, notes = prep_demo(plan, work, quick)
         load_before = loadavg()
         argv = train_cmd(train_src, model_dir, plan)
-        log_path = OUT / "logs" / f"accuracy-{name}{'-quick' if quick else ''}-train.log"
+        log_path = OUT / "logs" / f"accuracy-{name}{tag}-train.log"
         tr = run_timed(argv, log_path)
         if tr["rc"] != 0:
             raise SystemExit(f"mailtriage-train failed ({tr['rc']}):\n{tail(log_path)}")
@@ -332,7 +334,8 @@ def row(r: dict[str, Any]) -> list[Any]:
         f"{r['n_train']} (+{r['n_val']} val)" + (f", {per_class}/class drawn" if per_class else ", all"),
         t["test_n"],
         m("model"), m("baseline"), m("ensemble"),
-        f"{r['plan']['epochs']} ep (best {ft.get('best_epoch')}), {ft.get('train_seconds') or 0:.0f} s",
+        f"{r['plan']['epochs']} ep (best {ft.get('best_epoch')}), {ft.get('train_seconds') or 0:.0f} s"
+        + (f", lr {r['plan']['learning_rate']:g}" if r["plan"].get("learning_rate") else ""),
     ]
 
 
@@ -364,8 +367,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="torch threads for training/eval (OMP_NUM_THREADS); 'auto' = 1 when the load average "
                          "exceeds the core count (2 spinning threads on a busy 2-core box run ~3x slower), "
                          "else torch's default. Accuracy does not depend on it; time does.")
+    ap.add_argument("--epochs", type=int, help="override the plan's epochs (named in the JSON file)")
+    ap.add_argument("--learning-rate", type=float, help="override the trainer's learning rate (named in the JSON file)")
     args = ap.parse_args(argv)
     names = args.dataset or ["demo", "bitext", "banking77", "20news"]
+    overrides: dict[str, Any] = {}
+    tag = "-quick" if args.quick else ""
+    if args.epochs:
+        overrides["epochs"] = args.epochs
+        tag += f"-ep{args.epochs}"
+    if args.learning_rate:
+        overrides["learning_rate"] = args.learning_rate
+        tag += f"-lr{args.learning_rate:g}"
     threads = set_threads(args.threads)
     info = machine()
     info["threads_setting"] = threads
@@ -374,11 +387,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in names:
         started = time.monotonic()
         print(f"== {name}", file=sys.stderr, flush=True)
-        r = run_case(name, args.quick, args.keep)
+        r = run_case(name, args.quick, args.keep, overrides, tag)
         r["wall_s"] = round(time.monotonic() - started, 1)
         r["machine"] = info
-        r["command"] = f".venv/bin/python -m benchmarks.accuracy --dataset {name}" + (" --quick" if args.quick else "")
-        path = write_json(f"accuracy-{name}{'-quick' if args.quick else ''}", r)
+        r["command"] = f".venv/bin/python -m benchmarks.accuracy --dataset {name}" + (" --quick" if args.quick else "") \
+            + (f" --epochs {args.epochs}" if args.epochs else "") \
+            + (f" --learning-rate {args.learning_rate:g}" if args.learning_rate else "")
+        path = write_json(f"accuracy-{name}{tag}", r)
         rows.append(row(r))
         print(md_table(HEADERS, [rows[-1]]), flush=True)
         print(f"   ({r['wall_s']:.0f} s wall; JSON: {rel(path)})", flush=True)

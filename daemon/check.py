@@ -128,7 +128,10 @@ def _check_folders(report: _Report, client: Any, account: AccountConfig, config:
                     FAIL, f"{subject} keywords", f"the server does not allow new keywords (PERMANENTFLAGS {perm})",
                     f"set accounts[{account.name!r}].action = \"move\"",
                 )
-        client.unselect_folder() if client.has_capability("UNSELECT") else client.close_folder()
+        if client.has_capability("UNSELECT"):
+            client.unselect_folder()
+        else:
+            client.close_folder()
 
 
 def _check_account(report: _Report, account: AccountConfig, config: Config, create: bool, connect: Callable[[AccountConfig], Any]) -> None:

@@ -5,14 +5,12 @@ actual B); one it sent to the unsure folder that staff sorted into a category fo
 labelled example. Both are recorded in the state database (live accuracy, next retrain's data).
 
 The matching is pure (``match_corrections``); ``scan_corrections`` is the IMAP edge. It reads only
-the Message-ID header of each message, and caches keys per (folder, UIDVALIDITY, UID) across scans,
+the Message-ID header of each message (the whole message only when it has none), and caches keys per (folder, UIDVALIDITY, UID) across scans,
 so a periodic scan of large folders fetches only what is new.
 """
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -28,8 +26,9 @@ log = structlog.get_logger(__name__)
 _FETCH_CHUNK = 500
 _MID_ITEM = b"BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
 _MID_KEY = b"BODY[HEADER.FIELDS (MESSAGE-ID)]"
-_HEADER_ITEM = b"BODY.PEEK[HEADER]"
-_HEADER_KEY = b"BODY[HEADER]"
+_FULL_ITEM = b"BODY.PEEK[]"
+_FULL_KEY = b"BODY[]"
+_HASH_PREFIX = "sha256:"  # mailtext.message_key's form when a message has no usable Message-ID
 
 
 @dataclass(frozen=True)
@@ -116,26 +115,17 @@ class KeyCache:
     folders: dict[tuple[str, str], tuple[int, dict[int, str]]] = field(default_factory=dict)
 
 
-def _message_id(header_bytes: bytes) -> str | None:
-    msg = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(header_bytes)
-    value = msg.get("Message-ID")
-    if value is None:
-        return None
-    value = " ".join(str(value).split())
-    return value or None
-
-
-def _key_from_header(header_bytes: bytes) -> str:
+def _key_from(raw: bytes) -> str:
     from mailtriage.mailtext import message_key  # the one definition of a message's identity
 
-    return message_key(header_bytes)
+    return message_key(raw)
 
 
 def folder_keys(client: Any, folder: str, cached: tuple[int, dict[int, str]] | None = None) -> tuple[int, dict[int, str]]:
     """``(UIDVALIDITY, {uid: message key})`` for every message in ``folder`` (selected read-only).
 
-    Only UIDs not in ``cached`` (same UIDVALIDITY) are fetched; a message whose Message-ID is
-    missing has its key computed from its full header block (``mailtext.message_key``).
+    Only UIDs not in ``cached`` (same UIDVALIDITY) are fetched, and only their Message-ID header;
+    a message without one is fetched whole, since ``mailtext.message_key`` then hashes its text.
     """
     info = client.select_folder(folder, readonly=True)
     uidvalidity = int(info.get(b"UIDVALIDITY", 0))
@@ -148,18 +138,17 @@ def folder_keys(client: Any, folder: str, cached: tuple[int, dict[int, str]] | N
     for start in range(0, len(todo), _FETCH_CHUNK):
         chunk = todo[start : start + _FETCH_CHUNK]
         for uid, data in client.fetch(chunk, [_MID_ITEM]).items():
-            header = data.get(_MID_KEY) or b""
-            mid = _message_id(header) if header.strip() else None
-            if mid is None:
+            # The key is the normalized Message-ID when there is one, so the Message-ID line alone
+            # gives the same key as the whole message. Without one, message_key hashes headers
+            # and text: only then is the full message fetched.
+            key = _key_from(data.get(_MID_KEY) or b"")
+            if key.startswith(_HASH_PREFIX):
                 need_full.append(uid)
-                continue
-            # message_key over the Message-ID line alone gives the same key as over the whole
-            # message, because the key is the Message-ID whenever there is one.
-            known[uid] = _key_from_header(header)
-    for start in range(0, len(need_full), _FETCH_CHUNK):
-        chunk = need_full[start : start + _FETCH_CHUNK]
-        for uid, data in client.fetch(chunk, [_HEADER_ITEM]).items():
-            known[uid] = _key_from_header(data.get(_HEADER_KEY) or b"")
+            else:
+                known[uid] = key
+    for uid in need_full:  # one at a time: these may be large, and they are rare
+        for got_uid, data in client.fetch([uid], [_FULL_ITEM]).items():
+            known[got_uid] = _key_from(data.get(_FULL_KEY) or b"")
     return uidvalidity, known
 
 

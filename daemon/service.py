@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,12 +42,56 @@ class Watcher(Protocol):
 
 
 WatcherFactory = Callable[[AccountConfig, str, Config, Any, ClassifyFn], Watcher]
+# Something else that lives on the loop (e.g. the SMTP content filter): started once the model is
+# loaded, given the service (``await service.classify_async(texts)``); returns an async closer or None.
+StartHook = Callable[["Service"], Awaitable[Callable[[], Awaitable[None]] | None]]
 
 # The retrain runs the trainer's main() in a fresh interpreter: same venv as the daemon, no reliance
 # on the console script being on PATH, and training memory never lives in this process.
 _TRAIN_BOOTSTRAP = "import sys; from mailtriage_trainer.cli import main; sys.exit(main())"
 _RETRAIN_TERM_GRACE_S = 10.0
 _LINE_SPLIT = re.compile(rb"[\r\n]+")  # tqdm redraws with \r: each redraw is a line in the log
+
+
+_CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def _cron_weekdays(field: str) -> str:
+    """A crontab day-of-week field (0 or 7 = Sunday) as an explicit list of day names.
+
+    APScheduler 3.x numbers weekdays from Monday = 0 even in ``from_crontab`` (agronholm/apscheduler
+    #286, fixed only in 4.x), so "0 3 * * 0" would run on Monday. Names mean the same in both.
+    """
+    days: set[int] = set()
+    for part in field.lower().split(","):
+        rng, _, step_text = part.partition("/")
+        step = int(step_text) if step_text else 1
+        if rng == "*":
+            lo, hi = 0, 6
+        else:
+            ends = [int(x) if x.isdigit() else _CRON_DAYS.index(x[:3]) for x in rng.split("-")]
+            lo, hi = (ends[0], ends[0] if not step_text else 6) if len(ends) == 1 else (ends[0], ends[1])
+            if not (0 <= lo <= 7 and 0 <= hi <= 7) or len(ends) > 2:
+                raise ValueError(f"day of week {part!r} is outside 0-7")
+        days.update(d % 7 for d in range(lo, hi + 1, step))
+    if days == set(range(7)):
+        return "*"
+    return ",".join(_CRON_DAYS[d] for d in sorted(days))
+
+
+def crontab_trigger(expr: str) -> Any:
+    """A CronTrigger for a standard 5-field crontab line, with crontab's weekday numbering."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    fields = expr.split()
+    if len(fields) != 5:
+        raise ValueError(f"expected 5 fields (minute hour day month weekday), got {len(fields)}")
+    minute, hour, day, month, weekday = fields
+    try:
+        weekday = _cron_weekdays(weekday)
+    except (ValueError, IndexError) as exc:
+        raise ValueError(f"bad day-of-week field {fields[4]!r}: {exc}") from exc
+    return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=weekday)
 
 
 class Service:
@@ -70,11 +114,12 @@ class Service:
         reload_interval: float = 5.0,
         join_timeout: float = 30.0,
         retrain_command: Sequence[str] | None = None,
+        on_start: Sequence[StartHook] = (),
     ) -> None:
-        if not config.accounts:
+        if not config.accounts and not config.smtp.enabled:
             raise ConfigError(
-                "mailtriage serve has nothing to watch: the config has no [[accounts]]; add one with the "
-                "IMAP host, username and mailboxes to watch"
+                "mailtriage serve has nothing to do: the config has no [[accounts]] and [smtp] enabled = false; "
+                "add an [[accounts]] table with the IMAP host, username and mailboxes to watch"
             )
         self.config = config
         self.config_path = config_path
@@ -85,6 +130,8 @@ class Service:
         self.reload_interval = reload_interval
         self.join_timeout = join_timeout
         self._retrain_command = list(retrain_command) if retrain_command is not None else None
+        self._on_start = list(on_start)
+        self._closers: list[Callable[[], Awaitable[None]]] = []
 
         self._stop = threading.Event()          # seen by the watcher threads
         self._stopping: asyncio.Event | None = None
@@ -150,6 +197,11 @@ class Service:
         Returns the predictions and the version of the model that made them.
         """
         return self._inference.submit(self._classify_now, list(texts)).result()
+
+    async def classify_async(self, texts: Sequence[str]) -> tuple[list[Prediction], str]:
+        """``classify`` for code on the event loop (the SMTP filter): awaits the inference thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._inference, self._classify_now, list(texts))
 
     async def check_reload(self) -> bool:
         """Load the version ``current`` points at if it changed; keep the old model on failure.
@@ -279,6 +331,9 @@ class Service:
                 if pending.strip():
                     log.info("retrain_output", line=pending.decode("utf-8", "replace").rstrip())
                 rc = await proc.wait()
+            except asyncio.CancelledError:
+                await self._stop_retrain()  # never leave a training process behind
+                raise
             finally:
                 self._retrain_proc = None
             seconds = round(time.monotonic() - started, 1)
@@ -291,6 +346,20 @@ class Service:
         if rc == 0 and not self._stop.is_set():
             await self.check_reload()
         return rc
+
+    def _job(self, func: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[None]]:
+        """A scheduled job whose cancellation at shutdown is expected, not an error to log."""
+
+        async def job() -> None:
+            try:
+                await func()
+            except asyncio.CancelledError:
+                if not self._stop.is_set():
+                    raise
+                log.debug("job_cancelled_at_shutdown", job=getattr(func, "__name__", str(func)))
+
+        job.__name__ = job.__qualname__ = getattr(func, "__name__", "job")
+        return job
 
     async def _stop_retrain(self) -> None:
         proc = self._retrain_proc
@@ -327,24 +396,22 @@ class Service:
 
     def _start_scheduler(self) -> None:
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
-        from apscheduler.triggers.cron import CronTrigger
-
         scheduler = AsyncIOScheduler(event_loop=self._loop)
         common = {"max_instances": 1, "coalesce": True}
         if self.config.training.schedule:
             try:
-                trigger = CronTrigger.from_crontab(self.config.training.schedule)
+                trigger = crontab_trigger(self.config.training.schedule)
             except ValueError as exc:
                 raise ConfigError(
                     f"training.schedule = {self.config.training.schedule!r} is not a valid cron expression: {exc}"
                 ) from exc
-            scheduler.add_job(self.retrain, trigger, id="retrain", misfire_grace_time=3600, **common)
+            scheduler.add_job(self._job(self.retrain), trigger, id="retrain", misfire_grace_time=3600, **common)
         scheduler.add_job(
-            self.scan_corrections, "interval", seconds=self.config.correction_scan_interval,
+            self._job(self.scan_corrections), "interval", seconds=self.config.correction_scan_interval,
             id="corrections", misfire_grace_time=None, **common,
         )
         scheduler.add_job(
-            self.check_reload, "interval", seconds=self.reload_interval, id="reload",
+            self._job(self.check_reload), "interval", seconds=self.reload_interval, id="reload",
             misfire_grace_time=None, **common,
         )
         scheduler.start()
@@ -414,9 +481,21 @@ class Service:
                 from mailtriage.state import StateDB
 
                 self._state = StateDB(self.config.state_path)
-            self._metrics_server = metrics.start_metrics_server(self.config.metrics_host, self.config.metrics_port)
+            try:
+                self._metrics_server = metrics.start_metrics_server(self.config.metrics_host, self.config.metrics_port)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: {exc.strerror or exc}; "
+                    "pick a free metrics_port (or 0 to turn metrics off)"
+                ) from exc
             self._start_scheduler()
             self._start_watchers()
+            for hook in self._on_start:
+                closer = await hook(self)
+                if closer is not None:
+                    self._closers.append(closer)
+            if self.config.smtp.enabled and not self._on_start:
+                log.warning("smtp_filter_not_started", hint="[smtp] enabled = true but no SMTP hook was wired into serve")
             interval = sdnotify.watchdog_interval()
             if interval:
                 watchdog = asyncio.create_task(self._watchdog(interval), name="watchdog")
@@ -426,6 +505,7 @@ class Service:
             log.info(
                 "service_ready",
                 model=self.model_version,
+                hooks=len(self._closers),
                 mailboxes=[f"{a.name}:{m}" for a in self.config.accounts for m in a.mailboxes],
             )
             await self._stopping.wait()
@@ -441,9 +521,14 @@ class Service:
             watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watchdog
+        for closer in reversed(self._closers):
+            try:
+                await closer()
+            except Exception as exc:  # noqa: BLE001 - keep shutting the rest down
+                log.error("stop_hook_failed", error=str(exc))
+        await self._stop_retrain()  # before the scheduler: a cancelled retrain job must not orphan its process
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.shutdown(wait=False)
-        await self._stop_retrain()
         # Watchers finish or abandon their current batch; the state db makes either safe.
         await asyncio.to_thread(self._join_watchers)
         await asyncio.to_thread(self._inference.shutdown, wait=True, cancel_futures=True)

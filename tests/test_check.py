@@ -148,14 +148,14 @@ def test_model_ok_and_label_mismatch(tiny_model_dir: Path, tmp_path: Path) -> No
     config = dataclasses.replace(base, accounts=(), model=ModelConfig(path=str(tiny_model_dir), device="cpu"))
     rc, lines = _run(config)
     assert rc == 0, "\n".join(lines)
-    assert _line(lines, "model").startswith("OK") and "labels match" in _line(lines, "model")
+    assert _line(lines, " model '").startswith("OK") and "labels match" in _line(lines, " model '")
 
     mismatched = dataclasses.replace(config, categories={**CATEGORIES, "shipping": "Support/Shipping"})
     rc, lines = _run(mismatched)
     assert rc == 1
-    line = _line(lines, "model")
+    line = _line(lines, " model '")
     assert line.startswith("FAIL") and "LabelMismatchError" in line and "shipping" in line
 
     missing = dataclasses.replace(config, model=ModelConfig(path=str(tmp_path / "nowhere")))
     rc, lines = _run(missing)
-    assert rc == 1 and "does not exist" in _line(lines, "model")
+    assert rc == 1 and "does not exist" in _line(lines, " model '")

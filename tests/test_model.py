@@ -165,6 +165,9 @@ def test_classify_round_trip(classifier) -> None:  # type: ignore[no-untyped-def
         assert sum(p.scores.values()) == pytest.approx(1.0, abs=1e-5)
         assert p.confidence == max(p.scores.values()) == p.scores[p.label]
     assert [p.label for p in predictions[:3]] == ["billing", "login", "refunds"]
+    assert min(p.confidence for p in predictions[:3]) > 0.9
+    # Keyword-free mail is unsure (the toy set teaches 1/3 each for filler): daemon tests rely on it.
+    assert predictions[3].confidence < 0.6
     assert classifier.classify([]) == []
 
 

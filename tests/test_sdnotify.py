@@ -70,3 +70,13 @@ def test_watchdog_interval(
         else:
             monkeypatch.setenv(key, str(os.getpid()) if value == "self" else value)
     assert sdnotify.watchdog_interval() == expected
+
+
+def test_full_receiver_queue_never_blocks(receiver: socket.socket) -> None:
+    # Nobody reads: after the kernel's small datagram queue fills, notify drops instead of blocking.
+    import time
+
+    started = time.monotonic()
+    results = [sdnotify.notify("WATCHDOG=1") for _ in range(2000)]  # > net.unix.max_dgram_qlen
+    assert time.monotonic() - started < 10
+    assert results[0] is True and False in results

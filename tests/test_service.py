@@ -102,22 +102,32 @@ def fake_config(tmp_path: Path, mailboxes: tuple[str, ...] = ("INBOX", "Support/
 
 @pytest.fixture
 def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], list[str]]]:
-    """A real NOTIFY_SOCKET; the returned function drains what the service sent so far."""
+    """A real NOTIFY_SOCKET read by a thread (as systemd would); the function returns all received."""
     path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
-    sock.setblocking(False)
+    sock.settimeout(0.05)
     monkeypatch.setenv("NOTIFY_SOCKET", str(path))
     received: list[str] = []
+    done = threading.Event()
 
-    def drain() -> list[str]:
-        while True:
+    def reader() -> None:
+        while not done.is_set():
             try:
                 received.append(sock.recv(4096).decode())
-            except BlockingIOError:
-                return received
+            except TimeoutError:
+                continue
 
-    yield drain
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+
+    def messages() -> list[str]:
+        time.sleep(0.1)  # let the reader catch up with what was just sent
+        return list(received)
+
+    yield messages
+    done.set()
+    thread.join()
     sock.close()
 
 
@@ -318,6 +328,39 @@ def test_scheduler_registers_cron_retrain_and_interval_jobs(tmp_path: Path) -> N
     run_async(main)
 
 
+@pytest.mark.pure
+@pytest.mark.parametrize(
+    ("field", "weekdays"),
+    [
+        ("0", {6}), ("7", {6}), ("1", {0}), ("1-5", {0, 1, 2, 3, 4}), ("*/2", {6, 1, 3, 5}),
+        ("5-7", {4, 5, 6}), ("sun", {6}), ("mon-fri", {0, 1, 2, 3, 4}), ("0,6", {5, 6}),
+    ],
+)
+def test_crontab_weekdays_follow_cron_not_apscheduler(field: str, weekdays: set[int]) -> None:
+    """crontab says 0 = Sunday; APScheduler 3's from_crontab would say Monday (its issue #286)."""
+    from datetime import datetime, timedelta, timezone
+
+    from mailtriage.service import crontab_trigger
+
+    trigger = crontab_trigger(f"0 3 * * {field}")
+    start = datetime(2026, 3, 2, tzinfo=timezone.utc)  # a Monday
+    seen, now = set(), start
+    for _ in range(10):
+        fire = trigger.get_next_fire_time(None, now)
+        seen.add(fire.weekday())  # Python: Monday = 0
+        now = fire + timedelta(minutes=1)
+    assert seen == weekdays
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize("expr", ["0 3 * *", "0 3 * * 8", "0 3 * * funday"])
+def test_crontab_trigger_rejects_bad_lines(expr: str) -> None:
+    from mailtriage.service import crontab_trigger
+
+    with pytest.raises(ValueError):
+        crontab_trigger(expr)
+
+
 # -- end to end: Dovecot + tiny model + MailboxWatcher --------------------------------------------
 
 
@@ -439,3 +482,60 @@ def test_serve_returns_zero_on_sigterm_with_real_model(tiny_model_dir: Path, tmp
     finally:
         timer.cancel()
     assert json.loads((tiny_model_dir / "current" / "labels.json").read_text())["labels"]
+
+
+@pytest.mark.pure
+def test_metrics_server_serves_registry() -> None:
+    import urllib.request
+
+    from mailtriage.metrics import start_metrics_server
+
+    assert start_metrics_server("127.0.0.1", 0) is None  # port 0: off
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = start_metrics_server("127.0.0.1", port)
+    assert server is not None
+    try:
+        metrics.MESSAGES.labels(category="billing", outcome="filed").inc()
+        metrics.QUEUE_DEPTH.labels(account="support", mailbox="INBOX").set(3)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert 'mailtriage_messages_total{category="billing",outcome="filed"}' in body
+    assert 'mailtriage_queue_depth{account="support",mailbox="INBOX"} 3.0' in body
+    assert "mailtriage_classify_batch_seconds_bucket" in body
+
+
+@pytest.mark.pure
+def test_start_hook_shares_the_inference_worker_and_is_closed(tmp_path: Path) -> None:
+    """The SMTP filter's seam: a hook on the loop classifies through the same single worker."""
+    import dataclasses
+
+    from mailtriage.config import SmtpConfig
+
+    config = dataclasses.replace(fake_config(tmp_path), accounts=(), smtp=SmtpConfig(enabled=True))
+    models = Path(config.model.path)
+    modeldir.promote(models, make_version(models, "v1"))
+    events: list[str] = []
+
+    async def hook(service: Service) -> Callable[[], Awaitable[None]]:
+        predictions, version = await service.classify_async(["hello", "world"])
+        events.append(f"classified {len(predictions)} on {version}")
+
+        async def close() -> None:
+            events.append("closed")
+
+        return close
+
+    service = Service(config, None, load_model=fake_loader, state=object(), on_start=[hook])
+
+    async def main() -> None:
+        task = asyncio.create_task(service.run())
+        await asyncio.wait_for(service.ready.wait(), 10)
+        service.stop()
+        await asyncio.wait_for(task, 5)
+
+    run_async(main)
+    assert events == ["classified 2 on v1", "closed"]

@@ -1,8 +1,9 @@
 """LoRA fine-tuning of a base model into a mailtriage classifier: one plain, seeded torch loop.
 
-A hand-written loop instead of the HF Trainer keeps every knob visible (class-weighted loss, early
-stopping on validation macro-F1, keeping the best epoch) and memory bounded: texts are tokenized
-once, truncated, and padded per batch. Texts arrive already prepared by ``mailtriage.mailtext``.
+A hand-written loop instead of the HF Trainer keeps every knob visible (class-weighted loss, a
+faster-learning head, early stopping on validation macro-F1 and loss, keeping the best epoch) and
+memory bounded: texts are tokenized once, truncated, and padded per batch. Texts arrive already
+prepared by ``mailtriage.mailtext``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup, set_seed
 
 from mailtriage import modeldir
-from mailtriage.errors import TrainingDataError
+from mailtriage.errors import ConfigError, TrainingDataError
 from mailtriage.labels import LabelSet
 from mailtriage.model import (
     autocast,
@@ -66,9 +67,12 @@ class TrainParams:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "lora_r", "max_length"):
             if getattr(self, name) < 1:
-                raise ValueError(f"TrainParams.{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"TrainParams.learning_rate must be > 0, got {self.learning_rate!r}")
+                raise ConfigError(f"training parameter {name} must be >= 1, got {getattr(self, name)!r}")
+        if self.learning_rate <= 0 or self.head_lr_scale <= 0:
+            raise ConfigError(
+                f"training learning_rate and head_lr_scale must be > 0, got {self.learning_rate!r} and "
+                f"{self.head_lr_scale!r} (5e-4 and 10 are sound starts)"
+            )
 
 
 @dataclass
@@ -154,13 +158,11 @@ def _finetune(
     # its own (higher) rate gets it to confident, separated scores within a few epochs.
     head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
     adapter = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": adapter, "lr": params.learning_rate},
-            {"params": head, "lr": params.learning_rate * params.head_lr_scale},
-        ],
-        weight_decay=params.weight_decay,
-    )
+    groups = [
+        {"params": adapter, "lr": params.learning_rate},
+        {"params": head, "lr": params.learning_rate * params.head_lr_scale},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=params.weight_decay)
     batches_per_epoch = math.ceil(len(train_ids) / params.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / params.grad_accum)
     total_steps = steps_per_epoch * params.epochs

@@ -161,7 +161,7 @@ class SmtpConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    base_model: str = ""
+    base_model: str = "all-MiniLM-L6-v2"
     model_dir: str = "/var/lib/mailtriage/models"
     schedule: str = "0 3 * * 0"
     min_examples_per_class: int = 10

@@ -6,7 +6,8 @@ Threads and what they own:
 - one inference thread (a single-worker executor): every classify batch and every model (re)load
   runs there, so the GPU sees one job at a time and a hot reload swaps the model between batches;
 - the event loop: APScheduler (retrain subprocess, correction scan, hot-reload check), systemd
-  notifications and signal handling.
+  notifications, signal handling and, with ``[smtp] enabled``, the SMTP content filter
+  (``mailtriage.relay``, started as an ``on_start`` hook).
 """
 
 from __future__ import annotations
@@ -94,6 +95,14 @@ def crontab_trigger(expr: str) -> Any:
     return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=weekday)
 
 
+def _default_hooks(config: Config) -> list[StartHook]:
+    if not config.smtp.enabled:
+        return []
+    from mailtriage.relay import start_smtp_filter  # aiosmtpd is only imported when it is used
+
+    return [start_smtp_filter]
+
+
 class Service:
     """The daemon. ``await Service(config, config_path).run()`` returns after SIGTERM/SIGINT or ``stop()``.
 
@@ -114,7 +123,7 @@ class Service:
         reload_interval: float = 5.0,
         join_timeout: float = 30.0,
         retrain_command: Sequence[str] | None = None,
-        on_start: Sequence[StartHook] = (),
+        on_start: Sequence[StartHook] | None = None,
     ) -> None:
         if not config.accounts and not config.smtp.enabled:
             raise ConfigError(
@@ -130,7 +139,8 @@ class Service:
         self.reload_interval = reload_interval
         self.join_timeout = join_timeout
         self._retrain_command = list(retrain_command) if retrain_command is not None else None
-        self._on_start = list(on_start)
+        # None: what the config asks for (the SMTP content filter when [smtp] enabled); tests pass their own.
+        self._on_start = list(on_start) if on_start is not None else _default_hooks(config)
         self._closers: list[Callable[[], Awaitable[None]]] = []
 
         self._stop = threading.Event()          # seen by the watcher threads
@@ -494,8 +504,6 @@ class Service:
                 closer = await hook(self)
                 if closer is not None:
                     self._closers.append(closer)
-            if self.config.smtp.enabled and not self._on_start:
-                log.warning("smtp_filter_not_started", hint="[smtp] enabled = true but no SMTP hook was wired into serve")
             interval = sdnotify.watchdog_interval()
             if interval:
                 watchdog = asyncio.create_task(self._watchdog(interval), name="watchdog")

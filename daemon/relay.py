@@ -1,0 +1,404 @@
+"""The SMTP content filter (DESIGN data flow 2): receive, classify, tag, relay to the next hop.
+
+Mail only counts as accepted once the next hop accepted it: each transaction is proxied to the
+next hop as it happens (MAIL and every RCPT are forwarded at once, so a recipient the next hop
+refuses is refused to the sender with the next hop's own 5xx), and the sender gets 250 for DATA
+only after the next hop said 250 for the tagged message. Every failure before that answers 451,
+so the sender's MTA keeps the message and retries; nothing is ever lost in between.
+
+Runs on the service's event loop (aiosmtpd's ``SMTP`` protocol via ``loop.create_server``);
+classification goes through the service's single inference worker; smtplib runs in worker
+threads. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from mailtriage import metrics
+from mailtriage.actions import add_headers, category_value
+from mailtriage.classifier import Prediction
+from mailtriage.config import Config
+from mailtriage.errors import ConfigError
+from mailtriage.mailtext import mail_text, message_key
+from mailtriage.routing import decide
+
+if TYPE_CHECKING:
+    from mailtriage.service import Service
+
+log = structlog.get_logger(__name__)
+
+ClassifyAsync = Callable[[Sequence[str]], Awaitable[tuple[list[Prediction], str]]]
+
+# Postfix's default message_size_limit is 10 MB; 50 MB leaves room for big attachments while
+# bounding what one transaction holds in memory (aiosmtpd buffers the whole message).
+DATA_SIZE_LIMIT = 50 * 1024 * 1024
+NEXT_HOP_TIMEOUT = 60.0  # seconds per next-hop command; a wedged next hop becomes a 451
+CLOSE_GRACE = 10.0  # seconds a shutdown waits for messages being relayed before dropping them
+_HEADER_ALLOWANCE = 256  # bytes our two headers add at most; added to a forwarded SIZE=
+_MAX_REPLY_TEXT = 400
+
+TEMPFAIL = "451 4.3.0 mailtriage: {why}; try again later"
+
+
+class NextHopFailure(Exception):
+    """The next hop refused (code = its reply code) or could not be reached (code = None)."""
+
+    def __init__(self, code: int | None, text: str) -> None:
+        super().__init__(f"{code} {text}" if code is not None else text)
+        self.code = code
+        self.text = text
+
+    @property
+    def permanent(self) -> bool:
+        return self.code is not None and 500 <= self.code < 600
+
+
+def reply_text(message: bytes | str) -> str:
+    """A next-hop reply text made safe to put on one SMTP reply line of ours."""
+    text = message.decode("ascii", "replace") if isinstance(message, bytes) else message
+    text = " ".join(text.replace("\x00", " ").split())
+    return text[:_MAX_REPLY_TEXT]
+
+
+def sender_reply(failure: NextHopFailure, where: str) -> str:
+    """What the sender hears when the next hop failed: its 5xx as-is, anything else a 451."""
+    if failure.permanent:
+        return f"{failure.code} {failure.text}".rstrip()
+    return TEMPFAIL.format(why=f"next hop {where} failed ({failure})")
+
+
+def forward_mail_options(options: Sequence[str], has_extn: Callable[[str], bool]) -> list[str]:
+    """The sender's MAIL parameters the next hop understands (aiosmtpd admits only these three)."""
+    out: list[str] = []
+    for opt in options:
+        key, _, value = opt.upper().partition("=")
+        if key == "BODY" and has_extn("8bitmime"):
+            out.append(f"BODY={value}")
+        elif key == "SMTPUTF8":
+            out.append("SMTPUTF8")  # smtplib refuses it when the next hop lacks it: a 451 here
+        elif key == "SIZE" and value.isdigit() and has_extn("size"):
+            out.append(f"SIZE={int(value) + _HEADER_ALLOWANCE}")
+    return out
+
+
+@dataclass(frozen=True)
+class NextHop:
+    host: str
+    port: int
+    timeout: float = NEXT_HOP_TIMEOUT
+    local_hostname: str = "localhost"
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class NextHopTransaction:
+    """One transaction to the next hop over smtplib (blocking: call it from a worker thread).
+
+    A lock serialises the calls, so ``close`` from a disconnect never races a ``data`` in flight.
+    """
+
+    def __init__(self, hop: NextHop) -> None:
+        self.hop = hop
+        self._smtp: smtplib.SMTP | None = None
+        self._lock = threading.Lock()
+
+    def mail(self, sender: str, options: Sequence[str]) -> None:
+        with self._lock:
+            try:
+                smtp = smtplib.SMTP(self.hop.host, self.hop.port, self.hop.local_hostname, timeout=self.hop.timeout)
+                self._smtp = smtp
+                smtp.ehlo_or_helo_if_needed()
+                code, msg = smtp.mail(sender, forward_mail_options(options, smtp.has_extn))
+            except smtplib.SMTPResponseException as exc:
+                raise NextHopFailure(exc.smtp_code, reply_text(exc.smtp_error)) from exc
+            except (OSError, smtplib.SMTPException) as exc:
+                raise NextHopFailure(None, f"{type(exc).__name__}: {exc}") from exc
+            if code != 250:
+                raise NextHopFailure(code, reply_text(msg))
+
+    def rcpt(self, recipient: str) -> None:
+        code, msg = self._call(lambda smtp: smtp.rcpt(recipient))
+        if code not in (250, 251):
+            raise NextHopFailure(code, reply_text(msg))
+
+    def data(self, message: bytes) -> str:
+        """Send the message; returns the next hop's 250 text (it usually names its queue id)."""
+        code, msg = self._call(lambda smtp: smtp.data(message))
+        if code != 250:
+            raise NextHopFailure(code, reply_text(msg))
+        return reply_text(msg)
+
+    def _call(self, op: Callable[[smtplib.SMTP], tuple[int, bytes]]) -> tuple[int, bytes]:
+        with self._lock:
+            if self._smtp is None:
+                raise NextHopFailure(None, "the connection to the next hop is closed")
+            try:
+                return op(self._smtp)
+            except smtplib.SMTPResponseException as exc:  # e.g. SMTPDataError: DATA refused
+                raise NextHopFailure(exc.smtp_code, reply_text(exc.smtp_error)) from exc
+            except (OSError, smtplib.SMTPException) as exc:
+                raise NextHopFailure(None, f"{type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            smtp, self._smtp = self._smtp, None
+            if smtp is None:
+                return
+            try:
+                smtp.quit()  # an unfinished transaction is abandoned: the next hop discards it
+            except (OSError, smtplib.SMTPException):
+                smtp.close()
+
+
+class ContentFilter:
+    """aiosmtpd handler for ONE client connection: proxies its transactions to the next hop."""
+
+    def __init__(self, config: Config, classify: ClassifyAsync, hop: NextHop) -> None:
+        self.config = config
+        self.classify = classify
+        self.hop = hop
+        self._tx: NextHopTransaction | None = None
+        self._broken: str | None = None  # why the current transaction can no longer succeed
+        self.busy = False  # relaying a message right now (shutdown waits for it)
+
+    # -- envelope: forwarded as it comes --------------------------------------------------
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        self._drop()  # an EHLO after MAIL resets the envelope without telling the handler
+        tx = NextHopTransaction(self.hop)
+        try:
+            await asyncio.to_thread(tx.mail, address, mail_options)
+        except NextHopFailure as failure:
+            await asyncio.to_thread(tx.close)
+            log.warning("smtp_next_hop_refused", stage="MAIL", peer=_peer(session), next_hop=str(self.hop), reply=str(failure))
+            return sender_reply(failure, str(self.hop))
+        self._tx = tx
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        tx = self._tx
+        if tx is None or self._broken:
+            return TEMPFAIL.format(why=self._broken or "no transaction with the next hop")
+        try:
+            await asyncio.to_thread(tx.rcpt, address)
+        except NextHopFailure as failure:
+            if failure.code is None or failure.code == 421:
+                # The connection is gone: recipients accepted so far can no longer get this message.
+                self._broken = f"lost the next hop {self.hop} ({failure})"
+            log.warning("smtp_next_hop_refused", stage="RCPT", peer=_peer(session), next_hop=str(self.hop), reply=str(failure))
+            return sender_reply(failure, str(self.hop))
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self._drop()
+        return "250 2.0.0 OK"
+
+    # -- content: classify, tag, relay ----------------------------------------------------
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        tx, self._tx = self._tx, None
+        broken, self._broken = self._broken, None
+        if tx is None or broken:
+            if tx is not None:
+                _close_later(tx)
+            return TEMPFAIL.format(why=broken or "no transaction with the next hop")
+        self.busy = True
+        started = time.monotonic()
+        raw = _content_bytes(envelope)
+        bound = log.bind(peer=_peer(session), recipients=len(envelope.rcpt_tos), size=len(raw))
+        try:
+            try:
+                text, key = await asyncio.to_thread(_prepare, raw)
+                bound = bound.bind(message=key)
+                predictions, version = await self.classify([text])
+                decision = decide(
+                    predictions[0], self.config.model.threshold, self.config.categories, self.config.unsure_folder
+                )
+                tagged = await asyncio.to_thread(add_headers, raw, decision)
+            except Exception as exc:  # noqa: BLE001 - the sender keeps the message and retries
+                bound.error("smtp_classify_failed", error=str(exc), error_type=type(exc).__name__, exc_info=True)
+                return TEMPFAIL.format(why="the classifier is not available")
+            try:
+                queued = await asyncio.to_thread(tx.data, tagged)
+            except NextHopFailure as failure:
+                metrics.MESSAGES.labels(category=decision.label, outcome="failed").inc()
+                bound.warning("smtp_next_hop_refused", stage="DATA", next_hop=str(self.hop), reply=str(failure))
+                return sender_reply(failure, str(self.hop))
+        finally:
+            _close_later(tx)
+            self.busy = False
+        outcome = "unsure" if decision.unsure else "filed"
+        metrics.MESSAGES.labels(category=decision.label, outcome=outcome).inc()
+        metrics.LATENCY.observe(time.monotonic() - started)
+        bound.info(
+            "smtp_relayed",
+            category=category_value(decision),
+            label=decision.label,
+            confidence=round(decision.confidence, 4),
+            model=version,
+            next_hop=str(self.hop),
+            next_hop_reply=queued,
+        )
+        return f"250 2.0.0 OK relayed as {reply_text(category_value(decision))}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd would answer a permanent 500: a content filter must make the sender retry.
+        log.error("smtp_handler_error", error=str(error), error_type=type(error).__name__, exc_info=error)
+        self._drop()
+        return TEMPFAIL.format(why="internal error")
+
+    def connection_lost(self) -> None:
+        self._drop()
+
+    def _drop(self) -> None:
+        tx, self._tx, self._broken = self._tx, None, None
+        if tx is not None:
+            _close_later(tx)
+
+
+def _close_later(tx: NextHopTransaction) -> None:
+    # QUIT waits for a reply: never on the loop. The lock inside makes it wait for a call in flight.
+    loop = asyncio.get_running_loop()
+    loop.run_in_executor(None, tx.close)
+
+
+def _prepare(raw: bytes) -> tuple[str, str]:
+    # mail_text never raises; message_key is only for the logs, so it may not stop a relay either.
+    try:
+        key = message_key(raw)
+    except Exception:  # noqa: BLE001
+        key = "unknown"
+    return mail_text(raw), key
+
+
+def _content_bytes(envelope: Envelope) -> bytes:
+    content: Any = envelope.original_content if envelope.original_content is not None else envelope.content
+    if isinstance(content, str):
+        return content.encode("utf-8", "surrogateescape")
+    return bytes(content or b"")
+
+
+def _peer(session: Session) -> str:
+    peer = session.peer
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+
+
+class _FilterSMTP(SMTP):
+    """aiosmtpd's protocol, telling its per-connection handler when the client goes away."""
+
+    def __init__(self, handler: ContentFilter, registry: set[_FilterSMTP], **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._registry = registry
+        registry.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._registry.discard(self)
+        try:
+            self.event_handler.connection_lost()
+        finally:
+            super().connection_lost(error)
+
+
+class SmtpFilter:
+    """The listening content filter on the running loop: ``await start()``, ``await close()``."""
+
+    def __init__(
+        self,
+        config: Config,
+        classify: ClassifyAsync,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        next_hop: NextHop | None = None,
+        data_size_limit: int = DATA_SIZE_LIMIT,
+        hostname: str | None = None,
+    ) -> None:
+        smtp = config.smtp
+        self.config = config
+        self.classify = classify
+        self.host = host if host is not None else smtp.listen_host
+        self.port = port if port is not None else smtp.listen_port
+        self.next_hop = next_hop
+        self.data_size_limit = data_size_limit
+        self.hostname = hostname
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[_FilterSMTP] = set()
+
+    async def start(self) -> None:
+        """Listen; raises ConfigError when the address cannot be bound. ``port`` 0 picks a free one."""
+        loop = asyncio.get_running_loop()
+        if self.hostname is None:
+            # getfqdn may wait on DNS: once, off the loop, not per connection as aiosmtpd would.
+            self.hostname = await asyncio.to_thread(socket.getfqdn)
+        if self.next_hop is None:
+            smtp = self.config.smtp
+            self.next_hop = NextHop(smtp.next_hop_host, smtp.next_hop_port, local_hostname=self.hostname)
+        hop, hostname = self.next_hop, self.hostname
+
+        def factory() -> _FilterSMTP:
+            return _FilterSMTP(
+                ContentFilter(self.config, self.classify, hop),
+                self._connections,
+                data_size_limit=self.data_size_limit,
+                enable_SMTPUTF8=True,
+                hostname=hostname,
+                ident="mailtriage content filter",
+                loop=loop,
+            )
+
+        try:
+            self._server = await loop.create_server(factory, host=self.host, port=self.port)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen for SMTP on {self.host}:{self.port}: {exc.strerror or exc}; pick a free "
+                "[smtp] listen_port (and make the upstream MTA's content_filter point at it)"
+            ) from exc
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("smtp_filter_started", listen=f"{self.host}:{self.port}", next_hop=str(hop),
+                 data_size_limit=self.data_size_limit)
+
+    async def close(self, grace: float = CLOSE_GRACE) -> None:
+        """Stop listening, let messages being relayed finish (up to ``grace`` s), drop the rest.
+
+        A dropped client never got a 250, so its MTA still has the message and retries.
+        """
+        if self._server is None:
+            return
+        self._server.close()
+        deadline = time.monotonic() + grace
+        while any(c.event_handler.busy for c in self._connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self._connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        await self._server.wait_closed()
+        self._server = None
+        await asyncio.sleep(0)  # let connection_lost callbacks run
+        log.info("smtp_filter_stopped")
+
+
+async def start_smtp_filter(service: Service) -> Callable[[], Awaitable[None]]:
+    """The Service's on_start hook for ``[smtp] enabled = true``: classify on its inference worker."""
+    server = SmtpFilter(service.config, service.classify_async)
+    await server.start()
+    return server.close

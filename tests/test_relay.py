@@ -1,0 +1,489 @@
+"""The SMTP content filter against real servers on 127.0.0.1: smtplib -> relay -> aiosmtpd next hop.
+
+The model is a keyword fake (pure logic) except in one test with the real tiny model; the SMTP
+behaviour we promise (headers, 451 on every failure before the next hop accepted, the next hop's
+5xx passed back) always goes through real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from email import message_from_bytes
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import structlog
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from mailtriage import modeldir
+from mailtriage.classifier import Prediction
+from mailtriage.config import Config, ModelConfig, SmtpConfig
+from mailtriage.labels import LabelSet
+from mailtriage.relay import ClassifyAsync, NextHop, SmtpFilter
+
+pytestmark = pytest.mark.component
+
+CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
+LABELS = tuple(CATEGORIES)
+KEYWORDS = {"invoice": "billing", "password": "login", "refund": "refunds"}
+T = TypeVar("T")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    # aiosmtpd's Controller cannot start on port 0 (its self-check connects to it): pick one first.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class KeywordClassifier:
+    """Pure-logic stand-in for the model: a keyword gives its label at 0.95, none gives 0.4."""
+
+    labels = LABELS
+    version = "kw-1"
+
+    def classify(self, texts: Sequence[str]) -> list[Prediction]:
+        out = []
+        for text in texts:
+            label = next((lab for word, lab in KEYWORDS.items() if word in text.lower()), None)
+            conf = 0.95 if label else 0.4
+            label = label or LABELS[0]
+            scores = {lab: (conf if lab == label else (1 - conf) / 2) for lab in LABELS}
+            out.append(Prediction(label, conf, scores))
+        return out
+
+
+async def keyword_classify(texts: Sequence[str]) -> tuple[list[Prediction], str]:
+    clf = KeywordClassifier()
+    return clf.classify(texts), clf.version
+
+
+async def broken_classify(texts: Sequence[str]) -> tuple[list[Prediction], str]:
+    raise RuntimeError("CUDA out of memory")
+
+
+def make_config(listen_port: int = 10025, next_hop_port: int = 10026) -> Config:
+    return Config(
+        categories=CATEGORIES,
+        model=ModelConfig(threshold=0.6, device="cpu"),
+        smtp=SmtpConfig(enabled=True, listen_host="127.0.0.1", listen_port=listen_port,
+                        next_hop_host="127.0.0.1", next_hop_port=next_hop_port),
+    )
+
+
+def mail(body: str, subject: str = "help") -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "customer@example.com"
+    msg["To"] = "support@example.com"
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<relay-{time.time_ns()}@example.com>"
+    msg.set_content(body)
+    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+
+
+class NextHopHandler:
+    """The next hop: stores what it accepts; refuses recipients or DATA on demand."""
+
+    def __init__(self) -> None:
+        self.received: list[Envelope] = []
+        self.reject_rcpt: dict[str, str] = {}
+        self.data_reply: str | None = None  # e.g. "554 5.7.1 spam" instead of accepting
+        self.drop_on_data = False
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if address in self.reject_rcpt:
+            return self.reject_rcpt[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.drop_on_data:
+            raise ConnectionResetError("next hop crashed")  # aiosmtpd closes without a reply
+        if self.data_reply:
+            return self.data_reply
+        self.received.append(envelope)
+        return "250 2.0.0 Ok: queued as ABC123"
+
+
+@pytest.fixture
+def next_hop() -> Iterator[tuple[NextHopHandler, int]]:
+    handler = NextHopHandler()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port, server_hostname="nexthop.test")
+    controller.start()
+    try:
+        yield handler, port
+    finally:
+        controller.stop()
+
+
+class LoopThread:
+    """An event loop in a thread, as the daemon's: the relay lives on it, tests talk smtplib to it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="relay-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.run(self.loop.shutdown_default_executor())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+StartRelay = Callable[..., int]
+
+
+@pytest.fixture
+def start_relay() -> Iterator[StartRelay]:
+    """start_relay(classify, next_hop_port, **SmtpFilter kwargs) -> the port the relay listens on."""
+    loop = LoopThread()
+    servers: list[SmtpFilter] = []
+
+    def start(classify: ClassifyAsync, next_hop_port: int, **kwargs: Any) -> int:
+        config = make_config(listen_port=1, next_hop_port=next_hop_port)
+        server = SmtpFilter(
+            config, classify, port=0, hostname="relay.test",
+            next_hop=NextHop("127.0.0.1", next_hop_port, timeout=10, local_hostname="relay.test"), **kwargs,
+        )
+        loop.run(server.start())
+        servers.append(server)
+        return server.port
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            loop.run(server.close(grace=1))
+        loop.stop()
+
+
+def send(port: int, raw: bytes, to: Sequence[str] = ("support@example.com",), sender: str = "customer@example.com") -> dict[str, tuple[int, bytes]]:
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30) as client:
+        return client.sendmail(sender, list(to), raw)
+
+
+def headers_of(envelope: Envelope) -> list[tuple[str, str]]:
+    assert isinstance(envelope.content, bytes)
+    return [(k, str(v)) for k, v in message_from_bytes(envelope.content).items() if k.lower().startswith("x-mailtriage")]
+
+
+# -- the happy path -------------------------------------------------------------------------------
+
+
+def test_message_relayed_with_headers_and_forged_ones_removed(
+    next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
+) -> None:
+    hop, hop_port = next_hop
+    port = start_relay(keyword_classify, hop_port)
+    # Forged by the sender, one of them folded over two lines: both must go.
+    forged = b"X-Mailtriage-Category: refunds\r\nX-MAILTRIAGE-Confidence: 1.0000\r\n\tfolded\r\n"
+    raw = forged + mail("Where is my invoice for March?")
+    with structlog.testing.capture_logs() as logs:
+        assert send(port, raw) == {}
+        assert send(port, mail("hello there", subject="hi")) == {}  # no keyword: below threshold
+
+    assert len(hop.received) == 2
+    first, second = hop.received
+    assert first.mail_from == "customer@example.com"
+    assert first.rcpt_tos == ["support@example.com"]
+    assert headers_of(first) == [("X-Mailtriage-Category", "billing"), ("X-Mailtriage-Confidence", "0.9500")]
+    assert headers_of(second) == [("X-Mailtriage-Category", "unsure"), ("X-Mailtriage-Confidence", "0.4000")]
+    # The rest of the message is passed on byte for byte, only the forged fields are gone.
+    assert isinstance(first.content, bytes)
+    assert first.content.endswith(raw.split(b"\r\n\r\n", 1)[1])
+    assert b"folded" not in first.content and b"refunds" not in first.content
+    relayed = [e for e in logs if e["event"] == "smtp_relayed"]
+    assert [(e["category"], e["model"]) for e in relayed] == [("billing", "kw-1"), ("unsure", "kw-1")]
+    assert "ABC123" in relayed[0]["next_hop_reply"]
+
+
+def test_multiple_recipients_and_a_null_sender(next_hop: tuple[NextHopHandler, int], start_relay: StartRelay) -> None:
+    hop, hop_port = next_hop
+    port = start_relay(keyword_classify, hop_port)
+    rcpts = ["a@example.com", "b@example.com", "c@example.com"]
+    assert send(port, mail("refund please"), to=rcpts, sender="") == {}
+    [env] = hop.received
+    assert env.rcpt_tos == rcpts
+    assert env.mail_from == "<>"  # a bounce stays a bounce
+    assert headers_of(env)[0] == ("X-Mailtriage-Category", "refunds")
+
+
+def test_reset_and_abandoned_transactions_relay_nothing(
+    next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
+) -> None:
+    hop, hop_port = next_hop
+    port = start_relay(keyword_classify, hop_port)
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30) as client:
+        assert client.mail("customer@example.com")[0] == 250
+        assert client.rcpt("a@example.com")[0] == 250
+        assert client.rset()[0] == 250
+        assert client.sendmail("customer@example.com", ["b@example.com"], mail("invoice")) == {}
+        assert client.mail("customer@example.com")[0] == 250
+        assert client.rcpt("c@example.com")[0] == 250
+    # ... and the client went away mid-transaction (QUIT then close): that one is dropped too.
+    time.sleep(0.2)
+    assert [env.rcpt_tos for env in hop.received] == [["b@example.com"]]
+
+
+# -- next hop refusals are passed back, failures become 451 ----------------------------------------
+
+
+def test_next_hop_5xx_for_one_recipient_is_passed_back_for_that_recipient(
+    next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
+) -> None:
+    hop, hop_port = next_hop
+    hop.reject_rcpt["nobody@example.com"] = "550 5.1.1 <nobody@example.com>: Recipient address rejected"
+    port = start_relay(keyword_classify, hop_port)
+    refused = send(port, mail("password reset"), to=["support@example.com", "nobody@example.com"])
+    assert refused == {"nobody@example.com": (550, b"5.1.1 <nobody@example.com>: Recipient address rejected")}
+    [env] = hop.received
+    assert env.rcpt_tos == ["support@example.com"]
+
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
+        send(port, mail("password reset"), to=["nobody@example.com"])
+    assert info.value.recipients["nobody@example.com"][0] == 550
+    assert len(hop.received) == 1
+
+
+def test_next_hop_down_gives_451_and_the_retry_delivers(start_relay: StartRelay) -> None:
+    hop_port = free_port()  # nothing listens there yet
+    port = start_relay(keyword_classify, hop_port)
+    raw = mail("invoice copy please")
+    with pytest.raises(smtplib.SMTPSenderRefused) as info:
+        send(port, raw)
+    assert info.value.smtp_code == 451  # temporary: the sender's MTA keeps the message
+
+    handler = NextHopHandler()
+    controller = Controller(handler, hostname="127.0.0.1", port=hop_port, server_hostname="nexthop.test")
+    controller.start()
+    try:
+        assert send(port, raw) == {}  # the MTA's retry
+    finally:
+        controller.stop()
+    [env] = handler.received
+    assert headers_of(env)[0] == ("X-Mailtriage-Category", "billing")
+
+
+def test_classifier_failure_gives_451_and_nothing_is_relayed(
+    next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
+) -> None:
+    hop, hop_port = next_hop
+    port = start_relay(broken_classify, hop_port)
+    with structlog.testing.capture_logs() as logs, pytest.raises(smtplib.SMTPDataError) as info:
+        send(port, mail("invoice"))
+    assert info.value.smtp_code == 451
+    assert hop.received == []
+    assert any(e["event"] == "smtp_classify_failed" and "CUDA" in e["error"] for e in logs)
+
+
+@pytest.mark.parametrize(
+    ("mode", "code"),
+    [("554 5.7.1 Message content rejected", 554), ("452 4.3.1 Insufficient system storage", 451), ("drop", 451)],
+)
+def test_next_hop_answer_to_data(
+    mode: str, code: int, next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
+) -> None:
+    hop, hop_port = next_hop
+    if mode == "drop":
+        hop.drop_on_data = True
+    else:
+        hop.data_reply = mode
+    port = start_relay(keyword_classify, hop_port)
+    with pytest.raises(smtplib.SMTPDataError) as info:
+        send(port, mail("refund"))
+    assert info.value.smtp_code == code
+    if code == 554:
+        assert b"Message content rejected" in info.value.smtp_error
+    # The session goes on: the next message on a healthy next hop is relayed.
+    hop.drop_on_data, hop.data_reply = False, None
+    assert send(port, mail("refund")) == {}
+    assert len(hop.received) == 1
+
+
+def test_unexpected_handler_error_answers_451_not_500(
+    next_hop: tuple[NextHopHandler, int], start_relay: StartRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mailtriage import relay
+
+    def boom(self: Any, recipient: str) -> None:
+        raise RuntimeError("a bug")
+
+    hop, hop_port = next_hop
+    port = start_relay(keyword_classify, hop_port)
+    monkeypatch.setattr(relay.NextHopTransaction, "rcpt", boom)
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
+        send(port, mail("invoice"))
+    assert info.value.recipients["support@example.com"][0] == 451
+    assert hop.received == []
+
+
+def test_size_limit_is_advertised_and_enforced(next_hop: tuple[NextHopHandler, int], start_relay: StartRelay) -> None:
+    hop, hop_port = next_hop
+    port = start_relay(keyword_classify, hop_port, data_size_limit=4096)
+    big = mail("invoice " * 1000)
+    with pytest.raises(smtplib.SMTPSenderRefused) as info:
+        send(port, big)  # smtplib declares SIZE= when the server advertises it
+    assert info.value.smtp_code == 552  # permanent: the message will never fit
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30) as client:
+        client.ehlo()
+        assert client.esmtp_features.get("size") == "4096"
+        assert client.mail("customer@example.com")[0] == 250  # no SIZE=: caught while reading DATA
+        assert client.rcpt("support@example.com")[0] == 250
+        assert client.data(big)[0] == 552
+    assert hop.received == []
+
+
+# -- hostile input --------------------------------------------------------------------------------
+
+
+def test_hostile_message_is_still_relayed(next_hop: tuple[NextHopHandler, int], start_relay: StartRelay) -> None:
+    hop, hop_port = next_hop
+    port = start_relay(keyword_classify, hop_port)
+    junk_headers = b"".join(b"X-Junk-%d: \xff\xfe%s\r\n" % (i, b"=?x-unknown?B?###?=" * 3) for i in range(3000))
+    raw = (
+        b"From: =?utf-8?Q?broken\r\n"
+        + junk_headers
+        + b"Subject: =?unknown-8bit?B?////?= refund\r\n"
+        b"X-Mailtriage-Category: billing\r\n"
+        b"Content-Type: multipart/mixed; boundary=\"never-closed\"\r\n"
+        b"Content-Transfer-Encoding: base64\r\n"
+        b"\r\n"
+        b"--never-closed\r\n"
+        b"Content-Type: text/html; charset=x-klingon\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n"
+        b"%%%not base64%%%\r\n"
+        + b"<a <a <a <b>\xc3\x28\r\n" * 2000
+    )
+    started = time.monotonic()
+    assert send(port, raw) == {}
+    assert time.monotonic() - started < 20
+    [env] = hop.received
+    assert isinstance(env.content, bytes)
+    assert env.content.startswith(b"X-Mailtriage-Category: refunds\r\nX-Mailtriage-Confidence: 0.9500\r\n")
+    assert env.content.count(b"X-Mailtriage-Category") == 1
+    assert env.content.endswith(b"<a <a <a <b>\xc3\x28\r\n")
+
+
+# -- import hygiene ----------------------------------------------------------------------------------
+
+
+def test_importing_the_relay_does_not_import_torch() -> None:
+    code = (
+        "import sys, mailtriage.relay\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+# -- the real tiny model ------------------------------------------------------------------------------
+
+
+def test_relay_with_the_real_tiny_model(
+    tiny_model_dir: Path, next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
+) -> None:
+    from mailtriage.model import load_classifier
+
+    clf = load_classifier(tiny_model_dir, device="cpu", max_length=64, expected_labels=LABELS)
+    worker = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # like the service's inference thread
+
+    async def classify(texts: Sequence[str]) -> tuple[list[Prediction], str]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(worker, clf.classify, list(texts)), clf.version
+
+    hop, hop_port = next_hop
+    port = start_relay(classify, hop_port)
+    try:
+        assert send(port, mail("I cannot login, my password is not accepted", subject="login")) == {}
+        assert send(port, mail("hello", subject="hello")) == {}
+    finally:
+        worker.shutdown()
+    login, hello = (dict(headers_of(env)) for env in hop.received)
+    assert login["X-Mailtriage-Category"] == "login"
+    assert float(login["X-Mailtriage-Confidence"]) > 0.9
+    assert hello["X-Mailtriage-Category"] == "unsure"
+
+
+# -- through the Service: `mailtriage serve` with [smtp] enabled -----------------------------------------
+
+
+def test_service_with_smtp_enabled_relays_through_its_inference_worker(
+    tmp_path: Path, next_hop: tuple[NextHopHandler, int]
+) -> None:
+    from mailtriage.service import Service
+
+    hop, hop_port = next_hop
+    listen = free_port()
+    models = tmp_path / "models"
+    version = models / "v1"
+    version.mkdir(parents=True)
+    LabelSet(LABELS).save(version)
+    modeldir.promote(models, version)
+    config = dataclasses.replace(
+        make_config(listen_port=listen, next_hop_port=hop_port),
+        state_path=str(tmp_path / "state.sqlite3"),
+        model=ModelConfig(path=str(models), device="cpu"),
+    )
+    inference_threads: list[str] = []
+
+    class Recording(KeywordClassifier):
+        version = "v1"
+
+        def classify(self, texts: Sequence[str]) -> list[Prediction]:
+            inference_threads.append(threading.current_thread().name)
+            return super().classify(texts)
+
+    service = Service(config, None, load_model=lambda path: Recording(), state=object())
+
+    async def main() -> None:
+        task = asyncio.create_task(service.run())
+        await asyncio.wait_for(service.ready.wait(), 10)
+        refused = await asyncio.to_thread(send, listen, mail("my invoice is wrong"))
+        assert refused == {}
+        service.stop()
+        await asyncio.wait_for(task, 15)
+
+    asyncio.run(main())
+    [env] = hop.received
+    assert headers_of(env)[0] == ("X-Mailtriage-Category", "billing")
+    assert inference_threads and all(name.startswith("inference") for name in inference_threads)
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", listen), timeout=2):
+        pass  # stopped with the service
+
+
+def test_listen_port_in_use_is_a_config_error(tmp_path: Path) -> None:
+    from mailtriage.errors import ConfigError
+
+    async def main() -> None:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            server = SmtpFilter(make_config(listen_port=port), keyword_classify, hostname="relay.test")
+            with pytest.raises(ConfigError, match=f"127.0.0.1:{port}.*listen_port"):
+                await server.start()
+
+    asyncio.run(main())

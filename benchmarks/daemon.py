@@ -257,6 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--singles", type=int)
     ap.add_argument("--gap", type=float, default=1.0, help="seconds between single messages")
     ap.add_argument("--threads", help="OMP_NUM_THREADS for the daemon (default: torch's own, 2 here)")
+    ap.add_argument("--profile", metavar="PY_SPY",
+                    help="path of a py-spy binary: sample the daemon during the backlog into "
+                         "bench-out/daemon-profile.txt (collapsed stacks; slows the run, so numbers are marked)")
     args = ap.parse_args(argv)
     backlog = args.backlog or (40 if args.quick else 500)
     singles = args.singles if args.singles is not None else (5 if args.quick else 30)
@@ -309,6 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out["startup_s"] = round(t_ready - t_spawn, 2)
                 out["rss_mib_at_ready"] = round(sampler.samples[-1][1], 1) if sampler.samples else None
                 m0 = scrape(metrics_port)
+                spy = None
+                if args.profile:
+                    spy = subprocess.Popen([args.profile, "record", "--pid", str(proc.pid), "--rate", "50", "--threads",
+                                            "--format", "raw", "-o", str(OUT / "daemon-profile.txt")],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 with dovecot.client("support") as c:
                     deadline = t_ready + (600 if not args.quick else 300)
                     while True:
@@ -320,6 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                             raise SystemExit(f"INBOX still holds {left} messages; daemon log:\n{tail(log_path)}")
                         time.sleep(0.1)
                 m1 = scrape(metrics_port)
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+                    spy.wait(timeout=60)
+                    out["profile"] = rel(OUT / "daemon-profile.txt")
                 backlog_s = t_empty - t_ready
                 model_s = m1.get("mailtriage_classify_batch_seconds_sum", 0) - m0.get("mailtriage_classify_batch_seconds_sum", 0)
                 out["backlog"] = {

@@ -151,8 +151,10 @@ class SmtpConfig:
     listen_port: int = 10025
     next_hop_host: str = "127.0.0.1"
     next_hop_port: int = 10026
+    max_message_size: int = 50 * 1024 * 1024
 
     def __post_init__(self) -> None:
+        _positive("smtp.max_message_size", self.max_message_size)
         for key in ("listen_port", "next_hop_port"):
             port = getattr(self, key)
             if not 0 < port < 65536:

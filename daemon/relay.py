@@ -123,7 +123,7 @@ class NextHopTransaction:
                 code, msg = smtp.mail(sender, forward_mail_options(options, smtp.has_extn))
             except smtplib.SMTPResponseException as exc:
                 raise NextHopFailure(exc.smtp_code, reply_text(exc.smtp_error)) from exc
-            except (OSError, smtplib.SMTPException) as exc:
+            except Exception as exc:  # noqa: BLE001 - refused, unreachable, or an address smtplib cannot encode
                 raise NextHopFailure(None, f"{type(exc).__name__}: {exc}") from exc
             if code != 250:
                 raise NextHopFailure(code, reply_text(msg))
@@ -148,7 +148,7 @@ class NextHopTransaction:
                 return op(self._smtp)
             except smtplib.SMTPResponseException as exc:  # e.g. SMTPDataError: DATA refused
                 raise NextHopFailure(exc.smtp_code, reply_text(exc.smtp_error)) from exc
-            except (OSError, smtplib.SMTPException) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever it was, the next hop did not accept
                 raise NextHopFailure(None, f"{type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:
@@ -184,7 +184,9 @@ class ContentFilter:
             await asyncio.to_thread(tx.mail, address, mail_options)
         except NextHopFailure as failure:
             await asyncio.to_thread(tx.close)
-            log.warning("smtp_next_hop_refused", stage="MAIL", peer=_peer(session), next_hop=str(self.hop), reply=str(failure))
+            log.warning(
+                "smtp_next_hop_refused", stage="MAIL", peer=_peer(session), next_hop=str(self.hop), reply=str(failure)
+            )
             return sender_reply(failure, str(self.hop))
         self._tx = tx
         envelope.mail_from = address
@@ -203,7 +205,9 @@ class ContentFilter:
             if failure.code is None or failure.code == 421:
                 # The connection is gone: recipients accepted so far can no longer get this message.
                 self._broken = f"lost the next hop {self.hop} ({failure})"
-            log.warning("smtp_next_hop_refused", stage="RCPT", peer=_peer(session), next_hop=str(self.hop), reply=str(failure))
+            log.warning(
+                "smtp_next_hop_refused", stage="RCPT", peer=_peer(session), next_hop=str(self.hop), reply=str(failure)
+            )
             return sender_reply(failure, str(self.hop))
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -237,7 +241,7 @@ class ContentFilter:
                 tagged = await asyncio.to_thread(add_headers, raw, decision)
             except Exception as exc:  # noqa: BLE001 - the sender keeps the message and retries
                 bound.error("smtp_classify_failed", error=str(exc), error_type=type(exc).__name__, exc_info=True)
-                return TEMPFAIL.format(why="the classifier is not available")
+                return TEMPFAIL.format(why="could not classify the message")
             try:
                 queued = await asyncio.to_thread(tx.data, tagged)
             except NextHopFailure as failure:
@@ -399,6 +403,6 @@ class SmtpFilter:
 
 async def start_smtp_filter(service: Service) -> Callable[[], Awaitable[None]]:
     """The Service's on_start hook for ``[smtp] enabled = true``: classify on its inference worker."""
-    server = SmtpFilter(service.config, service.classify_async)
+    server = SmtpFilter(service.config, service.classify_async, data_size_limit=service.config.smtp.max_message_size)
     await server.start()
     return server.close

@@ -179,14 +179,17 @@ def start_relay() -> Iterator[StartRelay]:
         loop.stop()
 
 
-def send(port: int, raw: bytes, to: Sequence[str] = ("support@example.com",), sender: str = "customer@example.com") -> dict[str, tuple[int, bytes]]:
+def send(
+    port: int, raw: bytes, to: Sequence[str] = ("support@example.com",), sender: str = "customer@example.com"
+) -> dict[str, tuple[int, bytes]]:
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30) as client:
         return client.sendmail(sender, list(to), raw)
 
 
 def headers_of(envelope: Envelope) -> list[tuple[str, str]]:
     assert isinstance(envelope.content, bytes)
-    return [(k, str(v)) for k, v in message_from_bytes(envelope.content).items() if k.lower().startswith("x-mailtriage")]
+    fields = message_from_bytes(envelope.content).items()
+    return [(k, str(v)) for k, v in fields if k.lower().startswith("x-mailtriage")]
 
 
 # -- the happy path -------------------------------------------------------------------------------
@@ -236,6 +239,7 @@ def test_reset_and_abandoned_transactions_relay_nothing(
     hop, hop_port = next_hop
     port = start_relay(keyword_classify, hop_port)
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30) as client:
+        client.ehlo()
         assert client.mail("customer@example.com")[0] == 250
         assert client.rcpt("a@example.com")[0] == 250
         assert client.rset()[0] == 250

@@ -81,6 +81,7 @@ def machine() -> dict[str, Any]:
         "mem_gib": mem_gib,
         "python": platform.python_version(),
         "loadavg_start": loadavg(),
+        "code": code_fingerprint(),
     }
     try:
         import torch
@@ -91,6 +92,28 @@ def machine() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+# The code a number depends on: other engineers change these files while benchmarks run, so every
+# JSON records which version (sha1 prefix and mtime) of each it measured.
+FINGERPRINTED = ("trainer/finetune.py", "trainer/cli.py", "trainer/evaluate.py", "trainer/dataset.py",
+                 "daemon/model.py", "daemon/mailtext.py", "daemon/watcher.py", "daemon/service.py",
+                 "daemon/actions.py", "daemon/state.py")
+
+
+def code_fingerprint() -> dict[str, str]:
+    import hashlib
+
+    out = {}
+    for name in FINGERPRINTED:
+        p = REPO / name
+        try:
+            data = p.read_bytes()
+        except OSError:
+            continue
+        mtime = time.strftime("%H:%M:%S", time.localtime(p.stat().st_mtime))
+        out[name] = f"{hashlib.sha1(data).hexdigest()[:10]} (mtime {mtime})"
+    return out
 
 
 def busy_processes(min_cpu: float = 20.0) -> list[str]:

@@ -5,7 +5,7 @@
 2. starts a throwaway Dovecot on 127.0.0.1 and loads both into it;
 3. trains an adapter on the offline all-MiniLM-L6-v2 base from the IMAP category folders
    (`mailtriage-train`, exactly as the weekly retrain does);
-4. runs the daemon (`mailtriage serve`) until it has filed the inbox, then stops it with SIGTERM;
+4. checks the setup (`mailtriage check`), runs the daemon (`mailtriage serve`) until it has filed the inbox, then stops it with SIGTERM;
 5. scores where each inbox message landed against the generator's answer key and prints the
    evaluation report and `mailtriage stats`.
 Everything lives under ./demo-run/ and is thrown away by the next run.
@@ -52,6 +52,8 @@ correction_scan_interval = 60
 [model]
 path = "{run}/models/current"
 threshold = 0.5
+# Support mail says what it is about early; 128 tokens keeps the CPU demo to a few minutes.
+max_length = 128
 
 [[accounts]]
 name = "demo"
@@ -134,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dir", default="demo-run", help="working directory (wiped first)")
     ap.add_argument("--per-category", type=int, default=60, help="history messages per category")
     ap.add_argument("--inbox", type=int, default=150, help="unsorted messages in INBOX")
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=5)
     args = ap.parse_args(argv)
 
     run = Path(args.dir).resolve()
@@ -168,6 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"mailtriage-train failed with status {rc}", file=sys.stderr)
             return rc
         print(f"   trained in {time.monotonic() - t0:.0f} s")
+
+        _step("mailtriage check: server, capabilities, folders, model")
+        if subprocess.call([_bin("mailtriage"), "check", "--config", str(cfg)], env=env) != 0:
+            print("mailtriage check found a problem (see above)", file=sys.stderr)
+            return 1
 
         _step("Running the daemon (mailtriage serve) until the inbox is filed")
         t0 = time.monotonic()

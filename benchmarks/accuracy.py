@@ -397,7 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         r["machine"] = info
         r["command"] = f".venv/bin/python -m benchmarks.accuracy --dataset {name}" + (" --quick" if args.quick else "") \
             + (f" --epochs {args.epochs}" if args.epochs else "") \
-            + (f" --learning-rate {args.learning_rate:g}" if args.learning_rate else "")
+            + (f" --learning-rate {args.learning_rate:g}" if args.learning_rate else "") \
+            + (f" --threads {args.threads}" if args.threads != "auto" else "")
         path = write_json(f"accuracy-{name}{tag}", r)
         rows.append(row(r))
         print(md_table(HEADERS, [rows[-1]]), flush=True)

@@ -169,7 +169,7 @@ class TrainingConfig:
     min_examples_per_class: int = 10
     holdout_fraction: float = 0.2
     epochs: int = 8
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     batch_size: int = 16
     lora_r: int = 16
     seed: int = 13

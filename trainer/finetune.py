@@ -30,6 +30,7 @@ from mailtriage.labels import LabelSet
 from mailtriage.model import (
     autocast,
     collate,
+    default_modules_to_save,
     default_target_modules,
     load_base_model,
     load_tokenizer,
@@ -45,7 +46,7 @@ log = structlog.get_logger(__name__)
 @dataclass
 class TrainParams:
     epochs: int = 8
-    learning_rate: float = 5e-4          # LoRA wants a higher rate than full fine-tuning
+    learning_rate: float = 1e-3          # LoRA wants a higher rate than full fine-tuning
     batch_size: int = 16
     grad_accum: int = 1                  # optimizer step every N batches: a larger effective batch in bounded memory
     lora_r: int = 16
@@ -58,7 +59,7 @@ class TrainParams:
     warmup: float = 0.06                 # fraction of optimizer steps with a linearly rising rate
     class_weighting: bool = True         # inverse-frequency class weights: rare categories still count
     target_modules: list[str] | None = None   # None: the query/value projections of the model's family
-    modules_to_save: list[str] | None = None  # extra fully trained modules besides the head (peft adds it)
+    modules_to_save: list[str] | None = None  # fully trained besides the head; None: the family's default (BERT: pooler)
     max_grad_norm: float = 1.0
     head_lr_scale: float = 10.0          # the fully trained modules (head) learn at learning_rate x this
     device: str = "auto"
@@ -136,7 +137,8 @@ def _finetune(
         lora_dropout=params.lora_dropout,
         target_modules=list(params.target_modules or default_target_modules(model)),
         # a copy: peft appends the head's name to the list it is given
-        modules_to_save=list(params.modules_to_save) if params.modules_to_save else None,
+        modules_to_save=list(params.modules_to_save if params.modules_to_save is not None
+                             else default_modules_to_save(model)) or None,
     )
     with quiet_transformers():
         model = get_peft_model(model, lora)

@@ -2,8 +2,9 @@
 
 A model version is a base model (named in manifest.json) plus a LoRA adapter whose saved
 ``modules_to_save`` carry the trained classification head, so the head has exactly the labels in
-labels.json and nothing else. The trainer reuses the loading helpers here, so training and serving
-build the model and tokenizer the same way.
+labels.json and nothing else. When the trainer found that averaging with its TF-IDF baseline scores
+higher on held-out mail, the manifest says ``"serve": "ensemble"`` and ``baseline.joblib`` is loaded
+too. The trainer reuses the loading helpers here, so training and serving build the model the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from mailtriage import modeldir
+from mailtriage import ensemble, modeldir
 from mailtriage.classifier import Prediction
 from mailtriage.errors import ModelError
 from mailtriage.labels import LabelSet
@@ -196,6 +197,7 @@ class TransformersClassifier:
         device: str,
         batch_size: int = 16,
         max_length: int = 256,
+        baseline: Any = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -206,6 +208,9 @@ class TransformersClassifier:
         self.device = device
         self.batch_size = batch_size
         self.max_length = max_length
+        # The fitted scikit-learn pipeline when this version serves the ensemble, else None.
+        self.baseline = baseline
+        self.serve = ensemble.SERVE_ENSEMBLE if baseline is not None else ensemble.SERVE_MODEL
 
     def logits(self, texts: Sequence[str]) -> torch.Tensor:
         """Raw head outputs (n_texts x n_labels, fp32 on CPU), in input order."""
@@ -223,7 +228,9 @@ class TransformersClassifier:
     def classify(self, texts: Sequence[str]) -> list[Prediction]:
         if not texts:
             return []
-        probs = torch.softmax(self.logits(texts), dim=-1)
+        probs = torch.softmax(self.logits(texts), dim=-1).numpy()
+        if self.baseline is not None:
+            probs = ensemble.ensemble_probs(probs, ensemble.baseline_probs(self.baseline, texts, self.labels))
         predictions = []
         for row in probs.tolist():
             best = max(range(len(row)), key=row.__getitem__)
@@ -237,7 +244,8 @@ class TransformersClassifier:
         return predictions
 
     def __repr__(self) -> str:
-        return f"TransformersClassifier(version={self.version!r}, labels={list(self.labels)}, device={self.device!r})"
+        return (f"TransformersClassifier(version={self.version!r}, labels={list(self.labels)}, "
+                f"device={self.device!r}, serve={self.serve!r})")
 
 
 def load_classifier(
@@ -264,6 +272,13 @@ def load_classifier(
         log.warning("model_manifest_missing", path=str(version_dir))
     base = manifest.get("base_model") or _adapter_base(version_dir)
     _warn_on_mailtext_skew(manifest, version_dir)
+    # Manifests from before ensemble serving have no "serve": they serve the model, as they always did.
+    serve = manifest.get("serve", ensemble.SERVE_MODEL)
+    if serve not in (ensemble.SERVE_MODEL, ensemble.SERVE_ENSEMBLE):
+        raise ModelError(f"manifest.json of {str(version_dir)!r} has \"serve\": {serve!r}; expected "
+                         f"{ensemble.SERVE_MODEL!r} or {ensemble.SERVE_ENSEMBLE!r}")
+    # Before the model: a broken baseline fails in a second rather than after loading the weights.
+    baseline = ensemble.load_baseline(version_dir, labels.labels) if serve == ensemble.SERVE_ENSEMBLE else None
 
     resolved_device = pick_device(device)
     dtype = pick_dtype(resolved_device)
@@ -286,6 +301,7 @@ def load_classifier(
         labels=list(labels.labels),
         device=resolved_device,
         dtype=str(dtype).removeprefix("torch."),
+        serve=serve,
     )
     return TransformersClassifier(
         model,
@@ -296,6 +312,7 @@ def load_classifier(
         device=resolved_device,
         batch_size=batch_size,
         max_length=max_length,
+        baseline=baseline,
     )
 
 

@@ -12,6 +12,7 @@ from mailtriage.errors import TrainingDataError
 from mailtriage_trainer.evaluate import (
     Baseline,
     at_threshold,
+    choose_serve,
     ensemble_probs,
     evaluate_classifier,
     metrics,
@@ -112,3 +113,14 @@ def test_evaluate_classifier_batches_and_scores() -> None:
 def test_evaluate_classifier_refuses_labels_the_model_lacks() -> None:
     with pytest.raises(TrainingDataError, match="refunds"):
         evaluate_classifier(FakeClassifier(), [Example("x", "refunds", "k", None, "s")], progress=False)
+
+
+def test_choose_serve_needs_the_ensemble_to_beat_both_parts() -> None:
+    def f1(x: float) -> dict[str, float]:
+        return {"macro_f1": x}
+
+    assert choose_serve(f1(0.92), f1(0.95), f1(0.96)) == "ensemble"
+    # An undertrained model makes the ensemble a copy of the baseline: that is not served.
+    assert choose_serve(f1(0.14), f1(1.0), f1(1.0)) == "model"
+    assert choose_serve(f1(0.95), f1(0.90), f1(0.95)) == "model"  # a tie keeps the model alone
+    assert choose_serve(f1(0.80), f1(0.97), f1(0.90)) == "model"  # never the baseline alone

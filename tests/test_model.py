@@ -134,6 +134,13 @@ def test_modeldir_does_not_import_torch() -> None:
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
+@pytest.mark.pure
+def test_ensemble_module_imports_neither_torch_nor_sklearn() -> None:
+    code = ("import sys, mailtriage.ensemble; "
+            "sys.exit(any(m in sys.modules for m in ('torch', 'sklearn', 'joblib')))")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
 # --- the classifier --------------------------------------------------------------------------------
 
 
@@ -261,3 +268,65 @@ def test_decoder_family(tiny_decoder_base: Path, tmp_path: Path) -> None:
     one_by_one = torch.cat([classifier.logits([t]) for t in TEXTS])
     assert torch.allclose(together, one_by_one, atol=1e-5)
     assert all(p.label in TOY_LABELS for p in classifier.classify(TEXTS))
+
+
+# --- ensemble serving ------------------------------------------------------------------------------
+
+
+def _copy_version(tiny_model_dir: Path, dest: Path, serve: str | None) -> Path:
+    version = dest / "v"
+    shutil.copytree(modeldir.resolve(tiny_model_dir), version)
+    manifest = modeldir.read_manifest(version)
+    manifest.pop("serve", None)
+    if serve is not None:
+        manifest["serve"] = serve
+    modeldir.write_manifest(version, manifest)
+    return version
+
+
+def test_old_manifest_serves_the_model_alone(classifier) -> None:  # type: ignore[no-untyped-def]
+    assert "serve" not in classifier.manifest
+    assert classifier.serve == "model" and classifier.baseline is None
+
+
+def test_ensemble_serving_averages_model_and_baseline(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    from mailtriage import ensemble
+    from mailtriage.model import load_classifier
+    from mailtriage_trainer.evaluate import Baseline
+
+    version = _copy_version(tiny_model_dir, tmp_path, "ensemble")
+    train, _ = toy_dataset()
+    # Column order (classes_ -> labels) is the shared baseline_probs, tested in test_evaluate.py.
+    Baseline(TOY_LABELS).fit([t for t, _ in train], [y for _, y in train]).save(version)
+    clf = load_classifier(version, device="cpu", batch_size=4)
+    assert clf.serve == "ensemble" and "serve='ensemble'" in repr(clf)
+
+    predictions = clf.classify(TEXTS)
+    got = np.array([[p.scores[label] for label in TOY_LABELS] for p in predictions])
+    model_p = torch.softmax(clf.logits(TEXTS), dim=-1).numpy()
+    base_p = ensemble.baseline_probs(ensemble.load_baseline(version, TOY_LABELS), TEXTS, TOY_LABELS)
+    assert not np.allclose(model_p, base_p, atol=1e-3)  # the two parts really differ
+    assert np.allclose(got, (model_p + base_p) / 2, atol=1e-6)
+    assert np.allclose(got.sum(axis=1), 1.0, atol=1e-5)
+    for p in predictions:
+        assert p.confidence == max(p.scores.values()) == p.scores[p.label]
+    assert [p.label for p in predictions[:3]] == ["billing", "login", "refunds"]
+
+
+def test_ensemble_without_a_usable_baseline_is_a_model_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from mailtriage.model import load_classifier
+
+    version = _copy_version(tiny_model_dir, tmp_path, "ensemble")
+    with pytest.raises(ModelError, match="no baseline.joblib.*retrain"):
+        load_classifier(version, device="cpu")
+    (version / "baseline.joblib").write_bytes(b"not a pickle")
+    with pytest.raises(ModelError, match="baseline.joblib.*could not be loaded"):
+        load_classifier(version, device="cpu")
+    manifest = modeldir.read_manifest(version)
+    manifest["serve"] = "baseline"
+    modeldir.write_manifest(version, manifest)
+    with pytest.raises(ModelError, match="'baseline'; expected 'model' or 'ensemble'"):
+        load_classifier(version, device="cpu")

@@ -47,7 +47,7 @@ def train_args(data: Path, base: Path, model_dir: Path, *extra: str) -> list[str
     ]
 
 
-GOOD = ("--epochs", "12", "--learning-rate", "1e-2", "--patience", "20")
+GOOD = ("--epochs", "30", "--learning-rate", "3e-3", "--patience", "40")
 BAD = ("--epochs", "1", "--learning-rate", "1e-6")
 
 
@@ -76,8 +76,9 @@ def test_train_promote_then_gate_refuses_a_worse_model_then_eval(
     assert manifest["data"]["split"].startswith("time-ordered")
     assert manifest["data"]["holdout"]["n"] == 9
     assert manifest["gate"]["promoted"] is True and manifest["gate"]["current_version"] is None
-    for key in ("metrics", "baseline_metrics", "ensemble_metrics"):
+    for key in ("metrics", "model_metrics", "baseline_metrics", "ensemble_metrics"):
         assert {"n", "accuracy", "macro_f1", "per_class", "confusion", "thresholds"} <= set(manifest[key])
+    assert manifest["metrics"] == manifest[f"{manifest['serve']}_metrics"]
     good_f1 = manifest["metrics"]["macro_f1"]
     assert good_f1 > 0.6, manifest["metrics"]
     report = (first / "report.md").read_text()
@@ -108,6 +109,50 @@ def test_train_promote_then_gate_refuses_a_worse_model_then_eval(
     assert result["model"] == first.name
 
 
+def test_ensemble_is_served_and_gated_as_served(
+    toy_tree: Path, tiny_encoder_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mailtriage.model import load_classifier
+
+    models = tmp_path / "models"
+    # 1. An undertrained model, its ensemble forced to be served (the real rule keeps the model here:
+    # the ensemble only copies the baseline); model and ensemble then score far apart.
+    with monkeypatch.context() as patch:
+        patch.setattr("mailtriage_trainer.evaluate.choose_serve", lambda *_: "ensemble")
+        assert main(train_args(toy_tree, tiny_encoder_base, models, *BAD)) == EXIT_PROMOTED
+    assert "serving the ensemble" in capsys.readouterr().out
+    first = modeldir.current_version(models)
+    assert first is not None
+    manifest = modeldir.read_manifest(first)
+    assert manifest["serve"] == "ensemble" and (first / "baseline.joblib").is_file()
+    assert manifest["metrics"] == manifest["ensemble_metrics"]
+    served_f1, model_f1 = manifest["metrics"]["macro_f1"], manifest["model_metrics"]["macro_f1"]
+    assert served_f1 > model_f1 + 0.3, (served_f1, model_f1)
+    report = (first / "report.md").read_text()
+    assert "Served: the ensemble" in report and "ensemble (mean of model and baseline) (served)" in report
+    assert load_classifier(models, device="cpu").serve == "ensemble"
+
+    # 2. The identical model, now served alone by the real rule: the gate scores the current version
+    # as it is served (its ensemble, through load_classifier), so the new one is refused.
+    assert main(train_args(toy_tree, tiny_encoder_base, models, *BAD)) == EXIT_NOT_PROMOTED
+    assert "serving the model" in capsys.readouterr().out
+    second = next(p for p in models.iterdir() if p.is_dir() and not p.is_symlink() and p != first)
+    again = modeldir.read_manifest(second)
+    assert again["serve"] == "model" and not (second / "baseline.joblib").exists()
+    assert again["metrics"] == again["model_metrics"]
+    assert again["model_metrics"]["macro_f1"] == pytest.approx(model_f1)
+    assert again["gate"]["current_macro_f1"] == pytest.approx(served_f1)
+    assert again["gate"]["new_macro_f1"] == pytest.approx(model_f1)
+    assert "Served: the fine-tuned model alone" in (second / "report.md").read_text()
+
+    # 3. eval --model goes through load_classifier too: it scores the served ensemble, far above the
+    # undertrained model alone (about 1/3 accuracy on three balanced classes).
+    assert main(["eval", "--data", str(toy_tree), "--model", str(models), "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == first.name and result["accuracy"] > 0.8
+
+
 def test_force_promotes_what_the_gate_refuses(
     toy_tree: Path, tiny_encoder_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -131,8 +176,8 @@ def test_force_promotes_what_the_gate_refuses(
 def test_errors_exit_2_with_a_message(tmp_path: Path, toy_tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--data", str(tmp_path / "nope"), "--base", "x", "--model-dir", str(tmp_path)]) == EXIT_ERROR
     assert "does not exist" in capsys.readouterr().err
-    assert main(["--data", str(toy_tree), "--model-dir", str(tmp_path)]) == EXIT_ERROR
-    assert "no base model" in capsys.readouterr().err
+    assert main(["--data", str(toy_tree), "--base", str(tmp_path / "no-model"), "--model-dir", str(tmp_path)]) == EXIT_ERROR
+    assert "no-model" in capsys.readouterr().err
     code = main(["--data", str(toy_tree), "--base", "x", "--model-dir", str(tmp_path), "--min-examples", "50"])
     assert code == EXIT_ERROR
     err = capsys.readouterr().err

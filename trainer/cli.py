@@ -243,12 +243,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         (version_dir / TRAIN_KEYS_FILE).write_text(
             "".join(_key_digest(e.key) + "\n" for e in sorted(train_all, key=lambda e: e.key)), encoding="utf-8")
 
-        # 3. evaluate on the holdout: model, baseline, ensemble
-        scores, model_probs = _evaluate_all(s, version_dir, labels, train_all, holdout, progress)
-        manifest.update(scores)
+        # 3. evaluate on the holdout: model, baseline, ensemble; serve the ensemble only if it beats both
+        from mailtriage.ensemble import SERVE_ENSEMBLE
+        from mailtriage_trainer.evaluate import choose_serve
+
+        scores, probs, baseline = _evaluate_all(s, version_dir, labels, train_all, holdout, progress)
+        serve = choose_serve(scores["model_metrics"], scores["baseline_metrics"], scores["ensemble_metrics"])
+        if serve == SERVE_ENSEMBLE:
+            baseline.save(version_dir)
+        # "metrics" is the version as served (what load_classifier gives), so the gate, eval --model and
+        # the next run's gate all score the same thing; each part keeps its own row.
+        manifest.update(scores, serve=serve, metrics=scores[f"{serve}_metrics"])
+        log.info("serve_chosen", serve=serve, macro_f1=round(manifest["metrics"]["macro_f1"], 4))
 
         # 4. the gate
-        gate = _gate(s, cfg, labels, holdout, model_probs, manifest["metrics"], args.force, progress)
+        gate = _gate(s, cfg, labels, holdout, probs[serve], manifest["metrics"], args.force, progress)
         manifest["gate"] = gate
         modeldir.write_manifest(version_dir, manifest)
         from mailtriage_trainer.report import write_report
@@ -316,8 +325,9 @@ def _base_manifest(
 def _evaluate_all(
     s: _Settings, version_dir: Path, labels: Sequence[str], train_all: Sequence[Any], holdout: Sequence[Any],
     progress: bool,
-) -> tuple[dict[str, Any], Any]:
-    """(manifest entries for model, baseline and ensemble metrics; the model's holdout probabilities)."""
+) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """(manifest entries model_metrics, baseline_metrics, ensemble_metrics; holdout probabilities of
+    "model" and "ensemble"; the fitted baseline)."""
     from mailtriage.model import load_classifier
     from mailtriage_trainer.evaluate import (
         DEFAULT_THRESHOLDS, Baseline, classifier_probs, ensemble_probs, score_probs,
@@ -333,22 +343,26 @@ def _evaluate_all(
     del clf
     baseline = Baseline(labels, seed=s.seed).fit([e.text for e in train_all], [e.label for e in train_all])
     base_p = baseline.predict_proba(texts)
+    probs = {"model": model_p, "ensemble": ensemble_probs(model_p, base_p)}
     out = {
-        "metrics": score_probs(y, model_p, labels, thresholds),
+        "model_metrics": score_probs(y, model_p, labels, thresholds),
         "baseline_metrics": score_probs(y, base_p, labels, thresholds),
-        "ensemble_metrics": score_probs(y, ensemble_probs(model_p, base_p), labels, thresholds),
+        "ensemble_metrics": score_probs(y, probs["ensemble"], labels, thresholds),
     }
     log.info("holdout_evaluated", holdout=len(holdout),
-             **{name: round(out[key]["macro_f1"], 4) for name, key in
-                (("model", "metrics"), ("baseline", "baseline_metrics"), ("ensemble", "ensemble_metrics"))})
-    return out, model_p
+             **{name: round(out[f"{name}_metrics"]["macro_f1"], 4) for name in ("model", "baseline", "ensemble")})
+    return out, probs, baseline
 
 
 def _gate(
-    s: _Settings, cfg: Any, labels: Sequence[str], holdout: Sequence[Any], model_probs: Any,
+    s: _Settings, cfg: Any, labels: Sequence[str], holdout: Sequence[Any], served_probs: Any,
     new_metrics: dict[str, Any], force: bool, progress: bool,
 ) -> dict[str, Any]:
-    """Promote only if the new macro-F1 >= the current version's on the same held-out mail."""
+    """Promote only if the new macro-F1 >= the current version's on the same held-out mail.
+
+    Both sides are scored as served: ``served_probs`` / ``new_metrics`` are the new version's served
+    output, and the current version goes through load_classifier, which applies its ensemble if any.
+    """
     from mailtriage import modeldir
     from mailtriage.labels import LabelSet
 
@@ -401,7 +415,7 @@ def _gate(
     if len(rows) != len(holdout):
         from mailtriage_trainer.evaluate import score_probs
 
-        new_f1 = score_probs([e.label for e in subset], model_probs[rows], labels, ())["macro_f1"]
+        new_f1 = score_probs([e.label for e in subset], served_probs[rows], labels, ())["macro_f1"]
     cur_f1 = current_metrics["macro_f1"]
     gate.update(current_macro_f1=cur_f1, new_macro_f1_compared=new_f1, compared_on=len(subset),
                 current_metrics=current_metrics)
@@ -428,8 +442,9 @@ def _score_version(path: Path, s: _Settings, labels: Sequence[str], examples: Se
 def _print_summary(version_dir: Path, manifest: dict[str, Any], report: Path) -> None:
     m, b, e = manifest["metrics"], manifest["baseline_metrics"], manifest["ensemble_metrics"]
     gate = manifest["gate"]
-    print(f"version {version_dir.name}: accuracy {m['accuracy']:.1%}, macro-F1 {m['macro_f1']:.3f} "
-          f"on {m['n']} held-out messages (baseline {b['macro_f1']:.3f}, ensemble {e['macro_f1']:.3f})")
+    print(f"version {version_dir.name}, serving the {manifest['serve']}: accuracy {m['accuracy']:.1%}, macro-F1 "
+          f"{m['macro_f1']:.3f} on {m['n']} held-out messages (model {manifest['model_metrics']['macro_f1']:.3f}, "
+          f"baseline {b['macro_f1']:.3f}, ensemble {e['macro_f1']:.3f})")
     if gate["promoted"]:
         print(f"PROMOTED: {gate['reason']}")
     else:

@@ -17,13 +17,13 @@ CONFUSION_FILE = "confusion.png"
 def write_report(version_dir: Path, manifest: dict[str, Any]) -> Path:
     """Write report.md (and confusion.png when the manifest has a confusion matrix); returns the report."""
     version_dir = Path(version_dir)
-    model = manifest.get("metrics") or {}
-    if model.get("confusion"):
+    served = manifest.get("metrics") or {}  # as served: the model alone or the ensemble
+    if served.get("confusion"):
         title = (
-            f"{manifest.get('version', version_dir.name)}: accuracy {_pct(model['accuracy'])}, "
-            f"macro-F1 {model['macro_f1']:.3f} (n={model['n']})"
+            f"{manifest.get('version', version_dir.name)} ({_served_name(manifest)}): "
+            f"accuracy {_pct(served['accuracy'])}, macro-F1 {served['macro_f1']:.3f} (n={served['n']})"
         )
-        plot_confusion(model["confusion"], model["labels"], version_dir / CONFUSION_FILE, title)
+        plot_confusion(served["confusion"], served["labels"], version_dir / CONFUSION_FILE, title)
     path = version_dir / REPORT_FILE
     path.write_text(render_markdown(manifest, confusion_png=(version_dir / CONFUSION_FILE).is_file()),
                     encoding="utf-8")
@@ -32,7 +32,11 @@ def write_report(version_dir: Path, manifest: dict[str, Any]) -> Path:
 
 def render_markdown(manifest: dict[str, Any], confusion_png: bool = True) -> str:
     m = manifest
-    model: dict[str, Any] = m.get("metrics") or {}
+    # "metrics" is the version as served; "model_metrics" the fine-tuned model alone (manifests from
+    # before ensemble serving have only "metrics", which was the model alone and served).
+    served: dict[str, Any] = m.get("metrics") or {}
+    model: dict[str, Any] = m.get("model_metrics") or served
+    serve = m.get("serve", "model")
     baseline: dict[str, Any] = m.get("baseline_metrics") or {}
     ensemble: dict[str, Any] = m.get("ensemble_metrics") or {}
     gate: dict[str, Any] = m.get("gate") or {}
@@ -58,7 +62,7 @@ def render_markdown(manifest: dict[str, Any], confusion_png: bool = True) -> str
         add(gate.get("reason", ""))
         add("")
 
-    if model:
+    if served:
         add("## Held-out results")
         add("")
         n_holdout = model.get("n", 0)
@@ -69,11 +73,13 @@ def render_markdown(manifest: dict[str, Any], confusion_png: bool = True) -> str
         thr_head = f" | coverage @ {threshold:g} | accuracy on covered" if threshold is not None else ""
         add("| | accuracy | macro-F1" + thr_head + " |")
         add("|---|---:|---:" + ("|---:|---:" if threshold is not None else "") + "|")
-        rows: list[tuple[str, dict[str, Any]]] = [("fine-tuned model (this version)", model)]
+        model_name = "fine-tuned model alone" + (" (served)" if serve == "model" else "")
+        rows: list[tuple[str, dict[str, Any]]] = [(model_name, model)]
         if baseline:
             rows.append(("TF-IDF + logistic regression baseline", baseline))
         if ensemble:
-            rows.append(("ensemble (mean of model and baseline)", ensemble))
+            rows.append(("ensemble (mean of model and baseline)" + (" (served)" if serve == "ensemble" else ""),
+                         ensemble))
         current = gate.get("current_metrics")
         if current:
             rows.append((f"current version {gate.get('current_version')}", current))
@@ -90,25 +96,30 @@ def render_markdown(manifest: dict[str, Any], confusion_png: bool = True) -> str
                 "undertrained (more epochs or a higher learning rate), or the base model is too weak for "
                 "this mail.")
             add("")
-        configured = _threshold_row(model, threshold) if threshold is not None else None
+        configured = _threshold_row(served, threshold) if threshold is not None else None
         if configured and configured["coverage"] < 0.5:
             add(f"**Warning:** at the configured threshold {threshold:g} only {_pct(configured['coverage'])} of "
                 "held-out mail would be filed; the rest would go to the unsure folder. The model is "
                 "under-confident (train longer) or the threshold is too high for it; see the table below.")
             add("")
-        if ensemble and baseline:
-            best = max(rows[:3], key=lambda nr: nr[1]["macro_f1"])
-            add(f"Best on held-out by macro-F1: {best[0]}."
-                + (" The ensemble is reported only; the daemon serves the fine-tuned model."
-                   if best[1] is ensemble else ""))
+        if ensemble:
+            parts = f"the fine-tuned model alone ({model['macro_f1']:.3f})" + (
+                f" and the baseline alone ({baseline['macro_f1']:.3f})" if baseline else "")
+            if serve == "ensemble":
+                add(f"Served: the ensemble, because its held-out macro-F1 {ensemble['macro_f1']:.3f} beats {parts}. "
+                    "The daemon averages the model's and the baseline's probabilities (baseline.joblib); the "
+                    "numbers below and the gate are the ensemble's.")
+            else:
+                add(f"Served: the fine-tuned model alone. The ensemble ({ensemble['macro_f1']:.3f}) is served only "
+                    f"when it beats both {parts}; the baseline is never served alone.")
             add("")
 
-        add("## Per class (fine-tuned model)")
+        add(f"## Per class ({_served_name(m)})")
         add("")
         has_base = bool(baseline.get("per_class"))
         add("| label | precision | recall | F1 | support" + (" | baseline F1" if has_base else "") + " |")
         add("|---|---:|---:|---:|---:" + ("|---:" if has_base else "") + "|")
-        for label, pc in model["per_class"].items():
+        for label, pc in served["per_class"].items():
             line = (f"| {_cell(label)} | {pc['precision']:.3f} | {pc['recall']:.3f} | {pc['f1']:.3f} "
                     f"| {pc['support']}")
             if has_base:
@@ -117,13 +128,13 @@ def render_markdown(manifest: dict[str, Any], confusion_png: bool = True) -> str
             add(line + " |")
         add("")
 
-        pairs = _confused_pairs(model)
+        pairs = _confused_pairs(served)
         if pairs:
             add("Most frequent confusions (true -> predicted): "
                 + "; ".join(f"{_cell(t)} -> {_cell(p)} ({n})" for t, p, n in pairs) + ".")
             add("")
 
-        if model.get("thresholds"):
+        if served.get("thresholds"):
             add("## Confidence threshold")
             add("")
             add("Below the threshold a message goes to the unsure folder instead of a category. "
@@ -131,7 +142,7 @@ def render_markdown(manifest: dict[str, Any], confusion_png: bool = True) -> str
             add("")
             add("| threshold | coverage | accuracy on covered | filed |")
             add("|---:|---:|---:|---:|")
-            for t in model["thresholds"]:
+            for t in served["thresholds"]:
                 mark = " (configured)" if threshold is not None and abs(t["threshold"] - threshold) < 1e-9 else ""
                 add(f"| {t['threshold']:g}{mark} | {_pct(t['coverage'])} | {_pct(t['accuracy_on_covered'])} "
                     f"| {t['n_covered']} |")
@@ -172,7 +183,7 @@ def render_markdown(manifest: dict[str, Any], confusion_png: bool = True) -> str
             add("- parameters: " + ", ".join(f"{k}={v}" for k, v in params.items()))
         add("")
 
-    if confusion_png and model:
+    if confusion_png and served:
         add("## Confusion matrix")
         add("")
         add(f"![confusion matrix, rows normalized]({CONFUSION_FILE})")
@@ -217,6 +228,11 @@ def plot_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str], pa
         fig.savefig(path, dpi=110)
     finally:
         plt.close(fig)
+
+
+def _served_name(manifest: dict[str, Any]) -> str:
+    return ("served: ensemble of model and baseline" if manifest.get("serve") == "ensemble"
+            else "served: fine-tuned model")
 
 
 def _gate_headline(gate: dict[str, Any]) -> str:

@@ -1,0 +1,83 @@
+"""The one combining rule for the fine-tuned model and the TF-IDF baseline, and the baseline's file.
+
+The trainer scores the ensemble with these functions and the daemon serves it with them, so what the
+report measured is what the daemon does. numpy only at import; joblib/scikit-learn load on demand.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mailtriage.errors import ModelError
+
+BASELINE_FILE = "baseline.joblib"
+SERVE_MODEL = "model"
+SERVE_ENSEMBLE = "ensemble"
+
+
+def ensemble_probs(model: Any, baseline: Any) -> np.ndarray:
+    """The plain average: no weights to tune on the held-out set, so its score stays honest."""
+    return (np.asarray(model, dtype=np.float64) + np.asarray(baseline, dtype=np.float64)) / 2.0
+
+
+def baseline_probs(pipeline: Any, texts: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    """``pipeline.predict_proba`` with its columns (``classes_``, sorted by scikit-learn) put in
+    ``labels`` order; a label absent from the baseline's training data keeps probability 0."""
+    raw = pipeline.predict_proba(list(texts))
+    index = {label: i for i, label in enumerate(labels)}
+    out = np.zeros((len(texts), len(labels)), dtype=np.float64)
+    for j, cls in enumerate(pipeline.classes_):
+        if cls in index:
+            out[:, index[cls]] = raw[:, j]
+    return out
+
+
+def save_baseline(pipeline: Any, version_dir: Path) -> Path:
+    """Write the fitted scikit-learn pipeline next to the adapter (temp file + rename: never half a file)."""
+    import joblib  # ships with scikit-learn
+
+    path = Path(version_dir) / BASELINE_FILE
+    tmp = path.with_name(f".{BASELINE_FILE}.{os.getpid()}")
+    # compress=3: the TF-IDF vocabularies are mostly strings and shrink several-fold for ~no load time.
+    joblib.dump(pipeline, tmp, compress=3)
+    os.replace(tmp, path)
+    return path
+
+
+def load_baseline(version_dir: Path, labels: Sequence[str]) -> Any:
+    """The pipeline saved by ``save_baseline``, checked to predict only ``labels``.
+
+    joblib files are pickles, and unpickling runs code: this is a file of our own making, and it is
+    loaded only from the model directory the admin controls (the same trust as the adapter weights).
+    """
+    path = Path(version_dir) / BASELINE_FILE
+    if not path.is_file():
+        raise ModelError(
+            f"{str(version_dir)!r} says to serve the ensemble (manifest.json \"serve\": \"ensemble\") but has no "
+            f"{BASELINE_FILE}; the version is incomplete: retrain with mailtriage-train, or set \"serve\": \"model\" "
+            "in its manifest.json to serve the fine-tuned model alone"
+        )
+    try:
+        import joblib
+
+        pipeline = joblib.load(path)
+    except Exception as exc:  # noqa: BLE001 - unpickling fails in many ways; each means "unusable file"
+        raise ModelError(
+            f"{str(path)!r} could not be loaded ({type(exc).__name__}: {exc}); expected the TF-IDF baseline "
+            "written by mailtriage-train with this scikit-learn version: retrain, or set \"serve\": \"model\" in "
+            "manifest.json"
+        ) from exc
+    classes = getattr(pipeline, "classes_", None)
+    if not hasattr(pipeline, "predict_proba") or classes is None:
+        raise ModelError(f"{str(path)!r} holds a {type(pipeline).__name__}, not a fitted classifier with "
+                         "predict_proba; retrain with mailtriage-train")
+    unknown = sorted({str(c) for c in classes} - set(labels))
+    if unknown:
+        raise ModelError(f"{str(path)!r} predicts labels {unknown} that labels.json does not have ({list(labels)}); "
+                         "the baseline belongs to another version: retrain with mailtriage-train")
+    return pipeline

@@ -19,7 +19,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench-out"
-DATASETS = Path(os.environ.get("MAILTRIAGE_DATASETS", "/work/shared/datasets"))
+# The data sets live in shared/ beside the checkout; never copied into the project.
+DATASETS = Path(os.environ.get("MAILTRIAGE_DATASETS", REPO.parent / "shared" / "datasets"))
 
 # Nothing may be downloaded at run time; a child that tried would fail fast instead of hanging.
 ENV = {

@@ -198,21 +198,6 @@ def log_events(path: Path, event: str) -> list[dict[str, Any]]:
     return out
 
 
-def landed(client: Any, folders: Sequence[str]) -> dict[str, str]:
-    from mailtriage.mailtext import message_key
-
-    where: dict[str, str] = {}
-    for folder in folders:
-        client.select_folder(folder, readonly=True)
-        uids = client.search(["ALL"])
-        if not uids:
-            continue
-        for data in client.fetch(uids, ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"]).values():
-            header = next(v for k, v in data.items() if k.startswith(b"BODY"))
-            where[message_key(header)] = folder
-    return where
-
-
 def measure_singles(dovecot: Any, files: Sequence[Path], gap: float) -> list[tuple[float, float | None]]:
     """APPEND each message from one connection; another, IDLE on INBOX, timestamps the EXPUNGE.
 
@@ -414,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
             out["serve_exit"] = proc.returncode
+            from demo.run import landed
+
             with dovecot.client("support") as c:
                 where = landed(c, [*CATEGORIES.values(), UNSURE, "INBOX"])
         folder_to_label = {f: lab for lab, f in CATEGORIES.items()}

@@ -25,6 +25,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from imapclient import IMAPClient
+
 from demo.corpus import CATEGORIES, generate
 from mailtriage.mailtext import message_key
 from tests.dovecot import Dovecot, load_messages
@@ -97,23 +99,29 @@ def _wait_until_filed(dovecot: Dovecot, expected: int, proc: subprocess.Popen[by
     raise SystemExit(f"the daemon did not file the inbox within {timeout:.0f} s")
 
 
+def landed(client: IMAPClient, folders: Sequence[str]) -> dict[str, str]:
+    """message key -> the folder it is in now, read with header-only fetches (flags untouched)."""
+    where: dict[str, str] = {}
+    for folder in folders:
+        client.select_folder(folder, readonly=True)
+        uids = client.search(["ALL"])
+        if not uids:
+            continue
+        for data in client.fetch(uids, ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"]).values():
+            header = next(v for k, v in data.items() if k.startswith(b"BODY"))
+            where[message_key(header)] = folder
+    return where
+
+
 def _score(dovecot: Dovecot, answers: dict[str, str]) -> None:
     """Where did each inbox message land? Compare with the generator's answer key by Message-ID."""
     folder_to_label = {folder: label for label, folder in CATEGORIES.items()}
-    landed: dict[str, str] = {}
     with dovecot.client("support") as client:
-        for folder in [*CATEGORIES.values(), UNSURE]:
-            client.select_folder(folder, readonly=True)
-            uids = client.search(["ALL"])
-            if not uids:
-                continue
-            for data in client.fetch(uids, ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"]).values():
-                header = next(v for k, v in data.items() if k.startswith(b"BODY"))
-                landed[message_key(header)] = folder
+        where = landed(client, [*CATEGORIES.values(), UNSURE])
     correct = unsure = wrong = 0
     confusions: Counter[tuple[str, str]] = Counter()
     for mid, truth in answers.items():
-        folder = landed.get(mid)
+        folder = where.get(mid)
         if folder == UNSURE:
             unsure += 1
         elif folder_to_label.get(folder or "") == truth:

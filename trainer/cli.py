@@ -283,8 +283,7 @@ def _finetune(
     }
     if s.patience is not None:
         wanted["patience"] = s.patience
-    known = {f.name for f in dataclasses.fields(TrainParams)}
-    params = TrainParams(**{k: v for k, v in wanted.items() if k in known})
+    params = TrainParams(**wanted)
     result = finetune(
         modeldir.resolve_base_model(s.base),
         [(e.text, e.label) for e in train],
@@ -294,8 +293,7 @@ def _finetune(
         params,
         progress=progress,
     )
-    res = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else dict(vars(result))
-    return dataclasses.asdict(params), res
+    return dataclasses.asdict(params), dataclasses.asdict(result)
 
 
 def _base_manifest(

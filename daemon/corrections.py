@@ -5,20 +5,23 @@ actual B); one it sent to the unsure folder that staff sorted into a category fo
 labelled example. Both are recorded in the state database (live accuracy, next retrain's data).
 
 The matching is pure (``match_corrections``); ``scan_corrections`` is the IMAP edge. It reads only
-the Message-ID header of each message (the whole message only when it has none), and caches keys per (folder, UIDVALIDITY, UID) across scans,
-so a periodic scan of large folders fetches only what is new.
+the Message-ID header of each message (the whole message only when it has none), and caches keys
+per (folder, UIDVALIDITY, UID) across scans, so a periodic scan of large folders fetches only what
+is new.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
 from mailtriage import metrics
 from mailtriage.config import AccountConfig, Config
+from mailtriage.mailtext import message_key
+from mailtriage.state import StateDB
 
 log = structlog.get_logger(__name__)
 
@@ -47,24 +50,6 @@ class Correction:
     predicted: str        # the label the daemon chose (for an unsure message: its best guess)
     actual: str           # the category whose folder the message now sits in
     was_unsure: bool      # True: it was in the unsure folder, so this is a new labelled example
-
-
-class StateLike(Protocol):
-    def filed(self, account: str | None = None) -> Iterable[Any]: ...
-
-    def record_correction(self, key: str, account: str, predicted: str, actual: str, was_unsure: bool) -> bool: ...
-
-
-def _field(row: Any, name: str) -> Any:
-    # State rows may be dataclasses, namedtuples or sqlite3.Row; read either way.
-    try:
-        return getattr(row, name)
-    except AttributeError:
-        return row[name]
-
-
-def as_filed(row: Any) -> FiledMessage:
-    return FiledMessage(key=str(_field(row, "key")), label=str(_field(row, "label")), unsure=bool(_field(row, "unsure")))
 
 
 def match_corrections(
@@ -115,12 +100,6 @@ class KeyCache:
     folders: dict[tuple[str, str], tuple[int, dict[int, str]]] = field(default_factory=dict)
 
 
-def _key_from(raw: bytes) -> str:
-    from mailtriage.mailtext import message_key  # the one definition of a message's identity
-
-    return message_key(raw)
-
-
 def folder_keys(client: Any, folder: str, cached: tuple[int, dict[int, str]] | None = None) -> tuple[int, dict[int, str]]:
     """``(UIDVALIDITY, {uid: message key})`` for every message in ``folder`` (selected read-only).
 
@@ -141,19 +120,19 @@ def folder_keys(client: Any, folder: str, cached: tuple[int, dict[int, str]] | N
             # The key is the normalized Message-ID when there is one, so the Message-ID line alone
             # gives the same key as the whole message. Without one, message_key hashes headers
             # and text: only then is the full message fetched.
-            key = _key_from(data.get(_MID_KEY) or b"")
+            key = message_key(data.get(_MID_KEY) or b"")
             if key.startswith(_HASH_PREFIX):
                 need_full.append(uid)
             else:
                 known[uid] = key
     for uid in need_full:  # one at a time: these may be large, and they are rare
         for got_uid, data in client.fetch([uid], [_FULL_ITEM]).items():
-            known[got_uid] = _key_from(data.get(_FULL_KEY) or b"")
+            known[got_uid] = message_key(data.get(_FULL_KEY) or b"")
     return uidvalidity, known
 
 
 def scan_account(
-    client: Any, account: AccountConfig, config: Config, state: StateLike, cache: KeyCache | None = None
+    client: Any, account: AccountConfig, config: Config, state: StateDB, cache: KeyCache | None = None
 ) -> list[Correction]:
     """Scan one logged-in account's category folders and return (not record) its corrections."""
     found: dict[str, list[str]] = {}
@@ -167,14 +146,14 @@ def scan_account(
         if cache is not None:
             cache.folders[(account.name, folder)] = result
         found[label] = list(result[1].values())
-    filed = [as_filed(row) for row in state.filed(account=account.name)]
+    filed = [FiledMessage(row.key, row.label, row.unsure) for row in state.filed(account=account.name)]
     return match_corrections(account.name, filed, found)
 
 
 def scan_corrections(
     client_factory: Callable[[AccountConfig], Any],
     config: Config,
-    state: StateLike,
+    state: StateDB,
     cache: KeyCache | None = None,
     accounts: Sequence[AccountConfig] | None = None,
 ) -> list[Correction]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from imapclient import IMAPClient
 
 from demo.corpus import CATEGORIES, generate
+from mailtriage.corrections import folder_keys
 from mailtriage.mailtext import message_key
 from tests.dovecot import Dovecot, load_messages
 
@@ -100,17 +101,8 @@ def _wait_until_filed(dovecot: Dovecot, expected: int, proc: subprocess.Popen[by
 
 
 def landed(client: IMAPClient, folders: Sequence[str]) -> dict[str, str]:
-    """message key -> the folder it is in now, read with header-only fetches (flags untouched)."""
-    where: dict[str, str] = {}
-    for folder in folders:
-        client.select_folder(folder, readonly=True)
-        uids = client.search(["ALL"])
-        if not uids:
-            continue
-        for data in client.fetch(uids, ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"]).values():
-            header = next(v for k, v in data.items() if k.startswith(b"BODY"))
-            where[message_key(header)] = folder
-    return where
+    """message key -> the folder it is in now (the correction scan's reader: header-only fetches)."""
+    return {key: folder for folder in folders for key in folder_keys(client, folder)[1].values()}
 
 
 def _score(dovecot: Dovecot, answers: dict[str, str]) -> None:

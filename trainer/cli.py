@@ -33,6 +33,7 @@ from typing import Any
 import structlog
 
 from mailtriage.errors import ConfigError, MailtriageError, ModelError
+from mailtriage.logs import configure_logging
 
 log = structlog.get_logger(__name__)
 
@@ -53,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = args_list.pop(0)
     parser = build_eval_parser() if command == "eval" else build_train_parser()
     args = parser.parse_args(args_list)
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level)
     try:
         return cmd_eval(args) if command == "eval" else cmd_train(args)
     except MailtriageError as exc:
@@ -538,15 +539,6 @@ def _load_optional_config(path: str | None) -> Any:
     return None
 
 
-def _configure_logging(level: str) -> None:
-    try:
-        from mailtriage.logs import configure_logging
-    except ImportError:  # the daemon's logging module is optional for the trainer
-        import logging
-
-        logging.basicConfig(level=level.upper(), stream=sys.stderr)
-        return
-    configure_logging(level)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from transformers import get_linear_schedule_with_warmup, set_seed
 from mailtriage import modeldir
 from mailtriage.errors import ConfigError, TrainingDataError
 from mailtriage.labels import LabelSet
+from mailtriage.mailtext import MAILTEXT_VERSION
 from mailtriage.model import (
     autocast,
     collate,
@@ -367,13 +368,8 @@ def _write_training_manifest(
     manifest: dict[str, Any] = {}
     if (out_dir / modeldir.MANIFEST_FILE).is_file():
         manifest = modeldir.read_manifest(out_dir)
-    try:
-        from mailtriage.mailtext import MAILTEXT_VERSION
-    except ImportError:  # the mail-text module is optional for callers that pass ready-made text
-        MAILTEXT_VERSION = None
     manifest["base_model"] = modeldir.base_model_name(base)
-    if MAILTEXT_VERSION is not None:
-        manifest.setdefault("mailtext_version", MAILTEXT_VERSION)
+    manifest.setdefault("mailtext_version", MAILTEXT_VERSION)
     manifest["training"] = {
         "params": asdict(params),
         "n_train": n_train,

@@ -330,3 +330,14 @@ def test_ensemble_without_a_usable_baseline_is_a_model_error(tiny_model_dir: Pat
     modeldir.write_manifest(version, manifest)
     with pytest.raises(ModelError, match="'baseline'; expected 'model' or 'ensemble'"):
         load_classifier(version, device="cpu")
+
+
+def test_bert_pooler_is_trained_with_the_head_decoders_have_none(tiny_encoder_base: Path, tiny_decoder_base: Path) -> None:
+    import torch
+
+    from mailtriage.model import default_modules_to_save, load_base_model, load_tokenizer
+
+    labels = LabelSet(TOY_LABELS)
+    for base, expected in ((tiny_encoder_base, ["pooler"]), (tiny_decoder_base, [])):
+        model = load_base_model(base, labels, load_tokenizer(base), torch.float32)
+        assert default_modules_to_save(model) == expected

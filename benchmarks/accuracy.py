@@ -225,7 +225,7 @@ def _short(m: dict[str, Any]) -> dict[str, Any]:
 
 def score_external(model_dir: Path, train_src: Path, test_src: Path, plan: Plan, work: Path) -> dict[str, Any]:
     """Model via `mailtriage-train eval --json`; baseline and ensemble in-process on the same test mail."""
-    from mailtriage.model import load_classifier
+    from mailtriage.model.transformers import load_classifier
     from mailtriage_trainer import dataset, sources
     from mailtriage_trainer.evaluate import Baseline, classifier_probs, ensemble_probs, score_probs
 

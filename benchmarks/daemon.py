@@ -62,8 +62,8 @@ def _free_port() -> int:
 def pick_model(arg: str | None, quick: bool) -> tuple[Path, str]:
     """A fine-tuned MiniLM on the demo categories: given, left by benchmarks.accuracy, or trained now."""
     from demo.corpus import CATEGORIES
-    from mailtriage import modeldir
-    from mailtriage.labels import LabelSet
+    from mailtriage.model import modeldir
+    from mailtriage.core.labels import LabelSet
 
     names = ["demo", "speed", "daemon"]
     if quick:
@@ -241,7 +241,7 @@ def _ts(event: dict[str, Any]) -> float:
 def decompose(singles: list[tuple[float, float | None]], files: Sequence[Path], log_path: Path) -> dict[str, Any]:
     """Split APPEND -> EXPUNGE-seen into: until the daemon fetched it (server notify + IDLE wake-up),
     the daemon's own fetch -> action done (its latency_ms), and until our observer saw the EXPUNGE."""
-    from mailtriage.mailtext import message_key
+    from mailtriage.core.mailtext import message_key
 
     decided = {e["message_id"]: e for e in log_events(log_path, "message_decided")}
     parts: dict[str, list[float]] = {"append_to_move_done_s": [], "to_fetch_s": [], "daemon_s": [], "to_observer_s": []}
@@ -284,9 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ENV["OMP_NUM_THREADS"] = args.threads
 
     from demo.corpus import CATEGORIES, LABELS_FILE, generate
-    from mailtriage import modeldir
-    from mailtriage.mailtext import message_key
-    from tests.dovecot import Dovecot, load_messages
+    from mailtriage.model import modeldir
+    from mailtriage.core.mailtext import message_key
+    from mailtriage.testing.dovecot import Dovecot, load_messages
 
     info = machine()
     info["threads_setting"] = args.threads or "default"

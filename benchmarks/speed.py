@@ -95,7 +95,7 @@ def train_part(quick: bool) -> dict[str, Any]:
 
 def _real_texts(tokenizer: Any, want: int) -> tuple[list[str], list[bytes]]:
     """20 Newsgroups messages whose mail text has >= 256 tokens, in archive order (deterministic)."""
-    from mailtriage.mailtext import mail_text
+    from mailtriage.core.mailtext import mail_text
 
     texts: list[str] = []
     raws: list[bytes] = []
@@ -130,11 +130,11 @@ def _hwm_mib() -> float:
 def infer_child(model: str, quick: bool, out_json: Path) -> int:
     import torch
 
-    from mailtriage.mailtext import mail_text
+    from mailtriage.core.mailtext import mail_text
 
     rss_start = _rss_mib()
     t0 = time.monotonic()
-    from mailtriage.model import load_classifier
+    from mailtriage.model.transformers import load_classifier
 
     rss_torch = _rss_mib()
     clf = load_classifier(model, device="cpu", batch_size=16, max_length=TOKENS)

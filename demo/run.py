@@ -28,9 +28,9 @@ from pathlib import Path
 from imapclient import IMAPClient
 
 from demo.corpus import CATEGORIES, generate
-from mailtriage.corrections import folder_keys
-from mailtriage.mailtext import message_key
-from tests.dovecot import Dovecot, load_messages
+from mailtriage.store.corrections import folder_keys
+from mailtriage.core.mailtext import message_key
+from mailtriage.testing.dovecot import Dovecot, load_messages
 
 UNSURE = "Support/Unsure"
 

@@ -141,7 +141,7 @@ def build_tiny_decoder(directory: Path) -> Path:
     """A 2-layer, 32-wide Qwen2 with a byte-level BPE tokenizer whose only special token is EOS.
 
     The tokenizer is saved as a plain PreTrainedTokenizerFast next to a Qwen2 config.json: the case
-    where AutoTokenizer would swap in Qwen's normalizer, which mailtriage.model.load_tokenizer avoids.
+    where AutoTokenizer would swap in Qwen's normalizer, which mailtriage.model.transformers.load_tokenizer avoids.
     No pad token is set on purpose: the loader must fall back to EOS like it does for real decoders.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -188,8 +188,8 @@ def toy_params(**overrides: object) -> object:
 
 def build_tiny_model_dir(model_dir: Path, base: Path) -> Path:
     """Fine-tune ``base`` on the toy set into a new version of ``model_dir`` and promote it."""
-    from mailtriage import modeldir
-    from mailtriage.labels import LabelSet
+    from mailtriage.model import modeldir
+    from mailtriage.core.labels import LabelSet
     from mailtriage_trainer.finetune import finetune
 
     train, val = toy_dataset()

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 from imapclient import DELETED, SEEN, IMAPClient
 
-from mailtriage import actions, imapconn
+from mailtriage.imap import actions
+
+from mailtriage.imap import connection
 from mailtriage.config import AccountConfig
 from mailtriage.errors import MailboxError
-from mailtriage.routing import Decision
-from tests.dovecot import NO_MOVE, Dovecot, imap_capability_without, load_messages
+from mailtriage.core.routing import Decision
+from mailtriage.testing.dovecot import NO_MOVE, Dovecot, imap_capability_without, load_messages
 
 pure = pytest.mark.pure
 component = pytest.mark.component
@@ -119,7 +121,7 @@ def test_move_to_missing_folder_is_a_clear_error(imap: IMAPClient) -> None:
         actions.move(imap, uid, "Support/Nope", has_move=False, has_uidplus=True)
     assert _folder_uids(imap, "INBOX") == [uid]
     with pytest.raises(MailboxError, match=r"Support/Nope"):
-        imapconn.check_folders(imap, ["INBOX", "Support/Nope"], "acct")
+        connection.check_folders(imap, ["INBOX", "Support/Nope"], "acct")
 
 
 @component
@@ -207,38 +209,38 @@ def _account(dovecot: Dovecot, user: str, password: str, tmp_path: Path, **kw: o
 @component
 @pytest.mark.parametrize("auth", ["login", "plain"])
 def test_connect_logs_in(dovecot: Dovecot, imap_user: tuple[str, str], tmp_path: Path, auth: str) -> None:
-    client = imapconn.connect(_account(dovecot, *imap_user, tmp_path, auth=auth), timeout=5)
+    client = connection.connect(_account(dovecot, *imap_user, tmp_path, auth=auth), timeout=5)
     try:
         assert client.normalise_times is False
         client.select_folder("INBOX")
-        imapconn.require_capabilities(client, ["IDLE", "UIDPLUS"])
+        connection.require_capabilities(client, ["IDLE", "UIDPLUS"])
         with pytest.raises(MailboxError, match="lacks X-NOPE"):
-            imapconn.require_capabilities(client, ["X-NOPE"])
+            connection.require_capabilities(client, ["X-NOPE"])
     finally:
-        imapconn.close(client)
+        connection.close(client)
 
 
 @component
 def test_connect_wrong_password(dovecot: Dovecot, imap_user: tuple[str, str], tmp_path: Path) -> None:
     user, _ = imap_user
     with pytest.raises(MailboxError, match=rf"login as '{user}' \(login\) refused by server.*password_file"):
-        imapconn.connect(_account(dovecot, user, "wrong", tmp_path), timeout=5)
+        connection.connect(_account(dovecot, user, "wrong", tmp_path), timeout=5)
 
 
 @component
 def test_connect_unreachable(tmp_path: Path, dovecot: Dovecot, imap_user: tuple[str, str]) -> None:
     account = _account(dovecot, *imap_user, tmp_path, port=1)
     with pytest.raises(MailboxError, match=r"cannot connect to 127.0.0.1:1: .*is the server running\? check accounts\['acct'\].host/port"):
-        imapconn.connect(account, timeout=5)
+        connection.connect(account, timeout=5)
 
 
 @component
 def test_connect_tls_mismatches(dovecot: Dovecot, imap_user: tuple[str, str], tmp_path: Path) -> None:
     # The test server speaks plain IMAP only: both TLS modes must fail with a message naming tls.
     with pytest.raises(MailboxError, match="STARTTLS"):
-        imapconn.connect(_account(dovecot, *imap_user, tmp_path, tls="starttls"), timeout=5)
+        connection.connect(_account(dovecot, *imap_user, tmp_path, tls="starttls"), timeout=5)
     with pytest.raises(MailboxError, match=r"TLS handshake with 127.0.0.1:\d+ failed"):
-        imapconn.connect(_account(dovecot, *imap_user, tmp_path, tls="implicit"), timeout=5)
+        connection.connect(_account(dovecot, *imap_user, tmp_path, tls="implicit"), timeout=5)
 
 
 @pure
@@ -248,9 +250,9 @@ def test_ssl_context_verifies_by_default(tmp_path: Path) -> None:
     secret = tmp_path / "s"
     secret.write_text("x")
     acct = AccountConfig(name="a", host="h", username="u", password_file=str(secret))
-    ctx = imapconn.ssl_context(acct)
+    ctx = connection.ssl_context(acct)
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
-    off = imapconn.ssl_context(AccountConfig(name="a", host="h", username="u", password_file=str(secret), verify_tls=False))
+    off = connection.ssl_context(AccountConfig(name="a", host="h", username="u", password_file=str(secret), verify_tls=False))
     assert off.verify_mode == ssl.CERT_NONE
     with pytest.raises(MailboxError, match="ca_file"):
-        imapconn.ssl_context(AccountConfig(name="a", host="h", username="u", password_file=str(secret), ca_file=str(tmp_path / "none.pem")))
+        connection.ssl_context(AccountConfig(name="a", host="h", username="u", password_file=str(secret), ca_file=str(tmp_path / "none.pem")))

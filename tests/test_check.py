@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from mailtriage.check import run_check
+from mailtriage.cli.check import run_check
 from mailtriage.config import AccountConfig, Config, ModelConfig
-from tests.dovecot import imap_capability_without
+from mailtriage.testing.dovecot import imap_capability_without
 
 pytestmark = pytest.mark.component
 

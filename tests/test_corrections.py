@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from mailtriage import metrics
+from mailtriage.service import metrics
 from mailtriage.config import AccountConfig, Config, ModelConfig
-from mailtriage.corrections import Correction, FiledMessage, KeyCache, match_corrections, scan_corrections
+from mailtriage.store.corrections import Correction, FiledMessage, KeyCache, match_corrections, scan_corrections
 
 F = FiledMessage
 
@@ -96,11 +96,11 @@ def _config(dovecot: Any, user: str, pw_file: Path, state: Path) -> Config:
 def test_scan_finds_move_by_another_client(dovecot: Any, imap_user: tuple[str, str], tmp_path: Path) -> None:
     from imapclient import IMAPClient
 
-    from mailtriage.imapconn import connect
-    from mailtriage.mailtext import message_key
-    from mailtriage.routing import Decision
-    from mailtriage.state import StateDB
-    from tests.dovecot import load_messages
+    from mailtriage.imap.connection import connect
+    from mailtriage.core.mailtext import message_key
+    from mailtriage.core.routing import Decision
+    from mailtriage.store.state import StateDB
+    from mailtriage.testing.dovecot import load_messages
 
     user, password = imap_user
     (tmp_path / "pw").write_text(password)
@@ -163,8 +163,8 @@ def test_scan_finds_move_by_another_client(dovecot: Any, imap_user: tuple[str, s
 def test_scan_skips_unreachable_account(tmp_path: Path) -> None:
     import socket
 
-    from mailtriage.imapconn import connect
-    from mailtriage.state import StateDB
+    from mailtriage.imap.connection import connect
+    from mailtriage.store.state import StateDB
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -181,7 +181,7 @@ def test_scan_skips_unreachable_account(tmp_path: Path) -> None:
 
 
 def _decide(state: Any, uid: int, key: str, label: str, unsure: bool = False, dry_run: bool = False) -> None:
-    from mailtriage.routing import Decision
+    from mailtriage.core.routing import Decision
 
     folder = "Support/Unsure" if unsure else CATEGORIES[label]
     state.record_decision(
@@ -195,8 +195,8 @@ def test_stats_table_and_json(tmp_path: Path) -> None:
     import io
     import json
 
-    from mailtriage.state import StateDB
-    from mailtriage.stats import print_stats
+    from mailtriage.store.state import StateDB
+    from mailtriage.store.stats import print_stats
 
     config = Config(
         categories=CATEGORIES, state_path=str(tmp_path / "state.sqlite3"), model=ModelConfig(path=str(tmp_path / "none"))
@@ -233,7 +233,7 @@ def test_stats_table_and_json(tmp_path: Path) -> None:
 def test_stats_without_state_db_creates_nothing(tmp_path: Path) -> None:
     import io
 
-    from mailtriage.stats import print_stats
+    from mailtriage.store.stats import print_stats
 
     config = Config(categories=CATEGORIES, state_path=str(tmp_path / "missing" / "state.sqlite3"))
     out = io.StringIO()
@@ -246,8 +246,8 @@ def test_stats_without_state_db_creates_nothing(tmp_path: Path) -> None:
 def test_next_retrain_counts_only_since_model_creation(tmp_path: Path) -> None:
     import time
 
-    from mailtriage.state import StateDB
-    from mailtriage.stats import next_retrain_examples
+    from mailtriage.store.state import StateDB
+    from mailtriage.store.stats import next_retrain_examples
 
     state = StateDB(tmp_path / "s.db")
     _decide(state, 1, "<old>", "billing")

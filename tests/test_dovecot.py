@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from imapclient import IMAPClient
 
-import tests.dovecot as dovecot_module
-from tests.dovecot import (
+import mailtriage.testing.dovecot as dovecot_module
+from mailtriage.testing.dovecot import (
     NO_IDLE,
     NO_MOVE,
     Dovecot,

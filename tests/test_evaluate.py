@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from mailtriage.classifier import Prediction
+from mailtriage.core.classifier import Prediction
 from mailtriage.errors import TrainingDataError
 from mailtriage_trainer.evaluate import (
     Baseline,

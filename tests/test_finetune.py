@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mailtriage import modeldir
+from mailtriage.model import modeldir
 from mailtriage.errors import TrainingDataError
-from mailtriage.labels import LabelSet
+from mailtriage.core.labels import LabelSet
 from tests.models import TOY_LABELS, toy_dataset, toy_params
 
 pytestmark = pytest.mark.component

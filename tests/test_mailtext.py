@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from mailtriage import mailtext
-from mailtriage.mailtext import (
+from mailtriage.core import mailtext
+from mailtriage.core.mailtext import (
     MAILTEXT_VERSION,
     mail_text,
     message_date,

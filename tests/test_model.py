@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mailtriage import modeldir
+from mailtriage.model import modeldir
 from mailtriage.errors import LabelMismatchError, ModelError
-from mailtriage.labels import LabelSet
+from mailtriage.core.labels import LabelSet
 from tests.models import TOY_LABELS, toy_dataset, toy_params
 
 pytestmark = pytest.mark.component
@@ -130,13 +130,13 @@ def test_packaged_minilm_aliases(tmp_path: Path) -> None:
 
 @pytest.mark.pure
 def test_modeldir_does_not_import_torch() -> None:
-    code = "import sys, mailtriage.modeldir; sys.exit('torch' in sys.modules)"
+    code = "import sys, mailtriage.model.modeldir; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 @pytest.mark.pure
 def test_ensemble_module_imports_neither_torch_nor_sklearn() -> None:
-    code = ("import sys, mailtriage.ensemble; "
+    code = ("import sys, mailtriage.model.ensemble; "
             "sys.exit(any(m in sys.modules for m in ('torch', 'sklearn', 'joblib')))")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
@@ -146,7 +146,7 @@ def test_ensemble_module_imports_neither_torch_nor_sklearn() -> None:
 
 @pytest.fixture(scope="module")
 def classifier(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
-    from mailtriage.model import load_classifier
+    from mailtriage.model.transformers import load_classifier
 
     return load_classifier(tiny_model_dir, device="cpu", batch_size=4)
 
@@ -189,7 +189,7 @@ def test_batching_does_not_change_results(classifier) -> None:  # type: ignore[n
 def test_reload_gives_identical_logits(classifier, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
     import torch
 
-    from mailtriage.model import load_classifier
+    from mailtriage.model.transformers import load_classifier
 
     again = load_classifier(tiny_model_dir / "current", device="cpu", batch_size=classifier.batch_size)
     assert again.version == classifier.version == modeldir.resolve(tiny_model_dir).name
@@ -198,7 +198,7 @@ def test_reload_gives_identical_logits(classifier, tiny_model_dir: Path) -> None
 
 
 def test_label_check_against_config(tiny_model_dir: Path) -> None:
-    from mailtriage.model import load_classifier
+    from mailtriage.model.transformers import load_classifier
 
     with pytest.raises(LabelMismatchError, match="missing from model: \\['shipping'\\]"):
         load_classifier(tiny_model_dir, expected_labels=["billing", "login", "shipping"])
@@ -208,7 +208,7 @@ def test_label_check_against_config(tiny_model_dir: Path) -> None:
 
 
 def test_missing_pieces_are_model_errors(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from mailtriage.model import load_classifier
+    from mailtriage.model.transformers import load_classifier
 
     with pytest.raises(ModelError, match="does not exist"):
         load_classifier(tmp_path / "no-such-dir")
@@ -227,7 +227,7 @@ def test_missing_pieces_are_model_errors(tmp_path: Path, tiny_model_dir: Path) -
 def test_device_choice() -> None:
     import torch
 
-    from mailtriage.model import pick_device, pick_dtype
+    from mailtriage.model.transformers import pick_device, pick_dtype
 
     assert pick_device("cpu") == "cpu"
     assert pick_device("auto") in ("cuda", "mps", "cpu")
@@ -243,7 +243,7 @@ def test_decoder_family(tiny_decoder_base: Path, tmp_path: Path) -> None:
     import torch
     from tokenizers import Tokenizer
 
-    from mailtriage.model import default_target_modules, load_base_model, load_classifier, load_tokenizer
+    from mailtriage.model.transformers import default_target_modules, load_base_model, load_classifier, load_tokenizer
     from mailtriage_trainer.finetune import finetune
 
     # The on-the-fly tokenizer is used as saved, not replaced by Qwen's (ENVIRONMENT.md gotcha).
@@ -293,8 +293,8 @@ def test_ensemble_serving_averages_model_and_baseline(tiny_model_dir: Path, tmp_
     import numpy as np
     import torch
 
-    from mailtriage import ensemble
-    from mailtriage.model import load_classifier
+    from mailtriage.model import ensemble
+    from mailtriage.model.transformers import load_classifier
     from mailtriage_trainer.evaluate import Baseline
 
     version = _copy_version(tiny_model_dir, tmp_path, "ensemble")
@@ -317,7 +317,7 @@ def test_ensemble_serving_averages_model_and_baseline(tiny_model_dir: Path, tmp_
 
 
 def test_ensemble_without_a_usable_baseline_is_a_model_error(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from mailtriage.model import load_classifier
+    from mailtriage.model.transformers import load_classifier
 
     version = _copy_version(tiny_model_dir, tmp_path, "ensemble")
     with pytest.raises(ModelError, match="no baseline.joblib.*retrain"):
@@ -335,7 +335,7 @@ def test_ensemble_without_a_usable_baseline_is_a_model_error(tiny_model_dir: Pat
 def test_bert_pooler_is_trained_with_the_head_decoders_have_none(tiny_encoder_base: Path, tiny_decoder_base: Path) -> None:
     import torch
 
-    from mailtriage.model import default_modules_to_save, load_base_model, load_tokenizer
+    from mailtriage.model.transformers import default_modules_to_save, load_base_model, load_tokenizer
 
     labels = LabelSet(TOY_LABELS)
     for base, expected in ((tiny_encoder_base, ["pooler"]), (tiny_decoder_base, [])):

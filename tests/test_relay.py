@@ -27,11 +27,11 @@ import structlog
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailtriage import modeldir
-from mailtriage.classifier import Prediction
+from mailtriage.model import modeldir
+from mailtriage.core.classifier import Prediction
 from mailtriage.config import Config, ModelConfig, SmtpConfig
-from mailtriage.labels import LabelSet
-from mailtriage.relay import ClassifyAsync, NextHop, SmtpFilter
+from mailtriage.core.labels import LabelSet
+from mailtriage.smtp.relay import ClassifyAsync, NextHop, SmtpFilter
 
 pytestmark = pytest.mark.component
 
@@ -329,7 +329,7 @@ def test_next_hop_answer_to_data(
 def test_unexpected_handler_error_answers_451_not_500(
     next_hop: tuple[NextHopHandler, int], start_relay: StartRelay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mailtriage import relay
+    from mailtriage.smtp import relay
 
     def boom(self: Any, recipient: str) -> None:
         raise RuntimeError("a bug")
@@ -395,7 +395,7 @@ def test_hostile_message_is_still_relayed(next_hop: tuple[NextHopHandler, int], 
 
 def test_importing_the_relay_does_not_import_torch() -> None:
     code = (
-        "import sys, mailtriage.relay\n"
+        "import sys, mailtriage.smtp.relay\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )
@@ -409,7 +409,7 @@ def test_importing_the_relay_does_not_import_torch() -> None:
 def test_relay_with_the_real_tiny_model(
     tiny_model_dir: Path, next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
 ) -> None:
-    from mailtriage.model import load_classifier
+    from mailtriage.model.transformers import load_classifier
 
     clf = load_classifier(tiny_model_dir, device="cpu", max_length=64, expected_labels=LABELS)
     worker = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # like the service's inference thread
@@ -437,7 +437,7 @@ def test_relay_with_the_real_tiny_model(
 def test_service_with_smtp_enabled_relays_through_its_inference_worker(
     tmp_path: Path, next_hop: tuple[NextHopHandler, int]
 ) -> None:
-    from mailtriage.service import Service
+    from mailtriage.service.app import Service
 
     hop, hop_port = next_hop
     listen = free_port()

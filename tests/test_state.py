@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mailtriage.routing import Decision
-from mailtriage.state import FiledRow, StateDB
+from mailtriage.core.routing import Decision
+from mailtriage.store.state import FiledRow, StateDB
 
 pytestmark = pytest.mark.pure
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mailtriage import modeldir
+from mailtriage.model import modeldir
 from mailtriage_trainer.cli import EXIT_ERROR, EXIT_NOT_PROMOTED, EXIT_PROMOTED, main
 from tests.models import TOY_EXAMPLES
 
@@ -113,7 +113,7 @@ def test_ensemble_is_served_and_gated_as_served(
     toy_tree: Path, tiny_encoder_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from mailtriage.model import load_classifier
+    from mailtriage.model.transformers import load_classifier
 
     models = tmp_path / "models"
     # 1. An undertrained model, its ensemble forced to be served (the real rule keeps the model here:
@@ -189,7 +189,7 @@ def test_dry_run_harvests_imap_folders_without_marking_seen(
     tmp_path: Path, dovecot, imap, imap_user, capsys: pytest.CaptureFixture[str],  # type: ignore[no-untyped-def]
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from tests.dovecot import load_messages
+    from mailtriage.testing.dovecot import load_messages
 
     folders = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
     for i, (text, label) in enumerate(TOY_EXAMPLES):

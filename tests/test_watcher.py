@@ -14,13 +14,15 @@ import pytest
 import structlog.testing
 from imapclient import DELETED, SEEN, IMAPClient
 
-from mailtriage import actions, imapconn
-from mailtriage.classifier import Prediction
+from mailtriage.imap import actions
+
+from mailtriage.imap import connection
+from mailtriage.core.classifier import Prediction
 from mailtriage.config import AccountConfig, Config, ModelConfig
 from mailtriage.errors import MailboxError
-from mailtriage.state import StateDB
-from mailtriage.watcher import MailboxWatcher
-from tests.dovecot import NO_IDLE, NO_MOVE, Dovecot, load_messages
+from mailtriage.store.state import StateDB
+from mailtriage.imap.watcher import MailboxWatcher
+from mailtriage.testing.dovecot import NO_IDLE, NO_MOVE, Dovecot, load_messages
 
 pytestmark = pytest.mark.component
 
@@ -91,7 +93,7 @@ def user(dovecot: Dovecot, imap_user: tuple[str, str]) -> Iterator[tuple[str, st
     try:
         yield name, password, client
     finally:
-        imapconn.close(client)
+        connection.close(client)
 
 
 def contents(client: IMAPClient, folder: str) -> dict[int, dict[bytes, Any]]:
@@ -292,7 +294,7 @@ def test_no_move_server_uses_copy_uid_expunge_and_spares_deleted(
         assert len(inbox) == 1 and DELETED in next(iter(inbox.values()))["flags"]
         assert count_where(client)["Support/Billing"] == 1
     finally:
-        imapconn.close(client)
+        connection.close(client)
 
 
 def test_polls_when_server_lacks_idle(dovecot_factory: Callable[..., Dovecot], make_account: Any, config: Config) -> None:
@@ -310,7 +312,7 @@ def test_polls_when_server_lacks_idle(dovecot_factory: Callable[..., Dovecot], m
     finally:
         stop.set()
         thread.join(5)
-        imapconn.close(client)
+        connection.close(client)
     assert not thread.is_alive()
 
 
@@ -325,7 +327,7 @@ def test_idle_files_new_mail_and_survives_a_dropped_connection(
     clients: list[IMAPClient] = []
 
     def connect(account: AccountConfig) -> IMAPClient:
-        c = imapconn.connect(account, timeout=5)
+        c = connection.connect(account, timeout=5)
         clients.append(c)
         return c
 
@@ -357,7 +359,7 @@ def test_idle_is_reissued_before_idle_timeout(dovecot: Dovecot, user: Any, make_
     idles: list[float] = []
 
     def connect(acct: AccountConfig) -> IMAPClient:
-        c = imapconn.connect(acct, timeout=5)
+        c = connection.connect(acct, timeout=5)
         real_idle = c.idle
 
         def counted_idle() -> Any:
@@ -390,7 +392,7 @@ def test_run_backs_off_while_server_is_unreachable_and_stops(
 
     def connect(account: AccountConfig) -> IMAPClient:
         attempts.append(time.monotonic())
-        return imapconn.connect(account, timeout=5)
+        return connection.connect(account, timeout=5)
 
     w, _ = watcher_for(make_account(dovecot, *imap_user, port=1), config, connect=connect)
     with pytest.raises(MailboxError, match="cannot connect to 127.0.0.1:1"):
@@ -478,14 +480,14 @@ def test_crash_mid_action_then_restart_leaves_exactly_one_copy(
             (billing,) = contents(client, "Support/Billing").values()
             assert billing["header"].startswith(b"X-Mailtriage-Category: billing")
     finally:
-        imapconn.close(client)
+        connection.close(client)
 
 
 # ---- the real model ------------------------------------------------------------------------------
 
 
 def test_with_the_real_tiny_model(dovecot: Dovecot, user: Any, make_account: Any, config: Config, tiny_model_dir: Path) -> None:
-    from mailtriage.model import load_classifier
+    from mailtriage.model.transformers import load_classifier
 
     clf = load_classifier(tiny_model_dir, device="cpu", expected_labels=list(CATEGORIES))
     name, password, client = user

@@ -33,7 +33,7 @@ from typing import Any
 import structlog
 
 from mailtriage.errors import ConfigError, MailtriageError, ModelError
-from mailtriage.logs import configure_logging
+from mailtriage.cli.logs import configure_logging
 
 log = structlog.get_logger(__name__)
 
@@ -182,7 +182,7 @@ def _settings(args: argparse.Namespace, cfg: Any) -> _Settings:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mailtriage import modeldir
+    from mailtriage.model import modeldir
     from mailtriage_trainer import dataset, sources
 
     cfg = _load_optional_config(args.config)
@@ -245,7 +245,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "".join(_key_digest(e.key) + "\n" for e in sorted(train_all, key=lambda e: e.key)), encoding="utf-8")
 
         # 3. evaluate on the holdout: model, baseline, ensemble; serve the ensemble only if it beats both
-        from mailtriage.ensemble import SERVE_ENSEMBLE
+        from mailtriage.model.ensemble import SERVE_ENSEMBLE
         from mailtriage_trainer.evaluate import choose_serve
 
         scores, probs, baseline = _evaluate_all(s, version_dir, labels, train_all, holdout, progress)
@@ -274,8 +274,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _finetune(
     s: _Settings, train: Sequence[Any], val: Sequence[Any], labels: Sequence[str], out_dir: Path, progress: bool
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    from mailtriage import modeldir
-    from mailtriage.labels import LabelSet
+    from mailtriage.model import modeldir
+    from mailtriage.core.labels import LabelSet
     from mailtriage_trainer.finetune import TrainParams, finetune
 
     wanted = {
@@ -301,8 +301,8 @@ def _base_manifest(
     version_dir: Path, s: _Settings, labels: Sequence[str], data: dict[str, Any],
     params: dict[str, Any], training: dict[str, Any],
 ) -> dict[str, Any]:
-    from mailtriage import modeldir
-    from mailtriage.mailtext import MAILTEXT_VERSION
+    from mailtriage.model import modeldir
+    from mailtriage.core.mailtext import MAILTEXT_VERSION
 
     manifest: dict[str, Any] = {}
     if (version_dir / modeldir.MANIFEST_FILE).is_file():  # finetune may have recorded its own facts
@@ -327,7 +327,7 @@ def _evaluate_all(
 ) -> tuple[dict[str, Any], dict[str, Any], Any]:
     """(manifest entries model_metrics, baseline_metrics, ensemble_metrics; holdout probabilities of
     "model" and "ensemble"; the fitted baseline)."""
-    from mailtriage.model import load_classifier
+    from mailtriage.model.transformers import load_classifier
     from mailtriage_trainer.evaluate import (
         DEFAULT_THRESHOLDS, Baseline, classifier_probs, ensemble_probs, score_probs,
     )
@@ -362,8 +362,8 @@ def _gate(
     Both sides are scored as served: ``served_probs`` / ``new_metrics`` are the new version's served
     output, and the current version goes through load_classifier, which applies its ensemble if any.
     """
-    from mailtriage import modeldir
-    from mailtriage.labels import LabelSet
+    from mailtriage.model import modeldir
+    from mailtriage.core.labels import LabelSet
 
     assert s.model_dir is not None
     current = modeldir.current_version(s.model_dir)
@@ -428,7 +428,7 @@ def _gate(
 
 
 def _score_version(path: Path, s: _Settings, labels: Sequence[str], examples: Sequence[Any], progress: bool) -> dict[str, Any]:
-    from mailtriage.model import load_classifier
+    from mailtriage.model.transformers import load_classifier
     from mailtriage_trainer.evaluate import DEFAULT_THRESHOLDS, classifier_probs, score_probs
 
     clf = load_classifier(path, device=s.device, batch_size=s.batch_size, max_length=s.max_length,
@@ -485,7 +485,7 @@ def _exclusive(model_dir: Path) -> Iterator[None]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mailtriage.model import load_classifier
+    from mailtriage.model.transformers import load_classifier
     from mailtriage_trainer import dataset, sources
     from mailtriage_trainer.evaluate import DEFAULT_THRESHOLDS, brief, evaluate_classifier
 

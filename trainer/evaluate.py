@@ -2,7 +2,7 @@
 
 Everything works on probability matrices (examples x labels, in one label order), so the
 fine-tuned model, the baseline and their average (the "ensemble") are scored the same way. The
-combining rule lives in ``mailtriage.ensemble``, which the daemon serves with.
+combining rule lives in ``mailtriage.model.ensemble``, which the daemon serves with.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 import structlog
 from tqdm import tqdm
 
-from mailtriage.classifier import Classifier
-from mailtriage.ensemble import SERVE_ENSEMBLE, SERVE_MODEL, baseline_probs, save_baseline
-from mailtriage.ensemble import ensemble_probs as ensemble_probs  # re-exported: callers score with it here
+from mailtriage.core.classifier import Classifier
+from mailtriage.model.ensemble import SERVE_ENSEMBLE, SERVE_MODEL, baseline_probs, save_baseline
+from mailtriage.model.ensemble import ensemble_probs as ensemble_probs  # re-exported: callers score with it here
 from mailtriage.errors import TrainingDataError
 
 log = structlog.get_logger(__name__)
@@ -194,7 +194,7 @@ class Baseline:
         """Save the fitted pipeline (not this class, which the daemon cannot import) for ensemble serving.
 
         A joblib file is a pickle: this one is of our own making and is loaded only from the model
-        directory the admin controls (see ``mailtriage.ensemble.load_baseline``).
+        directory the admin controls (see ``mailtriage.model.ensemble.load_baseline``).
         """
         if self._pipeline is None:
             raise RuntimeError("Baseline.fit must run before save")

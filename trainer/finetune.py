@@ -3,7 +3,7 @@
 A hand-written loop instead of the HF Trainer keeps every knob visible (class-weighted loss, a
 faster-learning head, early stopping on validation macro-F1 and loss, keeping the best epoch) and
 memory bounded: texts are tokenized once, truncated, and padded per batch. Texts arrive already
-prepared by ``mailtriage.mailtext``.
+prepared by ``mailtriage.core.mailtext``.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from peft import LoraConfig, TaskType, get_peft_model
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup, set_seed
 
-from mailtriage import modeldir
+from mailtriage.model import modeldir
 from mailtriage.errors import ConfigError, TrainingDataError
-from mailtriage.labels import LabelSet
-from mailtriage.mailtext import MAILTEXT_VERSION
-from mailtriage.model import (
+from mailtriage.core.labels import LabelSet
+from mailtriage.core.mailtext import MAILTEXT_VERSION
+from mailtriage.model.transformers import (
     autocast,
     collate,
     default_modules_to_save,

@@ -1,7 +1,7 @@
 """Harvest labelled training examples from wherever staff have sorted mail.
 
 Every source becomes a list of ``Example`` whose text is exactly what the model will see at
-serving time (``mailtriage.mailtext.mail_text`` for raw mail), so train/serve skew cannot creep in.
+serving time (``mailtriage.core.mailtext.mail_text`` for raw mail), so train/serve skew cannot creep in.
 
 Formats ``load_source`` recognises (the label is always the category name):
 
@@ -118,7 +118,7 @@ def load_imap(
     """
     from imapclient.exceptions import IMAPClientError
 
-    from mailtriage.imapconn import connect
+    from mailtriage.imap.connection import connect
 
     acc = _pick_account(cfg, account)
     reader = _Reader(None, max_chars, progress)
@@ -221,7 +221,7 @@ class _Reader:
         return tqdm(total=total, desc=desc, unit="msg", disable=disable, leave=False)
 
     def from_raw(self, raw: bytes, label: str, source: str) -> Example | None:
-        from mailtriage.mailtext import mail_text, message_date, message_key
+        from mailtriage.core.mailtext import mail_text, message_date, message_key
 
         try:
             text = mail_text(raw) if self.max_chars is None else mail_text(raw, max_chars=self.max_chars)
@@ -541,7 +541,7 @@ def _mailtext_max_chars() -> int:
     """mail_text's default bound, so plain-text rows are cut where served mail is cut."""
     import inspect
 
-    from mailtriage.mailtext import mail_text
+    from mailtriage.core.mailtext import mail_text
 
     default = inspect.signature(mail_text).parameters.get("max_chars")
     return default.default if default is not None and isinstance(default.default, int) else 2000

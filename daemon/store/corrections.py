@@ -18,10 +18,10 @@ from typing import Any
 
 import structlog
 
-from mailtriage import metrics
+from mailtriage.service import metrics
 from mailtriage.config import AccountConfig, Config
-from mailtriage.mailtext import message_key
-from mailtriage.state import StateDB
+from mailtriage.core.mailtext import message_key
+from mailtriage.store.state import StateDB
 
 log = structlog.get_logger(__name__)
 

@@ -1,6 +1,6 @@
 """The seam between mail and model: what a classifier takes and returns.
 
-Only ``mailtriage.model`` implements it with torch; everything else (routing, the daemon, tests
+Only ``mailtriage.model.transformers`` implements it with torch; everything else (routing, the daemon, tests
 of pure logic) depends on this protocol, so importing them never imports torch.
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from mailtriage.classifier import Prediction
+from mailtriage.core.classifier import Prediction
 
 
 @dataclass(frozen=True)

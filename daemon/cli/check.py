@@ -182,7 +182,7 @@ def _check_state(report: _Report, config: Config) -> None:
 
 def _check_model(report: _Report, config: Config) -> None:
     try:
-        from mailtriage.model import load_classifier
+        from mailtriage.model.transformers import load_classifier
 
         clf = load_classifier(
             config.model.path,
@@ -208,7 +208,7 @@ def run_check(
 ) -> int:
     """Run every check, printing one line each; 0 when none FAILed, else 1."""
     if connect is None:
-        from mailtriage.imapconn import connect as imap_connect
+        from mailtriage.imap.connection import connect as imap_connect
 
         connect = imap_connect
     report = _Report(out)

@@ -28,10 +28,12 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from mailtriage import ensemble, modeldir
-from mailtriage.classifier import Prediction
+from mailtriage.model import ensemble
+
+from mailtriage.model import modeldir
+from mailtriage.core.classifier import Prediction
 from mailtriage.errors import ModelError
-from mailtriage.labels import LabelSet
+from mailtriage.core.labels import LabelSet
 
 log = structlog.get_logger(__name__)
 
@@ -336,7 +338,7 @@ def _warn_on_mailtext_skew(manifest: dict[str, Any], version_dir: Path) -> None:
     if trained_with is None:
         return
     try:
-        from mailtriage.mailtext import MAILTEXT_VERSION
+        from mailtriage.core.mailtext import MAILTEXT_VERSION
     except ImportError:
         return
     if str(trained_with) != str(MAILTEXT_VERSION):

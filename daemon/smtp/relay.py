@@ -25,16 +25,16 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailtriage import metrics
-from mailtriage.actions import add_headers, category_value
-from mailtriage.classifier import Prediction
+from mailtriage.service import metrics
+from mailtriage.imap.actions import add_headers, category_value
+from mailtriage.core.classifier import Prediction
 from mailtriage.config import Config
 from mailtriage.errors import ConfigError
-from mailtriage.mailtext import mail_text, message_key
-from mailtriage.routing import decide
+from mailtriage.core.mailtext import mail_text, message_key
+from mailtriage.core.routing import decide
 
 if TYPE_CHECKING:
-    from mailtriage.service import Service
+    from mailtriage.service.app import Service
 
 log = structlog.get_logger(__name__)
 

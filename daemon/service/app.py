@@ -7,7 +7,7 @@ Threads and what they own:
   runs there, so the GPU sees one job at a time and a hot reload swaps the model between batches;
 - the event loop: APScheduler (retrain subprocess, correction scan, hot-reload check), systemd
   notifications, signal handling and, with ``[smtp] enabled``, the SMTP content filter
-  (``mailtriage.relay``, started as an ``on_start`` hook).
+  (``mailtriage.smtp.relay``, started as an ``on_start`` hook).
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ from typing import Any, Protocol
 
 import structlog
 
-from mailtriage import metrics, modeldir, sdnotify
-from mailtriage.classifier import Classifier, Prediction
+from mailtriage.service import metrics
+
+from mailtriage.model import modeldir
+
+from mailtriage.service import sdnotify
+from mailtriage.core.classifier import Classifier, Prediction
 from mailtriage.config import AccountConfig, Config
 from mailtriage.errors import ConfigError
 
@@ -98,7 +102,7 @@ def crontab_trigger(expr: str) -> Any:
 def _default_hooks(config: Config) -> list[StartHook]:
     if not config.smtp.enabled:
         return []
-    from mailtriage.relay import start_smtp_filter  # aiosmtpd is only imported when it is used
+    from mailtriage.smtp.relay import start_smtp_filter  # aiosmtpd is only imported when it is used
 
     return [start_smtp_filter]
 
@@ -107,8 +111,8 @@ class Service:
     """The daemon. ``await Service(config, config_path).run()`` returns after SIGTERM/SIGINT or ``stop()``.
 
     The keyword arguments are seams for tests (a fake model loader or watcher); production uses
-    the defaults: ``mailtriage.model.load_classifier``, ``mailtriage.watcher.MailboxWatcher``,
-    ``mailtriage.imapconn.connect`` and ``mailtriage.state.StateDB(config.state_path)``.
+    the defaults: ``mailtriage.model.transformers.load_classifier``, ``mailtriage.imap.watcher.MailboxWatcher``,
+    ``mailtriage.imap.connection.connect`` and ``mailtriage.store.state.StateDB(config.state_path)``.
     """
 
     def __init__(
@@ -163,7 +167,7 @@ class Service:
     # -- model ------------------------------------------------------------------------------
 
     def _default_loader(self, path: Path) -> Classifier:
-        from mailtriage.model import load_classifier  # the only torch import, on the inference thread
+        from mailtriage.model.transformers import load_classifier  # the only torch import, on the inference thread
 
         m = self.config.model
         return load_classifier(
@@ -257,7 +261,7 @@ class Service:
     def _make_watcher(self, account: AccountConfig, mailbox: str) -> Watcher:
         if self._watcher_factory is not None:
             return self._watcher_factory(account, mailbox, self.config, self._state, self.classify)
-        from mailtriage.watcher import MailboxWatcher
+        from mailtriage.imap.watcher import MailboxWatcher
 
         return MailboxWatcher(account, mailbox, self.config, self._state, self.classify)
 
@@ -387,13 +391,13 @@ class Service:
 
     async def scan_corrections(self) -> int:
         """One correction scan of every account (in a worker thread); returns how many were new."""
-        from mailtriage.corrections import KeyCache, scan_corrections
+        from mailtriage.store.corrections import KeyCache, scan_corrections
 
         if self._key_cache is None:
             self._key_cache = KeyCache()
         client_factory = self._client_factory
         if client_factory is None:
-            from mailtriage.imapconn import connect
+            from mailtriage.imap.connection import connect
 
             client_factory = connect
         try:
@@ -488,7 +492,7 @@ class Service:
             path = await asyncio.to_thread(modeldir.resolve, Path(self.config.model.path))
             await loop.run_in_executor(self._inference, self._swap_model, path)
             if self._state is None:
-                from mailtriage.state import StateDB
+                from mailtriage.store.state import StateDB
 
                 self._state = StateDB(self.config.state_path)
             try:

@@ -1,6 +1,7 @@
 """A real, throwaway, unprivileged Dovecot 2.3 IMAP server for tests and the demo.
 
-Plain Python (importable without pytest); the pytest fixtures at the bottom exist only when pytest is.
+Plain Python, importable without pytest: the test suite, the demo and the benchmarks all use it.
+The pytest fixtures built on it live in tests/dovecot_fixtures.py.
 """
 
 from __future__ import annotations
@@ -28,11 +29,6 @@ from imapclient.exceptions import IMAPClientError
 
 from mailtriage.errors import MailboxError
 
-try:  # The demo script imports this module without pytest installed.
-    import pytest
-except ImportError:  # pragma: no cover - exercised by the demo, not the suite
-    pytest = None  # type: ignore[assignment]
-
 __all__ = [
     "DEFAULT_IMAP_CAPABILITY",
     "NO_IDLE",
@@ -50,7 +46,7 @@ INSTALL_HINT = "install it with `apt-get update && apt-get install -y dovecot-im
 # Same as shared/reference/dovecot-test.conf (which lives outside the repository, so CI would not
 # see it), with the port and the unprivileged user filled in at start and two speed settings added.
 CONF_TEMPLATE = """\
-# Throwaway, unprivileged Dovecot 2.3 instance written by tests/dovecot.py.
+# Throwaway, unprivileged Dovecot 2.3 instance written by mailtriage/testing/dovecot.py.
 protocols = imap
 listen = 127.0.0.1
 base_dir = @ROOT@/run
@@ -551,64 +547,3 @@ def load_folder_tree(
     finally:
         client.logout()
     return counts
-
-
-# -- pytest fixtures --------------------------------------------------------------------------
-
-if pytest is not None:
-
-    def _start_or_fail(server: Dovecot) -> Dovecot:
-        # A missing Dovecot must fail loudly, never skip: CI has to exercise the real server.
-        try:
-            return server.start()
-        except DovecotError as exc:
-            message = str(exc)
-        server.stop()
-        pytest.fail(message, pytrace=False)  # outside `except`: no chained traceback in the report
-
-    _user_numbers = itertools.count(1)
-
-    @pytest.fixture(scope="session")
-    def dovecot() -> Iterator[Dovecot]:
-        """One Dovecot for the whole session; tests isolate themselves with `imap_user`."""
-        server = _start_or_fail(Dovecot())
-        try:
-            yield server
-        finally:
-            server.stop()
-
-    @pytest.fixture
-    def imap_user(dovecot: Dovecot) -> tuple[str, str]:
-        """A fresh user (empty mailbox) on the session server: (username, password)."""
-        name = f"user{next(_user_numbers)}-{secrets.token_hex(3)}"
-        password = secrets.token_hex(8)
-        dovecot.add_user(name, password)
-        return name, password
-
-    @pytest.fixture
-    def imap(dovecot: Dovecot, imap_user: tuple[str, str]) -> Iterator[IMAPClient]:
-        """A logged-in IMAPClient for a fresh user (request `imap_user` too to know who)."""
-        client = dovecot.client(*imap_user)
-        try:
-            yield client
-        finally:
-            try:
-                client.logout()
-            except Exception:  # noqa: BLE001 - a test may have closed it already
-                client.shutdown()
-
-    @pytest.fixture
-    def dovecot_factory() -> Iterator[Callable[..., Dovecot]]:
-        """Start extra servers: `dovecot_factory(extra_conf=NO_MOVE, users=None)`; all stop at teardown."""
-        servers: list[Dovecot] = []
-
-        def make(extra_conf: str = "", users: dict[str, str] | None = None) -> Dovecot:
-            server = Dovecot(extra_conf=extra_conf, users=users)
-            servers.append(server)
-            return _start_or_fail(server)
-
-        try:
-            yield make
-        finally:
-            for server in servers:
-                server.stop()

@@ -19,7 +19,7 @@ from imapclient import DELETED, IMAPClient
 from imapclient import exceptions as imap_exc
 
 from mailtriage.errors import MailboxError
-from mailtriage.routing import Decision
+from mailtriage.core.routing import Decision
 
 log = structlog.get_logger(__name__)
 

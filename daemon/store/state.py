@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from mailtriage.errors import MailtriageError
-from mailtriage.routing import Decision
+from mailtriage.core.routing import Decision
 
 SCHEMA_VERSION = 1
 

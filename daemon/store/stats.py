@@ -25,7 +25,7 @@ def model_created_at(config: Config) -> tuple[str | None, float | None]:
     From the manifest's ``created`` field, else the version name (a UTC timestamp), else the
     directory's mtime. (None, None) when no model is there.
     """
-    from mailtriage import modeldir
+    from mailtriage.model import modeldir
 
     try:
         version_dir = modeldir.resolve(Path(config.model.path))
@@ -67,7 +67,7 @@ def next_retrain_examples(state: Any, since: float | None) -> dict[str, Any]:
 
 def collect_stats(config: Config, window_days: int = 30) -> dict[str, Any]:
     """Everything `mailtriage stats` shows, as one JSON-able dict."""
-    from mailtriage.state import StateDB
+    from mailtriage.store.state import StateDB
 
     exists = Path(config.state_path).exists()
     # A missing database means "nothing decided yet": report zeros, never create files here.

@@ -17,13 +17,17 @@ from typing import Any
 import structlog
 from imapclient import IMAPClient
 
-from mailtriage import actions, imapconn, metrics
-from mailtriage.classifier import Prediction
+from mailtriage.imap import actions
+
+from mailtriage.imap import connection
+
+from mailtriage.service import metrics
+from mailtriage.core.classifier import Prediction
 from mailtriage.config import AccountConfig, Config
 from mailtriage.errors import MailboxError, ModelError
-from mailtriage.mailtext import mail_text, message_key
-from mailtriage.routing import Decision, decide
-from mailtriage.state import MessageRow, StateDB
+from mailtriage.core.mailtext import mail_text, message_key
+from mailtriage.core.routing import Decision, decide
+from mailtriage.store.state import MessageRow, StateDB
 
 
 log = structlog.get_logger(__name__)
@@ -69,7 +73,7 @@ class MailboxWatcher:
         self.config = config
         self.state = state
         self.classify = classify
-        self._connect_fn = connect or imapconn.connect
+        self._connect_fn = connect or connection.connect
         self.idle_slice = idle_slice
         self.backoff_start = backoff_start
         self.client: IMAPClient | None = None
@@ -102,7 +106,7 @@ class MailboxWatcher:
 
     def close(self) -> None:
         client, self.client = self.client, None
-        imapconn.close(client)
+        connection.close(client)
 
     def check(self) -> None:
         """Connect and verify capabilities and folders (``mailtriage check``); raises MailboxError."""
@@ -127,7 +131,7 @@ class MailboxWatcher:
             )
         if self.action in ("move", "header"):
             try:
-                imapconn.check_folders(client, [*self.config.categories.values(), self.config.unsure_folder], self.account.name)
+                connection.check_folders(client, [*self.config.categories.values(), self.config.unsure_folder], self.account.name)
             except MailboxError as exc:
                 problems.append(str(exc))
         if problems:
@@ -421,7 +425,7 @@ class MailboxWatcher:
                         self._idle_loop(stop)
                     else:
                         self._poll_loop(stop)
-                except imapconn.CONNECTION_ERRORS as exc:
+                except connection.CONNECTION_ERRORS as exc:
                     self.log.warning("imap_connection_lost", error=str(exc), error_type=type(exc).__name__)
                 except MailboxError as exc:
                     self.log.error("imap_error", error=str(exc))
@@ -466,7 +470,7 @@ class MailboxWatcher:
                     else:
                         quick_empty = 0
             except BaseException:
-                imapconn.close(client)
+                connection.close(client)
                 self.client = None
                 raise
             client.idle_done()

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from mailtriage.errors import ModelError
-from mailtriage.labels import LABELS_FILE
+from mailtriage.core.labels import LABELS_FILE
 
 log = structlog.get_logger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mailtriage.config import Config, load_config
 from mailtriage.errors import ConfigError, MailtriageError
-from mailtriage.logs import configure_logging
+from mailtriage.cli.logs import configure_logging
 
 DEFAULT_CONFIG = "/etc/mailtriage/config.toml"
 
@@ -38,7 +38,7 @@ def _load_optional(args: argparse.Namespace) -> Config | None:
 
 
 def cmd_text(args: argparse.Namespace) -> int:
-    from mailtriage.mailtext import mail_text
+    from mailtriage.core.mailtext import mail_text
 
     for name in args.files or ["-"]:
         raw = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
@@ -49,8 +49,8 @@ def cmd_text(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from mailtriage.mailtext import mail_text
-    from mailtriage.model import load_classifier
+    from mailtriage.core.mailtext import mail_text
+    from mailtriage.model.transformers import load_classifier
 
     cfg = _load_optional(args)
     threshold = args.threshold if args.threshold is not None else (cfg.model.threshold if cfg else 0.6)
@@ -81,7 +81,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from mailtriage.service import serve
+    from mailtriage.service.app import serve
 
     cfg = _load(args)
     if args.dry_run:
@@ -90,13 +90,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from mailtriage.check import run_check
+    from mailtriage.cli.check import run_check
 
     return run_check(_load(args), create_folders=args.create_folders)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from mailtriage.stats import print_stats
+    from mailtriage.store.stats import print_stats
 
     return print_stats(_load(args), window_days=args.days, as_json=args.json)
 

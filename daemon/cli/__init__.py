@@ -1,0 +1,1 @@
+"""The command line: `mailtriage` subcommands, `check`, and logging setup."""

@@ -1,0 +1,1 @@
+"""The IMAP edge: connection, actions, and the per-mailbox watcher."""

@@ -1,0 +1,1 @@
+"""The SMTP edge: the content filter in front of the mailbox."""

@@ -1,0 +1,1 @@
+"""Harnesses for tests, the demo and the benchmarks (a real throwaway Dovecot, shared fakes). Never imported by the product."""

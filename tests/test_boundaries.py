@@ -1,0 +1,91 @@
+"""The house rules, enforced: which room may import which.
+
+- core/ is pure: it imports nothing of imap/, smtp/, store/, service/, cli/ or model/.
+- torch (and transformers/peft) are imported only in model/, the trainer and testing/.
+- the daemon never imports the trainer; the product never imports tests/.
+Checked statically with `ast`, so an import hidden inside a function counts too.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DAEMON = ROOT / "daemon"
+TRAINER = ROOT / "trainer"
+HEAVY = ("torch", "transformers", "peft", "accelerate")
+
+pytestmark = pytest.mark.pure
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _room(path: Path) -> str:
+    rel = path.relative_to(DAEMON)
+    return rel.parts[0] if len(rel.parts) > 1 else "top"
+
+
+def _daemon_files() -> list[Path]:
+    return sorted(DAEMON.rglob("*.py"))
+
+
+def _hits(names: set[str], prefixes: tuple[str, ...]) -> list[str]:
+    return sorted(n for n in names if any(n == p or n.startswith(p + ".") for p in prefixes))
+
+
+def test_core_imports_no_edge_or_model() -> None:
+    edges = tuple(f"mailtriage.{room}" for room in ("imap", "smtp", "store", "service", "cli", "model", "testing"))
+    bad = {str(p.relative_to(ROOT)): _hits(_imports(p), edges) for p in _daemon_files() if _room(p) == "core"}
+    assert not {k: v for k, v in bad.items() if v}, f"core/ must stay pure: {bad}"
+
+
+def test_torch_only_in_model_trainer_and_testing() -> None:
+    bad = {
+        str(p.relative_to(ROOT)): _hits(_imports(p), HEAVY)
+        for p in _daemon_files()
+        if _room(p) not in ("model", "testing")
+    }
+    assert not {k: v for k, v in bad.items() if v}, f"torch/transformers/peft outside model/: {bad}"
+
+
+def test_daemon_never_imports_trainer_or_tests() -> None:
+    bad = {
+        str(p.relative_to(ROOT)): _hits(_imports(p), ("mailtriage_trainer", "tests"))
+        for p in _daemon_files()
+    }
+    assert not {k: v for k, v in bad.items() if v}, f"daemon imports trainer/tests: {bad}"
+
+
+def test_demo_and_benchmarks_never_import_tests() -> None:
+    files = sorted((ROOT / "demo").rglob("*.py")) + sorted((ROOT / "benchmarks").rglob("*.py"))
+    bad = {str(p.relative_to(ROOT)): _hits(_imports(p), ("tests",)) for p in files}
+    assert not {k: v for k, v in bad.items() if v}, f"use mailtriage.testing instead: {bad}"
+
+
+def test_the_rules_can_fail(tmp_path: Path) -> None:
+    # The checker itself sees an import hidden in a function body.
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    import torch.nn\n    from mailtriage.imap import watcher\n")
+    assert _hits(_imports(probe), HEAVY) == ["torch.nn"]
+    assert _hits(_imports(probe), ("mailtriage.imap",)) == ["mailtriage.imap", "mailtriage.imap.watcher"]
+
+
+@pytest.mark.component
+def test_importing_the_relay_and_watcher_does_not_load_torch() -> None:
+    code = "import sys, mailtriage.smtp.relay, mailtriage.imap.watcher, mailtriage.store.stats; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -300,12 +300,12 @@ def test_default_retrain_command_reaches_the_trainer(tmp_path: Path) -> None:
     import subprocess
 
     service = Service(fake_config(tmp_path), str(tmp_path / "config.toml"))
-    argv = service._retrain_argv()
+    argv = service.jobs.retrain_argv()
     assert argv is not None and argv[-2:] == ["--config", str(tmp_path / "config.toml")]
     out = subprocess.run([*argv[:-2], "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--config" in out.stdout
-    assert Service(fake_config(tmp_path), None)._retrain_argv() is None
+    assert Service(fake_config(tmp_path), None).jobs.retrain_argv() is None
 
 
 @pytest.mark.pure
@@ -318,7 +318,7 @@ def test_scheduler_registers_cron_retrain_and_interval_jobs(tmp_path: Path) -> N
     async def main() -> None:
         task = asyncio.create_task(service.run())
         await asyncio.wait_for(service.ready.wait(), 10)
-        jobs = {job.id: job for job in service._scheduler.get_jobs()}
+        jobs = {job.id: job for job in service.jobs.scheduler.get_jobs()}
         assert set(jobs) == {"retrain", "corrections", "reload"}
         assert jobs["retrain"].max_instances == 1
         nxt = jobs["retrain"].next_run_time
@@ -342,7 +342,7 @@ def test_crontab_weekdays_follow_cron_not_apscheduler(field: str, weekdays: set[
     """crontab says 0 = Sunday; APScheduler 3's from_crontab would say Monday (its issue #286)."""
     from datetime import datetime, timedelta, timezone
 
-    from mailtriage.service.app import crontab_trigger
+    from mailtriage.service.jobs import crontab_trigger
 
     trigger = crontab_trigger(f"0 3 * * {field}")
     start = datetime(2026, 3, 2, tzinfo=timezone.utc)  # a Monday
@@ -357,7 +357,7 @@ def test_crontab_weekdays_follow_cron_not_apscheduler(field: str, weekdays: set[
 @pytest.mark.pure
 @pytest.mark.parametrize("expr", ["0 3 * *", "0 3 * * 8", "0 3 * * funday"])
 def test_crontab_trigger_rejects_bad_lines(expr: str) -> None:
-    from mailtriage.service.app import crontab_trigger
+    from mailtriage.service.jobs import crontab_trigger
 
     with pytest.raises(ValueError):
         crontab_trigger(expr)

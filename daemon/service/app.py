@@ -3,100 +3,49 @@
 Threads and what they own:
 - one worker thread per watched (account, mailbox): a blocking ``MailboxWatcher`` with its own
   IMAP connection (imapclient is not thread-safe);
-- one inference thread (a single-worker executor): every classify batch and every model (re)load
-  runs there, so the GPU sees one job at a time and a hot reload swaps the model between batches;
-- the event loop: APScheduler (retrain subprocess, correction scan, hot-reload check), systemd
-  notifications, signal handling and, with ``[smtp] enabled``, the SMTP content filter
-  (``mailtriage.smtp.relay``, started as an ``on_start`` hook).
+- one inference thread (``mailtriage.service.inference``): every classify batch and every model
+  (re)load runs there, so the GPU sees one job at a time and a hot reload swaps between batches;
+- the event loop: the scheduled jobs (``mailtriage.service.jobs``: retrain subprocess, correction
+  scan, hot-reload check), systemd notifications, signal handling and, with ``[smtp] enabled``,
+  the SMTP content filter (``mailtriage.smtp.relay``, started as an ``on_start`` hook).
+This module is the lifecycle: start in order, watch, stop in reverse order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import os
-import re
 import signal
-import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from mailtriage.service import metrics
-
-from mailtriage.model import modeldir
-
-from mailtriage.service import sdnotify
-from mailtriage.core.classifier import Classifier, Prediction
 from mailtriage.config import AccountConfig, Config
+from mailtriage.core.classifier import Prediction
 from mailtriage.errors import ConfigError
+from mailtriage.service import metrics, sdnotify
+from mailtriage.service.inference import ClassifyFn, Inference, ModelLoader
+from mailtriage.service.jobs import ClientFactory, Jobs
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from mailtriage.store.state import StateDB
 
 log = structlog.get_logger(__name__)
-
-ClassifyFn = Callable[[Sequence[str]], tuple[list[Prediction], str]]
-ModelLoader = Callable[[Path], Classifier]
 
 
 class Watcher(Protocol):
     def run(self, stop: threading.Event) -> None: ...
 
 
-WatcherFactory = Callable[[AccountConfig, str, Config, Any, ClassifyFn], Watcher]
+WatcherFactory = Callable[[AccountConfig, str, Config, "StateDB", ClassifyFn], Watcher]
 # Something else that lives on the loop (e.g. the SMTP content filter): started once the model is
 # loaded, given the service (``await service.classify_async(texts)``); returns an async closer or None.
 StartHook = Callable[["Service"], Awaitable[Callable[[], Awaitable[None]] | None]]
-
-# The retrain runs the trainer's main() in a fresh interpreter: same venv as the daemon, no reliance
-# on the console script being on PATH, and training memory never lives in this process.
-_TRAIN_BOOTSTRAP = "import sys; from mailtriage_trainer.cli import main; sys.exit(main())"
-_RETRAIN_TERM_GRACE_S = 10.0
-_LINE_SPLIT = re.compile(rb"[\r\n]+")  # tqdm redraws with \r: each redraw is a line in the log
-
-
-_CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-
-
-def _cron_weekdays(field: str) -> str:
-    """A crontab day-of-week field (0 or 7 = Sunday) as an explicit list of day names.
-
-    APScheduler 3.x numbers weekdays from Monday = 0 even in ``from_crontab`` (agronholm/apscheduler
-    #286, fixed only in 4.x), so "0 3 * * 0" would run on Monday. Names mean the same in both.
-    """
-    days: set[int] = set()
-    for part in field.lower().split(","):
-        rng, _, step_text = part.partition("/")
-        step = int(step_text) if step_text else 1
-        if rng == "*":
-            lo, hi = 0, 6
-        else:
-            ends = [int(x) if x.isdigit() else _CRON_DAYS.index(x[:3]) for x in rng.split("-")]
-            lo, hi = (ends[0], ends[0] if not step_text else 6) if len(ends) == 1 else (ends[0], ends[1])
-            if not (0 <= lo <= 7 and 0 <= hi <= 7) or len(ends) > 2:
-                raise ValueError(f"day of week {part!r} is outside 0-7")
-        days.update(d % 7 for d in range(lo, hi + 1, step))
-    if days == set(range(7)):
-        return "*"
-    return ",".join(_CRON_DAYS[d] for d in sorted(days))
-
-
-def crontab_trigger(expr: str) -> Any:
-    """A CronTrigger for a standard 5-field crontab line, with crontab's weekday numbering."""
-    from apscheduler.triggers.cron import CronTrigger
-
-    fields = expr.split()
-    if len(fields) != 5:
-        raise ValueError(f"expected 5 fields (minute hour day month weekday), got {len(fields)}")
-    minute, hour, day, month, weekday = fields
-    try:
-        weekday = _cron_weekdays(weekday)
-    except (ValueError, IndexError) as exc:
-        raise ValueError(f"bad day-of-week field {fields[4]!r}: {exc}") from exc
-    return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=weekday)
 
 
 def _default_hooks(config: Config) -> list[StartHook]:
@@ -113,6 +62,7 @@ class Service:
     The keyword arguments are seams for tests (a fake model loader or watcher); production uses
     the defaults: ``mailtriage.model.transformers.load_classifier``, ``mailtriage.imap.watcher.MailboxWatcher``,
     ``mailtriage.imap.connection.connect`` and ``mailtriage.store.state.StateDB(config.state_path)``.
+    ``inference`` (the model worker) and ``jobs`` (scheduler, retrain, correction scan) are its parts.
     """
 
     def __init__(
@@ -122,8 +72,8 @@ class Service:
         *,
         load_model: ModelLoader | None = None,
         watcher_factory: WatcherFactory | None = None,
-        client_factory: Callable[[AccountConfig], Any] | None = None,
-        state: Any = None,
+        client_factory: ClientFactory | None = None,
+        state: StateDB | None = None,
         reload_interval: float = 5.0,
         join_timeout: float = 30.0,
         retrain_command: Sequence[str] | None = None,
@@ -136,13 +86,9 @@ class Service:
             )
         self.config = config
         self.config_path = config_path
-        self._load_model = load_model or self._default_loader
         self._watcher_factory = watcher_factory
-        self._client_factory = client_factory
         self._state = state
-        self.reload_interval = reload_interval
         self.join_timeout = join_timeout
-        self._retrain_command = list(retrain_command) if retrain_command is not None else None
         # None: what the config asks for (the SMTP content filter when [smtp] enabled); tests pass their own.
         self._on_start = list(on_start) if on_start is not None else _default_hooks(config)
         self._closers: list[Callable[[], Awaitable[None]]] = []
@@ -150,111 +96,41 @@ class Service:
         self._stop = threading.Event()          # seen by the watcher threads
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inference = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self._classifier: Classifier | None = None
-        self._model_path: Path | None = None    # the version directory now serving
-        self._refused: Path | None = None       # last version refused, not retried until `current` moves
-        self._reload_error: str | None = None
-        self._reload_lock = asyncio.Lock()
-        self._retrain_lock = asyncio.Lock()
-        self._retrain_proc: asyncio.subprocess.Process | None = None
+        self.inference = Inference(config, load_model=load_model, on_swap=self._notify_status)
+        self.jobs = Jobs(
+            config, config_path, reloader=self.inference, stop=self._stop, client_factory=client_factory,
+            retrain_command=retrain_command, reload_interval=reload_interval,
+        )
+        self.jobs.state = state
         self._threads: list[threading.Thread] = []
-        self._scheduler: Any = None
-        self._key_cache: Any = None
-        self._metrics_server: Any = None
+        self._metrics_server: WSGIServer | None = None
         self.ready = asyncio.Event()
 
-    # -- model ------------------------------------------------------------------------------
-
-    def _default_loader(self, path: Path) -> Classifier:
-        from mailtriage.model.transformers import load_classifier  # the only torch import, on the inference thread
-
-        m = self.config.model
-        return load_classifier(
-            path,
-            device=m.device,
-            batch_size=m.batch_size,
-            max_length=m.max_length,
-            expected_labels=self.config.labels,
-        )
+    # -- what the watchers, hooks and tests call ----------------------------------------------
 
     @property
     def model_version(self) -> str | None:
-        return self._classifier.version if self._classifier is not None else None
-
-    def _swap_model(self, path: Path) -> str:
-        # Runs on the inference thread, between batches: nothing is classifying while we swap.
-        started = time.monotonic()
-        classifier = self._load_model(path)
-        old, self._classifier, self._model_path = self._classifier, classifier, path
-        metrics.set_model_version(classifier.version)
-        log.info(
-            "model_loaded",
-            version=classifier.version,
-            path=str(path),
-            previous=old.version if old is not None else None,
-            seconds=round(time.monotonic() - started, 2),
-        )
-        del old  # the last reference: its memory (and GPU memory) is freed before the next batch
-        return classifier.version
-
-    def _classify_now(self, texts: list[str]) -> tuple[list[Prediction], str]:
-        classifier = self._classifier
-        assert classifier is not None, "classify called before the model was loaded"
-        with metrics.CLASSIFY_LATENCY.time():
-            predictions = classifier.classify(texts)
-        return predictions, classifier.version
+        return self.inference.model_version
 
     def classify(self, texts: Sequence[str]) -> tuple[list[Prediction], str]:
-        """Classify on the inference thread and wait; safe to call from any watcher thread.
-
-        Returns the predictions and the version of the model that made them.
-        """
-        return self._inference.submit(self._classify_now, list(texts)).result()
+        """Classify on the inference thread and wait; safe to call from any watcher thread."""
+        return self.inference.classify(texts)
 
     async def classify_async(self, texts: Sequence[str]) -> tuple[list[Prediction], str]:
-        """``classify`` for code on the event loop (the SMTP filter): awaits the inference thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._inference, self._classify_now, list(texts))
+        """``classify`` for code on the event loop (the SMTP filter)."""
+        return await self.inference.classify_async(texts)
 
     async def check_reload(self) -> bool:
-        """Load the version ``current`` points at if it changed; keep the old model on failure.
+        """Load the version ``current`` points at if it changed (see ``Inference.check_reload``)."""
+        return await self.inference.check_reload()
 
-        Returns True when a new model is now serving.
-        """
-        try:
-            target = await asyncio.to_thread(modeldir.resolve, Path(self.config.model.path))
-        except Exception as exc:  # noqa: BLE001 - a broken link mid-switch: keep serving the old model
-            if str(exc) != self._reload_error:
-                self._reload_error = str(exc)
-                log.error("model_reload_check_failed", error=str(exc), serving=self.model_version)
-            return False
-        self._reload_error = None
-        if target == self._model_path or target == self._refused:
-            return False
-        async with self._reload_lock:
-            if target == self._model_path:
-                return False
-            loop = asyncio.get_running_loop()
-            log.info("model_reload_started", path=str(target), serving=self.model_version)
-            try:
-                await loop.run_in_executor(self._inference, self._swap_model, target)
-            except Exception as exc:  # noqa: BLE001 - a bad adapter must never take the service down
-                self._refused = target
-                metrics.MODEL_RELOADS.labels(result="refused").inc()
-                log.error(
-                    "model_reload_refused",
-                    path=str(target),
-                    error=str(exc),
-                    error_type=type(exc).__name__,
-                    serving=self.model_version,
-                    hint="fix or retrain the model and promote it again; the old model keeps serving",
-                )
-                return False
-            self._refused = None
-            metrics.MODEL_RELOADS.labels(result="ok").inc()
-            self._notify_status()
-            return True
+    async def retrain(self) -> int | None:
+        """Run the trainer subprocess now (see ``Jobs.retrain``)."""
+        return await self.jobs.retrain()
+
+    async def scan_corrections(self) -> int:
+        """One correction scan now (see ``Jobs.scan_corrections``)."""
+        return await self.jobs.scan_corrections()
 
     # -- watchers ---------------------------------------------------------------------------
 
@@ -301,137 +177,6 @@ class Service:
             if thread.is_alive():
                 log.warning("watcher_did_not_stop", thread=thread.name, waited_s=self.join_timeout)
 
-    # -- scheduled jobs ---------------------------------------------------------------------
-
-    def _retrain_argv(self) -> list[str] | None:
-        if self._retrain_command is not None:
-            return self._retrain_command
-        if not self.config_path:
-            return None
-        return [sys.executable, "-c", _TRAIN_BOOTSTRAP, "--config", str(self.config_path)]
-
-    async def retrain(self) -> int | None:
-        """Run the trainer as a subprocess, logging its output; never two at once.
-
-        Returns its exit status, or None when skipped. A promoted model is picked up by the
-        reload check right after.
-        """
-        argv = self._retrain_argv()
-        if argv is None:
-            metrics.RETRAINS.labels(result="skipped").inc()
-            log.warning("retrain_skipped", reason="the service was started without a config file path")
-            return None
-        if self._retrain_lock.locked():
-            metrics.RETRAINS.labels(result="skipped").inc()
-            log.warning("retrain_skipped", reason="a retrain is still running")
-            return None
-        async with self._retrain_lock:
-            env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-            log.info("retrain_started", argv=argv)
-            started = time.monotonic()
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, env=env,
-            )
-            self._retrain_proc = proc
-            try:
-                assert proc.stdout is not None
-                pending = b""
-                while chunk := await proc.stdout.read(65536):
-                    *lines, pending = _LINE_SPLIT.split(pending + chunk)
-                    for line in lines:
-                        if line.strip():
-                            log.info("retrain_output", line=line.decode("utf-8", "replace").rstrip())
-                if pending.strip():
-                    log.info("retrain_output", line=pending.decode("utf-8", "replace").rstrip())
-                rc = await proc.wait()
-            except asyncio.CancelledError:
-                await self._stop_retrain()  # never leave a training process behind
-                raise
-            finally:
-                self._retrain_proc = None
-            seconds = round(time.monotonic() - started, 1)
-            if rc == 0:
-                metrics.RETRAINS.labels(result="ok").inc()
-                log.info("retrain_finished", returncode=rc, seconds=seconds)
-            else:
-                metrics.RETRAINS.labels(result="failed").inc()
-                log.error("retrain_failed", returncode=rc, seconds=seconds, hint="see the retrain_output lines above")
-        if rc == 0 and not self._stop.is_set():
-            await self.check_reload()
-        return rc
-
-    def _job(self, func: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[None]]:
-        """A scheduled job whose cancellation at shutdown is expected, not an error to log."""
-
-        async def job() -> None:
-            try:
-                await func()
-            except asyncio.CancelledError:
-                if not self._stop.is_set():
-                    raise
-                log.debug("job_cancelled_at_shutdown", job=getattr(func, "__name__", str(func)))
-
-        job.__name__ = job.__qualname__ = getattr(func, "__name__", "job")
-        return job
-
-    async def _stop_retrain(self) -> None:
-        proc = self._retrain_proc
-        if proc is None or proc.returncode is not None:
-            return
-        log.info("retrain_terminating", pid=proc.pid)
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), _RETRAIN_TERM_GRACE_S)
-        except asyncio.TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-
-    async def scan_corrections(self) -> int:
-        """One correction scan of every account (in a worker thread); returns how many were new."""
-        from mailtriage.store.corrections import KeyCache, scan_corrections
-
-        if self._key_cache is None:
-            self._key_cache = KeyCache()
-        client_factory = self._client_factory
-        if client_factory is None:
-            from mailtriage.imap.connection import connect
-
-            client_factory = connect
-        try:
-            new = await asyncio.to_thread(scan_corrections, client_factory, self.config, self._state, self._key_cache)
-        except Exception as exc:  # noqa: BLE001 - retried at the next interval
-            log.error("correction_scan_failed", error=str(exc), exc_info=True)
-            return 0
-        log.info("correction_scan_done", new_corrections=len(new))
-        return len(new)
-
-    def _start_scheduler(self) -> None:
-        from apscheduler.schedulers.asyncio import AsyncIOScheduler
-        scheduler = AsyncIOScheduler(event_loop=self._loop)
-        common = {"max_instances": 1, "coalesce": True}
-        if self.config.training.schedule:
-            try:
-                trigger = crontab_trigger(self.config.training.schedule)
-            except ValueError as exc:
-                raise ConfigError(
-                    f"training.schedule = {self.config.training.schedule!r} is not a valid cron expression: {exc}"
-                ) from exc
-            scheduler.add_job(self._job(self.retrain), trigger, id="retrain", misfire_grace_time=3600, **common)
-        scheduler.add_job(
-            self._job(self.scan_corrections), "interval", seconds=self.config.correction_scan_interval,
-            id="corrections", misfire_grace_time=None, **common,
-        )
-        scheduler.add_job(
-            self._job(self.check_reload), "interval", seconds=self.reload_interval, id="reload",
-            misfire_grace_time=None, **common,
-        )
-        scheduler.start()
-        self._scheduler = scheduler
-        job = scheduler.get_job("retrain")
-        log.info("scheduler_started", next_retrain=str(job.next_run_time) if job else None)
 
     # -- systemd ----------------------------------------------------------------------------
 
@@ -489,12 +234,12 @@ class Service:
         watchdog: asyncio.Task[None] | None = None
         try:
             sdnotify.notify("STATUS=loading model")
-            path = await asyncio.to_thread(modeldir.resolve, Path(self.config.model.path))
-            await loop.run_in_executor(self._inference, self._swap_model, path)
+            await self.inference.load()
             if self._state is None:
                 from mailtriage.store.state import StateDB
 
                 self._state = StateDB(self.config.state_path)
+            self.jobs.state = self._state
             try:
                 self._metrics_server = metrics.start_metrics_server(self.config.metrics_host, self.config.metrics_port)
             except OSError as exc:
@@ -502,7 +247,7 @@ class Service:
                     f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: {exc.strerror or exc}; "
                     "pick a free metrics_port (or 0 to turn metrics off)"
                 ) from exc
-            self._start_scheduler()
+            self.jobs.start(loop)
             self._start_watchers()
             for hook in self._on_start:
                 closer = await hook(self)
@@ -538,12 +283,10 @@ class Service:
                 await closer()
             except Exception as exc:  # noqa: BLE001 - keep shutting the rest down
                 log.error("stop_hook_failed", error=str(exc))
-        await self._stop_retrain()  # before the scheduler: a cancelled retrain job must not orphan its process
-        if self._scheduler is not None and self._scheduler.running:
-            self._scheduler.shutdown(wait=False)
+        await self.jobs.shutdown()  # the retrain process first, then the scheduler
         # Watchers finish or abandon their current batch; the state db makes either safe.
         await asyncio.to_thread(self._join_watchers)
-        await asyncio.to_thread(self._inference.shutdown, wait=True, cancel_futures=True)
+        await self.inference.shutdown()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

@@ -99,6 +99,7 @@ def write_config(work: Path, port: int, model_path: Path, metrics_port: int) -> 
     from demo.corpus import CATEGORIES
 
     (work / "imap-password").write_text("secret\n")
+    (work / "imap-password").chmod(0o600)  # `mailtriage check` fails a world-readable secret
     cats = "\n".join(f'{label} = "{folder}"' for label, folder in CATEGORIES.items())
     cfg = work / "config.toml"
     cfg.write_text(f"""# Written by benchmarks/daemon.py

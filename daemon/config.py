@@ -47,6 +47,22 @@ class ModelConfig:
         _positive("model.max_length", self.max_length)
 
 
+_WARNED_EXPOSED: set[str] = set()
+
+
+def secret_file_exposure(path: str | os.PathLike[str]) -> str | None:
+    """Why a secret file is readable by others ("world-readable", "group-readable"), or None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if mode & 0o007:
+        return "world-readable" if mode & 0o004 else "accessible to other users"
+    if mode & 0o070:
+        return "group-readable" if mode & 0o040 else "accessible to its group"
+    return None
+
+
 @dataclass(frozen=True)
 class AccountConfig:
     name: str
@@ -111,9 +127,19 @@ class AccountConfig:
         if self.password_file or self.oauth_token_file:
             path = Path(self.password_file or self.oauth_token_file or "")
             try:
-                return path.read_text(encoding="utf-8").strip()
+                text = path.read_text(encoding="utf-8").strip()
             except OSError as exc:
                 raise ConfigError(f"{where}: cannot read secret file {str(path)!r}: {exc.strerror}") from exc
+            problem = secret_file_exposure(path)
+            if problem and str(path) not in _WARNED_EXPOSED:
+                _WARNED_EXPOSED.add(str(path))
+                import structlog
+
+                structlog.get_logger(__name__).warning(
+                    "secret_file_exposed", account=self.name, path=str(path), problem=problem,
+                    fix=f"chmod 600 {path}",
+                )
+            return text
         if self.password_env:
             value = os.environ.get(self.password_env)
             if not value:
@@ -134,12 +160,24 @@ class AccountConfig:
         if self.oauth_token_command:
             import subprocess
 
+            # The command line may carry a client secret: no message here (nor a chained exception,
+            # whose text repeats it) may contain it, nor its output.
+            failure: str | None = None
             try:
                 out = subprocess.run(
                     self.oauth_token_command, shell=True, check=True, capture_output=True, text=True, timeout=60
                 )
+            except subprocess.CalledProcessError as exc:
+                failure = f"exited with status {exc.returncode}"
+            except subprocess.TimeoutExpired:
+                failure = "did not finish within 60 s"
             except (subprocess.SubprocessError, OSError) as exc:
-                raise ConfigError(f"{where}: oauth_token_command failed: {exc}") from exc
+                failure = f"could not be run ({type(exc).__name__})"
+            if failure is not None:
+                raise ConfigError(
+                    f"{where}: oauth_token_command {failure} (the command and its output are not shown: they "
+                    "may hold a secret). Run it by hand as the service user to see why"
+                ) from None
             return out.stdout.strip()
         raise ConfigError(f"{where}: no secret configured")  # unreachable after validation
 

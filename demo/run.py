@@ -41,6 +41,7 @@ def _step(msg: str) -> None:
 
 def _write_config(run: Path, port: int, epochs: int) -> Path:
     (run / "imap-password").write_text("secret\n")
+    (run / "imap-password").chmod(0o600)  # `mailtriage check` fails a world-readable secret
     cats = "\n".join(f'{label} = "{folder}"' for label, folder in CATEGORIES.items())
     cfg = run / "config.toml"
     cfg.write_text(

@@ -22,6 +22,7 @@ UNSURE = "Support/Unsure"
 def _config(tmp_path: Path, host: str, port: int, user: str, password: str, **account: Any) -> Config:
     pw = tmp_path / "imap-password"
     pw.write_text(password + "\n")
+    pw.chmod(0o600)
     acc = AccountConfig(
         name="support", host=host, port=port, tls="none", username=user, password_file=str(pw), **account
     )
@@ -159,3 +160,40 @@ def test_model_ok_and_label_mismatch(tiny_model_dir: Path, tmp_path: Path) -> No
     missing = dataclasses.replace(config, model=ModelConfig(path=str(tmp_path / "nowhere")))
     rc, lines = _run(missing)
     assert rc == 1 and "does not exist" in _line(lines, " model '")
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_exposed_password_file_and_clear_text_are_reported(tmp_path: Path) -> None:
+    """Issue 8 item 10: others reading the password file FAILs, its group reading it WARNs;
+    tls = "none" and verify_tls = false are counted as warnings."""
+    import dataclasses
+
+    config = _config(tmp_path, "127.0.0.1", _closed_port(), "u", "p")
+    pw = Path(config.accounts[0].password_file or "")
+    _rc, lines = _run(config, check_model=False)
+    assert not [line for line in lines if "] password_file" in line]  # 0600: nothing to say
+    tls_line = _line(lines, "[support] tls")
+    assert tls_line.startswith("WARN") and "clear text" in tls_line
+    assert "0 failure(s)" not in lines[-1] and "1 warning(s)" in lines[-1]
+
+    pw.chmod(0o640)
+    _rc, lines = _run(config, check_model=False)
+    assert _line(lines, "] password_file").startswith("WARN") and "group-readable" in _line(lines, "] password_file")
+    assert "chmod 600" in _line(lines, "] password_file")
+    assert "2 warning(s)" in lines[-1]
+
+    pw.chmod(0o644)
+    rc, lines = _run(config, check_model=False)
+    assert rc == 1 and _line(lines, "] password_file").startswith("FAIL") and "world-readable" in _line(lines, "] password_file")
+
+    pw.chmod(0o600)
+    unverified = dataclasses.replace(
+        config, accounts=(dataclasses.replace(config.accounts[0], tls="implicit", verify_tls=False),)
+    )
+    _rc, lines = _run(unverified, check_model=False)
+    assert _line(lines, "verify_tls").startswith("WARN") and "1 warning(s)" in lines[-1]

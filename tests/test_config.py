@@ -105,3 +105,34 @@ def test_secret_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     cfg = parse_config({"categories": CATS, "accounts": [{**acc, "password_env": "MT_PW"}]})
     with pytest.raises(ConfigError, match=r"MT_PW is not set"):
         cfg.accounts[0].secret()
+
+
+def test_failing_oauth_token_command_never_echoes_the_command(tmp_path: Path) -> None:
+    """Issue 8 item 10: the command line (and its output) may carry a client secret."""
+    acc = {k: v for k, v in ACCOUNT.items() if k != "password_file"}
+    secret = "client_secret=TOPSECRET42"
+    for command, why in (
+        (f"echo {secret} >&2; echo {secret}; exit 7", "exited with status 7"),
+        (f"/nonexistent/helper --{secret}", "exited with status 127"),
+    ):
+        cfg = parse_config({"categories": CATS, "accounts": [{**acc, "auth": "xoauth2", "oauth_token_command": command}]})
+        with pytest.raises(ConfigError) as info:
+            cfg.accounts[0].secret()
+        import traceback
+
+        text = "".join(traceback.format_exception(info.value))
+        assert why in str(info.value) and "TOPSECRET42" not in text, text
+    ok = parse_config({"categories": CATS, "accounts": [{**acc, "auth": "xoauth2", "oauth_token_command": "echo tok"}]})
+    assert ok.accounts[0].secret() == "tok"
+
+
+def test_exposed_secret_file_is_read_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mailtriage.config import secret_file_exposure
+
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    for mode, expected in ((0o600, None), (0o400, None), (0o640, "group-readable"), (0o604, "world-readable")):
+        pw.chmod(mode)
+        assert secret_file_exposure(pw) == expected, oct(mode)
+    cfg = parse_config({"categories": CATS, "accounts": [{**ACCOUNT, "password_file": str(pw)}]})
+    assert cfg.accounts[0].secret() == "s3cret"

@@ -161,3 +161,29 @@ def test_threads_each_get_a_connection(db: StateDB) -> None:
 def test_bad_status_is_refused(db: StateDB) -> None:
     with pytest.raises(ValueError):
         _record(db, 1, "<a@x>", status="moved")
+
+
+def test_state_dir_and_db_are_private(tmp_path: Path) -> None:
+    """Issue 8 item 10: a new state directory is 0700, the database (and its WAL files) 0600,
+    whatever the umask; an existing directory keeps the mode the admin gave it."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        db = StateDB(tmp_path / "var" / "state" / "state.sqlite3")
+        db._exec("CREATE TABLE IF NOT EXISTS probe (x)")
+        db._exec("INSERT INTO probe VALUES (1)")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(tmp_path / "var") == 0o700 and mode(tmp_path / "var" / "state") == 0o700
+    files = sorted((tmp_path / "var" / "state").iterdir())
+    assert any(f.name.endswith("-wal") for f in files), files
+    for f in files:
+        assert mode(f) == 0o600, (f, oct(mode(f)))
+    db.close()
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    StateDB(shared / "s.sqlite3").close()
+    assert mode(shared) == 0o755 and mode(shared / "s.sqlite3") == 0o600

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from mailtriage.config import AccountConfig, Config
+from mailtriage.config import AccountConfig, Config, secret_file_exposure
 
 log = structlog.get_logger(__name__)
 
@@ -134,8 +134,34 @@ def _check_folders(report: _Report, client: Any, account: AccountConfig, config:
             client.close_folder()
 
 
+def _check_exposure(report: _Report, account: AccountConfig) -> None:
+    """Secrets others may read, and connections others may read or impersonate."""
+    where = f"[{account.name}]"
+    for key in ("password_file", "oauth_token_file"):
+        path = getattr(account, key)
+        problem = path and secret_file_exposure(path)
+        if problem:
+            report.add(
+                FAIL if problem.startswith(("world", "accessible to other")) else WARN,
+                f"{where} {key}", f"{path!r} is {problem}: other local users can read the mail password",
+                f"chmod 600 {path} (owned by the service user), or use password_credential",
+            )
+    if account.tls == "none":
+        report.add(
+            WARN, f"{where} tls", "\"none\": the password and all mail cross the network in clear text",
+            f"set accounts[{account.name!r}].tls = \"implicit\" (port 993) or \"starttls\"; "
+            "\"none\" is only safe to 127.0.0.1",
+        )
+    elif not account.verify_tls:
+        report.add(
+            WARN, f"{where} verify_tls", "false: any server can pose as this one and receive the password",
+            "set verify_tls = true, with ca_file = the server's CA if it is self-signed",
+        )
+
+
 def _check_account(report: _Report, account: AccountConfig, config: Config, create: bool, connect: Callable[[AccountConfig], Any]) -> None:
     where = f"[{account.name}]"
+    _check_exposure(report, account)
     try:
         client = connect(account)
     except Exception as exc:  # noqa: BLE001 - MailboxError/ConfigError carry the fix in their message

@@ -30,6 +30,7 @@ write while ``mailtriage stats`` reads.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -129,11 +130,34 @@ class FiledRow:
     model_version: str | None
 
 
+def _private_file(path: Path) -> None:
+    """Create the state directory 0700 and the database 0600 (SQLite gives its -wal and -shm
+    files the database's mode). Existing ones keep their modes: the admin chose those."""
+    missing = []
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return
+    except OSError:
+        return  # sqlite3.connect reports an unusable path with the fix in its message
+    os.chmod(path, 0o600)
+
+
 class StateDB:
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            _private_file(Path(self.path))
         self._local = threading.local()
         self._conn()  # create the schema now, so a bad path fails at start-up, not mid-mail
 

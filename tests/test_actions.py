@@ -1,5 +1,5 @@
 """Actions and connections against a real Dovecot: move (and its fallback), keyword, header rewrite,
-and the clear errors for what can go wrong; plus the pure byte helpers they rely on."""
+and the clear errors for what can go wrong; plus the small pure helpers (tagging: tests/test_tagging.py)."""
 
 from __future__ import annotations
 
@@ -45,35 +45,6 @@ def _msg(n: int, subject: str = "Invoice") -> bytes:
 
 
 # ---- pure helpers ---------------------------------------------------------------------------
-
-
-@pure
-def test_add_headers_on_top_and_forged_ones_removed() -> None:
-    out = actions.add_headers(RAW, BILLING)
-    header, body = actions.split_header(out)
-    lines = header.split(b"\r\n")
-    assert lines[0] == b"X-Mailtriage-Category: billing"
-    assert lines[1] == b"X-Mailtriage-Confidence: 0.8765"
-    assert b"refunds" not in header and b"folded forged" not in header and b"1.0" not in header
-    assert body == b"\r\n\r\nX-Mailtriage-Category: body text stays\r\n"  # the body is never touched
-    assert b"Subject: Invoice 42" in header and b"Message-ID: <inv-42@example.com>" in header
-
-
-@pure
-def test_add_headers_keeps_bare_lf_and_says_unsure() -> None:
-    raw = b"From: a@x\nSubject: s\n\nbody\n"
-    out = actions.add_headers(raw, UNSURE)
-    assert out == b"X-Mailtriage-Category: unsure\nX-Mailtriage-Confidence: 0.3100\nFrom: a@x\nSubject: s\n\nbody\n"
-
-
-@pure
-def test_fingerprint_survives_our_headers_and_crlf() -> None:
-    fp = actions.header_fingerprint(RAW)
-    assert actions.header_fingerprint(actions.add_headers(RAW, BILLING)) == fp
-    assert actions.header_fingerprint(RAW.replace(b"\r\n", b"\n")) == fp
-    header_only = actions.split_header(RAW)[0] + b"\r\n\r\n"
-    assert actions.header_fingerprint(header_only) == fp
-    assert actions.header_fingerprint(RAW.replace(b"Invoice 42", b"Invoice 43")) != fp
 
 
 @pure

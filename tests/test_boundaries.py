@@ -1,6 +1,7 @@
 """The house rules, enforced: which room may import which.
 
 - core/ is pure: it imports nothing of imap/, smtp/, store/, service/, cli/ or model/.
+- smtp/ never imports imap/: the two edges share only core/ (header tagging is core.tagging).
 - torch (and transformers/peft) are imported only in model/, the trainer and testing/.
 - the daemon never imports the trainer; the product never imports tests/.
 Checked statically with `ast`, so an import hidden inside a function counts too.
@@ -20,7 +21,7 @@ DAEMON = ROOT / "daemon"
 TRAINER = ROOT / "trainer"
 HEAVY = ("torch", "transformers", "peft", "accelerate")
 
-pytestmark = pytest.mark.pure
+pure = pytest.mark.pure
 
 
 def _imports(path: Path) -> set[str]:
@@ -47,12 +48,21 @@ def _hits(names: set[str], prefixes: tuple[str, ...]) -> list[str]:
     return sorted(n for n in names if any(n == p or n.startswith(p + ".") for p in prefixes))
 
 
+@pure
 def test_core_imports_no_edge_or_model() -> None:
     edges = tuple(f"mailtriage.{room}" for room in ("imap", "smtp", "store", "service", "cli", "model", "testing"))
     bad = {str(p.relative_to(ROOT)): _hits(_imports(p), edges) for p in _daemon_files() if _room(p) == "core"}
     assert not {k: v for k, v in bad.items() if v}, f"core/ must stay pure: {bad}"
 
 
+@pure
+def test_smtp_imports_nothing_of_imap() -> None:
+    bad = {str(p.relative_to(ROOT)): _hits(_imports(p), ("mailtriage.imap",)) for p in _daemon_files() if _room(p) == "smtp"}
+    assert [p for p in bad if p.startswith("daemon/smtp/")], "no smtp/ files found: the rule checks nothing"
+    assert not {k: v for k, v in bad.items() if v}, f"smtp/ must not import the IMAP edge (use mailtriage.core): {bad}"
+
+
+@pure
 def test_torch_only_in_model_trainer_and_testing() -> None:
     bad = {
         str(p.relative_to(ROOT)): _hits(_imports(p), HEAVY)
@@ -62,6 +72,7 @@ def test_torch_only_in_model_trainer_and_testing() -> None:
     assert not {k: v for k, v in bad.items() if v}, f"torch/transformers/peft outside model/: {bad}"
 
 
+@pure
 def test_daemon_never_imports_trainer_or_tests() -> None:
     bad = {
         str(p.relative_to(ROOT)): _hits(_imports(p), ("mailtriage_trainer", "tests"))
@@ -70,12 +81,14 @@ def test_daemon_never_imports_trainer_or_tests() -> None:
     assert not {k: v for k, v in bad.items() if v}, f"daemon imports trainer/tests: {bad}"
 
 
+@pure
 def test_demo_and_benchmarks_never_import_tests() -> None:
     files = sorted((ROOT / "demo").rglob("*.py")) + sorted((ROOT / "benchmarks").rglob("*.py"))
     bad = {str(p.relative_to(ROOT)): _hits(_imports(p), ("tests",)) for p in files}
     assert not {k: v for k, v in bad.items() if v}, f"use mailtriage.testing instead: {bad}"
 
 
+@pure
 def test_the_rules_can_fail(tmp_path: Path) -> None:
     # The checker itself sees an import hidden in a function body.
     probe = tmp_path / "probe.py"

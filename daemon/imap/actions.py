@@ -3,13 +3,12 @@
 Every function takes a logged-in client with the source mailbox selected read-write and leaves it
 selected again on return. IMAP refusals become MailboxError (the message stays where it was);
 connection errors pass through unchanged so the watcher reconnects and finishes the job from the
-state database. Header bytes are handled as bytes: no re-serialisation through ``email``, so the
-copy is the original plus two lines.
+state database. The header rewrite tags with ``mailtriage.core.tagging`` (shared with the SMTP
+filter), so the copy is the original plus two lines.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -20,86 +19,23 @@ from imapclient import exceptions as imap_exc
 
 from mailtriage.errors import MailboxError
 from mailtriage.core.routing import Decision
+from mailtriage.core.tagging import UNSURE, add_headers, header_fingerprint, safe_atom
 
 log = structlog.get_logger(__name__)
 
 ACTIONS = ("move", "keyword", "header")
-CATEGORY_HEADER = "X-Mailtriage-Category"
-CONFIDENCE_HEADER = "X-Mailtriage-Confidence"
-UNSURE = "unsure"
 
 _RECENT = b"\\Recent"
-_HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
-_ATOM_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]", re.IGNORECASE)
 _TRYCREATE = "TRYCREATE"
 
 
-# ---- pure byte helpers ---------------------------------------------------------------------
-
-
-def split_header(raw: bytes) -> tuple[bytes, bytes]:
-    """(header block without its terminating blank line, rest from the blank line on)."""
-    found = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i != -1]
-    if not found:
-        return raw, b""
-    idx = min(found)
-    return raw[:idx], raw[idx:]
-
-
-def _newline(header: bytes) -> bytes:
-    return b"\r\n" if b"\r\n" in header else b"\n"
-
-
-def strip_mailtriage_headers(raw: bytes) -> bytes:
-    """Drop every X-Mailtriage-* field (with its folded lines) from the header block.
-
-    A sender could otherwise forge a category; only the daemon writes these headers.
-    """
-    header, rest = split_header(raw)
-    nl = _newline(header)
-    kept: list[bytes] = []
-    dropping = False
-    for line in header.split(nl):
-        if line[:1] in (b" ", b"\t"):
-            if not dropping:
-                kept.append(line)
-            continue
-        m = _HEADER_NAME.match(line)
-        dropping = bool(m and m.group(1).lower().startswith(b"x-mailtriage-"))
-        if not dropping:
-            kept.append(line)
-    return nl.join(kept) + rest
-
-
-def category_value(decision: Decision) -> str:
-    # An unsure message is labelled "unsure", never with the guess: header rules downstream must
-    # not file a guess (the guess is still in the state database).
-    return UNSURE if decision.unsure else decision.label
-
-
-def add_headers(raw: bytes, decision: Decision) -> bytes:
-    """The message with X-Mailtriage-Category/-Confidence on top and any sender-supplied ones removed."""
-    clean = strip_mailtriage_headers(raw)
-    nl = _newline(split_header(clean)[0])
-    value = _ATOM_UNSAFE.sub("_", category_value(decision))
-    top = f"{CATEGORY_HEADER}: {value}".encode() + nl + f"{CONFIDENCE_HEADER}: {decision.confidence:.4f}".encode() + nl
-    return top + clean
-
-
-def header_fingerprint(raw_or_header: bytes) -> str:
-    """Identity of a message's header block that survives COPY and our APPEND: X-Mailtriage-*
-    fields dropped, line endings and trailing blanks normalised (servers may turn LF into CRLF)."""
-    header, _rest = split_header(strip_mailtriage_headers(raw_or_header))
-    lines = [ln.rstrip() for ln in header.replace(b"\r\n", b"\n").split(b"\n")]
-    while lines and not lines[-1]:
-        lines.pop()
-    return hashlib.sha256(b"\n".join(lines)).hexdigest()
+# ---- pure helpers (header tagging lives in mailtriage.core.tagging) ---------------------
 
 
 def keyword_for(prefix: str, decision: Decision) -> str:
     """One keyword per category (prefix+label); below threshold only prefix+"unsure"."""
-    return prefix + _ATOM_UNSAFE.sub("_", UNSURE if decision.unsure else decision.label)
+    return prefix + safe_atom(UNSURE if decision.unsure else decision.label)
 
 
 def appended_uid(response: bytes | str | None) -> int | None:

@@ -18,6 +18,7 @@ import structlog
 from imapclient import IMAPClient
 
 from mailtriage.imap import actions
+from mailtriage.core import tagging
 
 from mailtriage.imap import connection
 
@@ -327,7 +328,7 @@ class MailboxWatcher:
             )
             return self._done(item, decision, "dry_run", placed)
         client = self._client()
-        fingerprint = actions.header_fingerprint(item.raw)
+        fingerprint = tagging.header_fingerprint(item.raw)
         dest_validity = dest_next = None
         try:
             if self.action in ("move", "header"):

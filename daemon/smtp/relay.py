@@ -26,7 +26,7 @@ import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailtriage.service import metrics
-from mailtriage.imap.actions import add_headers, category_value
+from mailtriage.core.tagging import add_headers, category_value
 from mailtriage.core.classifier import Prediction
 from mailtriage.config import Config
 from mailtriage.errors import ConfigError

@@ -17,24 +17,10 @@ from mailtriage.config import AccountConfig
 from mailtriage.errors import MailboxError
 from mailtriage.core.routing import Decision
 from mailtriage.testing.dovecot import NO_MOVE, Dovecot, imap_capability_without, load_messages
+from tests.test_tagging import BILLING, RAW, UNSURE  # one sample with forged X-Mailtriage-* headers
 
 pure = pytest.mark.pure
 component = pytest.mark.component
-
-BILLING = Decision("billing", 0.8765, False, "Support/Billing")
-UNSURE = Decision("login", 0.31, True, "Support/Unsure")
-
-RAW = (
-    b"From: Alice <alice@example.com>\r\n"
-    b"To: support@example.com\r\n"
-    b"X-Mailtriage-Category: refunds\r\n"
-    b"Subject: Invoice 42\r\n"
-    b"x-mailtriage-confidence: 1.0\r\n"
-    b"  folded forged line\r\n"
-    b"Message-ID: <inv-42@example.com>\r\n"
-    b"\r\n"
-    b"X-Mailtriage-Category: body text stays\r\n"
-)
 
 
 def _msg(n: int, subject: str = "Invoice") -> bytes:

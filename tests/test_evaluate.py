@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import pytest
 
-from mailtriage.core.classifier import Prediction
 from mailtriage.errors import TrainingDataError
+from mailtriage.testing.fakes import KeywordClassifier
 from mailtriage_trainer.evaluate import (
     Baseline,
     at_threshold,
@@ -81,29 +79,14 @@ def test_baseline_learns_keywords_and_orders_columns_by_labels() -> None:
     assert np.allclose(ensemble_probs(p, p), p)
 
 
-class FakeClassifier:
-    """A keyword classifier standing in for the torch one (pure logic under test is the batching)."""
-
-    labels = ("billing", "login")
-    version = "fake"
-
-    def __init__(self) -> None:
-        self.batches: list[int] = []
-
-    def classify(self, texts: Sequence[str]) -> list[Prediction]:
-        self.batches.append(len(texts))
-        out = []
-        for t in texts:
-            label = "billing" if "invoice" in t else "login"
-            scores = {"billing": 0.8 if label == "billing" else 0.2}
-            scores["login"] = 1 - scores["billing"]
-            out.append(Prediction(label, max(scores.values()), scores))
-        return out
+def fake_classifier() -> KeywordClassifier:
+    """Keywords standing in for the torch model (pure logic under test is the batching)."""
+    return KeywordClassifier(("billing", "login"), {"invoice": "billing"}, version="fake", hit=0.8, miss=0.8, default="login")
 
 
 def test_evaluate_classifier_batches_and_scores() -> None:
     examples = [Example(t, label, t, None, "x") for label in TEXTS for t in TEXTS[label]]
-    clf = FakeClassifier()
+    clf = fake_classifier()
     r = evaluate_classifier(clf, examples, batch_size=5, progress=False)
     assert clf.batches == [5, 5, 2]
     assert r["accuracy"] == 1.0 and r["n"] == 12
@@ -112,7 +95,7 @@ def test_evaluate_classifier_batches_and_scores() -> None:
 
 def test_evaluate_classifier_refuses_labels_the_model_lacks() -> None:
     with pytest.raises(TrainingDataError, match="refunds"):
-        evaluate_classifier(FakeClassifier(), [Example("x", "refunds", "k", None, "s")], progress=False)
+        evaluate_classifier(fake_classifier(), [Example("x", "refunds", "k", None, "s")], progress=False)
 
 
 def test_choose_serve_needs_the_ensemble_to_beat_both_parts() -> None:

@@ -128,13 +128,11 @@ def test_packaged_minilm_aliases(tmp_path: Path) -> None:
     assert modeldir.resolve_base_model(str(tmp_path)) == str(tmp_path)
 
 
-@pytest.mark.pure
 def test_modeldir_does_not_import_torch() -> None:
     code = "import sys, mailtriage.model.modeldir; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
-@pytest.mark.pure
 def test_ensemble_module_imports_neither_torch_nor_sklearn() -> None:
     code = ("import sys, mailtriage.model.ensemble; "
             "sys.exit(any(m in sys.modules for m in ('torch', 'sklearn', 'joblib')))")

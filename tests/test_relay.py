@@ -32,6 +32,7 @@ from mailtriage.core.classifier import Prediction
 from mailtriage.config import Config, ModelConfig, SmtpConfig
 from mailtriage.core.labels import LabelSet
 from mailtriage.smtp.relay import ClassifyAsync, NextHop, SmtpFilter
+from mailtriage.testing.fakes import KeywordClassifier
 
 pytestmark = pytest.mark.component
 
@@ -51,26 +52,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class KeywordClassifier:
+def keyword_classifier(version: str = "kw-1") -> KeywordClassifier:
     """Pure-logic stand-in for the model: a keyword gives its label at 0.95, none gives 0.4."""
-
-    labels = LABELS
-    version = "kw-1"
-
-    def classify(self, texts: Sequence[str]) -> list[Prediction]:
-        out = []
-        for text in texts:
-            label = next((lab for word, lab in KEYWORDS.items() if word in text.lower()), None)
-            conf = 0.95 if label else 0.4
-            label = label or LABELS[0]
-            scores = {lab: (conf if lab == label else (1 - conf) / 2) for lab in LABELS}
-            out.append(Prediction(label, conf, scores))
-        return out
+    return KeywordClassifier(LABELS, KEYWORDS, version=version)
 
 
 async def keyword_classify(texts: Sequence[str]) -> tuple[list[Prediction], str]:
-    clf = KeywordClassifier()
-    return clf.classify(texts), clf.version
+    return keyword_classifier()(texts)
 
 
 async def broken_classify(texts: Sequence[str]) -> tuple[list[Prediction], str]:
@@ -454,7 +442,8 @@ def test_service_with_smtp_enabled_relays_through_its_inference_worker(
     inference_threads: list[str] = []
 
     class Recording(KeywordClassifier):
-        version = "v1"
+        def __init__(self) -> None:
+            super().__init__(LABELS, KEYWORDS, version="v1")
 
         def classify(self, texts: Sequence[str]) -> list[Prediction]:
             inference_threads.append(threading.current_thread().name)

@@ -11,7 +11,7 @@ import pytest
 
 from mailtriage.service import sdnotify
 
-pytestmark = pytest.mark.pure
+pytestmark = pytest.mark.component  # real AF_UNIX sockets
 
 
 @pytest.fixture

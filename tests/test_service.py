@@ -26,11 +26,11 @@ import structlog
 from mailtriage.service import metrics
 
 from mailtriage.model import modeldir
-from mailtriage.core.classifier import Prediction
 from mailtriage.config import AccountConfig, Config, ModelConfig, TrainingConfig
 from mailtriage.errors import ConfigError, LabelMismatchError, ModelError
 from mailtriage.core.labels import LabelSet
 from mailtriage.service.app import Service
+from mailtriage.testing.fakes import KeywordClassifier
 
 CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
 LABELS = tuple(CATEGORIES)
@@ -39,24 +39,14 @@ LABELS = tuple(CATEGORIES)
 # -- helpers ------------------------------------------------------------------------------------
 
 
-class FakeClassifier:
-    def __init__(self, labels: Sequence[str], version: str) -> None:
-        self.labels = tuple(labels)
-        self.version = version
-
-    def classify(self, texts: Sequence[str]) -> list[Prediction]:
-        scores = {label: 1.0 / len(self.labels) for label in self.labels}
-        return [Prediction(self.labels[0], 0.99, scores) for _ in texts]
-
-
-def fake_loader(path: Path) -> FakeClassifier:
+def fake_loader(path: Path) -> KeywordClassifier:
     """Like load_classifier: refuses a label mismatch and a version marked broken."""
     labels = LabelSet.load(path)
     labels.check_matches(LABELS, where=f"model version {str(path)!r}")
     if (path / "BROKEN").exists():
         raise ModelError(f"{path}: adapter weights are unreadable")
     time.sleep(0.05)  # a load takes time: batches queued meanwhile must wait, not fail
-    return FakeClassifier(labels.labels, path.name)
+    return KeywordClassifier(labels.labels, {}, version=path.name, miss=0.99)  # every text: the first label
 
 
 def make_version(model_dir: Path, name: str, labels: Sequence[str] = LABELS, broken: bool = False) -> Path:
@@ -148,7 +138,7 @@ def run_async(main: Callable[[], Awaitable[None]]) -> None:
 # -- lifecycle with fakes -------------------------------------------------------------------------
 
 
-@pytest.mark.pure
+@pytest.mark.component  # SIGTERM to the runner, an AF_UNIX notify socket
 def test_ready_hot_reload_refusal_and_sigterm(
     tmp_path: Path, notify_socket: Callable[[], list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -258,7 +248,7 @@ def test_crashing_watcher_is_restarted_and_stop_works(tmp_path: Path) -> None:
 # -- retrain subprocess ---------------------------------------------------------------------------
 
 
-@pytest.mark.pure
+@pytest.mark.component  # runs a subprocess
 def test_retrain_logs_each_line_and_never_overlaps(tmp_path: Path) -> None:
     script = (
         "import sys, time\n"
@@ -281,7 +271,7 @@ def test_retrain_logs_each_line_and_never_overlaps(tmp_path: Path) -> None:
     run_async(main)
 
 
-@pytest.mark.pure
+@pytest.mark.component  # runs a subprocess
 def test_retrain_failure_is_logged_not_raised(tmp_path: Path) -> None:
     service = Service(
         fake_config(tmp_path), None, retrain_command=[sys.executable, "-c", "import sys; print('no data'); sys.exit(3)"]
@@ -295,7 +285,7 @@ def test_retrain_failure_is_logged_not_raised(tmp_path: Path) -> None:
     run_async(main)
 
 
-@pytest.mark.pure
+@pytest.mark.component  # runs a subprocess
 def test_default_retrain_command_reaches_the_trainer(tmp_path: Path) -> None:
     import subprocess
 
@@ -486,7 +476,7 @@ def test_serve_returns_zero_on_sigterm_with_real_model(tiny_model_dir: Path, tmp
     assert json.loads((tiny_model_dir / "current" / "labels.json").read_text())["labels"]
 
 
-@pytest.mark.pure
+@pytest.mark.component  # binds a port, serves HTTP
 def test_metrics_server_serves_registry() -> None:
     import urllib.request
 

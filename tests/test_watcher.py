@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +17,12 @@ from imapclient import DELETED, SEEN, IMAPClient
 from mailtriage.imap import actions
 
 from mailtriage.imap import connection
-from mailtriage.core.classifier import Prediction
 from mailtriage.config import AccountConfig, Config, ModelConfig
 from mailtriage.errors import MailboxError
 from mailtriage.store.state import StateDB
 from mailtriage.imap.watcher import MailboxWatcher
 from mailtriage.testing.dovecot import NO_IDLE, NO_MOVE, Dovecot, load_messages
+from mailtriage.testing.fakes import KeywordClassifier
 
 pytestmark = pytest.mark.component
 
@@ -32,24 +32,9 @@ ALL_FOLDERS = [*CATEGORIES.values(), UNSURE_FOLDER]
 _WORDS = {"invoice": "billing", "password": "login", "refund": "refunds"}
 
 
-class FakeClassifier:
+def fake_classifier() -> KeywordClassifier:
     """Keyword rules instead of a model (pure logic); anything without a keyword is unsure."""
-
-    version = "fake-v1"
-
-    def __init__(self) -> None:
-        self.calls: list[int] = []
-
-    def __call__(self, texts: Sequence[str]) -> tuple[list[Prediction], str]:
-        self.calls.append(len(texts))
-        out = []
-        for text in texts:
-            label = next((lab for word, lab in _WORDS.items() if word in text.lower()), None)
-            conf = 0.95 if label else 0.4
-            label = label or "billing"
-            scores = {lab: (conf if lab == label else (1 - conf) / 2) for lab in CATEGORIES}
-            out.append(Prediction(label, conf, scores))
-        return out, self.version
+    return KeywordClassifier(tuple(CATEGORIES), _WORDS, version="fake-v1", default="billing")
 
 
 def msg(n: int, subject: str, mid: str | None = None) -> bytes:
@@ -121,8 +106,8 @@ def wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
     return pred()
 
 
-def watcher_for(account: AccountConfig, config: Config, path: str | None = None, **kw: Any) -> tuple[MailboxWatcher, FakeClassifier]:
-    clf = FakeClassifier()
+def watcher_for(account: AccountConfig, config: Config, path: str | None = None, **kw: Any) -> tuple[MailboxWatcher, KeywordClassifier]:
+    clf = fake_classifier()
     w = MailboxWatcher(account, "INBOX", config, StateDB(path or config.state_path), clf, idle_slice=0.2, backoff_start=0.1, **kw)
     return w, clf
 
@@ -140,7 +125,7 @@ def test_backlog_moves_each_message_once_in_batches(dovecot: Dovecot, user: Any,
     w, clf = watcher_for(make_account(dovecot, name, password, fetch_batch=3), config)
     try:
         assert w.process_backlog() == 7
-        assert clf.calls == [3, 3, 1]
+        assert clf.batches == [3, 3, 1]
         assert count_where(client) == {"INBOX": 0, "Support/Billing": 2, "Support/Login": 2, "Support/Refunds": 2,
                                        "Support/Unsure": 1}
         assert all(SEEN not in m["flags"] for f in ALL_FOLDERS for m in contents(client, f).values())
@@ -236,7 +221,7 @@ def test_restart_resumes_without_refiling(dovecot: Dovecot, user: Any, make_acco
     again, clf = watcher_for(account, config)  # a new StateDB on the same file: a restarted daemon
     try:
         assert again.process_backlog() == 1
-        assert clf.calls == [1]
+        assert clf.batches == [1]
     finally:
         again.close()
     assert len(again.state.rows("acct")) == 4
@@ -256,7 +241,7 @@ def test_uidvalidity_change_and_duplicates_are_not_refiled(dovecot: Dovecot, use
         # ... and the same message delivered a second time.
         load_messages(client, "INBOX", [MIXED[0]])
         assert w.process_backlog() == 0
-        assert clf.calls == [3]  # nothing was classified again
+        assert clf.batches == [3]  # nothing was classified again
         statuses = sorted(r.status for r in w.state.rows("acct"))
         assert statuses == ["done"] * 3 + ["skipped"] * 4
         assert w.state.last_uid("acct", "INBOX", w.uidvalidity or 0) == 4

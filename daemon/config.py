@@ -190,9 +190,15 @@ class SmtpConfig:
     next_hop_host: str = "127.0.0.1"
     next_hop_port: int = 10026
     max_message_size: int = 50 * 1024 * 1024
+    max_connections: int = 100
+    idle_timeout: float = 300.0
+    session_lifetime: float = 1800.0
 
     def __post_init__(self) -> None:
         _positive("smtp.max_message_size", self.max_message_size)
+        _positive("smtp.max_connections", self.max_connections)
+        _positive("smtp.idle_timeout", self.idle_timeout)
+        _positive("smtp.session_lifetime", self.session_lifetime)
         for key in ("listen_port", "next_hop_port"):
             port = getattr(self, key)
             if not 0 < port < 65536:

@@ -31,6 +31,7 @@ from mailtriage.model import modeldir
 from mailtriage.core.classifier import Prediction
 from mailtriage.config import Config, ModelConfig, SmtpConfig
 from mailtriage.core.labels import LabelSet
+from mailtriage.errors import ConfigError
 from mailtriage.smtp.relay import ClassifyAsync, NextHop, SmtpFilter
 from mailtriage.testing.fakes import KeywordClassifier
 
@@ -480,3 +481,86 @@ def test_listen_port_in_use_is_a_config_error(tmp_path: Path) -> None:
                 await server.start()
 
     asyncio.run(main())
+
+
+# -- idle and hostile clients cannot lock real mail out (issue 8 item 6) ------------------------
+
+
+def _idle_client(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    return sock
+
+
+def _read_reply(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_connections_beyond_the_limit_get_421_and_idle_ones_time_out(
+    next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
+) -> None:
+    hop, hop_port = next_hop
+    limit = 5
+    port = start_relay(keyword_classify, hop_port, max_connections=limit, idle_timeout=1.0, session_lifetime=60.0)
+    idle = [_idle_client(port) for _ in range(limit)]
+    try:
+        for sock in idle:
+            assert _read_reply(sock).startswith(b"220 ")
+        extra = [_idle_client(port) for _ in range(3 * limit)]
+        for sock in extra:  # refused at once, not queued behind the idle ones
+            assert _read_reply(sock).startswith(b"421 4.7.0")
+            assert sock.recv(1) == b""
+            sock.close()
+        # The idle ones are disconnected after idle_timeout; then real mail gets through.
+        for sock in idle:
+            assert sock.recv(4096) == b""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert send(port, mail("invoice")) == {}
+                break
+            except smtplib.SMTPConnectError:
+                assert time.monotonic() < deadline, "the idle clients were never dropped"
+                time.sleep(0.2)
+    finally:
+        for sock in idle:
+            sock.close()
+    assert len(hop.received) == 1
+
+
+def test_noop_does_not_keep_a_session_alive_past_its_lifetime(
+    next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
+) -> None:
+    hop, hop_port = next_hop
+    port = start_relay(keyword_classify, hop_port, idle_timeout=30.0, session_lifetime=1.0)
+    sock = _idle_client(port)
+    try:
+        assert _read_reply(sock).startswith(b"220 ")
+        deadline = time.monotonic() + 20
+        last = b""
+        while time.monotonic() < deadline:
+            try:
+                sock.sendall(b"NOOP\r\n")
+            except OSError:
+                break
+            last = _read_reply(sock)
+            if not last.startswith(b"250"):
+                break
+            time.sleep(0.1)
+        assert last.startswith(b"421 4.4.2"), last
+    finally:
+        sock.close()
+    assert send(port, mail("refund")) == {}  # a new session works
+    assert len(hop.received) == 1
+
+
+def test_smtp_limits_are_config_options() -> None:
+    with pytest.raises(ConfigError, match="smtp.max_connections"):
+        SmtpConfig(max_connections=0)
+    with pytest.raises(ConfigError, match="smtp.session_lifetime"):
+        SmtpConfig(session_lifetime=0)

@@ -75,6 +75,12 @@ RETRAINS = Counter(
     registry=REGISTRY,
 )
 
+SMTP_REFUSED = Counter(
+    "mailtriage_smtp_connections_refused",
+    "SMTP client connections answered 421 because smtp.max_connections were already held.",
+    registry=REGISTRY,
+)
+
 
 def set_model_version(version: str) -> None:
     MODEL_INFO.info({"version": version})

@@ -308,19 +308,80 @@ def _peer(session: Session) -> str:
 
 
 class _FilterSMTP(SMTP):
-    """aiosmtpd's protocol, telling its per-connection handler when the client goes away."""
+    """aiosmtpd's protocol, telling its per-connection handler when the client goes away.
 
-    def __init__(self, handler: ContentFilter, registry: set[_FilterSMTP], **kwargs: Any) -> None:
+    Bounds what idle or hostile clients can hold (issue 8 item 6): beyond ``max_connections`` a
+    connection is answered 421 and closed before any session exists; a session ends with 421
+    after ``session_lifetime`` seconds whatever it sends (NOOP resets only the idle timeout), but
+    a message being relayed at that moment is finished first.
+    """
+
+    def __init__(
+        self,
+        handler: ContentFilter,
+        registry: set[_FilterSMTP],
+        *,
+        max_connections: int,
+        session_lifetime: float,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(handler, **kwargs)
         self._registry = registry
-        registry.add(self)
+        self._max_connections = max_connections
+        self._session_lifetime = session_lifetime
+        self._lifetime_handle: asyncio.TimerHandle | None = None
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is None and len(self._registry) >= self._max_connections:
+            self._refused = True
+            _note_refused(len(self._registry))
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(b"421 4.7.0 mailtriage: too many connections; try again later\r\n")
+            transport.close()
+            return
+        self._registry.add(self)
+        super().connection_made(transport)
+        if self._lifetime_handle is None:
+            self._lifetime_handle = self.loop.call_later(self._session_lifetime, self._lifetime_over)
+
+    def _lifetime_over(self) -> None:
+        self._lifetime_handle = None
+        if self.transport is None:
+            return
+        if self.event_handler.busy:  # never cut a relay short: look again in a moment
+            self._lifetime_handle = self.loop.call_later(1.0, self._lifetime_over)
+            return
+        log.info("smtp_session_lifetime_over", peer=_peer(self.session), lifetime=self._session_lifetime)
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.write(b"421 4.4.2 mailtriage: session lifetime over; closing\r\n")
+        transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return  # no session was ever started for it
         self._registry.discard(self)
+        if self._lifetime_handle is not None:
+            self._lifetime_handle.cancel()
+            self._lifetime_handle = None
         try:
             self.event_handler.connection_lost()
         finally:
             super().connection_lost(error)
+
+
+_refused_log = {"last": 0.0, "count": 0}
+
+
+def _note_refused(held: int) -> None:
+    # A flood of connections must not become a flood of log lines: one line per 10 s at most.
+    _refused_log["count"] += 1
+    metrics.SMTP_REFUSED.inc()
+    now = time.monotonic()
+    if now - _refused_log["last"] >= 10.0:
+        log.warning("smtp_too_many_connections", held=held, refused_since_last=_refused_log["count"])
+        _refused_log["last"], _refused_log["count"] = now, 0
 
 
 class SmtpFilter:
@@ -336,6 +397,9 @@ class SmtpFilter:
         next_hop: NextHop | None = None,
         data_size_limit: int = DATA_SIZE_LIMIT,
         hostname: str | None = None,
+        max_connections: int | None = None,
+        idle_timeout: float | None = None,
+        session_lifetime: float | None = None,
     ) -> None:
         smtp = config.smtp
         self.config = config
@@ -345,6 +409,9 @@ class SmtpFilter:
         self.next_hop = next_hop
         self.data_size_limit = data_size_limit
         self.hostname = hostname
+        self.max_connections = max_connections if max_connections is not None else smtp.max_connections
+        self.idle_timeout = idle_timeout if idle_timeout is not None else smtp.idle_timeout
+        self.session_lifetime = session_lifetime if session_lifetime is not None else smtp.session_lifetime
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_FilterSMTP] = set()
 
@@ -363,6 +430,9 @@ class SmtpFilter:
             return _FilterSMTP(
                 ContentFilter(self.config, self.classify, hop),
                 self._connections,
+                max_connections=self.max_connections,
+                session_lifetime=self.session_lifetime,
+                timeout=self.idle_timeout,
                 data_size_limit=self.data_size_limit,
                 enable_SMTPUTF8=True,
                 hostname=hostname,
@@ -379,7 +449,8 @@ class SmtpFilter:
             ) from exc
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("smtp_filter_started", listen=f"{self.host}:{self.port}", next_hop=str(hop),
-                 data_size_limit=self.data_size_limit)
+                 data_size_limit=self.data_size_limit, max_connections=self.max_connections,
+                 idle_timeout=self.idle_timeout, session_lifetime=self.session_lifetime)
 
     async def close(self, grace: float = CLOSE_GRACE) -> None:
         """Stop listening, let messages being relayed finish (up to ``grace`` s), drop the rest.

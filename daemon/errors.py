@@ -30,7 +30,18 @@ class LabelMismatchError(ModelError):
 
 
 class MailboxError(MailtriageError):
-    """An IMAP operation failed or a server lacks a capability or folder we need."""
+    """An IMAP operation failed or a server lacks a capability or folder we need.
+
+    ``transient``: True when the same command may succeed later (a refusal such as [INUSE] or
+    [UNAVAILABLE], or one the server gave no reason for), so a caller may retry with backoff; False
+    when retrying cannot help until someone changes the server or the config (a missing folder,
+    [NOPERM], a missing capability). ``folder``: the mailbox the refusal is about, if known.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False, folder: str | None = None) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.folder = folder
 
 
 class TrainingDataError(MailtriageError):

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from imapclient import DELETED, SEEN, IMAPClient
 
-from mailtriage.imap import actions
+from imapclient import exceptions as imap_exc
+
+from mailtriage.imap import actions, refusals
 
 from mailtriage.imap import connection
 from mailtriage.config import AccountConfig
@@ -49,6 +51,37 @@ def test_small_parsers() -> None:
     assert actions.append_flags([b"\\Seen", b"\\Recent", "$label1"]) == [b"\\Seen", b"$label1"]
 
 
+@pure
+@pytest.mark.parametrize(
+    ("text", "transient"),
+    [
+        ("MOVE failed: [INUSE] Mailbox is locked", True),
+        ("APPEND failed: [OVERQUOTA] Quota exceeded", True),
+        ("STATUS failed: Internal error occurred", True),  # no code: retried, with a bounded count
+        ("STORE failed: [NOPERM] Permission denied", False),
+        ("select command error: BAD [b'Error in IMAP command']", False),
+    ],
+)
+def test_refusal_error_says_whether_a_retry_can_help(text: str, transient: bool) -> None:
+    err = refusals.refusal_error("X", imap_exc.IMAPClientError(text), "Support/Billing")
+    assert err.transient is transient and err.folder == "Support/Billing"
+    assert str(err) == f"X failed: {text}"
+
+
+@pure
+def test_map_refusals_passes_connection_errors_through() -> None:
+    with pytest.raises(imap_exc.IMAPClientAbortError):
+        with refusals.map_refusals("MOVE", "F"):
+            raise imap_exc.IMAPClientAbortError("socket error: EOF")
+    with pytest.raises(ConnectionResetError):
+        with refusals.map_refusals("MOVE", "F"):
+            raise ConnectionResetError()
+    with pytest.raises(MailboxError, match=r"^MOVE failed: \[INUSE\] busy$") as info:
+        with refusals.map_refusals("MOVE", "F"):
+            raise imap_exc.IMAPClientError("[INUSE] busy")
+    assert info.value.transient and isinstance(info.value.__cause__, imap_exc.IMAPClientError)
+
+
 # ---- real server ----------------------------------------------------------------------------
 
 
@@ -72,8 +105,10 @@ def test_move_with_move_capability_keeps_flags(imap: IMAPClient) -> None:
 def test_move_to_missing_folder_is_a_clear_error(imap: IMAPClient) -> None:
     (uid,) = load_messages(imap, "INBOX", [_msg(1)])
     imap.select_folder("INBOX")
-    with pytest.raises(MailboxError, match=r"destination folder 'Support/Nope' does not exist"):
+    with pytest.raises(MailboxError, match=r"destination folder 'Support/Nope' does not exist") as info:
         actions.move(imap, uid, "Support/Nope", has_move=True, has_uidplus=True)
+    # Retrying cannot help until someone creates the folder: the caller gives up, not retries.
+    assert info.value.transient is False and info.value.folder == "Support/Nope"
     with pytest.raises(MailboxError, match=r"does not exist"):
         actions.move(imap, uid, "Support/Nope", has_move=False, has_uidplus=True)
     assert _folder_uids(imap, "INBOX") == [uid]

@@ -197,3 +197,22 @@ def test_exposed_password_file_and_clear_text_are_reported(tmp_path: Path) -> No
     )
     _rc, lines = _run(unverified, check_model=False)
     assert _line(lines, "verify_tls").startswith("WARN") and "1 warning(s)" in lines[-1]
+
+
+def test_keyword_action_check_agrees_with_serve(dovecot: Any, imap_user: tuple[str, str], tmp_path: Path) -> None:
+    """Issue 8.12: check used a read-only EXAMINE, whose PERMANENTFLAGS is always empty, and FAILed a
+    keyword account that `serve` runs fine. Both now apply imap/preflight.py's one rule."""
+    from mailtriage.imap.watcher import MailboxWatcher
+    from mailtriage.store.state import StateDB
+
+    user, password = imap_user
+    _make_folders(dovecot, user, password)
+    config = _config(tmp_path, dovecot.host, dovecot.port, user, password, action="keyword")
+    rc, lines = _run(config, check_model=False)
+    assert rc == 0, "\n".join(lines)
+    assert _line(lines, "watched mailbox 'INBOX' keywords").startswith("OK")
+    state = StateDB(str(tmp_path / "w.sqlite3"))
+    try:
+        MailboxWatcher(config.accounts[0], "INBOX", config, state, lambda texts: ([], "v")).check()  # no raise
+    finally:
+        state.close()

@@ -10,128 +10,37 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
 
 from mailtriage.config import AccountConfig, Config, secret_file_exposure
+from mailtriage.imap import preflight
+from mailtriage.imap.preflight import FAIL, OK, WARN, Finding
 
 log = structlog.get_logger(__name__)
 
-OK, WARN, FAIL = "OK", "WARN", "FAIL"
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    status: str          # OK | WARN | FAIL
-    subject: str         # what was checked, e.g. "[support] folder 'Support/Billing'"
-    detail: str          # what was found
-    fix: str = ""        # how to fix it (WARN/FAIL)
-
-    def line(self) -> str:
-        text = f"{self.status:<4}  {self.subject}: {self.detail}"
-        return f"{text} -> fix: {self.fix}" if self.fix else text
+CheckResult = Finding  # one finding line of the report
 
 
 class _Report:
     def __init__(self, out: TextIO) -> None:
         self.out = out
-        self.results: list[CheckResult] = []
+        self.results: list[Finding] = []
 
-    def add(self, status: str, subject: str, detail: str, fix: str = "") -> CheckResult:
-        result = CheckResult(status, subject, detail, fix)
-        self.results.append(result)
-        print(result.line(), file=self.out, flush=True)
-        return result
+    def add(self, status: str, subject: str, detail: str, fix: str = "") -> Finding:
+        return self.extend([Finding(status, subject, detail, fix)])[0]
+
+    def extend(self, findings: list[Finding]) -> list[Finding]:
+        for result in findings:
+            self.results.append(result)
+            print(result.line(), file=self.out, flush=True)
+        return findings
 
     @property
     def failed(self) -> bool:
         return any(r.status == FAIL for r in self.results)
-
-
-def _check_capabilities(report: _Report, client: Any, account: AccountConfig) -> None:
-    where = f"[{account.name}]"
-    has = client.has_capability
-    if has("IDLE"):
-        report.add(OK, f"{where} IDLE", "supported: new mail is seen within seconds")
-    else:
-        report.add(
-            WARN, f"{where} IDLE", f"not offered: falling back to polling every {account.poll_interval} s",
-            f"lower accounts[{account.name!r}].poll_interval if that is too slow",
-        )
-    if account.action == "move":
-        if has("MOVE"):
-            report.add(OK, f"{where} MOVE", "supported (atomic move)")
-        elif has("UIDPLUS"):
-            report.add(
-                WARN, f"{where} MOVE", "not offered: will COPY + UID EXPUNGE (UIDPLUS), two steps instead of one",
-                "nothing to do; a server with MOVE (RFC 6851) is faster",
-            )
-        else:
-            report.add(
-                FAIL, f"{where} MOVE", "neither MOVE nor UIDPLUS offered: mail cannot be moved without "
-                "expunging other deleted messages",
-                f"use a server with MOVE or UIDPLUS, or set accounts[{account.name!r}].action = \"keyword\"",
-            )
-    elif account.action == "header":
-        if has("UIDPLUS"):
-            report.add(OK, f"{where} UIDPLUS", "supported (the original is removed by UID after the tagged copy)")
-        else:
-            report.add(
-                FAIL, f"{where} UIDPLUS", "not offered: the header action cannot remove exactly the original",
-                f"set accounts[{account.name!r}].action = \"keyword\" or \"move\"",
-            )
-
-
-def _check_folders(report: _Report, client: Any, account: AccountConfig, config: Config, create: bool) -> None:
-    where = f"[{account.name}]"
-    existing = {name for _flags, _delim, name in client.list_folders()}
-    targets = [*config.categories.values(), config.unsure_folder]
-    for folder in targets:
-        subject = f"{where} folder {folder!r}"
-        if folder in existing:
-            report.add(OK, subject, "exists")
-        elif create:
-            try:
-                client.create_folder(folder)
-            except Exception as exc:  # noqa: BLE001 - reported, not raised
-                report.add(FAIL, subject, f"missing, and CREATE failed: {exc}", "create it in the mail server")
-            else:
-                report.add(OK, subject, "was missing: created")
-        else:
-            report.add(
-                FAIL, subject, "missing (mail cannot be filed there)",
-                "run `mailtriage check --create-folders`, or fix [categories] / unsure_folder",
-            )
-    for mailbox in account.mailboxes:
-        subject = f"{where} watched mailbox {mailbox!r}"
-        if mailbox not in existing:
-            report.add(
-                FAIL, subject, "missing",
-                f"fix accounts[{account.name!r}].mailboxes; existing folders: {sorted(existing)}",
-            )
-            continue
-        try:
-            info = client.select_folder(mailbox, readonly=True)
-        except Exception as exc:  # noqa: BLE001
-            report.add(FAIL, subject, f"exists but cannot be selected: {exc}", "check the user's rights on it")
-            continue
-        report.add(OK, subject, f"exists, {int(info.get(b'EXISTS', 0))} message(s)")
-        if account.action == "keyword":
-            perm = [f.decode() if isinstance(f, bytes) else str(f) for f in info.get(b"PERMANENTFLAGS", ())]
-            if "\\*" in perm:
-                report.add(OK, f"{subject} keywords", "new keywords may be set")
-            else:
-                report.add(
-                    FAIL, f"{subject} keywords", f"the server does not allow new keywords (PERMANENTFLAGS {perm})",
-                    f"set accounts[{account.name!r}].action = \"move\"",
-                )
-        if client.has_capability("UNSELECT"):
-            client.unselect_folder()
-        else:
-            client.close_folder()
 
 
 def _check_exposure(report: _Report, account: AccountConfig) -> None:
@@ -169,8 +78,10 @@ def _check_account(report: _Report, account: AccountConfig, config: Config, crea
         return
     report.add(OK, f"{where} connect {account.host}:{account.port}", f"logged in as {account.username!r} ({account.tls})")
     try:
-        _check_capabilities(report, client, account)
-        _check_folders(report, client, account, config, create)
+        # The same rules `serve` applies on connect (imap/preflight.py), so the two never disagree.
+        report.extend(preflight.capabilities(client.has_capability, account))
+        report.extend(preflight.folders(client, account, config, create=create))
+        report.extend(preflight.watched_mailboxes(client, account))
     except Exception as exc:  # noqa: BLE001 - a dropped connection mid-check is itself a finding
         report.add(FAIL, f"{where} IMAP", f"{type(exc).__name__}: {exc}", "check the server log")
     finally:

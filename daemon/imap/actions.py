@@ -15,11 +15,11 @@ from datetime import datetime
 
 import structlog
 from imapclient import DELETED, IMAPClient
-from imapclient import exceptions as imap_exc
 
 from mailtriage.errors import MailboxError
 from mailtriage.core.routing import Decision
 from mailtriage.core.tagging import UNSURE, add_headers, header_fingerprint, safe_atom
+from mailtriage.imap.refusals import map_refusals
 
 log = structlog.get_logger(__name__)
 
@@ -27,7 +27,6 @@ ACTIONS = ("move", "keyword", "header")
 
 _RECENT = b"\\Recent"
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]", re.IGNORECASE)
-_TRYCREATE = "TRYCREATE"
 
 
 # ---- pure helpers (header tagging lives in mailtriage.core.tagging) ---------------------
@@ -60,31 +59,11 @@ def append_flags(flags: Iterable[bytes | str]) -> list[bytes]:
 # ---- IMAP edge -----------------------------------------------------------------------------
 
 
-def _wrap(what: str, exc: imap_exc.IMAPClientError, folder: str | None = None) -> MailboxError:
-    text = str(exc)
-    if folder is not None and (_TRYCREATE in text.upper() or "mailbox doesn't exist" in text.lower()
-                               or "does not exist" in text.lower()):
-        return MailboxError(
-            f"{what} failed: destination folder {folder!r} does not exist ({text}). Create it on the "
-            "server or fix [categories] / unsure_folder in the config"
-        )
-    return MailboxError(f"{what} failed: {text}")
-
-
-def _is_refusal(exc: BaseException) -> bool:
-    # A NO/BAD answer; an abort (BYE, EOF) is a connection error and must pass through.
-    return isinstance(exc, imap_exc.IMAPClientError) and not isinstance(exc, imap_exc.IMAPClientAbortError)
-
-
 def select_source(client: IMAPClient, mailbox: str, uidvalidity: int | None, *, readonly: bool = False) -> dict:
     """(Re)select the source mailbox; refuse to go on if its UIDVALIDITY changed under us,
     because then our UIDs would name other messages."""
-    try:
+    with map_refusals(f"SELECT {mailbox!r}", mailbox):
         info = client.select_folder(mailbox, readonly=readonly)
-    except Exception as exc:
-        if _is_refusal(exc):
-            raise _wrap(f"SELECT {mailbox!r}", exc, mailbox) from exc  # type: ignore[arg-type]
-        raise
     current = int(info.get(b"UIDVALIDITY", 0))
     if uidvalidity is not None and current != uidvalidity:
         raise MailboxError(
@@ -96,12 +75,8 @@ def select_source(client: IMAPClient, mailbox: str, uidvalidity: int | None, *, 
 
 def uid_exists(client: IMAPClient, uid: int) -> bool:
     """Is ``uid`` in the selected mailbox (and not already flagged \\Deleted by us)?"""
-    try:
+    with map_refusals(f"SEARCH UID {uid}"):
         found = client.search(["UID", str(uid), "UNDELETED"])
-    except Exception as exc:
-        if _is_refusal(exc):
-            raise _wrap(f"SEARCH UID {uid}", exc) from exc  # type: ignore[arg-type]
-        raise
     return uid in found
 
 
@@ -114,24 +89,16 @@ def delete_original(client: IMAPClient, uid: int, has_uidplus: bool) -> None:
             "and a plain EXPUNGE would also delete other messages flagged \\Deleted. Use action = "
             "\"keyword\" on this server, or enable MOVE/UIDPLUS"
         )
-    try:
+    with map_refusals(f"UID EXPUNGE uid={uid}"):
         client.add_flags([uid], [DELETED], silent=True)
         client.uid_expunge([uid])
-    except Exception as exc:
-        if _is_refusal(exc):
-            raise _wrap(f"UID EXPUNGE uid={uid}", exc) from exc  # type: ignore[arg-type]
-        raise
 
 
 def move(client: IMAPClient, uid: int, folder: str, has_move: bool, has_uidplus: bool) -> None:
     """MOVE, or COPY + \\Deleted + UID EXPUNGE when MOVE is missing (refused without UIDPLUS)."""
     if has_move:
-        try:
+        with map_refusals(f"MOVE uid={uid} to {folder!r}", folder):
             client.move([uid], folder)
-        except Exception as exc:
-            if _is_refusal(exc):
-                raise _wrap(f"MOVE uid={uid} to {folder!r}", exc, folder) from exc  # type: ignore[arg-type]
-            raise
         return
     if not has_uidplus:
         # Check before COPY: a copy we could not then remove would be a duplicate.
@@ -140,24 +107,16 @@ def move(client: IMAPClient, uid: int, folder: str, has_move: bool, has_uidplus:
             "needs UIDPLUS (UID EXPUNGE) so that other messages flagged \\Deleted are never expunged. "
             "Use action = \"keyword\" on this server, or enable MOVE or UIDPLUS"
         )
-    try:
+    with map_refusals(f"COPY uid={uid} to {folder!r}", folder):
         client.copy([uid], folder)
-    except Exception as exc:
-        if _is_refusal(exc):
-            raise _wrap(f"COPY uid={uid} to {folder!r}", exc, folder) from exc  # type: ignore[arg-type]
-        raise
     delete_original(client, uid, has_uidplus)
 
 
 def set_keyword(client: IMAPClient, uid: int, decision: Decision, prefix: str) -> str:
     """Add the category keyword (or prefix+"unsure"); idempotent, so a retry after a crash is safe."""
     keyword = keyword_for(prefix, decision)
-    try:
+    with map_refusals(f"STORE +FLAGS {keyword} uid={uid}"):
         client.add_flags([uid], [keyword.encode()], silent=True)
-    except Exception as exc:
-        if _is_refusal(exc):
-            raise _wrap(f"STORE +FLAGS {keyword} uid={uid}", exc) from exc  # type: ignore[arg-type]
-        raise
     return keyword
 
 
@@ -166,7 +125,7 @@ def find_copy(
 ) -> int | None:
     """UID of the message in ``folder`` whose header fingerprint matches, looking only at UIDs
     >= ``since_uid`` (the folder's UIDNEXT before we acted). Leaves ``folder`` selected read-only."""
-    try:
+    with map_refusals(f"looking for the copy in {folder!r}", folder):
         client.select_folder(folder, readonly=True)
         if uid_hint is not None:
             candidates = [uid_hint]
@@ -179,10 +138,6 @@ def find_copy(
                 header = data.get(uid, {}).get(b"BODY[HEADER]")
                 if header is not None and header_fingerprint(header) == fingerprint:
                     return uid
-    except Exception as exc:
-        if _is_refusal(exc):
-            raise _wrap(f"looking for the copy in {folder!r}", exc, folder) from exc  # type: ignore[arg-type]
-        raise
     if uid_hint is not None:  # APPENDUID named another message (should not happen): look properly
         return find_copy(client, folder, fingerprint, since_uid)
     return None
@@ -191,12 +146,8 @@ def find_copy(
 def folder_uidnext(client: IMAPClient, folder: str) -> tuple[int, int]:
     """(UIDVALIDITY, UIDNEXT) of ``folder``: recorded before acting so a crash recovery only scans
     the destination's newer messages."""
-    try:
+    with map_refusals(f"STATUS {folder!r}", folder):
         st = client.folder_status(folder, [b"UIDVALIDITY", b"UIDNEXT"])
-    except Exception as exc:
-        if _is_refusal(exc):
-            raise _wrap(f"STATUS {folder!r}", exc, folder) from exc  # type: ignore[arg-type]
-        raise
     return int(st[b"UIDVALIDITY"]), int(st[b"UIDNEXT"])
 
 
@@ -225,12 +176,8 @@ def rewrite_header(
     folder = decision.folder
     if dest_uidnext is None:
         _validity, dest_uidnext = folder_uidnext(client, folder)
-    try:
+    with map_refusals(f"APPEND tagged copy of uid={uid} to {folder!r}", folder):
         response = client.append(folder, tagged, flags=append_flags(flags), msg_time=internaldate)
-    except Exception as exc:
-        if _is_refusal(exc):
-            raise _wrap(f"APPEND tagged copy of uid={uid} to {folder!r}", exc, folder) from exc  # type: ignore[arg-type]
-        raise
     new_uid = find_copy(client, folder, header_fingerprint(raw), dest_uidnext, appended_uid(response))
     select_source(client, source, source_uidvalidity)
     if new_uid is None:

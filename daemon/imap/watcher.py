@@ -20,7 +20,7 @@ from imapclient import IMAPClient
 from mailtriage.imap import actions
 from mailtriage.core import tagging
 
-from mailtriage.imap import connection
+from mailtriage.imap import connection, preflight
 
 from mailtriage.service import metrics
 from mailtriage.core.classifier import Prediction
@@ -117,30 +117,13 @@ class MailboxWatcher:
             self.close()
 
     def _preflight(self, client: IMAPClient) -> None:
-        where = f"accounts[{self.account.name!r}]"
-        problems: list[str] = []
-        if self.action == "move" and not (self._has_move or self._has_uidplus):
-            problems.append(
-                f"{where}.action = \"move\" needs MOVE, or UIDPLUS for the COPY + UID EXPUNGE fallback; "
-                "the server has neither (a plain EXPUNGE would delete other messages flagged \\Deleted). "
-                "Use action = \"keyword\""
-            )
-        if self.action == "header" and not self._has_uidplus:
-            problems.append(
-                f"{where}.action = \"header\" needs UIDPLUS to remove the original after appending the "
-                "tagged copy; the server lacks it. Use action = \"keyword\" or \"move\""
-            )
-        if self.action in ("move", "header"):
-            try:
-                connection.check_folders(client, [*self.config.categories.values(), self.config.unsure_folder], self.account.name)
-            except MailboxError as exc:
-                problems.append(str(exc))
-        if problems:
-            if self.dry_run:  # a dry run touches nothing, so it can still show what it would do
-                for p in problems:
-                    self.log.warning("preflight_problem_dry_run", problem=p)
-                return
-            raise MailboxError("; ".join(problems))
+        """The same rules `mailtriage check` prints (imap/preflight.py); a FAIL stops this watcher."""
+        problems = [f for f in preflight.for_serve(client, self.account, self.config) if f.status == preflight.FAIL]
+        if problems and self.dry_run:  # a dry run touches nothing, so it can still show what it would do
+            for p in problems:
+                self.log.warning("preflight_problem_dry_run", problem=p.line())
+            return
+        preflight.raise_failures(problems)
 
     def _client(self) -> IMAPClient:
         if self.client is None:
@@ -158,12 +141,7 @@ class MailboxWatcher:
             # UIDs were renumbered: start the cursor again; message keys keep us from refiling.
             self.log.warning("uidvalidity_changed", old=stored, new=uidvalidity)
         if self.action == "keyword" and not self.dry_run:
-            perm = {f.lower() for f in info.get(b"PERMANENTFLAGS", ())}
-            if perm and b"\\*" not in perm:
-                raise MailboxError(
-                    f"{self.mailbox!r} on account {self.account.name!r} does not allow new keywords "
-                    f"(PERMANENTFLAGS {sorted(p.decode() for p in perm)} lacks \\*): use action = \"move\""
-                )
+            preflight.raise_failures([preflight.keyword_finding(info, self.account, self.mailbox)])
         self.uidvalidity = uidvalidity
         return uidvalidity
 

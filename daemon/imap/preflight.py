@@ -1,0 +1,171 @@
+"""What an account needs from its IMAP server, written once: `mailtriage check` prints these
+findings, `serve` (the watcher) refuses to act on a FAIL. One rule each, so the two never disagree.
+
+Each function returns findings (OK/WARN/FAIL, subject, what was found, how to fix); none raises on
+a refusal it can report. ``raise_failures`` turns FAILs into one permanent MailboxError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mailtriage.config import AccountConfig, Config
+from mailtriage.errors import MailboxError
+
+OK, WARN, FAIL = "OK", "WARN", "FAIL"
+FILING_ACTIONS = ("move", "header")  # the actions that put mail into the category folders
+
+
+@dataclass(frozen=True)
+class Finding:
+    status: str          # OK | WARN | FAIL
+    subject: str         # what was checked, e.g. "[support] folder 'Support/Billing'"
+    detail: str          # what was found
+    fix: str = ""        # how to fix it (WARN/FAIL)
+    folder: str | None = None  # the folder it is about, if any
+
+    def line(self) -> str:
+        text = f"{self.status:<4}  {self.subject}: {self.detail}"
+        return f"{text} -> fix: {self.fix}" if self.fix else text
+
+
+def capabilities(has: Callable[[str], bool], account: AccountConfig) -> list[Finding]:
+    """IDLE (else polling), and what the configured action needs: MOVE or UIDPLUS, UIDPLUS."""
+    where = f"[{account.name}]"
+    out: list[Finding] = []
+    if has("IDLE"):
+        out.append(Finding(OK, f"{where} IDLE", "supported: new mail is seen within seconds"))
+    else:
+        out.append(Finding(
+            WARN, f"{where} IDLE", f"not offered: falling back to polling every {account.poll_interval} s",
+            f"lower accounts[{account.name!r}].poll_interval if that is too slow",
+        ))
+    if account.action == "move":
+        if has("MOVE"):
+            out.append(Finding(OK, f"{where} MOVE", "supported (atomic move)"))
+        elif has("UIDPLUS"):
+            out.append(Finding(
+                WARN, f"{where} MOVE", "not offered: will COPY + UID EXPUNGE (UIDPLUS), two steps instead of one",
+                "nothing to do; a server with MOVE (RFC 6851) is faster",
+            ))
+        else:
+            out.append(Finding(
+                FAIL, f"{where} MOVE", "neither MOVE nor UIDPLUS offered: mail cannot be moved without "
+                "expunging other messages flagged \\Deleted",
+                f"use a server with MOVE or UIDPLUS, or set accounts[{account.name!r}].action = \"keyword\"",
+            ))
+    elif account.action == "header":
+        if has("UIDPLUS"):
+            out.append(Finding(OK, f"{where} UIDPLUS", "supported (the original is removed by UID after the tagged copy)"))
+        else:
+            out.append(Finding(
+                FAIL, f"{where} UIDPLUS", "not offered: the header action cannot remove exactly the original",
+                f"set accounts[{account.name!r}].action = \"keyword\" or \"move\"",
+            ))
+    return out
+
+
+def folders(client: Any, account: AccountConfig, config: Config, *, create: bool = False) -> list[Finding]:
+    """The category and unsure folders exist (or are created with ``create``). A missing one FAILs
+    for the filing actions; for action = "keyword" nothing is filed there, so it only WARNs."""
+    where = f"[{account.name}]"
+    existing = {name for _flags, _delim, name in client.list_folders()}
+    needed = account.action in FILING_ACTIONS
+    out: list[Finding] = []
+    for folder in dict.fromkeys([*config.categories.values(), config.unsure_folder]):
+        subject = f"{where} folder {folder!r}"
+        if folder in existing:
+            out.append(Finding(OK, subject, "exists"))
+        elif create:
+            try:
+                client.create_folder(folder)
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                out.append(Finding(FAIL, subject, f"missing, and CREATE failed: {exc}", "create it in the mail server"))
+            else:
+                out.append(Finding(OK, subject, "was missing: created"))
+        else:
+            out.append(Finding(
+                FAIL if needed else WARN, subject,
+                "missing (mail cannot be filed there)" if needed
+                else "missing (not needed while action = \"keyword\")",
+                "run `mailtriage check --create-folders`, or fix [categories] / unsure_folder",
+                folder=folder,
+            ))
+    return out
+
+
+def keywords_allowed(select_info: Mapping[bytes, Any]) -> bool:
+    """May new keywords be stored, by the answer to a read-write SELECT? RFC 3501 §7.1: without a
+    PERMANENTFLAGS code every flag is permanent; with one, "\\*" allows new keywords."""
+    perm = select_info.get(b"PERMANENTFLAGS")
+    if perm is None:
+        return True
+    names = {(f.decode() if isinstance(f, bytes) else str(f)).lower() for f in perm}
+    return "\\*" in names
+
+
+def keyword_finding(select_info: Mapping[bytes, Any], account: AccountConfig, mailbox: str) -> Finding:
+    subject = f"[{account.name}] watched mailbox {mailbox!r} keywords"
+    if keywords_allowed(select_info):
+        return Finding(OK, subject, "new keywords may be set")
+    perm = sorted((f.decode() if isinstance(f, bytes) else str(f)) for f in select_info.get(b"PERMANENTFLAGS", ()))
+    return Finding(
+        FAIL, subject, f"the server does not allow new keywords (PERMANENTFLAGS {perm} lacks \\*)",
+        f"set accounts[{account.name!r}].action = \"move\"",
+    )
+
+
+def watched_mailboxes(client: Any, account: AccountConfig, mailboxes: Iterable[str] | None = None) -> list[Finding]:
+    """Each watched mailbox exists and can be selected; for action = "keyword" it takes new
+    keywords. Selected read-write like `serve` does (a read-only EXAMINE reports no permanent flags)."""
+    where = f"[{account.name}]"
+    existing = {name for _flags, _delim, name in client.list_folders()}
+    out: list[Finding] = []
+    for mailbox in (account.mailboxes if mailboxes is None else mailboxes):
+        subject = f"{where} watched mailbox {mailbox!r}"
+        if mailbox not in existing:
+            out.append(Finding(
+                FAIL, subject, "missing",
+                f"fix accounts[{account.name!r}].mailboxes; existing folders: {sorted(existing)}",
+            ))
+            continue
+        writable = account.action == "keyword" and not account.dry_run
+        try:
+            info = client.select_folder(mailbox, readonly=not writable)
+        except Exception as exc:  # noqa: BLE001
+            out.append(Finding(FAIL, subject, f"exists but cannot be selected: {exc}", "check the user's rights on it"))
+            continue
+        out.append(Finding(OK, subject, f"exists, {int(info.get(b'EXISTS', 0))} message(s)"))
+        if writable:
+            out.append(keyword_finding(info, account, mailbox))
+        if client.has_capability("UNSELECT"):
+            client.unselect_folder()
+        else:
+            client.close_folder()
+    return out
+
+
+def for_serve(client: Any, account: AccountConfig, config: Config) -> list[Finding]:
+    """What the watcher checks on every connect before acting (the watched mailbox's keyword rule
+    is checked on its own SELECT, with ``keyword_finding``)."""
+    out = capabilities(client.has_capability, account)
+    if account.action in FILING_ACTIONS:
+        missing = [f for f in folders(client, account, config) if f.status == FAIL]
+        if missing:  # one finding for all, in the words the service log has always used
+            names = sorted({f.folder for f in missing if f.folder})
+            out.append(Finding(
+                FAIL, f"[{account.name}] folders",
+                f"folder(s) {names} do not exist on account {account.name!r}: mail cannot be filed there",
+                "create them in the mail server, run `mailtriage check --create-folders`, "
+                "or fix [categories] / unsure_folder",
+            ))
+    return out
+
+
+def raise_failures(findings: Iterable[Finding]) -> None:
+    """One MailboxError (permanent: retrying cannot help) naming every FAIL, with its fix."""
+    fails = [f for f in findings if f.status == FAIL]
+    if fails:
+        raise MailboxError("; ".join(f.line().split("  ", 1)[1] for f in fails), transient=False)

@@ -25,6 +25,10 @@ class ModelError(MailtriageError):
     """A model directory is missing, incomplete or cannot be loaded."""
 
 
+class ModelDirBusyError(ModelError):
+    """Another mailtriage-train holds the model directory's lock (a retrain or a promote)."""
+
+
 class LabelMismatchError(ModelError):
     """The adapter was trained on a different label set than the config names."""
 

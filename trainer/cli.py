@@ -4,6 +4,8 @@ Usage:
     mailtriage-train [train] [--config FILE] [--data SOURCE] [--base MODEL] [--model-dir DIR]
                      [--epochs N] [--threshold T] [--force] [--dry-run] ...
     mailtriage-train eval --data SOURCE --model PATH [--json]
+    mailtriage-train list [--config FILE | --model-dir DIR] [--json]
+    mailtriage-train promote VERSION [--config FILE | --model-dir DIR]     # roll back or forward
 
 Exit codes (a cron job or systemd timer can tell them apart):
     0   trained and promoted (or --dry-run / eval finished)
@@ -11,6 +13,8 @@ Exit codes (a cron job or systemd timer can tell them apart):
         current one on the same held-out mail. The version and its report are kept for a look;
         nothing is broken, so a systemd unit may list 3 in SuccessExitStatus=.
     2   a MailtriageError: bad config or flags, unusable data, unreachable IMAP, unloadable model
+    4   another mailtriage-train (the timer's or the daemon's) holds the model directory's lock;
+        nothing was done (the units list 4 in SuccessExitStatus= too)
     130 interrupted
     1   an unexpected crash (traceback on stderr)
 """
@@ -18,7 +22,6 @@ Exit codes (a cron job or systemd timer can tell them apart):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,13 +29,13 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from mailtriage.errors import ConfigError, MailtriageError, ModelError
+from mailtriage.errors import ConfigError, MailtriageError, ModelDirBusyError, ModelError
 from mailtriage.cli.logs import configure_logging
 
 log = structlog.get_logger(__name__)
@@ -41,22 +44,25 @@ DEFAULT_CONFIG = "/etc/mailtriage/config.toml"
 EXIT_PROMOTED = 0
 EXIT_ERROR = 2
 EXIT_NOT_PROMOTED = 3
+EXIT_BUSY = 4  # == mailtriage.model.modeldir.EXIT_BUSY
 # Share of the training split set aside for early stopping; the holdout stays untouched until the end.
 VALIDATION_FRACTION = 0.1
 TRAIN_KEYS_FILE = "train_keys.txt"
-LOCK_FILE = ".train.lock"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     command = "train"
-    if args_list and args_list[0] in ("train", "eval"):
+    if args_list and args_list[0] in _COMMANDS:
         command = args_list.pop(0)
-    parser = build_eval_parser() if command == "eval" else build_train_parser()
-    args = parser.parse_args(args_list)
+    build, run = _COMMANDS[command]
+    args = build().parse_args(args_list)
     configure_logging(args.log_level)
     try:
-        return cmd_eval(args) if command == "eval" else cmd_train(args)
+        return run(args)
+    except ModelDirBusyError as exc:
+        print(f"mailtriage-train {command}: {exc}", file=sys.stderr)
+        return EXIT_BUSY
     except MailtriageError as exc:
         print(f"mailtriage-train {command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -122,6 +128,112 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, metavar="N", help="inference batch (default: model.batch_size)")
     p.add_argument("--json", action="store_true", help="machine-readable metrics on stdout")
     return p
+
+
+def build_list_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mailtriage-train list",
+        description="The model versions in the model directory, oldest first; * marks the one "
+                    "`current` points at (the one the daemon serves).",
+    )
+    p.add_argument("--config", metavar="FILE", help=f"read training.model_dir from it (default {DEFAULT_CONFIG} "
+                   "when it exists)")
+    p.add_argument("--model-dir", metavar="DIR", help="versioned model directory (default: training.model_dir)")
+    p.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def build_promote_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mailtriage-train promote",
+        description="Point `current` at VERSION (roll back to an older model, or forward to one the gate "
+                    "kept). The daemon hot-reloads it within its reload interval. No evaluation, no gate.",
+    )
+    p.add_argument("version", metavar="VERSION", help="a version name from `mailtriage-train list`")
+    p.add_argument("--config", metavar="FILE", help=f"read training.model_dir and [categories] from it "
+                   f"(default {DEFAULT_CONFIG} when it exists)")
+    p.add_argument("--model-dir", metavar="DIR", help="versioned model directory (default: training.model_dir)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+# ---- list and promote ----------------------------------------------------------------------
+
+
+def _model_dir_of(args: argparse.Namespace) -> tuple[Path, Any]:
+    cfg = _load_optional_config(args.config)
+    if args.model_dir:
+        return Path(args.model_dir), cfg
+    if cfg is not None:
+        return Path(cfg.training.model_dir), cfg
+    raise ConfigError("no model directory: pass --model-dir DIR or --config with training.model_dir")
+
+
+def _version_row(version_dir: Path, current: Path | None) -> dict[str, Any]:
+    from mailtriage.model import modeldir
+
+    try:
+        manifest = modeldir.read_manifest(version_dir)
+    except ModelError:
+        manifest = {}
+    metrics = manifest.get("metrics") or {}
+    gate = manifest.get("gate") or {}
+    return {
+        "version": version_dir.name,
+        "current": current is not None and version_dir.resolve() == current,
+        "macro_f1": metrics.get("macro_f1"),
+        "accuracy": metrics.get("accuracy"),
+        "serve": manifest.get("serve"),
+        "gate": gate.get("decision") or (None if not gate else ("promoted" if gate.get("promoted") else "kept")),
+        "base_model": manifest.get("base_model"),
+    }
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from mailtriage.model import modeldir
+
+    model_dir, _cfg = _model_dir_of(args)
+    current = modeldir.current_version(model_dir)
+    rows = [_version_row(v, current) for v in modeldir.versions(model_dir)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no model versions in {str(model_dir)!r}: train one with mailtriage-train")
+        return 0
+    print(f"{'':2}{'version':<20} {'macro-F1':>8} {'accuracy':>8}  {'serve':<9} gate")
+    for r in rows:
+        f1 = "-" if r["macro_f1"] is None else f"{r['macro_f1']:.3f}"
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        print(f"{'*' if r['current'] else ' ':2}{r['version']:<20} {f1:>8} {acc:>8}  {r['serve'] or '-':<9} {r['gate'] or '-'}")
+    if current is None:
+        print("(none promoted: `mailtriage-train promote VERSION`)")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from mailtriage.core.labels import LabelSet
+    from mailtriage.model import modeldir
+
+    model_dir, cfg = _model_dir_of(args)
+    name = Path(args.version).name
+    if name != args.version or name in ("", ".", "..", modeldir.CURRENT):
+        raise ConfigError(f"VERSION {args.version!r} must be a version name from `mailtriage-train list`, "
+                          "not a path")
+    version_dir = model_dir / name
+    known = [v.name for v in modeldir.versions(model_dir)]
+    if name not in known:
+        raise ModelError(f"no complete model version {name!r} in {str(model_dir)!r}; versions there: "
+                         f"{known[-10:] or 'none'} (see `mailtriage-train list`)")
+    if cfg is not None:  # the daemon would refuse the reload; say so now
+        LabelSet.load(version_dir).check_matches(cfg.labels, where=f"version {name!r}")
+    with modeldir.exclusive(model_dir):
+        before = modeldir.current_version(model_dir)
+        modeldir.promote(model_dir, version_dir)
+    was = before.name if before is not None else "nothing"
+    print(f"current -> {name} (was {was}); the daemon reloads it at its next reload check")
+    return 0
 
 
 # ---- train ---------------------------------------------------------------------------------
@@ -229,7 +341,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     assert s.model_dir is not None
 
-    with _exclusive(s.model_dir):
+    with modeldir.exclusive(s.model_dir):
         version_dir = modeldir.new_version_dir(s.model_dir)
         log.info("training_started", version=version_dir.name, base_model=s.base, train=len(train),
                  validation=len(val), holdout=len(holdout), labels=len(labels))
@@ -455,32 +567,6 @@ def _key_digest(key: str) -> str:
     return hashlib.sha1(key.encode("utf-8", "replace")).hexdigest()[:20]
 
 
-@contextlib.contextmanager
-def _exclusive(model_dir: Path) -> Iterator[None]:
-    """One training per model directory: a cron run and a daemon-started run must not race."""
-    import fcntl
-
-    model_dir.mkdir(parents=True, exist_ok=True)
-    with open(model_dir / LOCK_FILE, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
-            raise MailtriageError(
-                f"another mailtriage-train (pid {holder}) is training into {str(model_dir)!r}; wait for it "
-                "to finish"
-            ) from exc
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 # ---- eval ----------------------------------------------------------------------------------
 
 
@@ -539,6 +625,14 @@ def _load_optional_config(path: str | None) -> Any:
     return None
 
 
+
+
+_COMMANDS: dict[str, tuple[Any, Any]] = {
+    "train": (build_train_parser, cmd_train),
+    "eval": (build_eval_parser, cmd_eval),
+    "list": (build_list_parser, cmd_list),
+    "promote": (build_promote_parser, cmd_promote),
+}
 
 
 if __name__ == "__main__":

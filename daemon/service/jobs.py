@@ -20,6 +20,7 @@ import structlog
 
 from mailtriage.config import AccountConfig, Config
 from mailtriage.errors import ConfigError
+from mailtriage.model import modeldir
 from mailtriage.service import metrics
 
 if TYPE_CHECKING:
@@ -169,6 +170,10 @@ class Jobs:
             if rc == 0:
                 metrics.RETRAINS.labels(result="ok").inc()
                 log.info("retrain_finished", returncode=rc, seconds=seconds)
+            elif rc == modeldir.EXIT_BUSY:
+                metrics.RETRAINS.labels(result="busy").inc()
+                log.warning("retrain_skipped", returncode=rc, reason="another mailtriage-train (the systemd "
+                            "timer's, or a promote) holds the model directory lock")
             else:
                 metrics.RETRAINS.labels(result="failed").inc()
                 log.error("retrain_failed", returncode=rc, seconds=seconds, hint="see the retrain_output lines above")

@@ -70,7 +70,7 @@ MODEL_RELOADS = Counter(
 
 RETRAINS = Counter(
     "mailtriage_retrains",
-    "Scheduled retrain subprocess runs, by result ('ok', 'failed', 'skipped').",
+    "Scheduled retrain subprocess runs, by result ('ok', 'failed', 'busy': another run held the lock, 'skipped').",
     ["result"],
     registry=REGISTRY,
 )

@@ -24,6 +24,8 @@ Action = Literal["move", "keyword", "header"]
 TlsMode = Literal["implicit", "starttls", "none"]
 AuthMethod = Literal["login", "plain", "xoauth2", "oauthbearer"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
+Backend = Literal["local", "http"]
+InferenceApi = Literal["tei", "vllm"]
 
 # Keys that would put a secret into the config file; refused with a pointer to the safe ways.
 _SECRET_KEYS = {"password", "token", "oauth_token", "secret"}
@@ -36,8 +38,27 @@ class ModelConfig:
     device: Device = "auto"
     batch_size: int = 16
     max_length: int = 256
+    # "local": load `path` in this process; "http": ask the inference server at `url`.
+    backend: Backend = "local"
+    url: str | None = None
+    api: InferenceApi = "tei"
+    remote_model: str | None = None
+    timeout: float = 30.0
 
     def __post_init__(self) -> None:
+        if self.backend == "http":
+            if not self.url or not self.url.startswith(("http://", "https://")):
+                raise ConfigError(
+                    f"model.backend = \"http\" needs model.url, the inference server's base URL "
+                    f"(e.g. \"http://127.0.0.1:8080\"), found {self.url!r}"
+                )
+        elif self.url is not None:
+            raise ConfigError(
+                f"model.url = {self.url!r} is set but model.backend = {self.backend!r}: set backend = \"http\" "
+                "to use the inference server, or remove url"
+            )
+        if not 0 < self.timeout <= 600:
+            raise ConfigError(f"model.timeout = {self.timeout!r} seconds: allowed 0 < timeout <= 600")
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(
                 f"model.threshold = {self.threshold!r} is outside 0..1: it is the softmax "

@@ -3,7 +3,8 @@
     MailtriageError
     ├── ConfigError          the config file or a flag is wrong; the message names key and fix
     ├── ModelError           a model directory cannot be loaded or used
-    │   └── LabelMismatchError   the adapter's labels differ from the configured categories
+    │   ├── LabelMismatchError   the adapter's labels differ from the configured categories
+    │   └── InferenceError       an external inference server failed or answered nonsense (retried)
     ├── MailboxError         an IMAP server refused, vanished or lacks something we need
     └── TrainingDataError    the training data cannot make a sound model (too few, unreadable)
 
@@ -31,6 +32,13 @@ class ModelDirBusyError(ModelError):
 
 class LabelMismatchError(ModelError):
     """The adapter was trained on a different label set than the config names."""
+
+
+class InferenceError(ModelError):
+    """An external inference server ([model] backend = "http") is down, slow or answered nonsense.
+
+    Retryable: the watcher leaves the message for the next pass, the SMTP filter answers 451.
+    """
 
 
 class MailboxError(MailtriageError):

@@ -118,21 +118,16 @@ def _check_state(report: _Report, config: Config) -> None:
 
 
 def _check_model(report: _Report, config: Config) -> None:
+    where = config.model.url if config.model.backend == "http" else config.model.path
     try:
-        from mailtriage.model.transformers import load_classifier
+        from mailtriage.model import backend
 
-        clf = load_classifier(
-            config.model.path,
-            device=config.model.device,
-            batch_size=config.model.batch_size,
-            max_length=config.model.max_length,
-            expected_labels=config.labels,
-        )
+        clf = backend.load(config, probe=False)
         clf.classify(["mailtriage check: a test message"])
     except Exception as exc:  # noqa: BLE001 - ModelError/LabelMismatchError say how to fix
-        report.add(FAIL, f"model {config.model.path!r}", f"{type(exc).__name__}: {exc}")
+        report.add(FAIL, f"model {where!r}", f"{type(exc).__name__}: {exc}")
         return
-    report.add(OK, f"model {config.model.path!r}", f"version {clf.version} loads; labels match [categories]")
+    report.add(OK, f"model {where!r}", f"version {clf.version} loads; labels match [categories]")
 
 
 def run_check(

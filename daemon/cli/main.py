@@ -49,21 +49,29 @@ def cmd_text(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    from mailtriage.core.classifier import Classifier
     from mailtriage.core.mailtext import mail_text
-    from mailtriage.model.transformers import load_classifier
 
     cfg = _load_optional(args)
     threshold = args.threshold if args.threshold is not None else (cfg.model.threshold if cfg else 0.6)
     model_path = args.model or (cfg.model.path if cfg else None)
     if not model_path:
         raise ConfigError("no model given: pass --model PATH (a model directory) or --config with model.path")
-    classifier = load_classifier(
-        model_path,
-        device=args.device or (cfg.model.device if cfg else "auto"),
-        batch_size=cfg.model.batch_size if cfg else 16,
-        max_length=cfg.model.max_length if cfg else 256,
-        expected_labels=cfg.labels if cfg else None,
-    )
+    classifier: Classifier
+    if cfg is not None and cfg.model.backend == "http" and not args.model:
+        from mailtriage.model import backend
+
+        classifier = backend.load(cfg, probe=False)
+    else:
+        from mailtriage.model.transformers import load_classifier
+
+        classifier = load_classifier(
+            model_path,
+            device=args.device or (cfg.model.device if cfg else "auto"),
+            batch_size=cfg.model.batch_size if cfg else 16,
+            max_length=cfg.model.max_length if cfg else 256,
+            expected_labels=cfg.labels if cfg else None,
+        )
     names = args.files or ["-"]
     batch = 64  # bounded memory for thousands of files; the classifier batches again internally
     for start in range(0, len(names), batch):

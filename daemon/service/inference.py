@@ -16,7 +16,7 @@ import structlog
 
 from mailtriage.config import Config
 from mailtriage.core.classifier import Classifier, Prediction
-from mailtriage.model import modeldir
+from mailtriage.model import backend as model_backend
 from mailtriage.service import metrics
 
 log = structlog.get_logger(__name__)
@@ -28,7 +28,7 @@ ModelLoader = Callable[[Path], Classifier]
 class Inference:
     """The model and the one thread that runs it.
 
-    ``load_model`` is a seam for tests; the default is ``mailtriage.model.transformers.load_classifier``
+    ``load_model`` is a seam for tests; the default is ``mailtriage.model.backend.load`` (the local model, or an HTTP inference server)
     with the ``[model]`` settings. ``on_swap`` is called on the event loop after a hot reload.
     """
 
@@ -50,16 +50,9 @@ class Inference:
         self._reload_lock = asyncio.Lock()
 
     def _default_loader(self, path: Path) -> Classifier:
-        from mailtriage.model.transformers import load_classifier  # the only torch import, on the inference thread
+        from mailtriage.model import backend  # local: torch is imported in there, on the inference thread
 
-        m = self.config.model
-        return load_classifier(
-            path,
-            device=m.device,
-            batch_size=m.batch_size,
-            max_length=m.max_length,
-            expected_labels=self.config.labels,
-        )
+        return backend.load(self.config, path)
 
     @property
     def model_version(self) -> str | None:
@@ -83,7 +76,7 @@ class Inference:
 
     async def load(self) -> str:
         """Load the version ``current`` points at (start-up); raises ModelError / LabelMismatchError."""
-        path = await asyncio.to_thread(modeldir.resolve, Path(self.config.model.path))
+        path = await asyncio.to_thread(model_backend.target, self.config)
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._swap_model, path)
 
     def _classify_now(self, texts: list[str]) -> tuple[list[Prediction], str]:
@@ -111,7 +104,7 @@ class Inference:
         Returns True when a new model is now serving.
         """
         try:
-            target = await asyncio.to_thread(modeldir.resolve, Path(self.config.model.path))
+            target = await asyncio.to_thread(model_backend.target, self.config)
         except Exception as exc:  # noqa: BLE001 - a broken link mid-switch: keep serving the old model
             if str(exc) != self._reload_error:
                 self._reload_error = str(exc)

@@ -7,12 +7,13 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test test-fast venv deps bench clean
 
-# Dovecot is the real IMAP server the tests and the demo start on 127.0.0.1; systemd-analyze
-# verifies and scores the units in tests/test_systemd.py.
+# Dovecot is the real IMAP server the tests and the demo start on 127.0.0.1; Pigeonhole
+# (dovecot-sieve, which brings sievec) runs the IMAPSieve "learn on move" hook in tests/test_learn.py;
+# systemd-analyze verifies and scores the units in tests/test_systemd.py.
 deps:
-	@command -v dovecot >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dovecot-imapd >/dev/null; \
-	  else echo "Dovecot is missing: run 'sudo apt-get install -y dovecot-imapd'" >&2; exit 1; fi; }
+	@{ command -v dovecot || test -x /usr/sbin/dovecot; } >/dev/null 2>&1 && command -v sievec >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dovecot-imapd dovecot-sieve >/dev/null; \
+	  else echo "Dovecot or Pigeonhole is missing: run 'sudo apt-get install -y dovecot-imapd dovecot-sieve'" >&2; exit 1; fi; }
 	@command -v systemd-analyze >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; \
 	  else echo "systemd-analyze is missing (tests verify the units): run 'sudo apt-get install -y systemd'" >&2; exit 1; fi; }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import secrets
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from imapclient import IMAPClient
@@ -59,11 +60,11 @@ def imap(dovecot: Dovecot, imap_user: tuple[str, str]) -> Iterator[IMAPClient]:
 
 @pytest.fixture
 def dovecot_factory() -> Iterator[Callable[..., Dovecot]]:
-    """Start extra servers: `dovecot_factory(extra_conf=NO_MOVE, users=None)`; all stop at teardown."""
+    """Start extra servers: `dovecot_factory(extra_conf=NO_MOVE, users=None, learn_script=...)`; all stop at teardown."""
     servers: list[Dovecot] = []
 
-    def make(extra_conf: str = "", users: dict[str, str] | None = None) -> Dovecot:
-        server = Dovecot(extra_conf=extra_conf, users=users)
+    def make(extra_conf: str = "", users: dict[str, str] | None = None, **options: Any) -> Dovecot:
+        server = Dovecot(extra_conf=extra_conf, users=users, **options)
         servers.append(server)
         return _start_or_fail(server)
 

@@ -1,4 +1,4 @@
-"""`mailtriage` command line: serve, classify, check, stats, text.
+"""`mailtriage` command line: serve, classify, check, stats, learn, text.
 
 Heavy imports (torch, imapclient) happen inside the subcommand that needs them, so
 `mailtriage text` and `--help` start instantly.
@@ -109,6 +109,31 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return print_stats(_load(args), window_days=args.days, as_json=args.json)
 
 
+def cmd_learn(args: argparse.Namespace) -> int:
+    """Called by the Dovecot IMAPSieve hook with the message on stdin: record a correction now."""
+    from mailtriage.store.corrections import learn_moved
+    from mailtriage.store.state import StateDB
+
+    cfg = _load(args)
+    if args.account:
+        matches = [a for a in cfg.accounts if a.name == args.account]
+    elif args.user:
+        matches = [a for a in cfg.accounts if a.username == args.user]
+    else:
+        matches = list(cfg.accounts) if len(cfg.accounts) == 1 else []
+    if len(matches) != 1:
+        raise ConfigError(
+            f"mailtriage learn: cannot tell which [[accounts]] entry this is (--account {args.account!r}, "
+            f"--user {args.user!r}; configured: {[a.name for a in cfg.accounts]}); pass --account NAME "
+            "or --user with the IMAP login (the sieve script's imap.user)"
+        )
+    raw = sys.stdin.buffer.read()
+    corr = learn_moved(StateDB(cfg.state_path), cfg, matches[0], args.mailbox, raw)
+    if corr is not None and args.verbose:
+        print(json.dumps(dataclasses.asdict(corr)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", help=f"TOML config (default: $MAILTRIAGE_CONFIG or {DEFAULT_CONFIG})")
@@ -140,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=30, help="window in days (default 30)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("learn", parents=[common],
+                       help="record a correction for one message (on stdin) staff moved into MAILBOX (IMAPSieve hook)")
+    p.add_argument("mailbox", help="the folder the message was copied or moved into")
+    p.add_argument("cause", nargs="?", default="", help="IMAPSieve cause (COPY, APPEND, FLAG); informational")
+    p.add_argument("--account", help="the [[accounts]] name (default: the only one)")
+    p.add_argument("--user", help="match the account by its IMAP username instead (sieve: imap.user)")
+    p.add_argument("--verbose", action="store_true", help="print the recorded correction as JSON")
+    p.set_defaults(func=cmd_learn)
 
     p = sub.add_parser("text", parents=[common], help="print the exact text the model sees for a raw message")
     p.add_argument("files", nargs="*", metavar="FILE", help="raw RFC 822 files (default: stdin)")

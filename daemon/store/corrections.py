@@ -191,3 +191,34 @@ def scan_corrections(
                 )
                 new.append(corr)
     return new
+
+
+# -- instant learning (IMAPSieve) ----------------------------------------------------------------
+
+
+def learn_moved(
+    state: StateDB, config: Config, account: AccountConfig, destination: str, raw: bytes
+) -> Correction | None:
+    """One message staff just copied or moved into ``destination`` (the IMAPSieve hook's report).
+
+    The same rule as the periodic scan (``match_corrections``), for one message in one folder: a
+    message the daemon filed as another category, or sent to the unsure folder, becomes a correction
+    at once. Anything else (a folder that is no category, mail the daemon never decided, a move into
+    the folder it chose) returns None. Recording is idempotent, so the later scan does not count it twice.
+    """
+    label = next((name for name, folder in config.categories.items() if folder == destination), None)
+    if label is None:
+        log.info("learn_ignored", account=account.name, mailbox=destination, reason="not a category folder")
+        return None
+    key = message_key(raw)
+    filed = [FiledMessage(row.key, row.label, row.unsure) for row in state.filed(account=account.name) if row.key == key]
+    found = match_corrections(account.name, filed, {label: [key]})
+    if not found:
+        log.info("learn_ignored", account=account.name, mailbox=destination, key=key,
+                 reason="never filed by the daemon" if not filed else "already in the folder it was filed to")
+        return None
+    (corr,) = found
+    if state.record_correction(corr.key, corr.account, corr.predicted, corr.actual, corr.was_unsure):
+        log.info("correction_learned", account=corr.account, key=corr.key, predicted=corr.predicted,
+                 actual=corr.actual, was_unsure=corr.was_unsure)
+    return corr

@@ -149,6 +149,32 @@ def imap_capability_without(*names: str) -> str:
 NO_MOVE = imap_capability_without("MOVE")
 NO_IDLE = imap_capability_without("IDLE")
 
+# IMAPSieve "learn on move" (Pigeonhole, apt package dovecot-sieve), as in shared/reference/imapsieve:
+# when a message is copied or moved into a folder matching @MAILBOXES@, pipe it to sieve-bin/learn.sh
+# with the destination folder, the cause and the IMAP user. Cause COPY also fires on MOVE; the value
+# MOVE is accepted by doveconf but makes Pigeonhole skip the rule silently.
+IMAPSIEVE_CONF = """\
+protocol imap {
+  mail_plugins = $mail_plugins imap_sieve
+}
+plugin {
+  sieve_plugins = sieve_imapsieve sieve_extprograms
+  sieve_global_extensions = +vnd.dovecot.pipe +vnd.dovecot.environment
+  sieve_pipe_bin_dir = @ROOT@/sieve-bin
+  imapsieve_mailbox1_name = @MAILBOXES@
+  imapsieve_mailbox1_causes = COPY
+  imapsieve_mailbox1_before = file:@ROOT@/sieve/on-move.sieve
+}
+"""
+ON_MOVE_SIEVE = """\
+require ["vnd.dovecot.pipe", "copy", "imapsieve", "environment", "variables"];
+if environment :matches "imap.mailbox" "*" { set "mailbox" "${1}"; }
+if environment :matches "imap.cause" "*" { set "cause" "${1}"; }
+if environment :matches "imap.user" "*" { set "user" "${1}"; }
+pipe :copy "learn.sh" ["${mailbox}", "${cause}", "${user}"];
+"""
+SIEVE_INSTALL_HINT = "install Pigeonhole with `apt-get install -y dovecot-sieve` (it provides sievec)"
+
 _START_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 5.0
 _APPENDUID_RE = re.compile(rb"\[APPENDUID (\d+) (\d+)\]", re.IGNORECASE)
@@ -214,8 +240,15 @@ class Dovecot:
         root: Path | None = None,
         extra_conf: str = "",
         users: dict[str, str] | None = None,
+        learn_script: str | None = None,
+        learn_mailboxes: str = "Support/*",
     ) -> None:
+        """``learn_script``: the text of an executable (e.g. ``#!/bin/sh ...``) that IMAPSieve runs with
+        the message on stdin and arguments MAILBOX CAUSE USER whenever a message is copied or moved
+        into a folder matching ``learn_mailboxes``; it runs as the server user. Needs dovecot-sieve."""
         self.extra_conf = extra_conf
+        self.learn_script = learn_script
+        self.learn_mailboxes = learn_mailboxes
         self.users: dict[str, str] = dict(users) if users is not None else {"support": "secret"}
         for name, password in self.users.items():
             _check_passwd_field(name, "user name")
@@ -304,6 +337,29 @@ class Dovecot:
                 os.chown(path, self._uid, self._gid)
         for name, password in self.users.items():
             self._write_user(name, password)
+        if self.learn_script is not None:
+            for sub in ("sieve", "sieve-bin"):
+                (root / sub).mkdir(exist_ok=True)
+                if os.geteuid() == 0:
+                    os.chown(root / sub, self._uid, self._gid)
+            self._write_owned(root / "sieve" / "on-move.sieve", ON_MOVE_SIEVE.encode())
+            self._write_owned(root / "sieve-bin" / "learn.sh", self.learn_script.encode())
+            os.chmod(root / "sieve-bin" / "learn.sh", 0o700)
+
+    def _compile_sieve(self) -> None:
+        sievec = _find_binary("sievec")
+        if sievec is None:
+            raise DovecotNotInstalledError(f"learn_script needs Pigeonhole, but `sievec` was not found: {SIEVE_INSTALL_HINT}")
+        script = self.root / "sieve" / "on-move.sieve"
+        done = subprocess.run(
+            [sievec, "-c", str(self.conf_path), str(script)],
+            capture_output=True, text=True, cwd=self.root, **self._drop_privileges(),  # type: ignore[arg-type]
+        )
+        if done.returncode != 0:
+            raise DovecotError(
+                f"sievec could not compile {script} (status {done.returncode}): {done.stderr.strip()}; "
+                f"is dovecot-sieve installed? {SIEVE_INSTALL_HINT}"
+            )
 
     def _check_reachable(self, root: Path) -> None:
         # The server user must traverse every parent (pytest's tmp_path under root is 0700).
@@ -325,9 +381,15 @@ class Dovecot:
             .replace("@GROUP@", self._group)
             .replace("@PORT@", str(port))
         )
+        if self.learn_script is not None:
+            text += "\n# learn_script: IMAPSieve\n" + IMAPSIEVE_CONF.replace("@ROOT@", str(self.root)).replace(
+                "@MAILBOXES@", self.learn_mailboxes
+            )
         if self.extra_conf:
             text += "\n# extra_conf\n" + self.extra_conf.rstrip("\n") + "\n"
         self._write_owned(self.conf_path, text.encode())
+        if self.learn_script is not None:
+            self._compile_sieve()
 
     def _write_user(self, name: str, password: str) -> None:
         self._write_owned(self.root / "users" / name, f"{name}:{{PLAIN}}{password}::::::\n".encode())

@@ -1,0 +1,169 @@
+"""Instant learning: Dovecot's IMAPSieve hook runs `mailtriage learn` the moment staff move a message.
+
+A real Dovecot with Pigeonhole (dovecot-sieve) pipes every message copied or moved into Support/*
+to a learn.sh that execs `python -m mailtriage.cli.main learn`; the correction row must be in the
+state DB as soon as the MOVE/COPY command has returned (the sieve pipe runs inside that command).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailtriage.cli.main import main
+from mailtriage.config import parse_config
+from mailtriage.core.mailtext import message_key
+from mailtriage.core.routing import Decision
+from mailtriage.store.state import StateDB
+from mailtriage.testing.dovecot import load_messages
+
+CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
+
+
+def _mail(n: int) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = f"customer{n}@example.com"
+    msg["To"] = "support@example.com"
+    msg["Subject"] = f"question {n}"
+    msg["Message-ID"] = f"<learn{n}-{time.time_ns()}@example.com>"
+    msg.set_content(f"body {n}")
+    return msg.as_bytes()
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory the Dovecot user (nobody, when the tests run as root) can write: config and state DB."""
+    path = Path(tempfile.mkdtemp(prefix="mailtriage-learn-"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _hand_over(path: Path) -> None:
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        for p in [path, *path.iterdir()]:
+            os.chown(p, nobody.pw_uid, nobody.pw_gid)
+
+
+def _write_config(dir_: Path, user: str) -> Path:
+    conf = dir_ / "config.toml"
+    cats = "\n".join(f'{k} = "{v}"' for k, v in CATEGORIES.items())
+    conf.write_text(
+        f'state_path = "{dir_ / "state.sqlite3"}"\n[categories]\n{cats}\n'
+        f'[[accounts]]\nname = "support"\nhost = "127.0.0.1"\nusername = "{user}"\n'
+        f'password_file = "/nonexistent"\n'
+    )
+    return conf
+
+
+def _hook_command() -> str:
+    """How learn.sh starts mailtriage as the Dovecot user (nobody when the tests run as root).
+
+    In production the mail user runs the service's venv (/opt/mailtriage/.venv/bin/mailtriage). Here
+    the venv's interpreter may sit under /root (pyenv), which nobody cannot enter: then the system
+    python3 of the same minor version runs it with the venv's site-packages (and its editable install).
+    """
+    real = Path(os.path.realpath(sys.executable))
+    if os.geteuid() != 0 or all(p.stat().st_mode & 0o001 for p in real.parents):
+        return f"{sys.executable} -m mailtriage.cli.main"
+    system = shutil.which("python3.11" if sys.version_info[:2] == (3, 11) else f"python{sys.version_info[0]}.{sys.version_info[1]}",
+                          path="/usr/bin:/usr/local/bin")
+    if system is None:
+        pytest.fail(f"the Dovecot user cannot run {real} and there is no system python{sys.version_info[0]}."
+                    f"{sys.version_info[1]} to run the hook with", pytrace=False)
+    import sysconfig
+
+    site_dir = sysconfig.get_paths()["purelib"]
+    code = f"import site, sys; site.addsitedir({site_dir!r}); from mailtriage.cli.main import main; sys.exit(main())"
+    return f"{system} -c \"{code}\""
+
+
+def _decide(state: StateDB, uid: int, raw: bytes, label: str, unsure: bool) -> str:
+    key = message_key(raw)
+    folder = "Support/Unsure" if unsure else CATEGORIES[label]
+    state.record_decision("support", "INBOX", 1, uid, key, Decision(label, 0.4 if unsure else 0.9, unsure, folder),
+                          "move", "v1", False, "done")
+    return key
+
+
+@pytest.mark.component
+def test_imapsieve_hook_records_corrections_at_move_time(
+    dovecot_factory: Callable[..., Any], shared_dir: Path
+) -> None:
+    user = "staff"
+    conf = _write_config(shared_dir, user)
+    learn_sh = (
+        "#!/bin/sh\n"
+        f"exec {_hook_command()} learn --config {conf} --user \"$3\" \"$1\" \"$2\""
+        f" 2>>{shared_dir / 'learn.log'}\n"
+    )
+    server = dovecot_factory(users={user: "pw"}, learn_script=learn_sh)
+    wrong, unsure, unknown, right = (_mail(n) for n in range(4))
+    state = StateDB(shared_dir / "state.sqlite3")
+    k_wrong = _decide(state, 1, wrong, "billing", unsure=False)
+    k_unsure = _decide(state, 2, unsure, "refunds", unsure=True)
+    _decide(state, 4, right, "login", unsure=False)
+    state.close()
+    _hand_over(shared_dir)
+
+    load_messages(server.client(user, "pw"), "Support/Billing", [wrong])
+    load_messages(server.client(user, "pw"), "Support/Unsure", [unsure, unknown])
+    load_messages(server.client(user, "pw"), "Support/Login", [right])
+    client = server.client(user, "pw")
+    try:
+        for folder in CATEGORIES.values():
+            if not client.folder_exists(folder):
+                client.create_folder(folder)
+        client.select_folder("Support/Billing")
+        client.move(client.search(["ALL"]), "Support/Login")     # filed as billing, staff says login
+        client.select_folder("Support/Unsure")
+        uids = client.search(["ALL"])
+        client.copy(uids[:1], "Support/Refunds")                # unsure, staff sorts it (COPY fires too)
+        client.move(uids[1:], "Support/Billing")                 # never decided by the daemon: ignored
+        client.select_folder("Support/Login")
+    finally:
+        client.logout()
+
+    rows = {r["key"]: r for r in StateDB(shared_dir / "state.sqlite3").corrections()}
+    log = (shared_dir / "learn.log").read_text() if (shared_dir / "learn.log").exists() else ""
+    assert set(rows) == {k_wrong, k_unsure}, f"corrections {rows}; learn.log:\n{log}\n{server.log_path.read_text()[-3000:]}"
+    assert (rows[k_wrong]["predicted"], rows[k_wrong]["actual"], rows[k_wrong]["was_unsure"]) == ("billing", "login", 0)
+    assert (rows[k_unsure]["predicted"], rows[k_unsure]["actual"], rows[k_unsure]["was_unsure"]) == ("refunds", "refunds", 1)
+    assert "never filed by the daemon" in log
+
+
+@pytest.mark.component
+def test_learn_command_is_idempotent_and_ignores_other_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conf = _write_config(tmp_path, "staff")
+    raw = _mail(9)
+    state = StateDB(tmp_path / "state.sqlite3")
+    key = _decide(state, 1, raw, "billing", unsure=False)
+    import io
+
+    def run(*argv: str) -> int:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw)))
+        return main(["learn", "--config", str(conf), *argv])
+
+    assert run("Support/Unsure", "COPY") == 0            # not a category folder
+    assert run("Support/Billing", "COPY") == 0           # where the daemon put it
+    assert state.corrections() == []
+    assert run("--verbose", "Support/Login", "COPY") == 0
+    assert run("Support/Login", "COPY") == 0             # the same move reported twice: one row
+    assert [(r["key"], r["actual"]) for r in state.corrections()] == [(key, "login")]
+    assert '"actual": "login"' in capsys.readouterr().out
+    assert main(["learn", "--config", str(conf), "--account", "nope", "Support/Login"]) == 2

@@ -23,6 +23,7 @@ from mailtriage.errors import ConfigError
 Action = Literal["move", "keyword", "header"]
 TlsMode = Literal["implicit", "starttls", "none"]
 AuthMethod = Literal["login", "plain", "xoauth2", "oauthbearer"]
+OAuthProvider = Literal["microsoft", "google", "custom"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Backend = Literal["local", "http"]
 InferenceApi = Literal["tei", "vllm"]
@@ -99,6 +100,16 @@ class AccountConfig:
     password_credential: str | None = None
     oauth_token_command: str | None = None
     oauth_token_file: str | None = None
+    # Built-in sign-in (`mailtriage auth NAME`): tokens kept and refreshed by mailtriage itself.
+    oauth_provider: OAuthProvider | None = None
+    oauth_client_id: str | None = None
+    oauth_client_secret_file: str | None = None
+    oauth_tenant: str | None = None
+    oauth_scope: str | None = None
+    oauth_token_url: str | None = None
+    oauth_device_url: str | None = None
+    oauth_authorize_url: str | None = None
+    oauth_token_store: str | None = None  # default: oauth-NAME.json beside state_path
     mailboxes: tuple[str, ...] = ("INBOX",)
     action: Action = "move"
     keyword_prefix: str = "mt_"
@@ -130,12 +141,19 @@ class AccountConfig:
                     f"or password_credential, found {given or 'none'}"
                 )
         else:
-            given = [k for k in ("oauth_token_command", "oauth_token_file") if getattr(self, k)]
+            given = [k for k in ("oauth_token_command", "oauth_token_file", "oauth_provider") if getattr(self, k)]
             if len(given) != 1:
                 raise ConfigError(
-                    f"{where}: auth = {self.auth!r} needs exactly one of oauth_token_command or "
-                    f"oauth_token_file, found {given or 'none'}"
+                    f"{where}: auth = {self.auth!r} needs exactly one of oauth_provider (sign in with "
+                    f"`mailtriage auth {self.name}`), oauth_token_command or oauth_token_file, found {given or 'none'}"
                 )
+            if self.oauth_provider and not self.oauth_client_id:
+                raise ConfigError(
+                    f"{where}: oauth_provider = {self.oauth_provider!r} needs oauth_client_id, the application "
+                    "(client) id registered in Entra ID (Azure) or the Google Cloud console"
+                )
+            if self.oauth_provider == "custom" and not (self.oauth_token_url and self.oauth_scope):
+                raise ConfigError(f"{where}: oauth_provider = \"custom\" needs oauth_token_url and oauth_scope")
         if not self.keyword_prefix or any(c in self.keyword_prefix for c in " ()]{%*\"\\"):
             raise ConfigError(
                 f"{where}.keyword_prefix = {self.keyword_prefix!r} is not a valid IMAP atom prefix "
@@ -200,6 +218,8 @@ class AccountConfig:
                     "may hold a secret). Run it by hand as the service user to see why"
                 ) from None
             return out.stdout.strip()
+        if self.oauth_provider:
+            raise ConfigError(f"{where}: oauth_provider tokens come from mailtriage.imap.oauth.access_token")
         raise ConfigError(f"{where}: no secret configured")  # unreachable after validation
 
 
@@ -282,6 +302,13 @@ class Config:
             raise ConfigError(f"[categories] maps several categories to the same folder {dupes}: each needs its own")
         if self.unsure_folder in folders:
             raise ConfigError(f"unsure_folder = {self.unsure_folder!r} is also a category folder; pick a separate one")
+        # Each OAuth account's token store lives in the state directory unless the account names one.
+        state_dir = Path(self.state_path).parent
+        object.__setattr__(self, "accounts", tuple(
+            dataclasses.replace(a, oauth_token_store=str(state_dir / f"oauth-{a.name}.json"))
+            if a.oauth_provider and not a.oauth_token_store else a
+            for a in self.accounts
+        ))
         names = [a.name for a in self.accounts]
         if len(set(names)) != len(names):
             raise ConfigError(f"[[accounts]] names must be unique, found {names}")

@@ -62,7 +62,7 @@ def _with(**overrides: object) -> dict[str, object]:
         # secrets never inline; exactly one secret source
         ({"categories": CATS, "accounts": [{**ACCOUNT, "password": "hunter2"}]}, r"password: secrets never live in the config file"),
         ({"categories": CATS, "accounts": [{**ACCOUNT, "password_env": "PW"}]}, r"exactly one of password_file.*found \['password_file', 'password_env'\]"),
-        ({"categories": CATS, "accounts": [{**ACCOUNT, "auth": "xoauth2"}]}, r"needs exactly one of oauth_token_command or oauth_token_file"),
+        ({"categories": CATS, "accounts": [{**ACCOUNT, "auth": "xoauth2"}]}, r"needs exactly one of oauth_provider"),
         # training
         (_with(training={"schedule": "every sunday"}), r"training.schedule = 'every sunday' is not a 5-field cron"),
         (_with(training={"holdout_fraction": 0.9}), r"holdout_fraction = 0.9"),

@@ -1,4 +1,4 @@
-"""`mailtriage` command line: serve, classify, check, stats, learn, text.
+"""`mailtriage` command line: serve, classify, check, stats, auth, learn, text.
 
 Heavy imports (torch, imapclient) happen inside the subcommand that needs them, so
 `mailtriage text` and `--help` start instantly.
@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -109,6 +110,30 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return print_stats(_load(args), window_days=args.days, as_json=args.json)
 
 
+def cmd_auth(args: argparse.Namespace) -> int:
+    """Sign an account in once (OAuth2) and store its refresh token for the daemon."""
+    from mailtriage.imap import oauth
+
+    cfg = _load(args)
+    matches = [a for a in cfg.accounts if a.name == args.account]
+    if not matches:
+        raise ConfigError(f"no [[accounts]] entry named {args.account!r}; configured: {[a.name for a in cfg.accounts]}")
+    account = matches[0]
+    if not account.oauth_provider:
+        raise ConfigError(
+            f"accounts[{account.name!r}] has no oauth_provider: set auth = \"xoauth2\", oauth_provider = "
+            "\"microsoft\" or \"google\" and oauth_client_id, then run `mailtriage auth` again"
+        )
+    loopback = args.loopback or oauth.provider_for(account).device_url is None
+    if loopback:
+        data = oauth.loopback_flow(account, sys.stdout, port=args.port)
+    else:
+        data = oauth.device_flow(account, sys.stdout)
+    print(f"signed in: refresh token stored in {account.oauth_token_store} (mode 0600); "
+          f"access token valid for {int(data['expires_at'] - time.time())} s and refreshed automatically")
+    return 0
+
+
 def cmd_learn(args: argparse.Namespace) -> int:
     """Called by the Dovecot IMAPSieve hook with the message on stdin: record a correction now."""
     from mailtriage.store.corrections import learn_moved
@@ -165,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=30, help="window in days (default 30)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("auth", parents=[common], help="sign an IMAP account in with OAuth2 (Microsoft 365, Gmail)")
+    p.add_argument("account", help="the [[accounts]] name")
+    p.add_argument("--loopback", action="store_true",
+                   help="browser sign-in via http://127.0.0.1:PORT instead of a device code (always for Google)")
+    p.add_argument("--port", type=int, default=0, help="loopback port (default: a free one)")
+    p.set_defaults(func=cmd_auth)
 
     p = sub.add_parser("learn", parents=[common],
                        help="record a correction for one message (on stdin) staff moved into MAILBOX (IMAPSieve hook)")

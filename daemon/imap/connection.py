@@ -92,9 +92,15 @@ def _tls_message(account: AccountConfig, exc: BaseException) -> str:
 
 def _login(client: IMAPClient, account: AccountConfig) -> None:
     where = f"accounts[{account.name!r}]"
-    secret = account.secret()
+    if account.oauth_provider:
+        from mailtriage.imap import oauth
+
+        secret = oauth.access_token(account)  # refreshed here when it expires within REFRESH_MARGIN_S
+    else:
+        secret = account.secret()
     source = (
-        f"password_file {account.password_file!r}" if account.password_file
+        f"the token store {account.oauth_token_store!r} (`mailtriage auth {account.name}`)" if account.oauth_provider
+        else f"password_file {account.password_file!r}" if account.password_file
         else f"environment variable {account.password_env}" if account.password_env
         else f"credential {account.password_credential!r}" if account.password_credential
         else "oauth_token_command" if account.oauth_token_command

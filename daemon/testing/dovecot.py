@@ -173,6 +173,26 @@ if environment :matches "imap.cause" "*" { set "cause" "${1}"; }
 if environment :matches "imap.user" "*" { set "user" "${1}"; }
 pipe :copy "learn.sh" ["${mailbox}", "${cause}", "${user}"];
 """
+# OAuth2 (XOAUTH2 / OAUTHBEARER) logins checked by Dovecot's oauth2 passdb against a token
+# introspection endpoint (RFC 7662, POST token=...; the answer names the user in "username").
+# The passwd-file passdb stays first, so password logins keep working; a token is not a password
+# there, and the chain continues to the oauth2 passdb.
+OAUTH2_CONF = """\
+auth_mechanisms = plain login xoauth2 oauthbearer
+passdb {
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = @ROOT@/dovecot-oauth2.conf.ext
+}
+"""
+OAUTH2_EXT = """\
+introspection_mode = post
+introspection_url = @URL@
+username_attribute = username
+active_attribute = active
+active_value = true
+"""
+
 SIEVE_INSTALL_HINT = "install Pigeonhole with `apt-get install -y dovecot-sieve` (it provides sievec)"
 
 _START_TIMEOUT_S = 10.0
@@ -242,10 +262,15 @@ class Dovecot:
         users: dict[str, str] | None = None,
         learn_script: str | None = None,
         learn_mailboxes: str = "Support/*",
+        oauth2_introspection_url: str | None = None,
     ) -> None:
         """``learn_script``: the text of an executable (e.g. ``#!/bin/sh ...``) that IMAPSieve runs with
         the message on stdin and arguments MAILBOX CAUSE USER whenever a message is copied or moved
-        into a folder matching ``learn_mailboxes``; it runs as the server user. Needs dovecot-sieve."""
+        into a folder matching ``learn_mailboxes``; it runs as the server user. Needs dovecot-sieve.
+
+        ``oauth2_introspection_url``: also accept XOAUTH2/OAUTHBEARER logins, valid when that endpoint
+        answers ``{"active": true, "username": USER}`` for the token (USER must exist in ``users``)."""
+        self.oauth2_introspection_url = oauth2_introspection_url
         self.extra_conf = extra_conf
         self.learn_script = learn_script
         self.learn_mailboxes = learn_mailboxes
@@ -381,6 +406,10 @@ class Dovecot:
             .replace("@GROUP@", self._group)
             .replace("@PORT@", str(port))
         )
+        if self.oauth2_introspection_url is not None:
+            text += "\n# oauth2_introspection_url\n" + OAUTH2_CONF.replace("@ROOT@", str(self.root))
+            self._write_owned(self.root / "dovecot-oauth2.conf.ext",
+                              OAUTH2_EXT.replace("@URL@", self.oauth2_introspection_url).encode())
         if self.learn_script is not None:
             text += "\n# learn_script: IMAPSieve\n" + IMAPSIEVE_CONF.replace("@ROOT@", str(self.root)).replace(
                 "@MAILBOXES@", self.learn_mailboxes

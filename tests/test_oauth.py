@@ -1,0 +1,319 @@
+"""`mailtriage auth` and XOAUTH2/OAUTHBEARER logins, end to end on 127.0.0.1.
+
+A stub OAuth server (http.server) plays Microsoft identity / Google: device-code endpoint, token
+endpoint (device grant, authorization-code grant with PKCE, refresh grant with rotating refresh
+tokens) and an RFC 7662 introspection endpoint. A real Dovecot 2.3 checks every XOAUTH2/OAUTHBEARER
+login against that introspection endpoint (its oauth2 passdb), so a login only succeeds with an
+access token the stub really issued and has not expired.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import stat
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailtriage.cli.main import main
+from mailtriage.config import AccountConfig, Config, parse_config
+from mailtriage.errors import ConfigError, MailboxError
+from mailtriage.imap import connection, oauth
+
+CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login"}
+
+
+class StubOAuth:
+    """Issues tokens for one user; ``approve()`` plays the admin entering the device code."""
+
+    def __init__(self, user: str, lifetime: float = 3600) -> None:
+        self.user = user
+        self.lifetime = lifetime
+        self.approved = threading.Event()
+        self.access: dict[str, float] = {}      # access token -> expiry (monotonic clock of the stub)
+        self.refresh: set[str] = set()
+        self.codes: dict[str, str] = {}          # authorization code -> PKCE challenge
+        self.calls: list[dict[str, str]] = []
+        self.n = 0
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802
+                form = dict(urllib.parse.parse_qsl(self.rfile.read(int(self.headers["Content-Length"])).decode()))
+                stub.calls.append({"path": self.path, **form})
+                code, body = stub.handle(self.path, form)
+                payload = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _grant(self) -> dict[str, Any]:
+        self.n += 1
+        access, refresh = f"at-{self.n}", f"rt-{self.n}"
+        self.access[access] = time.monotonic() + self.lifetime
+        self.refresh.add(refresh)
+        return {"token_type": "Bearer", "access_token": access, "refresh_token": refresh,
+                "expires_in": self.lifetime, "scope": "IMAP"}
+
+    def handle(self, path: str, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        if path == "/devicecode":
+            return 200, {"device_code": "dev-1", "user_code": "ABCD-EFGH", "verification_uri": "https://stub/device",
+                         "expires_in": 60, "interval": 0.05}
+        if path == "/introspect":
+            expiry = self.access.get(form.get("token", ""))
+            if expiry is None or expiry < time.monotonic():
+                return 200, {"active": False}
+            return 200, {"active": True, "username": self.user}
+        if path != "/token":
+            return 404, {"error": "not_found"}
+        grant = form.get("grant_type")
+        if grant == oauth._DEVICE_GRANT:
+            if not self.approved.is_set():
+                self.approved.set()  # the admin enters the code after the first poll
+                return 400, {"error": "authorization_pending"}
+            return 200, self._grant()
+        if grant == "refresh_token":
+            if form.get("refresh_token") not in self.refresh:
+                return 400, {"error": "invalid_grant", "error_description": "refresh token revoked"}
+            self.refresh.discard(form["refresh_token"])  # rotation: each refresh token works once
+            return 200, self._grant()
+        if grant == "authorization_code":
+            challenge = self.codes.pop(form.get("code", ""), None)
+            verifier = form.get("code_verifier", "")
+            expected = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+            if challenge is None or challenge != expected:
+                return 400, {"error": "invalid_grant", "error_description": "PKCE check failed"}
+            return 200, self._grant()
+        return 400, {"error": "unsupported_grant_type"}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stub() -> Iterator[StubOAuth]:
+    server = StubOAuth("staff")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _config(tmp_path: Path, stub: StubOAuth, port: int = 143, auth: str = "xoauth2", provider: str = "microsoft") -> Config:
+    return parse_config({
+        "categories": CATEGORIES,
+        "state_path": str(tmp_path / "state" / "state.sqlite3"),
+        "accounts": [{
+            "name": "m365", "host": "127.0.0.1", "port": port, "tls": "none", "username": "staff", "auth": auth,
+            "oauth_provider": provider, "oauth_client_id": "client-123",
+            "oauth_token_url": f"{stub.url}/token", "oauth_device_url": f"{stub.url}/devicecode",
+            "oauth_authorize_url": f"{stub.url}/authorize",
+        }],
+    })
+
+
+@pytest.mark.pure
+def test_provider_defaults_and_validation(tmp_path: Path) -> None:
+    ms = AccountConfig(name="a", host="h", username="u", auth="xoauth2", oauth_provider="microsoft", oauth_client_id="c")
+    p = oauth.provider_for(ms)
+    assert p.scope == "https://outlook.office.com/IMAP.AccessAsUser.All offline_access"
+    assert p.device_url == "https://login.microsoftonline.com/organizations/oauth2/v2.0/devicecode"
+    g = oauth.provider_for(AccountConfig(name="g", host="h", username="u", auth="xoauth2", oauth_provider="google",
+                                         oauth_client_id="c"))
+    assert g.scope == "https://mail.google.com/" and g.device_url is None  # Google: loopback only
+    with pytest.raises(ConfigError, match="oauth_client_id"):
+        AccountConfig(name="a", host="h", username="u", auth="xoauth2", oauth_provider="microsoft")
+    with pytest.raises(ConfigError, match="exactly one of oauth_provider"):
+        AccountConfig(name="a", host="h", username="u", auth="xoauth2", oauth_provider="google", oauth_client_id="c",
+                      oauth_token_file="/x")
+    cfg = parse_config({"categories": CATEGORIES, "state_path": str(tmp_path / "s" / "db.sqlite3"),
+                        "accounts": [{"name": "m", "host": "h", "username": "u", "auth": "xoauth2",
+                                      "oauth_provider": "microsoft", "oauth_client_id": "c"}]})
+    assert cfg.accounts[0].oauth_token_store == str(tmp_path / "s" / "oauth-m.json")
+
+
+@pytest.mark.component
+def test_device_flow_stores_refresh_token_0600_and_dovecot_accepts_it(
+    dovecot_factory: Callable[..., Any], stub: StubOAuth, tmp_path: Path
+) -> None:
+    server = dovecot_factory(users={"staff": "pw"}, oauth2_introspection_url=f"{stub.url}/introspect")
+    cfg = _config(tmp_path, stub, port=server.port)
+    conf = tmp_path / "config.toml"
+    conf.write_text("")  # main() loads via load_config: write the same config as TOML
+    _write_toml(conf, tmp_path, stub, server.port)
+    out = io.StringIO()
+    import contextlib
+
+    with contextlib.redirect_stdout(out):
+        assert main(["auth", "--config", str(conf), "m365"]) == 0
+    assert "ABCD-EFGH" in out.getvalue() and "https://stub/device" in out.getvalue()
+    store = Path(cfg.accounts[0].oauth_token_store or "")
+    assert stat.S_IMODE(store.stat().st_mode) == 0o600
+    saved = json.loads(store.read_text())
+    assert saved["refresh_token"] == "rt-1" and saved["access_token"] == "at-1"
+    device_call = next(c for c in stub.calls if c["path"] == "/devicecode")
+    assert device_call["scope"] == "https://outlook.office.com/IMAP.AccessAsUser.All offline_access"
+    assert device_call["client_id"] == "client-123"
+
+    client = connection.connect(cfg.accounts[0], timeout=10)
+    try:
+        assert client.list_folders()
+    finally:
+        connection.close(client)
+
+
+def _write_toml(conf: Path, tmp_path: Path, stub: StubOAuth, port: int, auth: str = "xoauth2") -> None:
+    conf.write_text(
+        f'state_path = "{tmp_path / "state" / "state.sqlite3"}"\n'
+        '[categories]\nbilling = "Support/Billing"\nlogin = "Support/Login"\n'
+        f'[[accounts]]\nname = "m365"\nhost = "127.0.0.1"\nport = {port}\ntls = "none"\nusername = "staff"\n'
+        f'auth = "{auth}"\noauth_provider = "microsoft"\noauth_client_id = "client-123"\n'
+        f'oauth_token_url = "{stub.url}/token"\noauth_device_url = "{stub.url}/devicecode"\n'
+    )
+
+
+@pytest.mark.component
+@pytest.mark.parametrize("auth", ["xoauth2", "oauthbearer"])
+def test_expired_access_token_is_refreshed_before_login(
+    dovecot_factory: Callable[..., Any], stub: StubOAuth, tmp_path: Path, auth: str
+) -> None:
+    server = dovecot_factory(users={"staff": "pw"}, oauth2_introspection_url=f"{stub.url}/introspect")
+    cfg = _config(tmp_path, stub, port=server.port, auth=auth)
+    account = cfg.accounts[0]
+    oauth.device_flow(account, io.StringIO(), sleep=lambda s: None)
+    store = oauth.TokenStore(account)
+    # The access token expires in 60 s (inside the refresh margin) and the stub already considers it dead.
+    data = store.load()
+    data["expires_at"] = time.time() + 60
+    store.save(data)
+    stub.access[data["access_token"]] = 0.0
+
+    client = connection.connect(account, timeout=10)
+    connection.close(client)
+    saved = store.load()
+    assert saved["access_token"] == "at-2" and saved["refresh_token"] == "rt-2"  # rotated token saved
+    refresh = [c for c in stub.calls if c.get("grant_type") == "refresh_token"]
+    assert len(refresh) == 1 and refresh[0]["refresh_token"] == "rt-1" and refresh[0]["client_id"] == "client-123"
+    # A token still valid for longer than the margin is used as is: no second refresh.
+    client = connection.connect(account, timeout=10)
+    connection.close(client)
+    assert len([c for c in stub.calls if c.get("grant_type") == "refresh_token"]) == 1
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+
+
+@pytest.mark.component
+def test_revoked_refresh_token_says_run_auth_again(stub: StubOAuth, tmp_path: Path) -> None:
+    account = _config(tmp_path, stub).accounts[0]
+    with pytest.raises(MailboxError, match="mailtriage auth m365"):
+        oauth.access_token(account)  # never signed in
+    oauth.device_flow(account, io.StringIO(), sleep=lambda s: None)
+    store = oauth.TokenStore(account)
+    data = store.load()
+    data["expires_at"] = 0
+    store.save(data)
+    stub.refresh.clear()
+    with pytest.raises(MailboxError, match="invalid_grant.*run `mailtriage auth m365` again"):
+        oauth.access_token(account)
+
+
+@pytest.mark.component
+def test_dovecot_refuses_a_token_it_cannot_introspect(
+    dovecot_factory: Callable[..., Any], stub: StubOAuth, tmp_path: Path
+) -> None:
+    server = dovecot_factory(users={"staff": "pw"}, oauth2_introspection_url=f"{stub.url}/introspect")
+    account = _config(tmp_path, stub, port=server.port).accounts[0]
+    store = oauth.TokenStore(account)
+    store.save({"access_token": "forged", "refresh_token": "rt-x", "expires_at": time.time() + 3600})
+    with pytest.raises(MailboxError, match="refused by server"):
+        connection.connect(account, timeout=10)
+
+
+@pytest.mark.component
+def test_loopback_flow_with_pkce(stub: StubOAuth, tmp_path: Path) -> None:
+    account = _config(tmp_path, stub, provider="google").accounts[0]
+
+    def browser(url: str) -> None:
+        # Plays Google's consent page: remembers the PKCE challenge, redirects to the loopback URL.
+        q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+        assert q["scope"] == "https://mail.google.com/" and q["code_challenge_method"] == "S256"
+        assert q["access_type"] == "offline"
+        stub.codes["code-1"] = q["code_challenge"]
+        redirect = f"{q['redirect_uri']}?code=code-1&state={q['state']}"
+        threading.Thread(target=lambda: urllib.request.urlopen(redirect, timeout=10).read(), daemon=True).start()
+
+    data = oauth.loopback_flow(account, io.StringIO(), open_url=browser, timeout=30)
+    assert data["refresh_token"] == "rt-1"
+    exchange = next(c for c in stub.calls if c.get("grant_type") == "authorization_code")
+    assert exchange["redirect_uri"].startswith("http://127.0.0.1:")
+
+
+@pytest.mark.component
+def test_watcher_files_mail_on_exchange_like_server_with_oauth(
+    dovecot_factory: Callable[..., Any], stub: StubOAuth, tmp_path: Path
+) -> None:
+    """Exchange Online offers neither CONDSTORE/QRESYNC nor SPECIAL-USE and takes only OAuth: the
+    watcher must still catch up, IDLE and file mail, signing in with a refreshed token."""
+    from email.message import EmailMessage
+
+    from mailtriage.core.classifier import Prediction
+    from mailtriage.imap.watcher import MailboxWatcher
+    from mailtriage.store.state import StateDB
+    from mailtriage.testing.dovecot import imap_capability_without, load_messages
+
+    exchange_like = imap_capability_without("CONDSTORE", "QRESYNC", "SPECIAL-USE")
+    server = dovecot_factory(users={"staff": "pw"}, oauth2_introspection_url=f"{stub.url}/introspect",
+                             extra_conf=exchange_like)
+    cfg = _config(tmp_path, stub, port=server.port)
+    account = cfg.accounts[0]
+    oauth.device_flow(account, io.StringIO(), sleep=lambda s: None)
+    admin = server.client("staff", "pw")
+    for folder in (*CATEGORIES.values(), cfg.unsure_folder):
+        admin.create_folder(folder)
+    assert not admin.has_capability("CONDSTORE") and not admin.has_capability("SPECIAL-USE")
+
+    def classify(texts: Any) -> tuple[list[Prediction], str]:
+        return [Prediction("login", 0.9, {"billing": 0.1, "login": 0.9}) for _ in texts], "v1"
+
+    watcher = MailboxWatcher(account, "INBOX", cfg, StateDB(cfg.state_path), classify, idle_slice=0.2, backoff_start=0.1)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = "c@example.com", "support@example.com", "cannot log in"
+        msg["Message-ID"] = f"<exch-{time.time_ns()}@example.com>"
+        msg.set_content("my login fails")
+        load_messages(admin, "INBOX", [msg.as_bytes()])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if int(admin.folder_status("Support/Login", [b"MESSAGES"])[b"MESSAGES"]) == 1:
+                break
+            time.sleep(0.1)
+        assert int(admin.folder_status("Support/Login", [b"MESSAGES"])[b"MESSAGES"]) == 1
+    finally:
+        stop.set()
+        thread.join(10)
+        admin.logout()
+    assert "method=XOAUTH2" in server.log_path.read_text()

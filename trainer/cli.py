@@ -59,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build().parse_args(args_list)
     configure_logging(args.log_level)
     try:
+        _refuse_multi_process()
         return run(args)
     except ModelDirBusyError as exc:
         print(f"mailtriage-train {command}: {exc}", file=sys.stderr)
@@ -69,6 +70,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mailtriage-train {command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _refuse_multi_process() -> None:
+    """`accelerate launch` / torchrun with one process is fine (nothing changes); with more, every
+    process would train the same model on all the data and race to promote it: refuse instead."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.strip() not in ("", "1"):
+        raise ConfigError(
+            f"mailtriage-train was started as one of WORLD_SIZE={world} processes (accelerate launch / "
+            "torchrun), but it trains in one process: data-parallel training is not implemented, so each "
+            "process would train the whole model and race to promote it. Launch it with "
+            "`accelerate launch --num_processes 1` (or `torchrun --nproc_per_node 1`), or run mailtriage-train directly"
+        )
 
 
 # ---- argument parsing ------------------------------------------------------------------------

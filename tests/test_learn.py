@@ -167,3 +167,16 @@ def test_learn_command_is_idempotent_and_ignores_other_folders(
     assert [(r["key"], r["actual"]) for r in state.corrections()] == [(key, "login")]
     assert '"actual": "login"' in capsys.readouterr().out
     assert main(["learn", "--config", str(conf), "--account", "nope", "Support/Login"]) == 2
+
+
+@pytest.mark.pure
+def test_config_before_the_subcommand_is_honoured(tmp_path: Path) -> None:
+    """`mailtriage --config X learn` once read /etc/mailtriage/config.toml: the subcommand's default
+    None overwrote the --config given before it."""
+    from mailtriage.cli.main import build_parser
+
+    for argv in (["--config", "a.toml", "learn", "Support/X"], ["learn", "--config", "a.toml", "Support/X"]):
+        args = build_parser().parse_args(argv)
+        assert args.config == "a.toml" and args.log_level == "info"
+    assert build_parser().parse_args(["learn", "Support/X"]).config is None
+    assert build_parser().parse_args(["--log-level", "debug", "stats"]).log_level == "debug"

@@ -160,14 +160,22 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE", help=f"TOML config (default: $MAILTRIAGE_CONFIG or {DEFAULT_CONFIG})")
-    common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    def common_options(defaults: bool) -> argparse.ArgumentParser:
+        # The subcommands take the options too, but without defaults: a default there would
+        # overwrite `mailtriage --config X learn` (argparse applies the subparser's defaults last).
+        common = argparse.ArgumentParser(add_help=False)
+        keep = {} if defaults else {"default": argparse.SUPPRESS}
+        common.add_argument("--config", metavar="FILE", help=f"TOML config (default: $MAILTRIAGE_CONFIG or {DEFAULT_CONFIG})",
+                            **keep)
+        common.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                            **(keep or {"default": "info"}))
+        return common
 
+    common = common_options(defaults=False)
     parser = argparse.ArgumentParser(
         prog="mailtriage",
         description="File every new support email into its category with a small fine-tuned model.",
-        parents=[common],
+        parents=[common_options(defaults=True)],
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -564,3 +564,53 @@ def test_smtp_limits_are_config_options() -> None:
         SmtpConfig(max_connections=0)
     with pytest.raises(ConfigError, match="smtp.session_lifetime"):
         SmtpConfig(session_lifetime=0)
+
+
+# -- reply classes for broken addresses (issue 8 item 8) --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "commands",
+    [
+        [b"MAIL FROM:<"],
+        [b"MAIL FROM:<a\x00b@example.com>"],
+        [b"MAIL FROM:<\xff\xfe@example.com>"],
+        [b"MAIL FROM:<ok@example.com>", b"RCPT TO:<a\x00@example.com>"],
+        [b"MAIL FROM:<ok@example.com>", b"RCPT TO:<\xff@example.com>"],
+        [b"MAIL FROM:<ok@example.com>", b"RCPT TO:<"],
+    ],
+    ids=["unclosed", "nul-sender", "bad-utf8-sender", "nul-rcpt", "bad-utf8-rcpt", "unclosed-rcpt"],
+)
+def test_broken_addresses_get_5xx_and_nothing_is_forwarded(
+    commands: list[bytes], next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
+) -> None:
+    hop, hop_port = next_hop
+    port = start_relay(keyword_classify, hop_port)
+    with structlog.testing.capture_logs() as logs, _idle_client(port) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220")
+        sock.sendall(b"EHLO client.test\r\n")
+        while reader.readline()[3:4] != b" ":
+            pass
+        replies = []
+        for command in commands:
+            sock.sendall(command + b"\r\n")
+            replies.append(reader.readline())
+    # 501 for the syntax error, 553 5.1.3 (aiosmtpd's "malformed address") for NUL / not UTF-8:
+    # permanent either way, never a 451 that makes the sender retry a hopeless address.
+    assert replies[-1][:3] in ((b"501",) if commands[-1].endswith(b":<") else (b"501", b"553")), replies
+    assert all(r.startswith(b"250") for r in replies[:-1]), replies
+    assert not [e for e in logs if e["event"] == "smtp_handler_error"]  # no traceback
+    assert hop.received == []
+
+
+def test_utf8_address_with_smtputf8_is_still_relayed(
+    next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
+) -> None:
+    hop, hop_port = next_hop
+    port = start_relay(keyword_classify, hop_port)
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30) as client:
+        assert client.sendmail("kundé@example.com", ["support@example.com"], mail("invoice"),
+                               mail_options=["SMTPUTF8"]) == {}
+    [env] = hop.received
+    assert env.mail_from == "kundé@example.com"

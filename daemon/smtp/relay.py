@@ -345,6 +345,20 @@ class _FilterSMTP(SMTP):
         if self._lifetime_handle is None:
             self._lifetime_handle = self.loop.call_later(self._session_lifetime, self._lifetime_over)
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd answers "501 Syntax" for an empty address and "553 5.1.3 malformed address"
+        # for None. Its parser raises IndexError on "MAIL FROM:<" (a 451 and a traceback before):
+        # that is a 501 now. An address with NUL or other control characters, or with bytes that
+        # are not UTF-8 (surrogateescape leaves lone surrogates), gets the 553 instead of being
+        # forwarded or failing at the next hop with a 451 (issue 8 item 8).
+        try:
+            address, rest = super()._getaddr(arg)
+        except Exception:  # noqa: BLE001 - any parser failure is the client's syntax error
+            return "", None
+        if address is not None and not _acceptable_address(address):
+            return None, None
+        return address, rest
+
     def _lifetime_over(self) -> None:
         self._lifetime_handle = None
         if self.transport is None:
@@ -369,6 +383,10 @@ class _FilterSMTP(SMTP):
             self.event_handler.connection_lost()
         finally:
             super().connection_lost(error)
+
+
+def _acceptable_address(address: str) -> bool:
+    return not any(ord(ch) < 0x20 or ord(ch) == 0x7F or 0xD800 <= ord(ch) <= 0xDFFF for ch in address)
 
 
 _refused_log = {"last": 0.0, "count": 0}

@@ -69,12 +69,21 @@ def test_exposure_score_is_ok(service: str, record_property: pytest.RecordProper
     assert score <= MAX_EXPOSURE, f"{service} exposure {score} > {MAX_EXPOSURE}:\n{proc.stdout}"
 
 
-def test_sysusers_snippet_declares_the_service_user() -> None:
+def test_sysusers_snippet_declares_the_service_user(tmp_path: Path) -> None:
     lines = [
         line.split() for line in (UNITS / "mailtriage.sysusers.conf").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     assert lines and lines[0][:2] == ["u", "mailtriage"]
+    tool = shutil.which("systemd-sysusers")
+    assert tool, "systemd-sysusers is missing: run `make deps` (apt package systemd)"
+    (tmp_path / "etc").mkdir()
+    proc = subprocess.run([tool, f"--root={tmp_path}", str(UNITS / "mailtriage.sysusers.conf")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    passwd = (tmp_path / "etc" / "passwd").read_text().splitlines()
+    entry = next(line.split(":") for line in passwd if line.startswith("mailtriage:"))
+    assert entry[5:] == ["/var/lib/mailtriage", "/usr/sbin/nologin"]
     for service in SERVICES:
         assert "User=mailtriage" in (UNITS / service).read_text()
 

@@ -531,3 +531,62 @@ def test_start_hook_shares_the_inference_worker_and_is_closed(tmp_path: Path) ->
 
     run_async(main)
     assert events == ["classified 2 on v1", "closed"]
+
+
+@pytest.mark.component
+def test_serve_comes_up_during_an_imap_outage_and_files_mail_once_the_server_is_back(
+    tmp_path: Path, notify_socket: Callable[[], list[str]]
+) -> None:
+    """Issue 8 item 12: an IMAP server that is down at boot must not fail the start (systemd would
+    give up after its start limit); `serve` reports READY, backs off, and files mail when it is back."""
+    from mailtriage.store.state import StateDB
+    from mailtriage.testing.dovecot import Dovecot, load_messages
+
+    with socket.socket() as probe:  # a port nobody listens on yet: the server is "down"
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    models = tmp_path / "models"
+    modeldir.promote(models, make_version(models, "v1"))
+    (tmp_path / "pw").write_text("secret")
+    os.chmod(tmp_path / "pw", 0o600)
+    account = AccountConfig(
+        name="support", host="127.0.0.1", port=port, tls="none", username="support",
+        password_file=str(tmp_path / "pw"), reconnect_max=1,
+    )
+    config = Config(
+        categories=CATEGORIES, state_path=str(tmp_path / "state.sqlite3"), accounts=(account,),
+        model=ModelConfig(path=str(models), device="cpu", threshold=0.0),
+        training=TrainingConfig(schedule="", model_dir=str(models)),
+    )
+    service = Service(config, None, load_model=fake_loader, join_timeout=10)
+    server = Dovecot(port=port)
+
+    async def main() -> None:
+        with structlog.testing.capture_logs() as logs:
+            task = asyncio.create_task(service.run())
+            await asyncio.wait_for(service.ready.wait(), 30)
+            assert "READY=1" in notify_socket()
+            await wait_for(lambda: sum(e["event"] == "imap_reconnect_scheduled" for e in logs) >= 2, 20, "retries")
+            assert not task.done()
+            server.start()
+            client = server.client("support", "secret")
+            for folder in CATEGORIES.values():
+                client.create_folder(folder)
+            client.create_folder(config.unsure_folder)
+            load_messages(client, "INBOX", [_mail(1, "my invoice is wrong")])
+
+            def filed() -> bool:
+                return [r.status for r in StateDB(config.state_path).rows()] == ["done"]
+
+            await wait_for(filed, 30, "the message filed after the outage")
+            service.stop()
+            await asyncio.wait_for(task, 20)
+
+    try:
+        run_async(main)
+        c = server.client("support", "secret")
+        assert int(c.folder_status("Support/Billing", [b"MESSAGES"])[b"MESSAGES"]) == 1
+        assert int(c.folder_status("INBOX", [b"MESSAGES"])[b"MESSAGES"]) == 0
+        c.logout()
+    finally:
+        server.stop()

@@ -263,13 +263,18 @@ class Dovecot:
         learn_script: str | None = None,
         learn_mailboxes: str = "Support/*",
         oauth2_introspection_url: str | None = None,
+        port: int | None = None,
     ) -> None:
         """``learn_script``: the text of an executable (e.g. ``#!/bin/sh ...``) that IMAPSieve runs with
         the message on stdin and arguments MAILBOX CAUSE USER whenever a message is copied or moved
         into a folder matching ``learn_mailboxes``; it runs as the server user. Needs dovecot-sieve.
 
         ``oauth2_introspection_url``: also accept XOAUTH2/OAUTHBEARER logins, valid when that endpoint
-        answers ``{"active": true, "username": USER}`` for the token (USER must exist in ``users``)."""
+        answers ``{"active": true, "username": USER}`` for the token (USER must exist in ``users``).
+
+        ``port``: listen there instead of on a free port (a daemon configured before the server
+        exists, or a restart on the same address); `restart()` keeps whichever port it had."""
+        self._fixed_port = port
         self.oauth2_introspection_url = oauth2_introspection_url
         self.extra_conf = extra_conf
         self.learn_script = learn_script
@@ -341,7 +346,7 @@ class Dovecot:
                 break
             except DovecotError as exc:
                 last_error = exc
-                if "Address already in use" not in str(exc):
+                if "Address already in use" not in str(exc) or self._fixed_port is not None:
                     raise
         else:
             assert last_error is not None
@@ -437,8 +442,15 @@ class Dovecot:
             return {}
         return {"user": self._uid, "group": self._gid, "extra_groups": []}
 
+    def restart(self) -> Dovecot:
+        """Stop the server and start it again on the same port with the same mail (an outage)."""
+        port = self.port
+        self.stop(_keep_root=True)
+        self._fixed_port = port
+        return self.start()
+
     def _spawn(self, binary: str) -> None:
-        port = _free_port()
+        port = self._fixed_port if self._fixed_port is not None else _free_port()
         self._write_conf(port)
         stderr_path = self.root / "dovecot.stderr"
         with open(stderr_path, "wb") as stderr:

@@ -118,6 +118,9 @@ class AccountConfig:
     poll_interval: int = 60
     fetch_batch: int = 50
     reconnect_max: int = 300
+    # The most bytes held of any one message: the header action leaves larger messages untouched,
+    # and a server literal larger than this is read to its end but kept only to this length.
+    max_message_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         where = f"accounts[{self.name!r}]"
@@ -133,6 +136,11 @@ class AccountConfig:
         _positive(f"{where}.poll_interval", self.poll_interval)
         _positive(f"{where}.fetch_batch", self.fetch_batch)
         _positive(f"{where}.reconnect_max", self.reconnect_max)
+        if self.max_message_bytes < 1024 * 1024:
+            raise ConfigError(
+                f"{where}.max_message_bytes = {self.max_message_bytes!r}: must be at least 1048576 (1 MiB); "
+                "it bounds the memory one message may take, and mail is rarely smaller than its headers plus a page"
+            )
         if self.auth in ("login", "plain"):
             given = [k for k in ("password_file", "password_env", "password_credential") if getattr(self, k)]
             if len(given) != 1:

@@ -213,6 +213,30 @@ def test_connect_logs_in(dovecot: Dovecot, imap_user: tuple[str, str], tmp_path:
 
 
 @component
+def test_a_literal_larger_than_max_message_bytes_is_cut_and_the_connection_stays_in_step(
+    dovecot: Dovecot, imap_user: tuple[str, str], tmp_path: Path
+) -> None:
+    """Issue 8 item 9: a server may answer a fetch with far more than was asked (a partial fetch is
+    only a request); the client keeps max_message_bytes and drains the rest without holding it."""
+    limit = 1024 * 1024
+    big = b"Subject: huge\r\nMessage-ID: <huge@example.com>\r\n\r\n" + (b"x" * 998 + b"\r\n") * 3000  # ~3 MB
+    small = b"Subject: small\r\nMessage-ID: <small@example.com>\r\n\r\nhello\r\n"
+    client = connection.connect(_account(dovecot, *imap_user, tmp_path, max_message_bytes=limit), timeout=10)
+    try:
+        client.create_folder("Huge")
+        load_messages(client, "Huge", [big, small])
+        client.select_folder("Huge")
+        uids = sorted(client.search(["ALL"]))
+        got = client.fetch(uids, [b"BODY.PEEK[]", b"RFC822.SIZE"])  # whole messages: as a hostile server sends
+        assert got[uids[0]][b"RFC822.SIZE"] == len(big) > limit
+        assert got[uids[0]][b"BODY[]"] == big[:limit]  # cut at the limit ...
+        assert got[uids[1]][b"BODY[]"] == small  # ... and the next literal in the same response is intact
+        assert client.noop()  # still in step with the server
+    finally:
+        connection.close(client)
+
+
+@component
 def test_connect_wrong_password(dovecot: Dovecot, imap_user: tuple[str, str], tmp_path: Path) -> None:
     user, _ = imap_user
     with pytest.raises(MailboxError, match=rf"login as '{user}' \(login\) refused by server.*password_file"):

@@ -6,8 +6,10 @@ says what failed and which config key to check.
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import Iterable
+from typing import Any
 
 import structlog
 from imapclient import IMAPClient
@@ -76,8 +78,51 @@ def connect(account: AccountConfig, timeout: float = 30) -> IMAPClient:
     except BaseException:
         _close_quietly(client)
         raise
+    cap_literals(client, account.max_message_bytes)
     log.info("imap_connected", account=account.name, host=account.host, port=account.port, tls=account.tls)
     return client
+
+
+LITERAL_DRAIN_CHUNK = 1 << 20
+
+
+def cap_literals(client: IMAPClient, limit: int) -> None:
+    """Keep at most ``limit`` bytes of any literal the server sends; read and drop the rest.
+
+    A partial fetch (``BODY.PEEK[]<0.N>``) is only a request: a broken or hostile server may answer
+    with the whole 200 MB message, and imaplib would hold all of it (plus copies) in memory. Draining
+    the excess in 1 MiB chunks keeps the connection in step with the server, so the next command
+    still works. A truncated literal is exactly ``limit`` bytes long: callers that must copy a message
+    byte for byte (the header action) compare its length with RFC822.SIZE and refuse a mismatch.
+    """
+    imap = client._imap  # imaplib.IMAP4: its _get_response reads each {size} literal via self.read
+    read, store = imap.read, imap._append_untagged
+    cut: list[int] = []  # the kept length of a literal just cut, until its line is stored
+
+    def bounded_read(size: int) -> bytes:
+        if size <= limit:
+            return read(size)
+        kept = read(limit)
+        left = size - len(kept)
+        while left > 0:
+            chunk = read(min(left, LITERAL_DRAIN_CHUNK))
+            if not chunk:
+                raise imap_exc.IMAPClientAbortError(f"connection closed inside a {size}-byte literal")
+            left -= len(chunk)
+        log.warning("imap_literal_truncated", literal_bytes=size, kept_bytes=limit,
+                    fix="the server sent more than was asked for; raise max_message_bytes only if this is real mail")
+        cut.append(len(kept))
+        return kept
+
+    def append_untagged(typ: str, dat: Any) -> None:
+        # imaplib stores (line ending in "{size}", literal); imapclient's parser checks that size
+        # against the literal, so a cut literal gets the size it now has.
+        if cut and isinstance(dat, tuple):
+            line, data = dat
+            dat = (re.sub(rb"\{\d+\}$", b"{%d}" % cut.pop(), line), data)
+        store(typ, dat)
+
+    imap.read, imap._append_untagged = bounded_read, append_untagged
 
 
 def _tls_message(account: AccountConfig, exc: BaseException) -> str:
@@ -176,6 +221,7 @@ def _close_quietly(client: IMAPClient) -> None:
 
 __all__ = [
     "CONNECTION_ERRORS",
+    "cap_literals",
     "check_folders",
     "close",
     "connect",

@@ -182,6 +182,28 @@ def test_header_action_appends_tagged_copy_and_removes_original(dovecot: Dovecot
             assert d[b"INTERNALDATE"] == dates[d[b"BODY[HEADER.FIELDS (SUBJECT)]"]]
 
 
+def test_header_action_leaves_a_message_over_max_message_bytes_whole_in_place(
+    dovecot: Dovecot, user: Any, make_account: Any, config: Config
+) -> None:
+    """Issue 8 item 9: the client keeps at most max_message_bytes of a message, so the header action
+    must not rewrite a larger one (its copy would be cut): the original stays, recorded as failed."""
+    name, password, client = user
+    big = msg(1, "Invoice huge").replace(b"\r\n\r\nHello", b"\r\n\r\n" + (b"y" * 998 + b"\r\n") * 1500 + b"Hello")
+    load_messages(client, "INBOX", [big, msg(2, "Invoice small")])
+    w, _ = watcher_for(make_account(dovecot, name, password, action="header", max_message_bytes=1 << 20), config)
+    try:
+        w.process_backlog()
+    finally:
+        w.close()
+    where = count_where(client)
+    assert where["INBOX"] == 1 and where["Support/Billing"] == 1, where
+    client.select_folder("INBOX", readonly=True)
+    (uid,) = client.search(["ALL"])
+    assert client.fetch([uid], ["RFC822.SIZE"])[uid][b"RFC822.SIZE"] == len(big)  # the original, whole
+    failed = [r for r in StateDB(config.state_path).rows() if r.status == "failed"]
+    assert len(failed) == 1 and "max_message_bytes" in (failed[0].error or "")
+
+
 def test_dry_run_touches_nothing(dovecot: Dovecot, user: Any, make_account: Any, config: Config) -> None:
     name, password, client = user
     load_messages(client, "INBOX", MIXED[:4])

@@ -163,9 +163,20 @@ def rewrite_header(
     source_uidvalidity: int | None = None,
     has_uidplus: bool = True,
     dest_uidnext: int | None = None,
+    max_bytes: int | None = None,
 ) -> int:
     """APPEND a tagged copy to ``decision.folder`` (same flags and INTERNALDATE), verify it is
-    there, then remove the original. Returns the copy's UID."""
+    there, then remove the original. Returns the copy's UID.
+
+    ``max_bytes``: the account's max_message_bytes. The connection keeps at most that much of any
+    message (``connection.cap_literals``), so ``raw`` of that length may be cut: refused, never copied.
+    """
+    if max_bytes is not None and len(raw) >= max_bytes:
+        raise MailboxError(
+            f"uid={uid} is at least {len(raw)} bytes, the account's max_message_bytes: too large to "
+            "rewrite with headers, so it was left where it is untouched; raise max_message_bytes "
+            "(memory) or file it by hand"
+        )
     if not has_uidplus:
         raise MailboxError(
             f"cannot rewrite headers of uid={uid}: removing the original needs UIDPLUS (UID EXPUNGE), "

@@ -345,6 +345,7 @@ class MailboxWatcher:
             actions.rewrite_header(
                 client, uid, item.raw, item.flags, item.internaldate, decision, self.mailbox,
                 source_uidvalidity=uidvalidity, has_uidplus=self._has_uidplus, dest_uidnext=dest_next,
+                max_bytes=self.account.max_message_bytes,
             )
 
     def _status_after_failure(self, uid: int, uidvalidity: int) -> str:

@@ -266,8 +266,15 @@ class TrainingConfig:
     batch_size: int = 16
     lora_r: int = 16
     seed: int = 13
+    serve: str = "auto"
+    refit_all: bool = False
 
     def __post_init__(self) -> None:
+        if self.serve not in ("auto", "model", "baseline", "ensemble"):
+            raise ConfigError(f"training.serve = {self.serve!r}: expected \"auto\" (the best on held-out mail), "
+                              "\"model\", \"baseline\" or \"ensemble\"")
+        if not isinstance(self.refit_all, bool):
+            raise ConfigError(f"training.refit_all = {self.refit_all!r}: expected true or false")
         if self.schedule and len(self.schedule.split()) != 5:
             raise ConfigError(
                 f"training.schedule = {self.schedule!r} is not a 5-field cron expression "

@@ -324,9 +324,13 @@ def test_ensemble_without_a_usable_baseline_is_a_model_error(tiny_model_dir: Pat
     with pytest.raises(ModelError, match="baseline.joblib.*could not be loaded"):
         load_classifier(version, device="cpu")
     manifest = modeldir.read_manifest(version)
-    manifest["serve"] = "baseline"
+    manifest["serve"] = "best-guess"
     modeldir.write_manifest(version, manifest)
-    with pytest.raises(ModelError, match="'baseline'; expected 'model' or 'ensemble'"):
+    with pytest.raises(ModelError, match="'best-guess'; expected one of \\['model', 'baseline', 'ensemble'\\]"):
+        load_classifier(version, device="cpu")
+    manifest.update(serve="ensemble", temperature=0)
+    modeldir.write_manifest(version, manifest)
+    with pytest.raises(ModelError, match="temperature.*expected a number > 0"):
         load_classifier(version, device="cpu")
 
 

@@ -86,8 +86,8 @@ def test_train_promote_then_gate_refuses_a_worse_model_then_eval(
     assert (first / "confusion.png").read_bytes().startswith(b"\x89PNG")
     assert (first / "adapter_config.json").is_file() and (first / "train_keys.txt").is_file()
 
-    # 2. a deliberately undertrained model: the gate keeps the current one and exits 3
-    assert main(train_args(toy_tree, tiny_encoder_base, models, *BAD)) == EXIT_NOT_PROMOTED
+    # 2. a deliberately undertrained model, served alone: the gate keeps the current one and exits 3
+    assert main(train_args(toy_tree, tiny_encoder_base, models, *BAD, "--serve", "model")) == EXIT_NOT_PROMOTED
     out = capsys.readouterr().out
     assert "NOT PROMOTED" in out
     assert modeldir.current_version(models) == first
@@ -130,12 +130,12 @@ def test_ensemble_is_served_and_gated_as_served(
     served_f1, model_f1 = manifest["metrics"]["macro_f1"], manifest["model_metrics"]["macro_f1"]
     assert served_f1 > model_f1 + 0.3, (served_f1, model_f1)
     report = (first / "report.md").read_text()
-    assert "Served: the ensemble" in report and "ensemble (mean of model and baseline) (served)" in report
+    assert "Served: the ensemble" in report and "x baseline) (served)" in report
     assert load_classifier(models, device="cpu").serve == "ensemble"
 
-    # 2. The identical model, now served alone by the real rule: the gate scores the current version
-    # as it is served (its ensemble, through load_classifier), so the new one is refused.
-    assert main(train_args(toy_tree, tiny_encoder_base, models, *BAD)) == EXIT_NOT_PROMOTED
+    # 2. The identical model, now served alone: the gate scores the current version as it is served
+    # (its ensemble, through load_classifier), so the new one is refused.
+    assert main(train_args(toy_tree, tiny_encoder_base, models, *BAD, "--serve", "model")) == EXIT_NOT_PROMOTED
     assert "serving the model" in capsys.readouterr().out
     second = next(p for p in models.iterdir() if p.is_dir() and not p.is_symlink() and p != first)
     again = modeldir.read_manifest(second)
@@ -160,7 +160,7 @@ def test_force_promotes_what_the_gate_refuses(
     assert main(train_args(toy_tree, tiny_encoder_base, models, *GOOD)) == EXIT_PROMOTED
     first = modeldir.current_version(models)
     # A bigger holdout reaches into mail the current version trained on: the gate leaves that out.
-    args = train_args(toy_tree, tiny_encoder_base, models, *BAD, "--force")
+    args = train_args(toy_tree, tiny_encoder_base, models, *BAD, "--serve", "model", "--force")
     args[args.index("--holdout-fraction") + 1] = "0.4"
     assert main(args) == EXIT_PROMOTED
     forced = modeldir.current_version(models)
@@ -211,3 +211,59 @@ def test_dry_run_harvests_imap_folders_without_marking_seen(
     imap.select_folder("Support/Billing", readonly=True)
     assert imap.search(["SEEN"]) == []
     assert os.environ["MT_TEST_PASSWORD"]
+
+
+def test_auto_serves_the_best_of_three_and_never_below_the_baseline(
+    toy_tree: Path, tiny_encoder_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An undertrained model loses to the TF-IDF baseline: the version serves the baseline or the
+    ensemble, whichever is best on held-out mail, and load_classifier serves exactly that."""
+    from mailtriage.model.ensemble import BaselineClassifier
+    from mailtriage.model.transformers import load_classifier
+
+    models = tmp_path / "models"
+    assert main(train_args(toy_tree, tiny_encoder_base, models, *BAD)) == EXIT_PROMOTED
+    capsys.readouterr()
+    version = modeldir.current_version(models)
+    assert version is not None
+    m = modeldir.read_manifest(version)
+    scores = {k: m[f"{k}_metrics"]["macro_f1"] for k in ("model", "baseline", "ensemble")}
+    assert m["serve"] != "model" and scores[m["serve"]] == max(scores.values())
+    assert m["metrics"]["macro_f1"] >= m["baseline_metrics"]["macro_f1"]
+    assert 0.0 < m["ensemble_weight"] < 1.0
+    assert "because it has the best held-out macro-F1" in m["serve_reason"]
+    assert m["serve_reason"] in (version / "report.md").read_text()
+    clf = load_classifier(models, device="cpu")
+    assert clf.serve == m["serve"]
+    if m["serve"] == "baseline":
+        assert isinstance(clf, BaselineClassifier)
+    # eval --model scores what is served: the same held-out-grade accuracy, not the broken model's.
+    assert main(["eval", "--data", str(toy_tree), "--model", str(models), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] > 0.8
+
+
+def test_refit_all_retrains_the_served_parts_on_all_mail_after_the_gate(
+    toy_tree: Path, tiny_encoder_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = tmp_path / "models"
+    args = train_args(toy_tree, tiny_encoder_base, models, *BAD, "--serve", "ensemble", "--refit-all")
+    assert main(args) == EXIT_PROMOTED
+    capsys.readouterr()
+    version = modeldir.current_version(models)
+    assert version is not None
+    m = modeldir.read_manifest(version)
+    assert m["refit"]["parts"] == ["model", "baseline"]
+    assert m["refit"]["examples"] == m["data"]["all"]["n"]
+    assert not (version / ".refit").exists()
+    assert (version / "adapter_config.json").is_file() and (version / "baseline.joblib").is_file()
+    from mailtriage.model.ensemble import load_baseline
+
+    # The refitted baseline has seen the holdout too: it now classifies every toy message right.
+    texts = [t for t, _ in TOY_EXAMPLES]
+    pred = load_baseline(version, m["labels"]).predict(texts)
+    assert list(pred) == [label for _, label in TOY_EXAMPLES]
+    assert "retrained on all" in (version / "report.md").read_text()
+    # Without --refit-all nothing is refitted.
+    assert main(train_args(toy_tree, tiny_encoder_base, models, *BAD, "--serve", "model", "--force")) == EXIT_PROMOTED
+    capsys.readouterr()
+    assert "refit" not in modeldir.read_manifest(modeldir.current_version(models))

@@ -125,6 +125,11 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--holdout-fraction", type=float, metavar="F")
     p.add_argument("--min-examples", type=int, metavar="N", help="per class (default: training.min_examples_per_class)")
+    p.add_argument("--serve", choices=["auto", "model", "baseline", "ensemble"],
+                   help="what the version serves (default: training.serve or auto = best held-out macro-F1)")
+    p.add_argument("--refit-all", action=argparse.BooleanOptionalAction, default=None,
+                   help="after the gate promoted the version, retrain what it serves on all labelled mail "
+                        "(train + holdout) before it goes live (default: training.refit_all)")
     p.add_argument("--force", action="store_true", help="promote even when the gate would refuse")
     p.add_argument("--dry-run", action="store_true",
                    help="harvest, dedupe, check and split, print the data summary; train nothing")
@@ -269,6 +274,8 @@ class _Settings:
     max_length: int
     device: str
     patience: int | None
+    serve: str = "auto"
+    refit_all: bool = False
 
 
 def _settings(args: argparse.Namespace, cfg: Any) -> _Settings:
@@ -296,6 +303,8 @@ def _settings(args: argparse.Namespace, cfg: Any) -> _Settings:
         max_length=pick(args.max_length, mc.max_length),
         device=pick(args.device, mc.device),
         patience=args.patience,
+        serve=pick(getattr(args, "serve", None), tc.serve),
+        refit_all=pick(getattr(args, "refit_all", None), tc.refit_all),
     )
     if not 0.0 <= s.threshold <= 1.0:
         raise ConfigError(f"--threshold {s.threshold!r} is outside 0..1")
@@ -370,17 +379,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         (version_dir / TRAIN_KEYS_FILE).write_text(
             "".join(_key_digest(e.key) + "\n" for e in sorted(train_all, key=lambda e: e.key)), encoding="utf-8")
 
-        # 3. evaluate on the holdout: model, baseline, ensemble; serve the ensemble only if it beats both
-        from mailtriage.model.ensemble import SERVE_ENSEMBLE
-        from mailtriage_trainer.evaluate import choose_serve
+        # 3. evaluate on the holdout: model, baseline, ensemble (its weight chosen on validation); serve
+        # the best of the three unless the config or --serve names one
+        from mailtriage.model.ensemble import SERVE_MODEL
+        from mailtriage_trainer.evaluate import choose_serve, serve_reason
 
-        scores, probs, baseline = _evaluate_all(s, version_dir, labels, train_all, holdout, progress)
-        serve = choose_serve(scores["model_metrics"], scores["baseline_metrics"], scores["ensemble_metrics"])
-        if serve == SERVE_ENSEMBLE:
+        scores, probs, baseline = _evaluate_all(s, version_dir, labels, train, val, train_all, holdout, progress)
+        parts = (scores["model_metrics"], scores["baseline_metrics"], scores["ensemble_metrics"])
+        serve = choose_serve(*parts) if s.serve == "auto" else s.serve
+        reason = serve_reason(serve, *parts, scores["ensemble_weight"], configured=s.serve != "auto")
+        if serve != SERVE_MODEL:
             baseline.save(version_dir)
         # "metrics" is the version as served (what load_classifier gives), so the gate, eval --model and
         # the next run's gate all score the same thing; each part keeps its own row.
-        manifest.update(scores, serve=serve, metrics=scores[f"{serve}_metrics"])
+        manifest.update(scores, serve=serve, serve_reason=reason, metrics=scores[f"{serve}_metrics"])
         log.info("serve_chosen", serve=serve, macro_f1=round(manifest["metrics"]["macro_f1"], 4))
 
         # 4. the gate
@@ -389,6 +401,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         modeldir.write_manifest(version_dir, manifest)
         from mailtriage_trainer.report import write_report
 
+        if gate["promoted"] and s.refit_all:
+            manifest["refit"] = _refit_all(s, version_dir, labels, serve, params, result, train_all, holdout,
+                                           val, progress)
+            modeldir.write_manifest(version_dir, manifest)
         report = write_report(version_dir, manifest)
         if gate["promoted"]:
             modeldir.promote(s.model_dir, version_dir)
@@ -448,14 +464,18 @@ def _base_manifest(
 
 
 def _evaluate_all(
-    s: _Settings, version_dir: Path, labels: Sequence[str], train_all: Sequence[Any], holdout: Sequence[Any],
-    progress: bool,
+    s: _Settings, version_dir: Path, labels: Sequence[str], train: Sequence[Any], val: Sequence[Any],
+    train_all: Sequence[Any], holdout: Sequence[Any], progress: bool,
 ) -> tuple[dict[str, Any], dict[str, Any], Any]:
-    """(manifest entries model_metrics, baseline_metrics, ensemble_metrics; holdout probabilities of
-    "model" and "ensemble"; the fitted baseline)."""
+    """(manifest entries model_metrics, baseline_metrics, ensemble_metrics, ensemble_weight; holdout
+    probabilities of "model", "baseline" and "ensemble"; the baseline fitted on train + validation).
+
+    The ensemble weight is chosen on the validation slice with a baseline fitted on the training
+    slice only, so nothing about the holdout leaks into it.
+    """
     from mailtriage.model.transformers import load_classifier
     from mailtriage_trainer.evaluate import (
-        DEFAULT_THRESHOLDS, Baseline, classifier_probs, ensemble_probs, score_probs,
+        DEFAULT_THRESHOLDS, Baseline, choose_weight, classifier_probs, ensemble_probs, score_probs,
     )
 
     thresholds = (*DEFAULT_THRESHOLDS, s.threshold)
@@ -464,19 +484,66 @@ def _evaluate_all(
     # Load the saved adapter the way the daemon will: this also proves the version directory is complete.
     clf = load_classifier(version_dir, device=s.device, batch_size=s.batch_size, max_length=s.max_length,
                           expected_labels=labels)
-    model_p = classifier_probs(clf, texts, labels, batch_size=max(s.batch_size, 32), progress=progress)
+    batch = max(s.batch_size, 32)
+    model_p = classifier_probs(clf, texts, labels, batch_size=batch, progress=progress)
+    model_val_p = classifier_probs(clf, [e.text for e in val], labels, batch_size=batch, progress=progress)
     del clf
+    val_baseline = Baseline(labels, seed=s.seed).fit([e.text for e in train], [e.label for e in train])
+    weight = choose_weight([e.label for e in val], model_val_p, val_baseline.predict_proba([e.text for e in val]),
+                           labels)
     baseline = Baseline(labels, seed=s.seed).fit([e.text for e in train_all], [e.label for e in train_all])
     base_p = baseline.predict_proba(texts)
-    probs = {"model": model_p, "ensemble": ensemble_probs(model_p, base_p)}
-    out = {
+    probs = {"model": model_p, "baseline": base_p, "ensemble": ensemble_probs(model_p, base_p, weight)}
+    out: dict[str, Any] = {
         "model_metrics": score_probs(y, model_p, labels, thresholds),
         "baseline_metrics": score_probs(y, base_p, labels, thresholds),
         "ensemble_metrics": score_probs(y, probs["ensemble"], labels, thresholds),
+        "ensemble_weight": weight,
     }
-    log.info("holdout_evaluated", holdout=len(holdout),
+    log.info("holdout_evaluated", holdout=len(holdout), ensemble_weight=weight,
              **{name: round(out[f"{name}_metrics"]["macro_f1"], 4) for name in ("model", "baseline", "ensemble")})
     return out, probs, baseline
+
+
+def _refit_all(
+    s: _Settings, version_dir: Path, labels: Sequence[str], serve: str, params: dict[str, Any],
+    result: dict[str, Any], train_all: Sequence[Any], holdout: Sequence[Any], val: Sequence[Any], progress: bool,
+) -> dict[str, Any]:
+    """After the gate decided: retrain what the version serves on all labelled mail (train + holdout).
+
+    The held-out metrics in the manifest stay those of the gated fit (the refit has no unseen mail
+    left to be scored on). The model is retrained for the best epoch count the gated fit found, with no
+    early stopping; the baseline is refitted on everything. The gated adapter is replaced only once
+    the refit has finished.
+    """
+    from mailtriage.model import modeldir
+    from mailtriage.model.ensemble import SERVE_MODEL, SERVE_BASELINE
+    from mailtriage_trainer.evaluate import Baseline
+
+    everything = [*train_all, *holdout]
+    info: dict[str, Any] = {"examples": len(everything), "parts": []}
+    if serve != SERVE_BASELINE:
+        from mailtriage_trainer.finetune import TrainParams, finetune
+        from mailtriage.core.labels import LabelSet
+
+        epochs = int(result.get("best_epoch") or params["epochs"])
+        refit_params = TrainParams(**{**params, "epochs": epochs, "patience": epochs + 1})
+        tmp = version_dir / ".refit"
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Validation rows are part of the training data here; they only feed the loop's log.
+        finetune(modeldir.resolve_base_model(s.base), [(e.text, e.label) for e in everything],
+                 [(e.text, e.label) for e in val], LabelSet(tuple(labels)), tmp, refit_params, progress=progress)
+        for f in tmp.iterdir():
+            if f.name != modeldir.MANIFEST_FILE:
+                os.replace(f, version_dir / f.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        info["parts"].append("model")
+        info["model_epochs"] = epochs
+    if serve != SERVE_MODEL:
+        Baseline(labels, seed=s.seed).fit([e.text for e in everything], [e.label for e in everything]).save(version_dir)
+        info["parts"].append("baseline")
+    log.info("refit_all_done", **info)
+    return info
 
 
 def _gate(

@@ -76,9 +76,11 @@ def render_markdown(manifest: dict[str, Any], confusion_png: bool = True) -> str
         model_name = "fine-tuned model alone" + (" (served)" if serve == "model" else "")
         rows: list[tuple[str, dict[str, Any]]] = [(model_name, model)]
         if baseline:
-            rows.append(("TF-IDF + logistic regression baseline", baseline))
+            rows.append(("TF-IDF + logistic regression baseline" + (" (served)" if serve == "baseline" else ""),
+                         baseline))
         if ensemble:
-            rows.append(("ensemble (mean of model and baseline)" + (" (served)" if serve == "ensemble" else ""),
+            w = float(m.get("ensemble_weight", 0.5))
+            rows.append((f"ensemble ({w:.1f} x model + {1 - w:.1f} x baseline)" + (" (served)" if serve == "ensemble" else ""),
                          ensemble))
         current = gate.get("current_metrics")
         if current:
@@ -102,16 +104,20 @@ def render_markdown(manifest: dict[str, Any], confusion_png: bool = True) -> str
                 "held-out mail would be filed; the rest would go to the unsure folder. The model is "
                 "under-confident (train longer) or the threshold is too high for it; see the table below.")
             add("")
-        if ensemble:
+        if m.get("serve_reason"):
+            add(m["serve_reason"] + " The numbers below and the gate are the served version's.")
+            if m.get("refit"):
+                add(f"After the gate, the served parts ({', '.join(m['refit']['parts'])}) were retrained on all "
+                    f"{m['refit']['examples']} labelled messages (training.refit_all); the held-out numbers are "
+                    "those of the gated fit.")
+            add("")
+        elif ensemble:
             parts = f"the fine-tuned model alone ({model['macro_f1']:.3f})" + (
                 f" and the baseline alone ({baseline['macro_f1']:.3f})" if baseline else "")
             if serve == "ensemble":
-                add(f"Served: the ensemble, because its held-out macro-F1 {ensemble['macro_f1']:.3f} beats {parts}. "
-                    "The daemon averages the model's and the baseline's probabilities (baseline.joblib); the "
-                    "numbers below and the gate are the ensemble's.")
+                add(f"Served: the ensemble, because its held-out macro-F1 {ensemble['macro_f1']:.3f} beats {parts}.")
             else:
-                add(f"Served: the fine-tuned model alone. The ensemble ({ensemble['macro_f1']:.3f}) is served only "
-                    f"when it beats both {parts}; the baseline is never served alone.")
+                add(f"Served: the fine-tuned model alone (ensemble {ensemble['macro_f1']:.3f}, {parts}).")
             add("")
 
         add(f"## Per class ({_served_name(m)})")
@@ -231,8 +237,8 @@ def plot_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str], pa
 
 
 def _served_name(manifest: dict[str, Any]) -> str:
-    return ("served: ensemble of model and baseline" if manifest.get("serve") == "ensemble"
-            else "served: fine-tuned model")
+    return {"ensemble": "served: ensemble of model and baseline",
+            "baseline": "served: TF-IDF baseline"}.get(manifest.get("serve", "model"), "served: fine-tuned model")
 
 
 def _gate_headline(gate: dict[str, Any]) -> str:

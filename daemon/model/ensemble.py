@@ -13,16 +13,25 @@ from typing import Any
 
 import numpy as np
 
+from mailtriage.core.classifier import Prediction
 from mailtriage.errors import ModelError
 
 BASELINE_FILE = "baseline.joblib"
 SERVE_MODEL = "model"
+SERVE_BASELINE = "baseline"
 SERVE_ENSEMBLE = "ensemble"
+SERVE_CHOICES = (SERVE_MODEL, SERVE_BASELINE, SERVE_ENSEMBLE)
+# Weight of the model in the ensemble when a manifest names none (versions before weights were tuned).
+DEFAULT_ENSEMBLE_WEIGHT = 0.5
 
 
-def ensemble_probs(model: Any, baseline: Any) -> np.ndarray:
-    """The plain average: no weights to tune on the held-out set, so its score stays honest."""
-    return (np.asarray(model, dtype=np.float64) + np.asarray(baseline, dtype=np.float64)) / 2.0
+def ensemble_probs(model: Any, baseline: Any, weight: float = DEFAULT_ENSEMBLE_WEIGHT) -> np.ndarray:
+    """``weight * model + (1 - weight) * baseline``; the trainer picks ``weight`` on validation mail,
+    never on the holdout, so the held-out score of the ensemble stays honest."""
+    if not 0.0 <= weight <= 1.0:
+        raise ModelError(f"ensemble weight {weight!r} is outside 0..1; expected the model's share "
+                         "(manifest.json \"ensemble_weight\"), e.g. 0.5")
+    return weight * np.asarray(model, dtype=np.float64) + (1.0 - weight) * np.asarray(baseline, dtype=np.float64)
 
 
 def baseline_probs(pipeline: Any, texts: Sequence[str], labels: Sequence[str]) -> np.ndarray:
@@ -58,7 +67,7 @@ def load_baseline(version_dir: Path, labels: Sequence[str]) -> Any:
     path = Path(version_dir) / BASELINE_FILE
     if not path.is_file():
         raise ModelError(
-            f"{str(version_dir)!r} says to serve the ensemble (manifest.json \"serve\": \"ensemble\") but has no "
+            f"{str(version_dir)!r} says to serve the TF-IDF baseline (manifest.json \"serve\") but has no "
             f"{BASELINE_FILE}; the version is incomplete: retrain with mailtriage-train, or set \"serve\": \"model\" "
             "in its manifest.json to serve the fine-tuned model alone"
         )
@@ -81,3 +90,34 @@ def load_baseline(version_dir: Path, labels: Sequence[str]) -> Any:
         raise ModelError(f"{str(path)!r} predicts labels {unknown} that labels.json does not have ({list(labels)}); "
                          "the baseline belongs to another version: retrain with mailtriage-train")
     return pipeline
+
+
+class BaselineClassifier:
+    """A version that serves its TF-IDF baseline alone (the trainer found it best on held-out mail).
+
+    Same ``Classifier`` surface as the transformers classifier, without torch or the adapter weights
+    in memory; ``serve`` says what it is.
+    """
+
+    serve = SERVE_BASELINE
+
+    def __init__(self, pipeline: Any, labels: Sequence[str], *, path: Path, manifest: dict[str, Any]) -> None:
+        self.pipeline = pipeline
+        self.labels: tuple[str, ...] = tuple(labels)
+        self.path = path
+        self.version: str = path.name
+        self.manifest = manifest
+        self.device = "cpu"
+
+    def classify(self, texts: Sequence[str]) -> list[Prediction]:
+        if not texts:
+            return []
+        out = []
+        for row in baseline_probs(self.pipeline, texts, self.labels).tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            out.append(Prediction(label=self.labels[best], confidence=row[best],
+                                  scores=dict(zip(self.labels, row, strict=True))))
+        return out
+
+    def __repr__(self) -> str:
+        return f"BaselineClassifier(version={self.version!r}, labels={list(self.labels)}, serve='baseline')"

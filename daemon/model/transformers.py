@@ -200,6 +200,8 @@ class TransformersClassifier:
         batch_size: int = 16,
         max_length: int = 256,
         baseline: Any = None,
+        ensemble_weight: float = ensemble.DEFAULT_ENSEMBLE_WEIGHT,
+        temperature: float = 1.0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -213,6 +215,10 @@ class TransformersClassifier:
         # The fitted scikit-learn pipeline when this version serves the ensemble, else None.
         self.baseline = baseline
         self.serve = ensemble.SERVE_ENSEMBLE if baseline is not None else ensemble.SERVE_MODEL
+        self.ensemble_weight = ensemble_weight
+        # Logits are divided by this before the softmax (temperature scaling, fitted on validation
+        # mail by the trainer): confidences then mean what they say, so thresholds do too.
+        self.temperature = temperature
 
     def logits(self, texts: Sequence[str]) -> torch.Tensor:
         """Raw head outputs (n_texts x n_labels, fp32 on CPU), in input order."""
@@ -230,9 +236,10 @@ class TransformersClassifier:
     def classify(self, texts: Sequence[str]) -> list[Prediction]:
         if not texts:
             return []
-        probs = torch.softmax(self.logits(texts), dim=-1).numpy()
+        probs = torch.softmax(self.logits(texts) / self.temperature, dim=-1).numpy()
         if self.baseline is not None:
-            probs = ensemble.ensemble_probs(probs, ensemble.baseline_probs(self.baseline, texts, self.labels))
+            probs = ensemble.ensemble_probs(probs, ensemble.baseline_probs(self.baseline, texts, self.labels),
+                                            self.ensemble_weight)
         predictions = []
         for row in probs.tolist():
             best = max(range(len(row)), key=row.__getitem__)
@@ -256,8 +263,12 @@ def load_classifier(
     batch_size: int = 16,
     max_length: int = 256,
     expected_labels: Sequence[str] | None = None,
-) -> TransformersClassifier:
-    """Load MODEL_DIR, MODEL_DIR/current or a version directory; refuse labels that differ from config."""
+) -> TransformersClassifier | ensemble.BaselineClassifier:
+    """Load MODEL_DIR, MODEL_DIR/current or a version directory; refuse labels that differ from config.
+
+    What comes back is the version as served (manifest ``"serve"``): the fine-tuned model, the model
+    averaged with the TF-IDF baseline, or the baseline alone (no torch model is loaded then).
+    """
     version_dir = modeldir.resolve(Path(path))
     labels = LabelSet.load(version_dir)
     if expected_labels is not None:
@@ -276,11 +287,19 @@ def load_classifier(
     _warn_on_mailtext_skew(manifest, version_dir)
     # Manifests from before ensemble serving have no "serve": they serve the model, as they always did.
     serve = manifest.get("serve", ensemble.SERVE_MODEL)
-    if serve not in (ensemble.SERVE_MODEL, ensemble.SERVE_ENSEMBLE):
-        raise ModelError(f"manifest.json of {str(version_dir)!r} has \"serve\": {serve!r}; expected "
-                         f"{ensemble.SERVE_MODEL!r} or {ensemble.SERVE_ENSEMBLE!r}")
+    if serve not in ensemble.SERVE_CHOICES:
+        raise ModelError(f"manifest.json of {str(version_dir)!r} has \"serve\": {serve!r}; expected one of "
+                         f"{list(ensemble.SERVE_CHOICES)}")
+    weight = float(manifest.get("ensemble_weight", ensemble.DEFAULT_ENSEMBLE_WEIGHT))
+    temperature = float(manifest.get("temperature", 1.0))
+    if not temperature > 0:
+        raise ModelError(f"manifest.json of {str(version_dir)!r} has \"temperature\": {temperature!r}; expected a "
+                         "number > 0 (1 leaves the model's confidences as trained)")
     # Before the model: a broken baseline fails in a second rather than after loading the weights.
-    baseline = ensemble.load_baseline(version_dir, labels.labels) if serve == ensemble.SERVE_ENSEMBLE else None
+    baseline = ensemble.load_baseline(version_dir, labels.labels) if serve != ensemble.SERVE_MODEL else None
+    if serve == ensemble.SERVE_BASELINE:
+        log.info("model_loaded", version=version_dir.name, labels=list(labels.labels), serve=serve)
+        return ensemble.BaselineClassifier(baseline, labels.labels, path=version_dir, manifest=manifest)
 
     resolved_device = pick_device(device)
     dtype = pick_dtype(resolved_device)
@@ -315,6 +334,8 @@ def load_classifier(
         batch_size=batch_size,
         max_length=max_length,
         baseline=baseline,
+        ensemble_weight=weight,
+        temperature=temperature,
     )
 
 

@@ -483,3 +483,26 @@ def test_a_simple_plain_mail_round_trips(subject: str, body: str) -> None:
     expected_subject = " ".join(subject.split())
     expected_body = " ".join(body.split())
     assert text == (f"{expected_subject}\n\n{expected_body}" if expected_body else expected_subject)
+
+
+def test_one_input_bound_for_watcher_relay_and_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 8 item 11: the watcher fetched only the first 4 MiB, the relay and trainer pass the whole
+    message. Now the watcher fetches exactly the prefix mail_text reads of any message, so all three
+    see the same text even when the text part sits behind a big attachment (shown here with the
+    bound lowered to 1 MiB, to keep the test small)."""
+    from mailtriage.imap.watcher import CLASSIFY_FETCH_BYTES
+
+    assert CLASSIFY_FETCH_BYTES == mailtext.MAX_INPUT_BYTES
+    monkeypatch.setattr(mailtext, "MAX_INPUT_BYTES", 1024 * 1024)
+    CLASSIFY_FETCH_BYTES = mailtext.MAX_INPUT_BYTES
+    blob = base64.encodebytes(b"\0" * (mailtext.MAX_INPUT_BYTES * 3 // 4 + 4096)).decode()
+    raw = (
+        "From: a@example.com\nSubject: big one\nMIME-Version: 1.0\n"
+        'Content-Type: multipart/mixed; boundary="b"\n\n'
+        "--b\nContent-Type: application/octet-stream\nContent-Transfer-Encoding: base64\n\n"
+        f"{blob}\n--b\nContent-Type: text/plain\n\nmy invoice is wrong\n--b--\n"
+    ).encode()
+    assert len(raw) > CLASSIFY_FETCH_BYTES
+    whole = mailtext.mail_text(raw)
+    assert whole == mailtext.mail_text(raw[:CLASSIFY_FETCH_BYTES])
+    assert mailtext.message_key(raw) == mailtext.message_key(raw[:CLASSIFY_FETCH_BYTES])

@@ -343,3 +343,17 @@ def test_bert_pooler_is_trained_with_the_head_decoders_have_none(tiny_encoder_ba
     for base, expected in ((tiny_encoder_base, ["pooler"]), (tiny_decoder_base, [])):
         model = load_base_model(base, labels, load_tokenizer(base), torch.float32)
         assert default_modules_to_save(model) == expected
+
+
+def test_an_adapter_from_another_mailtext_version_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Issue 8 item 11: a mismatch used to log a warning and serve anyway."""
+    from mailtriage.core.mailtext import MAILTEXT_VERSION
+    from mailtriage.model.transformers import load_classifier
+
+    version = _copy_version(tiny_model_dir, tmp_path, None)
+    manifest = modeldir.read_manifest(version)
+    assert manifest["mailtext_version"] == MAILTEXT_VERSION
+    manifest["mailtext_version"] = "0"
+    modeldir.write_manifest(version, manifest)
+    with pytest.raises(ModelError, match=r"mail text version '0'.*prepares mail text version .*Retrain with mailtriage-train"):
+        load_classifier(version, device="cpu")

@@ -223,3 +223,53 @@ def test_errors_name_what_was_looked_for(tmp_path: Path) -> None:
         load_source(tmp_path / "flat", progress=False)
     with pytest.raises(TrainingDataError, match=r"Ignored folders/labels: \['billing', 'login'\]"):
         load_source(write_tree(tmp_path / "x", 1), progress=False, categories={"refunds": "R", "other": "O"})
+
+
+def test_binary_files_and_broken_mbox_from_lines_are_skipped_and_counted(tmp_path: Path) -> None:
+    """Issue 8 item 14: they used to become training examples silently."""
+    import random
+    from collections import Counter
+
+    from mailtriage_trainer.sources import SKIP_BINARY, SKIP_NO_HEADERS
+
+    root = write_tree(tmp_path / "tree")
+    rng = random.Random(7)
+    (root / "billing" / "scan.jpg.eml").write_bytes(bytes(rng.randrange(256) for _ in range(20_000)))
+    (root / "login" / "blob").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(rng.randrange(256) for _ in range(500)))
+    # An mboxo file whose body has an unquoted "From " line: the split leaves a headerless fragment.
+    (root / "login" / "more.mbox").write_bytes(
+        b"From a@example.com Mon Jan  1 10:00:00 2024\n" + raw("login", 7)
+        + b"From the start of a body line, this was not quoted.\nmore body text\n"
+    )
+    skipped: Counter[str] = Counter()
+    examples = load_source(root, progress=False, skipped=skipped)
+    assert by_label(examples) == {"billing": 3, "login": 4}
+    assert skipped[SKIP_BINARY] == 2 and skipped[SKIP_NO_HEADERS] == 1
+    assert not any("not quoted" in e.text for e in examples)
+
+    # The same in a directory of <label>.mbox files (the mailbox module splits those).
+    boxes = tmp_path / "boxes"
+    boxes.mkdir()
+    for label in CATEGORIES:
+        (boxes / f"{label}.mbox").write_bytes(
+            b"From a@example.com Mon Jan  1 10:00:00 2024\n" + raw(label, 1)
+            + b"From here on the body was not quoted.\n\n"
+            + b"From b@example.com Mon Jan  1 11:00:00 2024\n" + raw(label, 2)
+        )
+    skipped.clear()
+    assert by_label(load_source(boxes, progress=False, skipped=skipped)) == {"billing": 2, "login": 2}
+    assert skipped == Counter({SKIP_NO_HEADERS: 2})
+
+
+def test_the_training_report_counts_what_was_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailtriage_trainer.cli import main
+    from mailtriage_trainer.sources import SKIP_BINARY
+
+    monkeypatch.delenv("MAILTRIAGE_CONFIG", raising=False)
+    monkeypatch.setattr("mailtriage_trainer.cli.DEFAULT_CONFIG", "/nonexistent/mailtriage.toml")
+    root = write_tree(tmp_path / "tree", n=6)
+    (root / "billing" / "noise").write_bytes(bytes(range(256)) * 4)
+    assert main(["--data", str(root), "--dry-run", "--min-examples", "2"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["data"]["skipped"] == {SKIP_BINARY: 1}

@@ -331,11 +331,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty()
 
     # 1. harvest
+    from collections import Counter
+
+    skipped: Counter[str] = Counter()
     if s.data:
-        examples = sources.load_source(s.data, categories=cfg.categories if cfg else None, progress=None)
+        examples = sources.load_source(s.data, categories=cfg.categories if cfg else None, progress=None,
+                                       skipped=skipped)
         source_name = str(s.data)
     elif cfg is not None:
-        examples = sources.load_imap(cfg, account=args.account, progress=None)
+        examples = sources.load_imap(cfg, account=args.account, progress=None, skipped=skipped)
         source_name = "imap:" + (args.account or (cfg.accounts[0].name if cfg.accounts else "?"))
     else:
         raise ConfigError("no training data: pass --data SOURCE, or --config with [categories] and "
@@ -351,6 +355,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     data_info: dict[str, Any] = {
         "source": source_name,
         "loaded": loaded,
+        "skipped": dict(skipped),
         "duplicates_dropped": dropped,
         "split": "time-ordered (newest per class held out)" if dataset.is_time_ordered(examples)
                  else "stratified random",

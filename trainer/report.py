@@ -160,6 +160,8 @@ def render_markdown(manifest: dict[str, Any], confusion_png: bool = True) -> str
         add(f"- source: `{data.get('source', '?')}`")
         if "loaded" in data:
             add(f"- loaded {data['loaded']} examples, dropped {data.get('duplicates_dropped', 0)} duplicates")
+            for reason, count in sorted((data.get("skipped") or {}).items()):
+                add(f"- skipped {count}: {reason}")
         if data.get("split"):
             add(f"- split: {data['split']}")
         whole = data.get("all") or {}

@@ -78,9 +78,12 @@ def load_source(
     categories: Mapping[str, str] | None = None,
     max_chars: int | None = None,
     progress: bool | None = None,
+    skipped: Counter[str] | None = None,
 ) -> list[Example]:
     """Read every labelled example from ``spec``, auto-detecting its format (see module docstring).
 
+    ``skipped``: when given, receives the count of what was read but not used, by reason
+    (binary files, fragments that are no message, empty text, ...), for the training report.
     ``max_chars``: None uses mail_text's own default, which is what the daemon serves with.
     ``progress``: None shows a bar only on a terminal, False never.
     Raises TrainingDataError when the path is missing, the format unknown or nothing is labelled.
@@ -94,6 +97,8 @@ def load_source(
     else:
         examples = _load_file(path, reader)
     reader.log_skipped(path)
+    if skipped is not None:
+        skipped.update(reader.skipped)
     if not examples:
         wanted = f" for the categories {sorted(categories)}" if categories else ""
         raise TrainingDataError(
@@ -111,6 +116,7 @@ def load_imap(
     account: str | None = None,
     max_chars: int | None = None,
     progress: bool | None = None,
+    skipped: Counter[str] | None = None,
 ) -> list[Example]:
     """Harvest each category folder of one account (``cfg.categories``: label -> folder).
 
@@ -158,6 +164,8 @@ def load_imap(
         except Exception:  # the harvest result matters, a failed goodbye does not
             pass
     reader.log_skipped(f"imap://{acc.name}")
+    if skipped is not None:
+        skipped.update(reader.skipped)
     if not examples:
         raise TrainingDataError(
             f"the category folders {list(cfg.categories.values())} on account {acc.name!r} hold no "
@@ -223,6 +231,13 @@ class _Reader:
     def from_raw(self, raw: bytes, label: str, source: str) -> Example | None:
         from mailtriage.core.mailtext import mail_text, message_date, message_key
 
+        not_mail = _not_a_message(raw)
+        if not_mail:
+            # mail_text never refuses input, so a JPEG in a category folder or the tail of a message
+            # split at an unquoted "From " body line would otherwise become a training example.
+            self.skipped[not_mail] += 1
+            log.warning("not_a_message_skipped", source=source, reason=not_mail)
+            return None
         try:
             text = mail_text(raw) if self.max_chars is None else mail_text(raw, max_chars=self.max_chars)
             key = message_key(raw)
@@ -250,6 +265,31 @@ class _Reader:
         if self.ignored:
             log.warning("folders_ignored_not_a_category", source=str(where),
                         folders=sorted(self.ignored))
+
+
+_HEADER_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+SKIP_BINARY = "binary file (not a message)"
+SKIP_NO_HEADERS = "no header block (not a message, or an mbox split at an unquoted 'From ' line)"
+
+
+def _not_a_message(raw: bytes) -> str | None:
+    """Why ``raw`` is no RFC 822 message (a ``skipped`` reason), or None when it looks like one.
+
+    Binary: a NUL byte, or more than 10% control bytes, in the first 4 KiB (mail is text; binary
+    attachments are base64). No header block: the first line is not ``Name: value`` (an mbox
+    envelope ``From `` line before it is allowed).
+    """
+    head = bytes(raw[:4096])
+    controls = sum(1 for b in head if b < 9 or 13 < b < 32 or b == 127)
+    if b"\0" in head or controls > len(head) // 10:
+        return SKIP_BINARY
+    lines = head.lstrip(b"\r\n").split(b"\n", 2)
+    first = lines[0]
+    if first.startswith(b"From ") and len(lines) > 1:
+        first = lines[1]
+    if not _HEADER_LINE.match(first):
+        return SKIP_NO_HEADERS
+    return None
 
 
 # ---- directories and archives: a tree of (relative path parts, bytes) -------------------------

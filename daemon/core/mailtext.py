@@ -33,7 +33,10 @@ MAILTEXT_VERSION = "1"
 
 # Bounds that make the cost of one message independent of what the sender put in it. They are
 # fixed (not derived from max_chars) so mail_text(raw, n) is always a prefix of mail_text(raw, m>n).
-MAX_INPUT_BYTES = 64 * 1024 * 1024  # bytes of a message we look at at all
+# The one rule for how much of a message anything looks at: mail_text, message_key and message_date
+# read only these first bytes, and the IMAP watcher fetches exactly this prefix, so the watcher, the
+# SMTP relay (whole message) and the trainer (whole file) compute the same text (no train/serve skew).
+MAX_INPUT_BYTES = 64 * 1024 * 1024
 MAX_HEADER_LINES = 20_000  # physical lines scanned per header block before jumping to the blank line
 MAX_HEADER_VALUE = 8 * 1024  # bytes kept of one unfolded header value
 MAX_DEPTH = 64  # MIME nesting levels walked

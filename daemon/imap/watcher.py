@@ -26,6 +26,7 @@ from mailtriage.service import metrics
 from mailtriage.core.classifier import Prediction
 from mailtriage.config import AccountConfig, Config
 from mailtriage.errors import MailboxError, ModelError
+from mailtriage.core import mailtext
 from mailtriage.core.mailtext import mail_text, message_key
 from mailtriage.core.routing import Decision, decide
 from mailtriage.store.state import MessageRow, StateDB
@@ -36,9 +37,9 @@ log = structlog.get_logger(__name__)
 ClassifyFn = Callable[[Sequence[str]], tuple[list[Prediction], str]]
 ConnectFn = Callable[[AccountConfig], IMAPClient]
 
-# A message larger than this is classified on its first bytes (mailtext bounds its text anyway);
-# the header action still fetches the whole message, since it must copy it byte for byte.
-CLASSIFY_FETCH_BYTES = 4 * 1024 * 1024
+# Exactly the prefix mail_text reads of any message (its one rule), so a partial fetch gives the same
+# text as the whole message; the header action still fetches the whole message, to copy it byte for byte.
+CLASSIFY_FETCH_BYTES = mailtext.MAX_INPUT_BYTES
 IDLE_SLICE_S = 1.0  # idle_check timeout: how quickly a stop request is noticed
 _FLAGS, _DATE = b"FLAGS", b"INTERNALDATE"
 

@@ -284,7 +284,7 @@ def load_classifier(
     else:
         log.warning("model_manifest_missing", path=str(version_dir))
     base = manifest.get("base_model") or _adapter_base(version_dir)
-    _warn_on_mailtext_skew(manifest, version_dir)
+    _check_mailtext_version(manifest, version_dir)
     # Manifests from before ensemble serving have no "serve": they serve the model, as they always did.
     serve = manifest.get("serve", ensemble.SERVE_MODEL)
     if serve not in ensemble.SERVE_CHOICES:
@@ -353,20 +353,19 @@ def _adapter_base(version_dir: Path) -> str:
     return str(base)
 
 
-def _warn_on_mailtext_skew(manifest: dict[str, Any], version_dir: Path) -> None:
-    """An adapter trained on another mail-text version saw differently prepared text; say so loudly."""
+def _check_mailtext_version(manifest: dict[str, Any], version_dir: Path) -> None:
+    """Refuse an adapter trained on another mail-text version: it learned from differently prepared
+    text, so its held-out numbers say nothing about what it would do here (train/serve skew)."""
+    from mailtriage.core.mailtext import MAILTEXT_VERSION
+
     trained_with = manifest.get("mailtext_version")
     if trained_with is None:
-        return
-    try:
-        from mailtriage.core.mailtext import MAILTEXT_VERSION
-    except ImportError:
+        log.warning("model_mailtext_version_unknown", path=str(version_dir), running=MAILTEXT_VERSION)
         return
     if str(trained_with) != str(MAILTEXT_VERSION):
-        log.warning(
-            "model_mailtext_version_differs",
-            path=str(version_dir),
-            trained_with=trained_with,
-            running=MAILTEXT_VERSION,
-            hint="retrain with mailtriage-train so the model sees text prepared the way it is served",
+        raise ModelError(
+            f"model version {str(version_dir)!r} was trained on mail text version {trained_with!r}, but this "
+            f"mailtriage prepares mail text version {MAILTEXT_VERSION!r}: the model would see text prepared "
+            "differently from what it learned on. Retrain with mailtriage-train (it records the running "
+            "version), or run the mailtriage release that trained this model"
         )

@@ -268,8 +268,15 @@ class TrainingConfig:
     seed: int = 13
     serve: str = "auto"
     refit_all: bool = False
+    calibrate: bool = True
+    target_accuracy: float = 0.0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.calibrate, bool):
+            raise ConfigError(f"training.calibrate = {self.calibrate!r}: expected true or false")
+        if self.target_accuracy and not 0.5 <= self.target_accuracy < 1.0:
+            raise ConfigError(f"training.target_accuracy = {self.target_accuracy!r}: expected 0 (off) or a share "
+                              "between 0.5 and 1, e.g. 0.98 for 98% of automatically filed mail right")
         if self.serve not in ("auto", "model", "baseline", "ensemble"):
             raise ConfigError(f"training.serve = {self.serve!r}: expected \"auto\" (the best on held-out mail), "
                               "\"model\", \"baseline\" or \"ensemble\"")

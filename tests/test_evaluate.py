@@ -12,6 +12,11 @@ from mailtriage_trainer.evaluate import (
     at_threshold,
     choose_serve,
     choose_weight,
+    expected_calibration_error,
+    fit_temperature,
+    ood_auroc,
+    softmax,
+    threshold_for_accuracy,
     ensemble_probs,
     evaluate_classifier,
     metrics,
@@ -124,3 +129,45 @@ def test_choose_weight_is_picked_on_validation_probabilities() -> None:
     assert 0.0 < w < 1.0
     with pytest.raises(ModelError):
         ensemble_probs(model, baseline, 1.5)
+
+
+def test_temperature_scaling_recovers_the_temperature_and_lowers_ece() -> None:
+    rng = np.random.default_rng(0)
+    labels = ["a", "b", "c", "d"]
+    logits = rng.normal(0, 3, size=(4000, 4))
+    true_p = softmax(logits, 2.5)  # the data behave as if the model were 2.5x overconfident
+    y = [labels[rng.choice(4, p=row)] for row in true_p]
+    t = fit_temperature(logits, y, labels)
+    assert 2.2 < t < 2.8
+    before = expected_calibration_error(y, softmax(logits), labels)
+    after = expected_calibration_error(y, softmax(logits, t), labels)
+    assert after < 0.03 < before
+    # The arg-max, hence accuracy, does not move.
+    assert (softmax(logits, t).argmax(1) == logits.argmax(1)).all()
+
+
+def test_threshold_for_accuracy_picks_the_largest_share_that_meets_the_target() -> None:
+    labels = ["a", "b"]
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    y = ["a", "a", "a", "a"]  # the third (0.7 for "b") is wrong
+    r = threshold_for_accuracy(y, probs, labels, 0.75)
+    assert (r["threshold"], r["coverage"], r["accuracy_on_covered"], r["reached"]) == (0.6, 1.0, 0.75, True)
+    r = threshold_for_accuracy(y, probs, labels, 0.9)
+    assert (r["threshold"], r["coverage"], r["n_covered"]) == (0.8, 0.5, 2)
+    # A tie at the cut cannot be split: both 0.8s are in or out together.
+    tied = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8]])
+    r = threshold_for_accuracy(["a", "a", "a"], tied, labels, 0.9)
+    assert (r["threshold"], r["n_covered"]) == (0.9, 1)
+    r = threshold_for_accuracy(["b", "b"], np.array([[0.9, 0.1], [0.8, 0.2]]), labels, 0.9)
+    assert r["reached"] is False and r["coverage"] == 0.0 and r["threshold"] == 1.0
+
+
+def test_ood_auroc_counts_pairs_and_ties() -> None:
+    assert ood_auroc([0.9, 0.8], [0.1, 0.85]) == 0.75
+    assert ood_auroc([0.5], [0.5]) == 0.5
+    assert ood_auroc([1.0, 0.9], [0.1, 0.2]) == 1.0
+
+
+def test_score_probs_reports_ece() -> None:
+    probs = np.array([[1.0, 0.0], [1.0, 0.0]])
+    assert score_probs(["a", "b"], probs, ["a", "b"], ())["ece"] == pytest.approx(0.5)

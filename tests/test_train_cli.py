@@ -222,11 +222,20 @@ def test_auto_serves_the_best_of_three_and_never_below_the_baseline(
     from mailtriage.model.transformers import load_classifier
 
     models = tmp_path / "models"
-    assert main(train_args(toy_tree, tiny_encoder_base, models, *BAD)) == EXIT_PROMOTED
-    capsys.readouterr()
+    assert main(train_args(toy_tree, tiny_encoder_base, models, *BAD, "--target-accuracy", "0.9")) == EXIT_PROMOTED
+    assert "target accuracy 90.0%" in capsys.readouterr().out
     version = modeldir.current_version(models)
     assert version is not None
     m = modeldir.read_manifest(version)
+    # Calibration and the target-accuracy threshold (issue 9 item 3).
+    cal = m["calibration"]
+    assert cal["temperature"] == m["temperature"] > 0 and cal["fitted_on"] == m["data"]["validation"]["n"]
+    assert {"ece_before", "ece_after"} <= set(cal) and "ece" in m["metrics"]
+    target = m["target"]
+    assert target["target_accuracy"] == 0.9 and target["n"] == m["metrics"]["n"]
+    assert not target["reached"] or target["accuracy_on_covered"] >= 0.9
+    report_text = (version / "report.md").read_text()
+    assert "## Calibration" in report_text and "Target accuracy 90.0%" in report_text
     scores = {k: m[f"{k}_metrics"]["macro_f1"] for k in ("model", "baseline", "ensemble")}
     assert m["serve"] != "model" and scores[m["serve"]] == max(scores.values())
     assert m["metrics"]["macro_f1"] >= m["baseline_metrics"]["macro_f1"]

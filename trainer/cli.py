@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import structlog
 
 from mailtriage.errors import ConfigError, MailtriageError, ModelDirBusyError, ModelError
@@ -130,6 +131,11 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--refit-all", action=argparse.BooleanOptionalAction, default=None,
                    help="after the gate promoted the version, retrain what it serves on all labelled mail "
                         "(train + holdout) before it goes live (default: training.refit_all)")
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
+                   help="fit a softmax temperature on validation mail (default: training.calibrate, on)")
+    p.add_argument("--target-accuracy", type=float, metavar="A",
+                   help="derive the confidence threshold giving this accuracy on held-out mail, e.g. 0.98, "
+                        "and report its coverage (default: training.target_accuracy; 0 = off)")
     p.add_argument("--force", action="store_true", help="promote even when the gate would refuse")
     p.add_argument("--dry-run", action="store_true",
                    help="harvest, dedupe, check and split, print the data summary; train nothing")
@@ -276,6 +282,8 @@ class _Settings:
     patience: int | None
     serve: str = "auto"
     refit_all: bool = False
+    calibrate: bool = True
+    target_accuracy: float = 0.0
 
 
 def _settings(args: argparse.Namespace, cfg: Any) -> _Settings:
@@ -305,7 +313,12 @@ def _settings(args: argparse.Namespace, cfg: Any) -> _Settings:
         patience=args.patience,
         serve=pick(getattr(args, "serve", None), tc.serve),
         refit_all=pick(getattr(args, "refit_all", None), tc.refit_all),
+        calibrate=pick(getattr(args, "calibrate", None), tc.calibrate),
+        target_accuracy=pick(getattr(args, "target_accuracy", None), tc.target_accuracy),
     )
+    if s.target_accuracy and not 0.5 <= s.target_accuracy < 1.0:
+        raise ConfigError(f"--target-accuracy {s.target_accuracy!r}: expected 0 (off) or a share between 0.5 and 1, "
+                          "e.g. 0.98")
     if not 0.0 <= s.threshold <= 1.0:
         raise ConfigError(f"--threshold {s.threshold!r} is outside 0..1")
     if not 0.0 < s.holdout_fraction < 1.0:
@@ -398,6 +411,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         # "metrics" is the version as served (what load_classifier gives), so the gate, eval --model and
         # the next run's gate all score the same thing; each part keeps its own row.
         manifest.update(scores, serve=serve, serve_reason=reason, metrics=scores[f"{serve}_metrics"])
+        if s.target_accuracy:
+            from mailtriage_trainer.evaluate import threshold_for_accuracy
+
+            manifest["target"] = threshold_for_accuracy([e.label for e in holdout], probs[serve], labels,
+                                                        s.target_accuracy)
+            log.info("target_threshold", **manifest["target"])
         log.info("serve_chosen", serve=serve, macro_f1=round(manifest["metrics"]["macro_f1"], 4))
 
         # 4. the gate
@@ -480,7 +499,8 @@ def _evaluate_all(
     """
     from mailtriage.model.transformers import load_classifier
     from mailtriage_trainer.evaluate import (
-        DEFAULT_THRESHOLDS, Baseline, choose_weight, classifier_probs, ensemble_probs, score_probs,
+        DEFAULT_THRESHOLDS, Baseline, choose_weight, ensemble_probs, expected_calibration_error,
+        fit_temperature, score_probs, softmax,
     )
 
     thresholds = (*DEFAULT_THRESHOLDS, s.threshold)
@@ -489,12 +509,22 @@ def _evaluate_all(
     # Load the saved adapter the way the daemon will: this also proves the version directory is complete.
     clf = load_classifier(version_dir, device=s.device, batch_size=s.batch_size, max_length=s.max_length,
                           expected_labels=labels)
-    batch = max(s.batch_size, 32)
-    model_p = classifier_probs(clf, texts, labels, batch_size=batch, progress=progress)
-    model_val_p = classifier_probs(clf, [e.text for e in val], labels, batch_size=batch, progress=progress)
+    # Raw logits (the version has no temperature yet), in the classifier's label order = labels.
+    hold_logits = clf.logits(texts).numpy() if texts else np.zeros((0, len(labels)))
+    val_logits = clf.logits([e.text for e in val]).numpy()
     del clf
+    y_val = [e.label for e in val]
+    # Temperature scaling on validation mail; the holdout only measures what it did.
+    temperature = fit_temperature(val_logits, y_val, labels) if s.calibrate else 1.0
+    model_p = softmax(hold_logits, temperature)
+    model_val_p = softmax(val_logits, temperature)
+    calibration = {
+        "temperature": temperature, "fitted_on": len(val),
+        "ece_before": expected_calibration_error(y, softmax(hold_logits), labels),
+        "ece_after": expected_calibration_error(y, model_p, labels),
+    }
     val_baseline = Baseline(labels, seed=s.seed).fit([e.text for e in train], [e.label for e in train])
-    weight = choose_weight([e.label for e in val], model_val_p, val_baseline.predict_proba([e.text for e in val]),
+    weight = choose_weight(y_val, model_val_p, val_baseline.predict_proba([e.text for e in val]),
                            labels)
     baseline = Baseline(labels, seed=s.seed).fit([e.text for e in train_all], [e.label for e in train_all])
     base_p = baseline.predict_proba(texts)
@@ -504,8 +534,11 @@ def _evaluate_all(
         "baseline_metrics": score_probs(y, base_p, labels, thresholds),
         "ensemble_metrics": score_probs(y, probs["ensemble"], labels, thresholds),
         "ensemble_weight": weight,
+        "temperature": temperature,
+        "calibration": calibration,
     }
-    log.info("holdout_evaluated", holdout=len(holdout), ensemble_weight=weight,
+    log.info("holdout_evaluated", holdout=len(holdout), ensemble_weight=weight, temperature=temperature,
+             ece_before=round(calibration["ece_before"], 4), ece_after=round(calibration["ece_after"], 4),
              **{name: round(out[f"{name}_metrics"]["macro_f1"], 4) for name in ("model", "baseline", "ensemble")})
     return out, probs, baseline
 
@@ -642,6 +675,11 @@ def _print_summary(version_dir: Path, manifest: dict[str, Any], report: Path) ->
     print(f"version {version_dir.name}, serving the {manifest['serve']}: accuracy {m['accuracy']:.1%}, macro-F1 "
           f"{m['macro_f1']:.3f} on {m['n']} held-out messages (model {manifest['model_metrics']['macro_f1']:.3f}, "
           f"baseline {b['macro_f1']:.3f}, ensemble {e['macro_f1']:.3f})")
+    target = manifest.get("target")
+    if target:
+        print(f"target accuracy {target['target_accuracy']:.1%}: " + (
+            f"threshold {target['threshold']:.4f} files {target['coverage']:.1%} of held-out mail at "
+            f"{target['accuracy_on_covered']:.1%}" if target["reached"] else "not reached at any threshold"))
     if gate["promoted"]:
         print(f"PROMOTED: {gate['reason']}")
     else:

@@ -100,6 +100,7 @@ def score_probs(
     y_pred = [labels[i] for i in best]
     confidence = probs.max(axis=1).tolist() if len(y_true) else []
     result = metrics(y_true, y_pred, labels)
+    result["ece"] = expected_calibration_error(y_true, probs, labels)
     result["thresholds"] = [at_threshold(y_true, y_pred, confidence, t) for t in sorted(set(thresholds))]
     return result
 
@@ -257,3 +258,103 @@ def serve_reason(serve: str, model: dict[str, Any], baseline: dict[str, Any], en
 def brief(result: dict[str, Any]) -> dict[str, Any]:
     """The contract's JSON shape: n, accuracy, macro_f1, per_class (and the label order)."""
     return {k: result[k] for k in ("n", "accuracy", "macro_f1", "per_class", "labels") if k in result}
+
+
+# ---- calibration and abstention ---------------------------------------------------------------
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(logits: np.ndarray, y: Sequence[str], labels: Sequence[str]) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 that minimises the negative log-likelihood
+    of ``softmax(logits / T)`` on validation mail. One number, so the arg-max (accuracy) is unchanged
+    and only the confidences move; a log-spaced grid (0.05..20) then a finer one around the best."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if not len(y):
+        return 1.0
+    index = {label: i for i, label in enumerate(labels)}
+    rows = np.arange(len(y))
+    cols = np.array([index[t] for t in y])
+
+    def nll(t: float) -> float:
+        z = logits / t
+        z = z - z.max(axis=1, keepdims=True)
+        return float(-(z[rows, cols] - np.log(np.exp(z).sum(axis=1))).mean())
+
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 121))
+    best = float(min(grid, key=nll))
+    fine = best * np.exp(np.linspace(-0.06, 0.06, 25))
+    return round(float(min(fine, key=nll)), 4)
+
+
+def expected_calibration_error(y: Sequence[str], probs: np.ndarray, labels: Sequence[str], bins: int = 15) -> float:
+    """ECE: the confidence-weighted gap between confidence and accuracy over ``bins`` equal-width
+    confidence bins (the usual 15), on the arg-max prediction."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if not len(y):
+        return 0.0
+    conf = probs.max(axis=1)
+    correct = np.array([labels[i] == t for i, t in zip(probs.argmax(axis=1), y, strict=True)], dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        inside = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        if inside.any():
+            total += inside.mean() * abs(correct[inside].mean() - conf[inside].mean())
+    return float(total)
+
+
+def threshold_for_accuracy(y: Sequence[str], probs: np.ndarray, labels: Sequence[str], target: float) -> dict[str, Any]:
+    """The lowest confidence threshold at which the predictions at or above it are at least
+    ``target`` accurate on this (held-out) mail, and the coverage it gives.
+
+    Mail below the threshold goes to the unsure folder. When no threshold reaches the target, the
+    threshold is 1.0 (file nothing automatically) with ``reached`` false.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    n = len(y)
+    conf = probs.max(axis=1) if n else np.zeros(0)
+    correct = np.array([labels[i] == t for i, t in zip(probs.argmax(axis=1), y, strict=True)], dtype=np.float64) \
+        if n else np.zeros(0)
+    order = np.argsort(-conf, kind="stable")
+    hits = np.cumsum(correct[order])
+    best_k = 0
+    for k in range(1, n + 1):
+        # Only cut between distinct confidences: a threshold cannot take half of a tie.
+        if k < n and conf[order[k]] == conf[order[k - 1]]:
+            continue
+        if hits[k - 1] / k >= target - 1e-12:
+            best_k = k
+    if best_k == 0:
+        return {"target_accuracy": target, "threshold": 1.0, "coverage": 0.0, "n_covered": 0,
+                "accuracy_on_covered": 0.0, "reached": False, "n": n}
+    threshold = float(conf[order[best_k - 1]])
+    return {"target_accuracy": target, "threshold": threshold,
+            "coverage": best_k / n, "n_covered": best_k, "accuracy_on_covered": float(hits[best_k - 1] / best_k),
+            "reached": True, "n": n}
+
+
+def ood_auroc(in_scope_conf: Sequence[float], oos_conf: Sequence[float]) -> float:
+    """AUROC of telling in-scope from out-of-scope mail by confidence alone (higher = in scope):
+    the chance that a random in-scope message is more confident than a random OOS one (ties 1/2)."""
+    a = np.asarray(in_scope_conf, dtype=np.float64)
+    b = np.asarray(oos_conf, dtype=np.float64)
+    if not len(a) or not len(b):
+        return float("nan")
+    allv = np.concatenate([a, b])
+    ranks = np.empty(len(allv))
+    order = np.argsort(allv, kind="mergesort")
+    sorted_v = allv[order]
+    i = 0
+    while i < len(allv):
+        j = i
+        while j + 1 < len(allv) and sorted_v[j + 1] == sorted_v[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[: len(a)].sum() - len(a) * (len(a) + 1) / 2) / (len(a) * len(b)))

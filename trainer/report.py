@@ -140,6 +140,25 @@ def render_markdown(manifest: dict[str, Any], confusion_png: bool = True) -> str
                 + "; ".join(f"{_cell(t)} -> {_cell(p)} ({n})" for t, p, n in pairs) + ".")
             add("")
 
+        cal = m.get("calibration")
+        if cal:
+            add("## Calibration")
+            add("")
+            add(f"Temperature scaling fitted on {cal['fitted_on']} validation messages: T = {cal['temperature']:g}. "
+                f"Expected calibration error of the model on held-out mail: {cal['ece_before']:.3f} before, "
+                f"{cal['ece_after']:.3f} after (0 = confidences match accuracy). Served with T applied.")
+            add("")
+        target = m.get("target")
+        if target:
+            if target["reached"]:
+                add(f"**Target accuracy {_pct(target['target_accuracy'])}:** threshold {target['threshold']:.4f} "
+                    f"files {_pct(target['coverage'])} of held-out mail ({target['n_covered']} of {target['n']}) "
+                    f"at {_pct(target['accuracy_on_covered'])} accuracy; set `model.threshold = "
+                    f"{target['threshold']:.4f}` to serve it. Derived on the same held-out mail, so slightly optimistic.")
+            else:
+                add(f"**Target accuracy {_pct(target['target_accuracy'])}:** not reached at any threshold on held-out "
+                    "mail; nothing could be filed automatically at that accuracy.")
+            add("")
         if served.get("thresholds"):
             add("## Confidence threshold")
             add("")

@@ -334,6 +334,11 @@ class Config:
         names = [a.name for a in self.accounts]
         if len(set(names)) != len(names):
             raise ConfigError(f"[[accounts]] names must be unique, found {names}")
+        if "smtp" in names:
+            raise ConfigError(
+                "[[accounts]] name = \"smtp\" is reserved: the state database records the SMTP content "
+                "filter's decisions under that name; give the account another name"
+            )
         _positive("correction_scan_interval", self.correction_scan_interval)
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError(f"metrics_port = {self.metrics_port!r}: allowed 0 (off) or 1..65535")

@@ -58,6 +58,7 @@ def _with(**overrides: object) -> dict[str, object]:
         ({"categories": CATS, "accounts": [{**ACCOUNT, "mailboxes": []}]}, r"mailboxes is empty"),
         ({"categories": CATS, "accounts": [{k: v for k, v in ACCOUNT.items() if k != "host"}]}, r"accounts\[0\].host is required"),
         ({"categories": CATS, "accounts": [ACCOUNT, ACCOUNT]}, r"names must be unique"),
+        ({"categories": CATS, "accounts": [{**ACCOUNT, "name": "smtp"}]}, r"name = \"smtp\" is reserved"),
         ({"categories": CATS, "accounts": {"name": "x"}}, r"\[\[accounts\]\]"),
         # secrets never inline; exactly one secret source
         ({"categories": CATS, "accounts": [{**ACCOUNT, "password": "hunter2"}]}, r"password: secrets never live in the config file"),

@@ -160,6 +160,40 @@ def test_scan_finds_move_by_another_client(dovecot: Any, imap_user: tuple[str, s
 
 
 @pytest.mark.component
+def test_moving_mail_the_smtp_filter_tagged_is_a_correction(dovecot: Any, imap_user: tuple[str, str], tmp_path: Path) -> None:
+    """Issue 10 item 4: relayed mail lands in the mailbox; staff moving it corrects the SMTP decision,
+    found by the periodic scan and by the IMAPSieve hook (learn_moved)."""
+    from mailtriage.imap.connection import connect
+    from mailtriage.core.mailtext import message_key
+    from mailtriage.core.routing import Decision
+    from mailtriage.store.corrections import learn_moved
+    from mailtriage.store.state import SMTP_INTAKE, StateDB
+    from mailtriage.testing.dovecot import load_messages
+
+    user, password = imap_user
+    (tmp_path / "pw").write_text(password)
+    config = _config(dovecot, user, tmp_path / "pw", tmp_path / "state.sqlite3")
+    state = StateDB(config.state_path)
+    one, two = _mail(21), _mail(22)
+    for raw in (one, two):  # what the relay recorded: both tagged billing
+        state.record_relayed(message_key(raw), Decision("billing", 0.9, False, CATEGORIES["billing"]), "v1")
+    assert [(r.account, r.uid) for r in state.rows()] == [(SMTP_INTAKE, 1), (SMTP_INTAKE, 2)]
+    client = dovecot.client(user, password)
+    try:
+        for folder in (*CATEGORIES.values(), config.unsure_folder):
+            if not client.folder_exists(folder):
+                client.create_folder(folder)
+        load_messages(client, CATEGORIES["refunds"], [one])  # staff filed it under refunds
+    finally:
+        client.logout()
+    found = scan_corrections(connect, config, state, KeyCache())
+    assert [(c.key, c.predicted, c.actual) for c in found] == [(message_key(one), "billing", "refunds")]
+    corr = learn_moved(state, config, config.accounts[0], CATEGORIES["login"], two)
+    assert corr is not None and (corr.predicted, corr.actual) == ("billing", "login")
+    assert state.stats(30)["intakes"] == {"imap": 0, "smtp": 2}
+
+
+@pytest.mark.component
 def test_scan_skips_unreachable_account(tmp_path: Path) -> None:
     import socket
 

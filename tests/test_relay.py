@@ -8,6 +8,7 @@ behaviour we promise (headers, 451 on every failure before the next hop accepted
 from __future__ import annotations
 
 import asyncio
+import io
 import concurrent.futures
 import dataclasses
 import smtplib
@@ -450,7 +451,7 @@ def test_service_with_smtp_enabled_relays_through_its_inference_worker(
             inference_threads.append(threading.current_thread().name)
             return super().classify(texts)
 
-    service = Service(config, None, load_model=lambda path: Recording(), state=object())
+    service = Service(config, None, load_model=lambda path: Recording())
 
     async def main() -> None:
         task = asyncio.create_task(service.run())
@@ -463,6 +464,15 @@ def test_service_with_smtp_enabled_relays_through_its_inference_worker(
     asyncio.run(main())
     [env] = hop.received
     assert headers_of(env)[0] == ("X-Mailtriage-Category", "billing")
+    # Issue 10 item 4: the decision is in the state DB, so `stats` and corrections cover SMTP mail.
+    from mailtriage.store import stats as stats_cli
+    from mailtriage.store.state import SMTP_INTAKE, StateDB
+
+    [row] = StateDB(config.state_path).rows()
+    assert (row.account, row.label, row.action, row.status, row.model_version) == (SMTP_INTAKE, "billing", "header", "done", "v1")
+    out = io.StringIO()
+    stats_cli.print_stats(config, out=out)
+    assert "by intake: IMAP watcher 0, SMTP content filter 1" in out.getvalue()
     assert inference_threads and all(name.startswith("inference") for name in inference_threads)
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", listen), timeout=2):
         pass  # stopped with the service

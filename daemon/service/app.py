@@ -109,6 +109,11 @@ class Service:
     # -- what the watchers, hooks and tests call ----------------------------------------------
 
     @property
+    def state(self) -> StateDB | None:
+        """The state database, once ``run`` opened it (start hooks may record into it)."""
+        return self._state
+
+    @property
     def model_version(self) -> str | None:
         return self.inference.model_version
 

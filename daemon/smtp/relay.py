@@ -31,7 +31,7 @@ from mailtriage.core.classifier import Prediction
 from mailtriage.config import Config
 from mailtriage.errors import ConfigError
 from mailtriage.core.mailtext import mail_text, message_key
-from mailtriage.core.routing import decide
+from mailtriage.core.routing import Decision, decide
 
 if TYPE_CHECKING:
     from mailtriage.service.app import Service
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 ClassifyAsync = Callable[[Sequence[str]], Awaitable[tuple[list[Prediction], str]]]
+RecordFn = Callable[[str, Decision, str], None]  # (message key, decision, model version)
 
 # Postfix's default message_size_limit is 10 MB; 50 MB leaves room for big attachments while
 # bounding what one transaction holds in memory (aiosmtpd buffers the whole message).
@@ -165,10 +166,11 @@ class NextHopTransaction:
 class ContentFilter:
     """aiosmtpd handler for ONE client connection: proxies its transactions to the next hop."""
 
-    def __init__(self, config: Config, classify: ClassifyAsync, hop: NextHop) -> None:
+    def __init__(self, config: Config, classify: ClassifyAsync, hop: NextHop, record: RecordFn | None = None) -> None:
         self.config = config
         self.classify = classify
         self.hop = hop
+        self.record = record  # StateDB.record_relayed: the decision into the state DB, for stats/corrections
         self._tx: NextHopTransaction | None = None
         self._broken: str | None = None  # why the current transaction can no longer succeed
         self.busy = False  # relaying a message right now (shutdown waits for it)
@@ -251,6 +253,11 @@ class ContentFilter:
         finally:
             _close_later(tx)
             self.busy = False
+        if self.record is not None and key != "unknown":
+            try:
+                await asyncio.to_thread(self.record, key, decision, version)
+            except Exception as exc:  # noqa: BLE001 - the next hop has it: a 4xx now would duplicate it
+                bound.error("smtp_decision_not_recorded", error=str(exc), error_type=type(exc).__name__)
         outcome = "unsure" if decision.unsure else "filed"
         metrics.MESSAGES.labels(category=decision.label, outcome=outcome).inc()
         metrics.LATENCY.observe(time.monotonic() - started)
@@ -418,10 +425,12 @@ class SmtpFilter:
         max_connections: int | None = None,
         idle_timeout: float | None = None,
         session_lifetime: float | None = None,
+        record: RecordFn | None = None,
     ) -> None:
         smtp = config.smtp
         self.config = config
         self.classify = classify
+        self.record = record
         self.host = host if host is not None else smtp.listen_host
         self.port = port if port is not None else smtp.listen_port
         self.next_hop = next_hop
@@ -446,7 +455,7 @@ class SmtpFilter:
 
         def factory() -> _FilterSMTP:
             return _FilterSMTP(
-                ContentFilter(self.config, self.classify, hop),
+                ContentFilter(self.config, self.classify, hop, self.record),
                 self._connections,
                 max_connections=self.max_connections,
                 session_lifetime=self.session_lifetime,
@@ -492,6 +501,10 @@ class SmtpFilter:
 
 async def start_smtp_filter(service: Service) -> Callable[[], Awaitable[None]]:
     """The Service's on_start hook for ``[smtp] enabled = true``: classify on its inference worker."""
-    server = SmtpFilter(service.config, service.classify_async, data_size_limit=service.config.smtp.max_message_size)
+    state = service.state
+    server = SmtpFilter(
+        service.config, service.classify_async, data_size_limit=service.config.smtp.max_message_size,
+        record=state.record_relayed if state is not None else None,
+    )
     await server.start()
     return server.close

@@ -21,7 +21,7 @@ import structlog
 from mailtriage.service import metrics
 from mailtriage.config import AccountConfig, Config
 from mailtriage.core.mailtext import message_key
-from mailtriage.store.state import StateDB
+from mailtriage.store.state import SMTP_INTAKE, StateDB
 
 log = structlog.get_logger(__name__)
 
@@ -146,8 +146,14 @@ def scan_account(
         if cache is not None:
             cache.folders[(account.name, folder)] = result
         found[label] = list(result[1].values())
-    filed = [FiledMessage(row.key, row.label, row.unsure) for row in state.filed(account=account.name)]
-    return match_corrections(account.name, filed, found)
+    return match_corrections(account.name, _filed(state, account), found)
+
+
+def _filed(state: StateDB, account: AccountConfig) -> list[FiledMessage]:
+    """The account's own decisions, then the SMTP filter's: relayed mail is delivered into the
+    mailboxes, so moving it is a correction too (the account's own decision wins for a key)."""
+    rows = [*state.filed(account=account.name), *state.filed(account=SMTP_INTAKE)]
+    return [FiledMessage(row.key, row.label, row.unsure) for row in rows]
 
 
 def scan_corrections(
@@ -211,7 +217,7 @@ def learn_moved(
         log.info("learn_ignored", account=account.name, mailbox=destination, reason="not a category folder")
         return None
     key = message_key(raw)
-    filed = [FiledMessage(row.key, row.label, row.unsure) for row in state.filed(account=account.name) if row.key == key]
+    filed = [row for row in _filed(state, account) if row.key == key]
     found = match_corrections(account.name, filed, {label: [key]})
     if not found:
         log.info("learn_ignored", account=account.name, mailbox=destination, key=key,

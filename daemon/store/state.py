@@ -89,6 +89,11 @@ CREATE TABLE IF NOT EXISTS corrections (
 );
 """
 
+# Decisions of the SMTP content filter live in the same table under this account name, so
+# `stats` and the correction scan cover both intakes. Each relayed message gets the next uid.
+SMTP_INTAKE = "smtp"
+SMTP_MAILBOX = "(relayed)"
+
 STATUSES = ("pending", "done", "failed", "skipped")
 OUTCOMES = ("filed", "unsure", "dry_run", "failed")
 
@@ -272,6 +277,19 @@ class StateDB:
             ),
         )
 
+    def record_relayed(self, key: str, decision: Decision, model_version: str | None) -> None:
+        """One message the SMTP content filter tagged and the next hop accepted (action 'header';
+        ``folder`` is where its category header sends it). One statement: atomic next uid."""
+        now = time.time()
+        self._exec(
+            """INSERT INTO messages (account, mailbox, uidvalidity, uid, key, label, confidence, unsure, folder,
+                   action, model_version, dry_run, status, decided_at, updated_at)
+               SELECT ?, ?, 0, COALESCE(MAX(uid), 0) + 1, ?, ?, ?, ?, ?, 'header', ?, 0, 'done', ?, ?
+               FROM messages WHERE account = ? AND mailbox = ?""",
+            (SMTP_INTAKE, SMTP_MAILBOX, key, decision.label, decision.confidence, int(decision.unsure),
+             decision.folder, model_version, now, now, SMTP_INTAKE, SMTP_MAILBOX),
+        )
+
     def set_status(
         self, account: str, mailbox: str, uidvalidity: int, uid: int, status: str, error: str | None = None
     ) -> None:
@@ -347,7 +365,9 @@ class StateDB:
     # ---- feedback ----------------------------------------------------------------------------
 
     def filed(self, account: str | None = None) -> list[FiledRow]:
-        """Messages the daemon really moved or tagged (not dry runs), the latest decision per key."""
+        """Messages the daemon really moved or tagged (not dry runs), the latest decision per key.
+
+        ``account``: that account's decisions; the correction scan also asks for ``SMTP_INTAKE``'s."""
         sql = """
             SELECT key, label, unsure, folder, account, MAX(decided_at) AS decided_at, model_version
             FROM messages WHERE status='done' AND dry_run=0 AND action != 'none' {where}
@@ -402,6 +422,13 @@ class StateDB:
             per = decisions.setdefault(r["label"], dict.fromkeys(OUTCOMES, 0))
             per[outcome] += r["n"]
             totals[outcome] += r["n"]
+        intakes = {"imap": 0, "smtp": 0}
+        for r in self._exec(
+            "SELECT account = ? AS smtp, COUNT(*) AS n FROM messages WHERE status IN ('done','failed') "
+            "AND decided_at >= ? GROUP BY smtp",
+            (SMTP_INTAKE, since),
+        ).fetchall():
+            intakes["smtp" if r["smtp"] else "imap"] += r["n"]
         corr_rows = self._exec(
             "SELECT predicted, actual, was_unsure, COUNT(*) AS n FROM corrections WHERE corrected_at >= ? "
             "GROUP BY predicted, actual, was_unsure",
@@ -428,6 +455,7 @@ class StateDB:
             "since": since,
             "decisions": decisions,
             "totals": {**totals, "all": sum(totals.values())},
+            "intakes": intakes,
             "corrections": {
                 "total": sum(p["n"] for p in pairs),
                 "from_unsure": sum(p["n"] for p in pairs if p["was_unsure"]),

@@ -204,6 +204,44 @@ def test_header_action_leaves_a_message_over_max_message_bytes_whole_in_place(
     assert len(failed) == 1 and "max_message_bytes" in (failed[0].error or "")
 
 
+def test_byte_groups_bound_each_fetch() -> None:
+    from mailtriage.imap.watcher import byte_groups
+
+    sizes = {1: 10, 2: 600, 3: 600, 4: 5000, 5: 10, 6: 10}
+    # cap 1000 per message (a partial fetch), budget 1000 per FETCH: 4 counts as 1000, alone.
+    assert byte_groups([1, 2, 3, 4, 5, 6], sizes, 1000, 1000) == [[1, 2], [3], [4], [5, 6]]
+    assert byte_groups([1, 5, 6], sizes, 1000, 1000) == [[1, 5, 6]]  # small mail: one FETCH
+    assert byte_groups([], sizes, 1000, 1000) == []
+
+
+def test_a_backlog_of_big_messages_is_fetched_a_few_at_a_time(
+    dovecot: Dovecot, user: Any, make_account: Any, config: Config
+) -> None:
+    """Issue 8 item 9: fetch_batch messages of up to max_message_bytes each would be held at once;
+    each FETCH now carries at most max_message_bytes, and every message is still filed once."""
+    name, password, client = user
+    filler = b"\r\n\r\n" + (b"z" * 998 + b"\r\n") * 600  # ~0.6 MB each
+    big = [msg(n, f"Invoice {n} attached").replace(b"\r\n\r\n", filler, 1) for n in range(1, 5)]
+    load_messages(client, "INBOX", big)
+    w, _ = watcher_for(make_account(dovecot, name, password, fetch_batch=10, max_message_bytes=1 << 20), config)
+    fetched: list[int] = []
+    try:
+        w.connect()
+        real_fetch = w.client.fetch
+
+        def spy(uids: Any, items: Any, *a: Any, **kw: Any) -> Any:
+            if any("BODY" in str(i) for i in items):
+                fetched.append(len(uids))
+            return real_fetch(uids, items, *a, **kw)
+
+        w.client.fetch = spy  # type: ignore[method-assign]
+        assert w.process_backlog() == 4
+    finally:
+        w.close()
+    assert fetched == [1, 1, 1, 1]  # 0.6 MB + 0.6 MB > 1 MiB: one message per FETCH
+    assert count_where(client)["Support/Billing"] == 4
+
+
 def test_dry_run_touches_nothing(dovecot: Dovecot, user: Any, make_account: Any, config: Config) -> None:
     name, password, client = user
     load_messages(client, "INBOX", MIXED[:4])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -52,6 +52,22 @@ class _Fetched:
     internaldate: datetime | None
     key: str
     fetched_at: float
+
+
+def byte_groups(uids: Sequence[int], sizes: Mapping[int, int], cap: int, budget: int) -> list[list[int]]:
+    """Split ``uids`` (in order) into FETCH groups whose messages, each counted up to ``cap``
+    bytes, add up to at most ``budget``; a group holds at least one message."""
+    groups: list[list[int]] = []
+    used = budget + 1
+    for uid in uids:
+        cost = min(sizes.get(uid, cap), cap)
+        if groups and used + cost <= budget:
+            groups[-1].append(uid)
+            used += cost
+        else:
+            groups.append([uid])
+            used = cost
+    return groups
 
 
 class MailboxWatcher:
@@ -249,21 +265,26 @@ class MailboxWatcher:
 
     def _fetch(self, uids: list[int]) -> list[_Fetched]:
         client = self._client()
+        cap = self.account.max_message_bytes
         if self.action == "header" and not self.dry_run:
             body_item, body_key = "BODY.PEEK[]", b"BODY[]"
         else:
-            body_item, body_key = f"BODY.PEEK[]<0.{CLASSIFY_FETCH_BYTES}>", b"BODY[]<0>"
+            cap = min(cap, CLASSIFY_FETCH_BYTES)
+            body_item, body_key = f"BODY.PEEK[]<0.{cap}>", b"BODY[]<0>"
         started = time.monotonic()
-        data = client.fetch(uids, [body_item, "FLAGS", "INTERNALDATE"])
+        sizes = {uid: int(d.get(b"RFC822.SIZE", 0)) for uid, d in client.fetch(uids, ["RFC822.SIZE"]).items()}
         out = []
-        for uid in uids:
-            d = data.get(uid)
-            if d is None:  # expunged between SEARCH and FETCH: nothing to do
-                continue
-            raw = d.get(body_key)
-            if raw is None:
-                raw = d.get(b"BODY[]", b"")
-            out.append(_Fetched(uid, raw, tuple(d.get(_FLAGS, ())), d.get(_DATE), message_key(raw), started))
+        # A batch of big messages is fetched a few at a time: at most max_message_bytes per FETCH.
+        for group in byte_groups([u for u in uids if u in sizes], sizes, cap, self.account.max_message_bytes):
+            data = client.fetch(group, [body_item, "FLAGS", "INTERNALDATE"])
+            for uid in group:
+                d = data.get(uid)
+                if d is None:  # expunged between SEARCH and FETCH: nothing to do
+                    continue
+                raw = d.get(body_key)
+                if raw is None:
+                    raw = d.get(b"BODY[]", b"")
+                out.append(_Fetched(uid, raw, tuple(d.get(_FLAGS, ())), d.get(_DATE), message_key(raw), started))
         return out
 
     def _process_batch(self, uids: list[int], uidvalidity: int) -> int:

@@ -6,6 +6,7 @@
     │   ├── LabelMismatchError   the adapter's labels differ from the configured categories
     │   └── InferenceError       an external inference server failed or answered nonsense (retried)
     ├── MailboxError         an IMAP server refused, vanished or lacks something we need
+    ├── StateError           the state database cannot be opened, or has another schema version
     └── TrainingDataError    the training data cannot make a sound model (too few, unreadable)
 
 Wrap at the boundary: ``raise MailboxError(f"MOVE uid={uid} to {folder!r} failed") from exc``.
@@ -54,6 +55,10 @@ class MailboxError(MailtriageError):
         super().__init__(message)
         self.transient = transient
         self.folder = folder
+
+
+class StateError(MailtriageError):
+    """The state database cannot be opened or read, or its schema version is not this one's."""
 
 
 class TrainingDataError(MailtriageError):

@@ -1,7 +1,7 @@
 """The daemon's memory in one SQLite file (WAL): what was decided for which message, so restarts,
 crashes, UIDVALIDITY changes and duplicate deliveries never file a message twice or lose it.
 
-Schema (version 1)::
+Schema (version 1, in ``PRAGMA user_version``; another version is refused on open)::
 
     messages      one row per message the watcher saw, keyed like IMAP keys it
       account, mailbox, uidvalidity, uid   PRIMARY KEY — where the message was when seen
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mailtriage.errors import MailtriageError
+from mailtriage.errors import StateError
 from mailtriage.core.routing import Decision
 
 SCHEMA_VERSION = 1
@@ -158,13 +158,51 @@ def _private_file(path: Path) -> None:
     os.chmod(path, 0o600)
 
 
+def _check_schema(conn: sqlite3.Connection, path: str, *, create: bool) -> None:
+    """Refuse a database of another schema version (PRAGMA user_version) with a clear message;
+    a new, empty database gets the schema when ``create``."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+    if version == SCHEMA_VERSION:
+        if create:
+            conn.executescript(_SCHEMA)  # IF NOT EXISTS: a no-op on a complete database
+        return
+    if version == 0 and tables == 0:
+        if not create:
+            raise StateError(
+                f"the state database {path!r} is empty (no mailtriage tables yet); it is created by "
+                "`mailtriage serve`, or remove the empty file"
+            )
+        conn.executescript(_SCHEMA)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        return
+    if version == 0:
+        raise StateError(
+            f"{path!r} has tables but no mailtriage schema version (PRAGMA user_version = 0): it is not a "
+            "mailtriage state database. Point state_path at the right file (or a new one)"
+        )
+    if version > SCHEMA_VERSION:
+        raise StateError(
+            f"the state database {path!r} has schema version {version}, written by a newer mailtriage; this "
+            f"one knows version {SCHEMA_VERSION}. Upgrade mailtriage (or restore a backup of the database)"
+        )
+    raise StateError(
+        f"the state database {path!r} has schema version {version}; this mailtriage needs {SCHEMA_VERSION} "
+        "and has no migration from it. Move the file away to start afresh (decisions are forgotten)"
+    )
+
+
 class StateDB:
-    def __init__(self, path: str | Path) -> None:
+    """The state database. ``readonly=True`` (``mailtriage stats``) never writes a byte: no schema,
+    no pragma that writes, no file created; it works on a read-only file or directory."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
+        self.readonly = readonly and self.path != ":memory:"
+        if self.path != ":memory:" and not self.readonly:
             _private_file(Path(self.path))
         self._local = threading.local()
-        self._conn()  # create the schema now, so a bad path fails at start-up, not mid-mail
+        self._conn()  # create (or check) the schema now, so a bad path fails at start-up, not mid-mail
 
     # ---- connection per thread ---------------------------------------------------------------
 
@@ -172,21 +210,35 @@ class StateDB:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             try:
-                conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute("PRAGMA busy_timeout=30000")
-                conn.executescript(_SCHEMA)
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                conn = self._open_readonly() if self.readonly else self._open_writable()
+                _check_schema(conn, self.path, create=not self.readonly)
             except sqlite3.Error as exc:
-                raise MailtriageError(
+                what = "read" if self.readonly else "write to"
+                raise StateError(
                     f"cannot open the state database {self.path!r}: {exc}. Check state_path in the config "
-                    "and that the service user may write to its directory"
+                    f"and that this user may {what} the file and its directory"
                 ) from exc
             conn.row_factory = sqlite3.Row
             self._local.conn = conn
         return conn
 
+    def _open_writable(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        # With a -wal file (the daemon is running, or stopped uncleanly) mode=ro reads through it.
+        # Without one the database file holds everything, and immutable=1 reads it without
+        # creating -wal/-shm files (mode=ro would try to, and fails in a read-only directory).
+        uri = Path(self.path).absolute().as_uri()
+        wal = Path(self.path + "-wal").exists()
+        conn = sqlite3.connect(f"{uri}?{'mode=ro' if wal else 'immutable=1'}", uri=True, timeout=30,
+                               isolation_level=None)
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
     def close(self) -> None:
         """Close this thread's connection (other threads close theirs when they end)."""
         conn = getattr(self._local, "conn", None)

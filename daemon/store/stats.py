@@ -70,8 +70,9 @@ def collect_stats(config: Config, window_days: int = 30) -> dict[str, Any]:
     from mailtriage.store.state import StateDB
 
     exists = Path(config.state_path).exists()
-    # A missing database means "nothing decided yet": report zeros, never create files here.
-    state = StateDB(config.state_path if exists else ":memory:")
+    # A missing database means "nothing decided yet": report zeros. Never create or write files here:
+    # stats runs as staff on a read-only copy or beside a running daemon (issue 8 item 13).
+    state = StateDB(config.state_path, readonly=True) if exists else StateDB(":memory:")
     try:
         stats = state.stats(window_days)
         version, created = model_created_at(config)

@@ -124,8 +124,74 @@ def _finetune(
     params: TrainParams,
     progress: bool,
 ) -> FinetuneResult:
+    """Set up, run the epochs, save the best: the three steps below."""
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    run = _setup(base, train, val, labels, params)
+    loop = _epochs(run, params, progress)
+    result = FinetuneResult(
+        best_epoch=loop.best_epoch,
+        val_accuracy=loop.history[loop.best_epoch - 1]["val_accuracy"],
+        val_macro_f1=loop.history[loop.best_epoch - 1]["val_macro_f1"],
+        train_seconds=time.monotonic() - started,
+        peak_rss_mb=_peak_rss_mb(),
+        steps=loop.steps,
+        history=loop.history,
+        device=run.device,
+        stopped_early=loop.stopped_early,
+    )
+    _save(run, loop.best_state, labels, out_dir)
+    _write_training_manifest(out_dir, base, params, result, len(train), len(val))
+    log.info(
+        "finetune_done",
+        out_dir=str(out_dir),
+        best_epoch=result.best_epoch,
+        val_accuracy=round(result.val_accuracy, 4),
+        val_macro_f1=round(result.val_macro_f1, 4),
+        seconds=round(result.train_seconds, 1),
+        peak_rss_mb=round(result.peak_rss_mb),
+    )
+    return result
+
+
+@dataclass
+class _Run:
+    """Everything one fine-tuning run trains with: built by ``_setup``, used by ``_epochs`` and ``_save``."""
+
+    device: str
+    tokenizer: Any
+    model: Any                           # the peft model (base + LoRA + trainable head)
+    trainable: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: torch.nn.Module
+    train_ids: list[list[int]]
+    train_y: torch.Tensor
+    val_ids: list[list[int]]
+    val_y: torch.Tensor
+    batches_per_epoch: int
+    total_steps: int
+
+
+@dataclass
+class _Loop:
+    """What the epoch loop found: the history, and the best epoch's trainable tensors."""
+
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_state: dict[str, torch.Tensor]
+    steps: int
+    stopped_early: bool
+
+
+def _setup(
+    base: str | Path,
+    train: Sequence[tuple[str, str]],
+    val: Sequence[tuple[str, str]],
+    labels: LabelSet,
+    params: TrainParams,
+) -> _Run:
+    """Seed, load the base with LoRA and a fresh head, tokenize, build optimizer and schedule."""
     set_seed(params.seed)  # python, numpy and torch: the head and LoRA init and the batch order repeat
 
     device = pick_device(params.device)
@@ -171,7 +237,6 @@ def _finetune(
     total_steps = steps_per_epoch * params.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, round(params.warmup * total_steps), total_steps)
 
-    n_trainable = sum(p.numel() for p in trainable)
     log.info(
         "finetune_start",
         base_model=str(base),
@@ -179,11 +244,18 @@ def _finetune(
         train=len(train),
         val=len(val),
         labels=len(labels.labels),
-        trainable_params=n_trainable,
+        trainable_params=sum(p.numel() for p in trainable),
         optimizer_steps=total_steps,
     )
+    return _Run(device, tokenizer, model, trainable, optimizer, scheduler, loss_fn, train_ids, train_y,
+                val_ids, val_y, batches_per_epoch, total_steps)
+
+
+def _epochs(run: _Run, params: TrainParams, progress: bool) -> _Loop:
+    """Train epoch by epoch, validate after each, keep the best, stop after ``patience`` stale epochs."""
+    model, device = run.model, run.device
     bar = tqdm(
-        total=total_steps,
+        total=run.total_steps,
         unit="step",
         desc="fine-tuning",
         disable=not (progress and sys.stderr.isatty()),  # under systemd the per-epoch log lines suffice
@@ -191,7 +263,7 @@ def _finetune(
     history: list[dict[str, float]] = []
     best: dict[str, float] | None = None
     max_f1 = 0.0
-    f1_tolerance = 0.01 + 1 / len(val)  # F1 differences below about one validation example are noise
+    f1_tolerance = 0.01 + 1 / len(run.val_ids)  # F1 differences below about one validation example are noise
     best_state: dict[str, torch.Tensor] = {}
     best_epoch, stale, steps = 0, 0, 0
     generator = torch.Generator().manual_seed(params.seed)
@@ -200,27 +272,27 @@ def _finetune(
         for epoch in range(1, params.epochs + 1):
             epoch_started = time.monotonic()
             model.train()
-            order = torch.randperm(len(train_ids), generator=generator).tolist()
+            order = torch.randperm(len(run.train_ids), generator=generator).tolist()
             running, seen = 0.0, 0
-            for b in range(batches_per_epoch):
+            for b in range(run.batches_per_epoch):
                 chunk = order[b * params.batch_size : (b + 1) * params.batch_size]
-                batch = collate(tokenizer, [train_ids[i] for i in chunk], device)
+                batch = collate(run.tokenizer, [run.train_ids[i] for i in chunk], device)
                 with autocast(device):
                     logits = model(**batch).logits
-                loss = loss_fn(logits.float(), train_y[chunk].to(device))
+                loss = run.loss_fn(logits.float(), run.train_y[chunk].to(device))
                 (loss / params.grad_accum).backward()
                 running += loss.item() * len(chunk)
                 seen += len(chunk)
-                if (b + 1) % params.grad_accum == 0 or b + 1 == batches_per_epoch:
-                    torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                if (b + 1) % params.grad_accum == 0 or b + 1 == run.batches_per_epoch:
+                    torch.nn.utils.clip_grad_norm_(run.trainable, params.max_grad_norm)
+                    run.optimizer.step()
+                    run.scheduler.step()
+                    run.optimizer.zero_grad(set_to_none=True)
                     steps += 1
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f"{running / seen:.3f}")
 
-            val_loss, val_acc, val_f1 = _evaluate(model, tokenizer, val_ids, val_y, params.batch_size, device)
+            val_loss, val_acc, val_f1 = _evaluate(model, run.tokenizer, run.val_ids, run.val_y, params.batch_size, device)
             row = {
                 "epoch": float(epoch),
                 "train_loss": running / max(seen, 1),
@@ -244,38 +316,18 @@ def _finetune(
                     break
     finally:
         bar.close()
+    return _Loop(history, best_epoch, best_state, steps, stopped_early)
 
+
+def _save(run: _Run, best_state: dict[str, torch.Tensor], labels: LabelSet, out_dir: Path) -> None:
+    """Put the best epoch's tensors back and save adapter + head, tokenizer and labels."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in run.model.named_parameters():
             if name in best_state:
                 p.copy_(best_state[name])
-    model.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
+    run.model.save_pretrained(str(out_dir))
+    run.tokenizer.save_pretrained(str(out_dir))
     labels.save(out_dir)
-
-    best_row = history[best_epoch - 1]
-    result = FinetuneResult(
-        best_epoch=best_epoch,
-        val_accuracy=best_row["val_accuracy"],
-        val_macro_f1=best_row["val_macro_f1"],
-        train_seconds=time.monotonic() - started,
-        peak_rss_mb=_peak_rss_mb(),
-        steps=steps,
-        history=history,
-        device=device,
-        stopped_early=stopped_early,
-    )
-    _write_training_manifest(out_dir, base, params, result, len(train), len(val))
-    log.info(
-        "finetune_done",
-        out_dir=str(out_dir),
-        best_epoch=best_epoch,
-        val_accuracy=round(result.val_accuracy, 4),
-        val_macro_f1=round(result.val_macro_f1, 4),
-        seconds=round(result.train_seconds, 1),
-        peak_rss_mb=round(result.peak_rss_mb),
-    )
-    return result
 
 
 def _check_data(train: Sequence[tuple[str, str]], val: Sequence[tuple[str, str]], labels: LabelSet) -> None:

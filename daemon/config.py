@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mailtriage.core.training import TrainParams
 from mailtriage.errors import ConfigError
 
 Action = Literal["move", "keyword", "header"]
@@ -289,10 +290,15 @@ class TrainingConfig:
             )
         if not 0.05 <= self.holdout_fraction <= 0.5:
             raise ConfigError(f"training.holdout_fraction = {self.holdout_fraction!r}: allowed 0.05..0.5")
-        for key in ("min_examples_per_class", "epochs", "batch_size", "lora_r"):
-            _positive(f"training.{key}", getattr(self, key))
-        if not 0 < self.learning_rate < 1:
-            raise ConfigError(f"training.learning_rate = {self.learning_rate!r}: allowed 0 < lr < 1")
+        _positive("training.min_examples_per_class", self.min_examples_per_class)
+        self.params()  # epochs, learning_rate, batch_size, lora_r, seed: TrainParams' one validator
+
+    def params(self, **overrides: Any) -> TrainParams:
+        """The fine-tune's parameters from this table (``overrides``: the trainer's flags), validated."""
+        wanted: dict[str, Any] = {"epochs": self.epochs, "learning_rate": self.learning_rate,
+                                  "batch_size": self.batch_size, "lora_r": self.lora_r, "seed": self.seed}
+        wanted.update({k: v for k, v in overrides.items() if v is not None})
+        return TrainParams(**wanted)
 
 
 @dataclass(frozen=True)

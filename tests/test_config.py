@@ -65,6 +65,8 @@ def _with(**overrides: object) -> dict[str, object]:
         ({"categories": CATS, "accounts": [{**ACCOUNT, "password_env": "PW"}]}, r"exactly one of password_file.*found \['password_file', 'password_env'\]"),
         ({"categories": CATS, "accounts": [{**ACCOUNT, "auth": "xoauth2"}]}, r"needs exactly one of oauth_provider"),
         # training
+        (_with(training={"epochs": 0}), r"training parameter epochs = 0: must be a whole number >= 1"),
+        (_with(training={"learning_rate": 2.0}), r"training parameter learning_rate = 2.0: allowed 0 < lr < 1"),
         (_with(training={"schedule": "every sunday"}), r"training.schedule = 'every sunday' is not a 5-field cron"),
         (_with(training={"holdout_fraction": 0.9}), r"holdout_fraction = 0.9"),
     ],

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from mailtriage.core.training import TrainParams
 from mailtriage.errors import ConfigError, MailtriageError, ModelDirBusyError, ModelError
 from mailtriage.cli.logs import configure_logging
 
@@ -266,24 +267,37 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _Settings:
+    """One run of `mailtriage-train`: what to train on and how to gate it; the fine-tune's own
+    parameters are ``params`` (the one ``TrainParams`` type, validated there)."""
+
     data: str | None
     base: str
     model_dir: Path | None
     threshold: float
     holdout_fraction: float
     min_examples: int
-    seed: int
-    epochs: int
-    learning_rate: float
-    batch_size: int
-    lora_r: int
-    max_length: int
-    device: str
-    patience: int | None
+    params: TrainParams
     serve: str = "auto"
     refit_all: bool = False
     calibrate: bool = True
     target_accuracy: float = 0.0
+
+    # Read often: shorthands into params.
+    @property
+    def seed(self) -> int:
+        return self.params.seed
+
+    @property
+    def batch_size(self) -> int:
+        return self.params.batch_size
+
+    @property
+    def max_length(self) -> int:
+        return self.params.max_length
+
+    @property
+    def device(self) -> str:
+        return self.params.device
 
 
 def _settings(args: argparse.Namespace, cfg: Any) -> _Settings:
@@ -303,14 +317,11 @@ def _settings(args: argparse.Namespace, cfg: Any) -> _Settings:
         threshold=pick(args.threshold, mc.threshold),
         holdout_fraction=pick(args.holdout_fraction, tc.holdout_fraction),
         min_examples=pick(args.min_examples, tc.min_examples_per_class),
-        seed=pick(args.seed, tc.seed),
-        epochs=pick(args.epochs, tc.epochs),
-        learning_rate=pick(args.learning_rate, tc.learning_rate),
-        batch_size=pick(args.batch_size, tc.batch_size),
-        lora_r=pick(args.lora_r, tc.lora_r),
-        max_length=pick(args.max_length, mc.max_length),
-        device=pick(args.device, mc.device),
-        patience=args.patience,
+        params=tc.params(
+            seed=args.seed, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
+            lora_r=args.lora_r, max_length=pick(args.max_length, mc.max_length), device=pick(args.device, mc.device),
+            patience=args.patience,
+        ),
         serve=pick(getattr(args, "serve", None), tc.serve),
         refit_all=pick(getattr(args, "refit_all", None), tc.refit_all),
         calibrate=pick(getattr(args, "calibrate", None), tc.calibrate),
@@ -323,9 +334,8 @@ def _settings(args: argparse.Namespace, cfg: Any) -> _Settings:
         raise ConfigError(f"--threshold {s.threshold!r} is outside 0..1")
     if not 0.0 < s.holdout_fraction < 1.0:
         raise ConfigError(f"--holdout-fraction {s.holdout_fraction!r}: expected a number between 0 and 1 (0.2 is usual)")
-    for name in ("min_examples", "epochs", "batch_size", "lora_r", "max_length", "patience"):
-        if getattr(s, name) is not None and getattr(s, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(s, name)!r}: must be a positive number")
+    if s.min_examples <= 0:
+        raise ConfigError(f"--min-examples {s.min_examples!r}: must be a positive number")
     return s
 
 
@@ -442,15 +452,9 @@ def _finetune(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     from mailtriage.model import modeldir
     from mailtriage.core.labels import LabelSet
-    from mailtriage_trainer.finetune import TrainParams, finetune
+    from mailtriage_trainer.finetune import finetune
 
-    wanted = {
-        "epochs": s.epochs, "learning_rate": s.learning_rate, "batch_size": s.batch_size,
-        "lora_r": s.lora_r, "max_length": s.max_length, "seed": s.seed, "device": s.device,
-    }
-    if s.patience is not None:
-        wanted["patience"] = s.patience
-    params = TrainParams(**wanted)
+    params = s.params
     result = finetune(
         modeldir.resolve_base_model(s.base),
         [(e.text, e.label) for e in train],
@@ -561,7 +565,7 @@ def _refit_all(
     everything = [*train_all, *holdout]
     info: dict[str, Any] = {"examples": len(everything), "parts": []}
     if serve != SERVE_BASELINE:
-        from mailtriage_trainer.finetune import TrainParams, finetune
+        from mailtriage_trainer.finetune import finetune
         from mailtriage.core.labels import LabelSet
 
         epochs = int(result.get("best_epoch") or params["epochs"])

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup, set_seed
 
 from mailtriage.model import modeldir
-from mailtriage.errors import ConfigError, TrainingDataError
+from mailtriage.errors import TrainingDataError
 from mailtriage.core.labels import LabelSet
+from mailtriage.core.training import TrainParams  # noqa: F401 - the one parameter type, re-exported
 from mailtriage.core.mailtext import MAILTEXT_VERSION
 from mailtriage.model.transformers import (
     autocast,
@@ -42,39 +43,6 @@ from mailtriage.model.transformers import (
 )
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass
-class TrainParams:
-    epochs: int = 8
-    learning_rate: float = 1e-3          # LoRA wants a higher rate than full fine-tuning
-    batch_size: int = 16
-    grad_accum: int = 1                  # optimizer step every N batches: a larger effective batch in bounded memory
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    max_length: int = 256
-    seed: int = 13
-    patience: int = 2                    # stop after this many epochs without a better validation score
-    weight_decay: float = 0.01
-    warmup: float = 0.06                 # fraction of optimizer steps with a linearly rising rate
-    class_weighting: bool = True         # inverse-frequency class weights: rare categories still count
-    target_modules: list[str] | None = None   # None: the query/value projections of the model's family
-    modules_to_save: list[str] | None = None  # fully trained besides the head; None: the family's default (BERT: pooler)
-    max_grad_norm: float = 1.0
-    head_lr_scale: float = 10.0          # the fully trained modules (head) learn at learning_rate x this
-    device: str = "auto"
-    num_threads: int | None = None       # CPU threads for torch while training; None keeps torch's default
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum", "lora_r", "max_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"training parameter {name} must be >= 1, got {getattr(self, name)!r}")
-        if self.learning_rate <= 0 or self.head_lr_scale <= 0:
-            raise ConfigError(
-                f"training learning_rate and head_lr_scale must be > 0, got {self.learning_rate!r} and "
-                f"{self.head_lr_scale!r} (5e-4 and 10 are sound starts)"
-            )
 
 
 @dataclass

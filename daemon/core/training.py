@@ -1,0 +1,56 @@
+"""The fine-tune's parameters: one type with one validator.
+
+``[training]`` in the config (``TrainingConfig.params``), the trainer's flags (``mailtriage-train``)
+and the benchmarks all build a ``TrainParams``; ``mailtriage_trainer.finetune`` trains with it and
+records it in the adapter's manifest. Pure: no torch here, so the daemon's config can validate it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mailtriage.errors import ConfigError
+
+
+@dataclass
+class TrainParams:
+    epochs: int = 8
+    learning_rate: float = 1e-3          # LoRA wants a higher rate than full fine-tuning
+    batch_size: int = 16
+    grad_accum: int = 1                  # optimizer step every N batches: a larger effective batch in bounded memory
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    max_length: int = 256
+    seed: int = 13
+    patience: int = 2                    # stop after this many epochs without a better validation score
+    weight_decay: float = 0.01
+    warmup: float = 0.06                 # fraction of optimizer steps with a linearly rising rate
+    class_weighting: bool = True         # inverse-frequency class weights: rare categories still count
+    target_modules: list[str] | None = None   # None: the query/value projections of the model's family
+    modules_to_save: list[str] | None = None  # fully trained besides the head; None: the family's default (BERT: pooler)
+    max_grad_norm: float = 1.0
+    head_lr_scale: float = 10.0          # the fully trained modules (head) learn at learning_rate x this
+    device: str = "auto"
+    num_threads: int | None = None       # CPU threads for torch while training; None keeps torch's default
+
+    def __post_init__(self) -> None:
+        # The one validator: the [training] table, the trainer's flags and the benchmarks all get here.
+        for name in ("epochs", "batch_size", "grad_accum", "lora_r", "lora_alpha", "max_length", "patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"training parameter {name} = {value!r}: must be a whole number >= 1 "
+                                  f"([training] {name} in the config, or --{name.replace('_', '-')})")
+        if not 0 < self.learning_rate < 1:
+            raise ConfigError(f"training parameter learning_rate = {self.learning_rate!r}: allowed 0 < lr < 1 "
+                              "(1e-3 suits LoRA, 5e-5 a full fine-tune)")
+        if self.head_lr_scale <= 0:
+            raise ConfigError(f"training parameter head_lr_scale = {self.head_lr_scale!r}: must be > 0 (10 is a sound start)")
+        for name in ("lora_dropout", "warmup"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"training parameter {name} = {getattr(self, name)!r}: allowed 0 <= x < 1")
+        if self.weight_decay < 0 or self.max_grad_norm <= 0:
+            raise ConfigError(f"training parameters weight_decay = {self.weight_decay!r} (>= 0) and "
+                              f"max_grad_norm = {self.max_grad_norm!r} (> 0) are out of range")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"training parameter num_threads = {self.num_threads!r}: must be >= 1 (or unset)")

@@ -38,10 +38,52 @@ def test_add_headers_on_top_and_forged_ones_removed() -> None:
 
 
 @pure
-def test_add_headers_keeps_bare_lf_and_says_unsure() -> None:
+def test_add_headers_end_in_crlf_and_say_unsure() -> None:
+    # Issue 8 item 7: SMTP wants CRLF; a bare-LF message used to get bare-LF headers of ours.
     raw = b"From: a@x\nSubject: s\n\nbody\n"
     out = tagging.add_headers(raw, UNSURE)
-    assert out == b"X-Mailtriage-Category: unsure\nX-Mailtriage-Confidence: 0.3100\nFrom: a@x\nSubject: s\n\nbody\n"
+    assert out == b"X-Mailtriage-Category: unsure\r\nX-Mailtriage-Confidence: 0.3100\r\nFrom: a@x\r\nSubject: s\r\n\r\nbody\r\n"
+    one_header = tagging.add_headers(b"Subject: s\r\n\r\nbody\r\n", BILLING)  # no CRLF inside the header block
+    assert one_header == b"X-Mailtriage-Category: billing\r\nX-Mailtriage-Confidence: 0.8765\r\nSubject: s\r\n\r\nbody\r\n"
+    no_header = tagging.add_headers(b"\r\nX-Mailtriage-Category: body\r\n", BILLING)
+    assert no_header == b"X-Mailtriage-Category: billing\r\nX-Mailtriage-Confidence: 0.8765\r\n\r\nX-Mailtriage-Category: body\r\n"
+
+
+FORGERIES = {
+    # a forged field hidden behind a bare LF / bare CR in a CRLF header block (issue 8 item 7)
+    "bare-lf": b"From: a@x\r\nSubject: s\nX-Mailtriage-Category: refunds\r\nTo: b@x\r\n\r\nbody\r\n",
+    "bare-cr": b"From: a@x\r\nSubject: s\rX-Mailtriage-Category: refunds\r\nTo: b@x\r\n\r\nbody\r\n",
+    "lf-message-cr": b"From: a@x\nSubject: s\rX-Mailtriage-Category: refunds\nTo: b@x\n\nbody\n",
+    "mixed-folded": b"From: a@x\r\nSubject: s\nx-mailtriage-confidence: 1.0\r\n\tfolded\rTo: b@x\r\n\r\nbody\r\n",
+    # a first line starting with whitespace would fold into our header on top
+    "leading-fold": b" refunds\r\n\tX-Forged: yes\r\nFrom: a@x\r\nSubject: s\r\nTo: b@x\r\n\r\nbody\r\n",
+}
+
+
+@pure
+@pytest.mark.parametrize("raw", list(FORGERIES.values()), ids=list(FORGERIES))
+def test_no_forged_header_survives_any_line_ending(raw: bytes) -> None:
+    import email
+    import email.policy
+    import re
+
+    out = tagging.add_headers(raw, BILLING)
+    assert not re.search(rb"\r(?!\n)|(?<!\r)\n", out)  # CRLF only: every parser sees the same lines
+    for policy in (email.policy.compat32, email.policy.default):
+        msg = email.message_from_bytes(out, policy=policy)
+        assert msg.get_all("X-Mailtriage-Category") == ["billing"]
+        assert msg.get_all("X-Mailtriage-Confidence") == ["0.8765"]
+        assert msg["From"] == "a@x" and msg["To"] == "b@x"
+    assert b"refunds" not in out and b"folded" not in out and b"X-Forged" not in out and b"1.0\r" not in out
+    assert out.endswith(b"\r\n\r\nbody\r\n")
+
+
+@pure
+def test_crlf_normalises_every_line_ending() -> None:
+    assert tagging.crlf(b"a\r\nb\nc\rd\r\r\ne") == b"a\r\nb\r\nc\r\nd\r\n\r\ne"
+    same = b"a\r\nb\r\n"
+    assert tagging.crlf(same) is same
+    assert tagging.crlf(b"x\r.\r\nMAIL FROM:<e@x>\r\n") == b"x\r\n.\r\nMAIL FROM:<e@x>\r\n"
 
 
 @pure
@@ -52,3 +94,6 @@ def test_fingerprint_survives_our_headers_and_crlf() -> None:
     header_only = tagging.split_header(RAW)[0] + b"\r\n\r\n"
     assert tagging.header_fingerprint(header_only) == fp
     assert tagging.header_fingerprint(RAW.replace(b"Invoice 42", b"Invoice 43")) != fp
+    # The copy we APPEND is normalised (CRLF, orphan folds dropped): the original still matches it.
+    odd = b" orphan fold\r\nFrom: a@x\rSubject: s\n\nbody"
+    assert tagging.header_fingerprint(tagging.add_headers(odd, BILLING)) == tagging.header_fingerprint(odd)

@@ -2,7 +2,7 @@
 
 Used by the SMTP content filter (``mailtriage.smtp.relay``) and the IMAP header rewrite
 (``mailtriage.imap.actions``). Header bytes stay bytes: no re-serialisation through ``email``, so
-a tagged copy is the original plus two lines.
+a tagged copy is the original with CRLF line endings, minus forged X-Mailtriage-* lines, plus two.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ CONFIDENCE_HEADER = "X-Mailtriage-Confidence"
 UNSURE = "unsure"
 
 _HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+_EOL = re.compile(rb"\r\n|\r|\n")
 _ATOM_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
@@ -25,29 +26,43 @@ def safe_atom(value: str) -> str:
     return _ATOM_UNSAFE.sub("_", value)
 
 
+def crlf(raw: bytes) -> bytes:
+    """Every line ending (CRLF, bare LF, bare CR) as CRLF.
+
+    SMTP allows only CRLF (RFC 5321 §2.3.8), but MTAs and mail parsers disagree on what a bare LF or
+    bare CR means: one reads a line break where another reads none, so a forged header can hide
+    from the stripping below, and ``\r.\r\n`` can end DATA at a next hop that takes a bare CR as a
+    line end (SMTP smuggling). Normalised first, every reader sees the same lines and dot-stuffing
+    covers every line.
+    """
+    crlfs = raw.count(b"\r\n")
+    if raw.count(b"\n") == crlfs and raw.count(b"\r") == crlfs:
+        return raw
+    return _EOL.sub(b"\r\n", raw)
+
+
 def split_header(raw: bytes) -> tuple[bytes, bytes]:
-    """(header block without its terminating blank line, rest from the blank line on)."""
-    found = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i != -1]
-    if not found:
+    """(header block without its terminating blank line, rest from the blank line on) of a message
+    with CRLF line endings (see ``crlf``). A message that starts with a blank line has no header."""
+    if raw.startswith(b"\r\n"):
+        return b"", raw
+    idx = raw.find(b"\r\n\r\n")
+    if idx == -1:
         return raw, b""
-    idx = min(found)
     return raw[:idx], raw[idx:]
 
 
-def _newline(header: bytes) -> bytes:
-    return b"\r\n" if b"\r\n" in header else b"\n"
-
-
 def strip_mailtriage_headers(raw: bytes) -> bytes:
-    """Drop every X-Mailtriage-* field (with its folded lines) from the header block.
+    """The message with CRLF line endings and without any X-Mailtriage-* field (with its folded lines).
 
-    A sender could otherwise forge a category; only the daemon writes these headers.
+    A sender could otherwise forge a category; only the daemon writes these headers. Folded lines
+    at the very top belong to no field: they are dropped too, or they would fold into the header
+    we put on top.
     """
-    header, rest = split_header(raw)
-    nl = _newline(header)
+    header, rest = split_header(crlf(raw))
     kept: list[bytes] = []
-    dropping = False
-    for line in header.split(nl):
+    dropping = True  # a continuation before any field name is an orphan
+    for line in header.split(b"\r\n"):
         if line[:1] in (b" ", b"\t"):
             if not dropping:
                 kept.append(line)
@@ -56,7 +71,9 @@ def strip_mailtriage_headers(raw: bytes) -> bytes:
         dropping = bool(m and m.group(1).lower().startswith(b"x-mailtriage-"))
         if not dropping:
             kept.append(line)
-    return nl.join(kept) + rest
+    if not kept:  # nothing left of the header: the message starts with its blank line
+        return rest[2:]
+    return b"\r\n".join(kept) + rest
 
 
 def category_value(decision: Decision) -> str:
@@ -66,19 +83,19 @@ def category_value(decision: Decision) -> str:
 
 
 def add_headers(raw: bytes, decision: Decision) -> bytes:
-    """The message with X-Mailtriage-Category/-Confidence on top and any sender-supplied ones removed."""
+    """The message (CRLF line endings) with X-Mailtriage-Category/-Confidence on top, each ending in
+    CRLF, and any sender-supplied ones removed."""
     clean = strip_mailtriage_headers(raw)
-    nl = _newline(split_header(clean)[0])
     value = safe_atom(category_value(decision))
-    top = f"{CATEGORY_HEADER}: {value}".encode() + nl + f"{CONFIDENCE_HEADER}: {decision.confidence:.4f}".encode() + nl
-    return top + clean
+    top = f"{CATEGORY_HEADER}: {value}\r\n{CONFIDENCE_HEADER}: {decision.confidence:.4f}\r\n".encode()
+    return top + clean  # with no header of its own, clean starts with the blank line
 
 
 def header_fingerprint(raw_or_header: bytes) -> str:
     """Identity of a message's header block that survives COPY and our APPEND: X-Mailtriage-*
     fields dropped, line endings and trailing blanks normalised (servers may turn LF into CRLF)."""
     header, _rest = split_header(strip_mailtriage_headers(raw_or_header))
-    lines = [ln.rstrip() for ln in header.replace(b"\r\n", b"\n").split(b"\n")]
+    lines = [ln.rstrip() for ln in header.split(b"\r\n")]
     while lines and not lines[-1]:
         lines.pop()
     return hashlib.sha256(b"\n".join(lines)).hexdigest()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from mailtriage.service import metrics
 from mailtriage.core.tagging import add_headers, category_value
@@ -351,6 +351,24 @@ class _FilterSMTP(SMTP):
         super().connection_made(transport)
         if self._lifetime_handle is None:
             self._lifetime_handle = self.loop.call_later(self._session_lifetime, self._lifetime_over)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        # Lines longer than RFC 5321's 1,000 octets are accepted in DATA (issue 8 item 8): the RFC
+        # (§4.5.3.1.6) binds senders, and §4.5.3.1 asks receivers to impose no such limit where
+        # they can; aiosmtpd answered a permanent "500 Line too long" and the sender bounced the
+        # mail. Only the message size limit holds: aiosmtpd's line limit doubles as its stream
+        # reader's buffer limit, so both are raised to it for DATA and restored for commands
+        # (a command line stays limited to 512 octets, RFC 5321 §4.5.3.1.4). A single line longer
+        # than the whole size limit still gets aiosmtpd's 500: that message can never fit.
+        data_limit = (self.data_size_limit or DATA_SIZE_LIMIT) + 1
+        reader: Any = self._reader
+        self.line_length_limit, reader._limit = data_limit, data_limit  # noqa: SLF001 - see above
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            del self.line_length_limit  # back to the class attribute
+            reader._limit = SMTP.line_length_limit
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd answers "501 Syntax" for an empty address and "553 5.1.3 malformed address"

@@ -47,6 +47,10 @@ def _with(**overrides: object) -> dict[str, object]:
         (_with(model={"threshold": 1.5}), r"model.threshold = 1.5 is outside 0..1"),
         (_with(model={"batch_size": "8"}), r"model.batch_size = '8': expected an integer"),
         (_with(model={"device": "tpu"}), r"model.device = 'tpu' is not allowed: expected one of 'auto', 'cpu'"),
+        (_with(model={"quantize": "int4"}), r"model.quantize = 'int4' is not allowed: expected one of 'none', 'int8'"),
+        (_with(model={"threads": -2}), r"model.threads = -2 is negative"),
+        (_with(model={"backend": "http", "url": "http://127.0.0.1:8080", "quantize": "int8"}),
+         r"model.quantize = 'int8' / model.threads = 0 tune the local model"),
         (_with(metrics_port=70000), r"metrics_port = 70000"),
         # typos get a suggestion
         (_with(model={"treshold": 0.5}), r"model.treshold: unknown key.*Did you mean 'threshold'"),

@@ -195,6 +195,37 @@ def test_reload_gives_identical_logits(classifier, tiny_model_dir: Path) -> None
     assert torch.equal(again.logits(TEXTS), classifier.logits(TEXTS))
 
 
+def test_int8_quantized_serving_keeps_the_predictions(classifier, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """quantize="int8" merges the adapter (trained head included) and serves int8 Linear layers."""
+    import torch
+
+    from mailtriage.model.transformers import load_classifier
+
+    quantized = load_classifier(tiny_model_dir, device="cpu", batch_size=4, quantize="int8")
+    linears = [m for m in quantized.model.modules() if type(m) is torch.nn.Linear]
+    assert linears == [], "every nn.Linear should be replaced by a dynamically quantized one"
+    assert not any("lora" in name for name, _ in quantized.model.named_modules())
+    assert [p.label for p in quantized.classify(TEXTS[:3])] == [p.label for p in classifier.classify(TEXTS[:3])]
+    assert torch.allclose(torch.softmax(quantized.logits(TEXTS), -1), torch.softmax(classifier.logits(TEXTS), -1), atol=0.05)
+
+
+def test_quantize_and_threads_are_checked(tiny_model_dir: Path) -> None:
+    import torch
+
+    from mailtriage.model.transformers import load_classifier
+
+    with pytest.raises(ModelError, match="quantize = 'int4' is unknown"):
+        load_classifier(tiny_model_dir, device="cpu", quantize="int4")
+    with pytest.raises(ModelError, match="negative"):
+        load_classifier(tiny_model_dir, device="cpu", threads=-1)
+    before = torch.get_num_threads()
+    try:
+        load_classifier(tiny_model_dir, device="cpu", threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_label_check_against_config(tiny_model_dir: Path) -> None:
     from mailtriage.model.transformers import load_classifier
 

@@ -45,6 +45,8 @@ def load(config: Config, path: Path | None = None, *, probe: bool = True) -> Cla
         batch_size=m.batch_size,
         max_length=m.max_length,
         expected_labels=config.labels,
+        quantize=m.quantize,
+        threads=m.threads,
     )
 
 

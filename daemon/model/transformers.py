@@ -257,18 +257,52 @@ class TransformersClassifier:
                 f"device={self.device!r}, serve={self.serve!r})")
 
 
+QUANTIZE_CHOICES = ("none", "int8")
+
+
+def set_cpu_threads(threads: int) -> None:
+    """``threads`` > 0 sets torch's intra-op threads (process-wide); 0 keeps torch's default (one per core)."""
+    if threads < 0:
+        raise ModelError(f"threads = {threads!r} is negative; use 0 (torch's default) or a positive count")
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Merge the LoRA adapter into the base weights, then dynamically quantize every ``nn.Linear`` to
+    int8 (weights int8, activations quantized per batch; CPU only). The merge makes the adapter a plain
+    weight update, so quantization sees ordinary Linear layers and the head keeps its trained weights."""
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    with warnings.catch_warnings():
+        # torch.ao.quantization announces its move to torchao; the dynamic int8 path still works here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor", category=UserWarning)
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 def load_classifier(
     path: str | Path,
     device: str = "auto",
     batch_size: int = 16,
     max_length: int = 256,
     expected_labels: Sequence[str] | None = None,
+    quantize: str = "none",
+    threads: int = 0,
 ) -> TransformersClassifier | ensemble.BaselineClassifier:
     """Load MODEL_DIR, MODEL_DIR/current or a version directory; refuse labels that differ from config.
 
     What comes back is the version as served (manifest ``"serve"``): the fine-tuned model, the model
     averaged with the TF-IDF baseline, or the baseline alone (no torch model is loaded then).
+    ``quantize="int8"`` serves a dynamically int8-quantized copy (CPU only; see ``quantize_int8``);
+    ``threads`` > 0 sets torch's CPU thread count first.
     """
+    if quantize not in QUANTIZE_CHOICES:
+        raise ModelError(f"quantize = {quantize!r} is unknown; use one of {', '.join(QUANTIZE_CHOICES)}")
+    set_cpu_threads(threads)
     version_dir = modeldir.resolve(Path(path))
     labels = LabelSet.load(version_dir)
     if expected_labels is not None:
@@ -315,6 +349,13 @@ def load_classifier(
         ) from exc
     model.to(resolved_device)
     model.eval()
+    if quantize == "int8":
+        if resolved_device != "cpu":
+            raise ModelError(
+                f"quantize = \"int8\" is dynamic CPU quantization, but the model runs on {resolved_device!r}; "
+                "set device = \"cpu\" or quantize = \"none\" (on a GPU bf16 is used already)"
+            )
+        model = quantize_int8(model)
     log.info(
         "model_loaded",
         version=version_dir.name,
@@ -323,6 +364,8 @@ def load_classifier(
         device=resolved_device,
         dtype=str(dtype).removeprefix("torch."),
         serve=serve,
+        quantize=quantize,
+        threads=torch.get_num_threads(),
     )
     return TransformersClassifier(
         model,

@@ -1,0 +1,198 @@
+"""CPU inference speed of the served MiniLM at 256 tokens: fp32 vs dynamic int8, 1 vs 2 threads.
+
+1. Trains (or reuses with ``--model``) the demo model the way ``benchmarks.speed`` does:
+   ``mailtriage-train`` on the demo history (15 x 40 synthetic mails, 256 tokens, ``--epochs``),
+   and records seconds per epoch and the trainer's peak RSS.
+2. For every variant (quantize none/int8 x threads 1/2), in a fresh child process (so RSS and the
+   thread setting are its own): ``load_classifier(..., quantize=, threads=)``, then
+   - ms/email at batch 1, 8 and 32 on 20 Newsgroups mail text of >= 256 tokens (median after warm-up),
+   - sustained emails/s: one ``classify`` call on 256 such texts (the classifier's batch size 32),
+   - accuracy on the demo inbox (300 later mails the trainer never saw) and agreement with fp32,
+   - peak RSS (VmHWM).
+   The 1-minute load average is recorded before and after every variant: the machine may be shared.
+
+    .venv/bin/python -m benchmarks.cpu_speed [--quick] [--model MODEL_DIR] [--epochs N]
+
+A variant is worth serving only if its demo accuracy is within 0.5 points of fp32's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import OUT, REPO, base_model, bin_path, loadavg, machine, md_table, rel, run_timed, tail, write_json
+
+TOKENS = 256
+VARIANTS = [("none", 2), ("int8", 2), ("none", 1), ("int8", 1)]
+
+
+def train(epochs: int, quick: bool) -> dict[str, Any]:
+    from demo.corpus import generate
+
+    per_category = 8 if quick else 40
+    work = Path(tempfile.mkdtemp(prefix="mt-bench-cpu-"))
+    model_dir = OUT / "models" / ("cpu-speed-quick" if quick else "cpu-speed")
+    shutil.rmtree(model_dir, ignore_errors=True)
+    try:
+        generate(work / "corpus", per_category=per_category, inbox=0, seed=7)
+        argv = [bin_path("mailtriage-train"), "--data", str(work / "corpus" / "history"), "--base", base_model(),
+                "--model-dir", str(model_dir), "--epochs", str(epochs), "--max-length", str(TOKENS),
+                "--holdout-fraction", "0.1", "--seed", "13", "--min-examples", "2", "--device", "cpu", "--force"]
+        load = loadavg()
+        tr = run_timed(argv, OUT / "logs" / f"cpu-speed-train{'-quick' if quick else ''}.log")
+        if tr["rc"] != 0:
+            raise SystemExit(f"mailtriage-train failed:\n{tail(REPO / tr['log'])}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    manifest = json.loads((model_dir / "current" / "manifest.json").read_text())
+    training = manifest.get("training", {})
+    result = training.get("result", training)
+    hist = result.get("history") or []
+    return {
+        "command": " ".join(argv).replace(str(work), "$TMP"),
+        "n_train": manifest["data"]["train"]["n"],
+        "epochs": epochs,
+        "epoch_seconds": [round(h["seconds"], 1) for h in hist],
+        "finetune_peak_rss_mb": result.get("peak_rss_mb"),
+        "process_peak_rss_mib": tr.get("peak_rss_mib"),
+        "loadavg_before": load,
+        "loadavg_after": loadavg(),
+        "model_dir": rel(model_dir),
+    }
+
+
+def _hwm_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _demo_inbox(quick: bool) -> tuple[list[str], list[str]]:
+    """The inbox generated after the training history (same seed and history size, so the same
+    history and then later mail the trainer never saw), through ``mail_text``, with its answer key."""
+    from demo.corpus import LABELS_FILE, generate
+    from mailtriage.core.mailtext import mail_text
+
+    work = Path(tempfile.mkdtemp(prefix="mt-bench-cpu-inbox-"))
+    try:
+        generate(work, per_category=8 if quick else 40, inbox=60 if quick else 300, seed=7)
+        key = json.loads((work / LABELS_FILE).read_text())
+        names = sorted(key)
+        return [mail_text((work / "inbox" / n).read_bytes()) for n in names], [key[n] for n in names]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def child(model: str, quantize: str, threads: int, quick: bool, out_json: Path) -> int:
+    from benchmarks.speed import _real_texts
+    from mailtriage.model.transformers import load_classifier
+
+    import torch
+
+    t0 = time.monotonic()
+    clf = load_classifier(model, device="cpu", batch_size=32, max_length=TOKENS, quantize=quantize, threads=threads)
+    load_s = time.monotonic() - t0
+    reps = {1: 6, 8: 2, 32: 1} if quick else {1: 30, 8: 6, 32: 3}
+    n_sustained = 64 if quick else 256
+    texts, _ = _real_texts(clf.tokenizer, 64)
+    clf.classify(texts[:4])
+    clf.classify(texts[:32])  # warm-up
+    ms: dict[str, float] = {}
+    for bs, n in reps.items():
+        clf.batch_size = bs
+        times = []
+        for i in range(n):
+            chunk = [texts[(i * bs + j) % len(texts)] for j in range(bs)]
+            s = time.perf_counter()
+            clf.classify(chunk)
+            times.append(time.perf_counter() - s)
+        ms[f"batch{bs}_ms_per_email"] = round(1000 * statistics.median(times) / bs, 1)
+    clf.batch_size = 32
+    sustained = [texts[i % len(texts)] for i in range(n_sustained)]
+    s = time.perf_counter()
+    clf.classify(sustained)
+    sustained_s = time.perf_counter() - s
+
+    inbox, answers = _demo_inbox(quick)
+    preds = [p.label for p in clf.classify(inbox)]
+    result = {
+        "quantize": quantize,
+        "threads": torch.get_num_threads(),
+        "load_s": round(load_s, 2),
+        **ms,
+        "sustained_emails": n_sustained,
+        "sustained_emails_per_s": round(n_sustained / sustained_s, 1),
+        "demo_inbox_n": len(answers),
+        "demo_inbox_accuracy": round(sum(p == a for p, a in zip(preds, answers, strict=True)) / max(1, len(answers)), 4),
+        "demo_predictions": preds,
+        "peak_rss_mib": round(_hwm_mib(), 1),
+    }
+    out_json.write_text(json.dumps(result))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.cpu_speed", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny training and few repeats: checks the plumbing")
+    ap.add_argument("--model", help="skip training; measure this model directory")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs of the demo fine-tune (default 3)")
+    ap.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._child:
+        model, quantize, threads, out = args._child
+        return child(model, quantize, int(threads), args.quick, Path(out))
+
+    command = " ".join([".venv/bin/python -m benchmarks.cpu_speed", *(argv if argv is not None else sys.argv[1:])])
+    out: dict[str, Any] = {"machine": machine(), "command": command}
+    if args.model:
+        model = Path(args.model)
+    else:
+        out["train"] = train(1 if args.quick else args.epochs, args.quick)
+        model = REPO / out["train"]["model_dir"] / "current"
+    out["variants"] = []
+    for quantize, threads in VARIANTS:
+        fd, tmp = tempfile.mkstemp(suffix=".json")
+        os.close(fd)
+        argv_c = [sys.executable, "-m", "benchmarks.cpu_speed", "--_child", str(model), quantize, str(threads), tmp]
+        if args.quick:
+            argv_c.append("--quick")
+        load = loadavg()
+        r = run_timed(argv_c, OUT / "logs" / f"cpu-speed-{quantize}-{threads}t.log")
+        if r["rc"] != 0:
+            raise SystemExit(f"variant {quantize}/{threads} failed:\n{tail(REPO / r['log'])}")
+        res = json.loads(Path(tmp).read_text())
+        Path(tmp).unlink()
+        res["loadavg_before"], res["loadavg_after"] = load, loadavg()
+        out["variants"].append(res)
+    ref = {v["threads"]: v["demo_predictions"] for v in out["variants"] if v["quantize"] == "none"}
+    for v in out["variants"]:
+        base = ref.get(v["threads"]) or next(iter(ref.values()))
+        v["agreement_with_fp32"] = round(sum(a == b for a, b in zip(v["demo_predictions"], base, strict=True)) / max(1, len(base)), 4)
+    path = write_json("cpu-speed" + ("-quick" if args.quick else ""), out)
+    rows = [[v["quantize"], v["threads"], v["batch1_ms_per_email"], v["batch8_ms_per_email"], v["batch32_ms_per_email"],
+             v["sustained_emails_per_s"], f"{100 * v['demo_inbox_accuracy']:.1f}%", f"{100 * v['agreement_with_fp32']:.1f}%",
+             f"{v['peak_rss_mib']:.0f}", f"{v['loadavg_before'][0]:.1f} / {v['loadavg_after'][0]:.1f}"]
+            for v in out["variants"]]
+    if "train" in out:
+        t = out["train"]
+        print(f"training: {t['n_train']} mails, s/epoch {t['epoch_seconds']}, peak RSS {t['process_peak_rss_mib']} MiB, "
+              f"load {t['loadavg_before'][0]:.1f} / {t['loadavg_after'][0]:.1f}")
+    print(md_table(["quantize", "threads", "ms/email b1", "b8", "b32", "sustained emails/s", "demo acc",
+                    "agrees w/ fp32", "peak RSS MiB", "load before/after"], rows))
+    print(f"   command: {command}   JSON: {rel(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

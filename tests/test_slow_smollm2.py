@@ -65,7 +65,8 @@ def test_smollm2_decoder_lora_trains_and_serves(smollm2_base: Path, tmp_path: Pa
     test = _rows("test.csv")
     assert len(test) == 40 * len(INTENTS)
 
-    params = TrainParams(epochs=3, max_length=32, batch_size=8, device="cpu", num_threads=2, patience=3)
+    # One epoch (6 steps) is enough: validation accuracy 0.89 after it (busy machine, 2026-12-03).
+    params = TrainParams(epochs=1, max_length=32, batch_size=8, device="cpu", num_threads=2)
     started = time.monotonic()
     result = finetune(str(smollm2_base), train, val, LabelSet(INTENTS), tmp_path, params, progress=False)
     train_seconds = time.monotonic() - started

@@ -1,10 +1,15 @@
 """The SMTP content filter (DESIGN data flow 2): receive, classify, tag, relay to the next hop.
 
-Mail only counts as accepted once the next hop accepted it: each transaction is proxied to the
-next hop as it happens (MAIL and every RCPT are forwarded at once, so a recipient the next hop
-refuses is refused to the sender with the next hop's own 5xx), and the sender gets 250 for DATA
-only after the next hop said 250 for the tagged message. Every failure before that answers 451,
+Mail only counts as accepted once the next hop accepted it: the sender gets 250 for DATA only
+after the next hop said 250 for the tagged message, and every failure before that answers 451,
 so the sender's MTA keeps the message and retries; nothing is ever lost in between.
+
+No next-hop connection is held while a client dawdles (issue 8 item 6): each RCPT is checked with
+the next hop on a short connection of its own (MAIL, RCPT, QUIT), so a recipient the next hop
+refuses is refused to the sender with the next hop's own 5xx; the message itself goes over a new
+connection opened only once DATA is complete and classified. A recipient the next hop accepted at
+RCPT but refuses at delivery makes the whole message a 451 (nothing was delivered): the sender's
+retry then hears the next hop's verdict for that recipient at RCPT.
 
 Runs on the service's event loop (aiosmtpd's ``SMTP`` protocol via ``loop.create_server``);
 classification goes through the service's single inference worker; smtplib runs in worker
@@ -16,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import socket
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +49,10 @@ RecordFn = Callable[[str, Decision, str], None]  # (message key, decision, model
 # bounding what one transaction holds in memory (aiosmtpd buffers the whole message).
 DATA_SIZE_LIMIT = 50 * 1024 * 1024
 NEXT_HOP_TIMEOUT = 60.0  # seconds per next-hop command; a wedged next hop becomes a 451
+# The reply to the message's final dot: RFC 5321 §4.5.3.2.6 asks for 10 minutes. A 451 after the next
+# hop has queued the message would make the sender retry and deliver it twice, so wait long here
+# (the upstream Postfix waits smtp_data_done_timeout, 1200 s in the README's master.cf).
+DATA_DONE_TIMEOUT = 600.0
 CLOSE_GRACE = 10.0  # seconds a shutdown waits for messages being relayed before dropping them
 _HEADER_ALLOWANCE = 256  # bytes our two headers add at most; added to a forwarded SIZE=
 _MAX_REPLY_TEXT = 400
@@ -55,10 +63,11 @@ TEMPFAIL = "451 4.3.0 mailtriage: {why}; try again later"
 class NextHopFailure(Exception):
     """The next hop refused (code = its reply code) or could not be reached (code = None)."""
 
-    def __init__(self, code: int | None, text: str) -> None:
+    def __init__(self, code: int | None, text: str, stage: str = "") -> None:
         super().__init__(f"{code} {text}" if code is not None else text)
         self.code = code
         self.text = text
+        self.stage = stage  # MAIL, RCPT or DATA: the command the next hop failed
 
     @property
     def permanent(self) -> bool:
@@ -99,98 +108,119 @@ class NextHop:
     port: int
     timeout: float = NEXT_HOP_TIMEOUT
     local_hostname: str = "localhost"
+    data_timeout: float = DATA_DONE_TIMEOUT
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
 
 
 class NextHopTransaction:
-    """One transaction to the next hop over smtplib (blocking: call it from a worker thread).
-
-    A lock serialises the calls, so ``close`` from a disconnect never races a ``data`` in flight.
-    """
+    """One connection to the next hop over smtplib (blocking: call it from a worker thread)."""
 
     def __init__(self, hop: NextHop) -> None:
         self.hop = hop
         self._smtp: smtplib.SMTP | None = None
-        self._lock = threading.Lock()
 
     def mail(self, sender: str, options: Sequence[str]) -> None:
-        with self._lock:
-            try:
-                smtp = smtplib.SMTP(self.hop.host, self.hop.port, self.hop.local_hostname, timeout=self.hop.timeout)
-                self._smtp = smtp
-                smtp.ehlo_or_helo_if_needed()
-                code, msg = smtp.mail(sender, forward_mail_options(options, smtp.has_extn))
-            except smtplib.SMTPResponseException as exc:
-                raise NextHopFailure(exc.smtp_code, reply_text(exc.smtp_error)) from exc
-            except Exception as exc:  # noqa: BLE001 - refused, unreachable, or an address smtplib cannot encode
-                raise NextHopFailure(None, f"{type(exc).__name__}: {exc}") from exc
-            if code != 250:
-                raise NextHopFailure(code, reply_text(msg))
+        try:
+            smtp = smtplib.SMTP(self.hop.host, self.hop.port, self.hop.local_hostname, timeout=self.hop.timeout)
+            self._smtp = smtp
+            smtp.ehlo_or_helo_if_needed()
+            code, msg = smtp.mail(sender, forward_mail_options(options, smtp.has_extn))
+        except smtplib.SMTPResponseException as exc:
+            raise NextHopFailure(exc.smtp_code, reply_text(exc.smtp_error), "MAIL") from exc
+        except Exception as exc:  # noqa: BLE001 - refused, unreachable, or an address smtplib cannot encode
+            raise NextHopFailure(None, f"{type(exc).__name__}: {exc}", "MAIL") from exc
+        if code != 250:
+            raise NextHopFailure(code, reply_text(msg), "MAIL")
 
     def rcpt(self, recipient: str) -> None:
-        code, msg = self._call(lambda smtp: smtp.rcpt(recipient))
+        code, msg = self._call(lambda smtp: smtp.rcpt(recipient), "RCPT")
         if code not in (250, 251):
-            raise NextHopFailure(code, reply_text(msg))
+            raise NextHopFailure(code, reply_text(msg), "RCPT")
 
     def data(self, message: bytes) -> str:
         """Send the message; returns the next hop's 250 text (it usually names its queue id)."""
-        code, msg = self._call(lambda smtp: smtp.data(message))
+        def send(smtp: smtplib.SMTP) -> tuple[int, bytes]:
+            if smtp.sock is not None:  # the final reply may take long (RFC 5321 §4.5.3.2.6: 10 min)
+                smtp.sock.settimeout(max(self.hop.timeout, self.hop.data_timeout))
+            return smtp.data(message)
+
+        code, msg = self._call(send, "DATA")
         if code != 250:
-            raise NextHopFailure(code, reply_text(msg))
+            raise NextHopFailure(code, reply_text(msg), "DATA")
         return reply_text(msg)
 
-    def _call(self, op: Callable[[smtplib.SMTP], tuple[int, bytes]]) -> tuple[int, bytes]:
-        with self._lock:
-            if self._smtp is None:
-                raise NextHopFailure(None, "the connection to the next hop is closed")
-            try:
-                return op(self._smtp)
-            except smtplib.SMTPResponseException as exc:  # e.g. SMTPDataError: DATA refused
-                raise NextHopFailure(exc.smtp_code, reply_text(exc.smtp_error)) from exc
-            except Exception as exc:  # noqa: BLE001 - whatever it was, the next hop did not accept
-                raise NextHopFailure(None, f"{type(exc).__name__}: {exc}") from exc
+    def _call(self, op: Callable[[smtplib.SMTP], tuple[int, bytes]], stage: str) -> tuple[int, bytes]:
+        if self._smtp is None:
+            raise NextHopFailure(None, "the connection to the next hop is closed", stage)
+        try:
+            return op(self._smtp)
+        except smtplib.SMTPResponseException as exc:  # e.g. SMTPDataError: DATA refused
+            raise NextHopFailure(exc.smtp_code, reply_text(exc.smtp_error), stage) from exc
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the next hop did not accept
+            raise NextHopFailure(None, f"{type(exc).__name__}: {exc}", stage) from exc
 
     def close(self) -> None:
-        with self._lock:
-            smtp, self._smtp = self._smtp, None
-            if smtp is None:
-                return
+        smtp, self._smtp = self._smtp, None
+        if smtp is None:
+            return
+        try:
+            smtp.quit()  # an unfinished transaction is abandoned: the next hop discards it
+        except (OSError, smtplib.SMTPException):
+            smtp.close()
+
+
+def check_recipient(hop: NextHop, sender: str, options: Sequence[str], recipient: str) -> None:
+    """Ask the next hop whether it takes ``recipient`` from ``sender``, then hang up (blocking).
+
+    Raises NextHopFailure with its verdict. The connection lives for these three commands only.
+    """
+    tx = NextHopTransaction(hop)
+    try:
+        tx.mail(sender, options)
+        tx.rcpt(recipient)
+    finally:
+        tx.close()
+
+
+def deliver(hop: NextHop, sender: str, options: Sequence[str], recipients: Sequence[str], message: bytes) -> str:
+    """Relay the complete message on a new connection (blocking); returns the next hop's 250 text.
+
+    A recipient refused now, after the next hop accepted it at RCPT, aborts the transaction before
+    DATA (nothing delivered to anyone) with a temporary failure: one reply to DATA cannot refuse
+    one recipient, and the retry's RCPT check will carry the next hop's verdict for it.
+    """
+    tx = NextHopTransaction(hop)
+    try:
+        tx.mail(sender, options)
+        for recipient in recipients:
             try:
-                smtp.quit()  # an unfinished transaction is abandoned: the next hop discards it
-            except (OSError, smtplib.SMTPException):
-                smtp.close()
+                tx.rcpt(recipient)
+            except NextHopFailure as failure:
+                raise NextHopFailure(
+                    None, f"refused <{recipient}> at delivery after accepting it ({failure})", "RCPT"
+                ) from failure
+        return tx.data(message)
+    finally:
+        tx.close()
 
 
 class ContentFilter:
-    """aiosmtpd handler for ONE client connection: proxies its transactions to the next hop."""
+    """aiosmtpd handler for ONE client connection: checks recipients, relays complete messages."""
 
     def __init__(self, config: Config, classify: ClassifyAsync, hop: NextHop, record: RecordFn | None = None) -> None:
         self.config = config
         self.classify = classify
         self.hop = hop
         self.record = record  # StateDB.record_relayed: the decision into the state DB, for stats/corrections
-        self._tx: NextHopTransaction | None = None
-        self._broken: str | None = None  # why the current transaction can no longer succeed
         self.busy = False  # relaying a message right now (shutdown waits for it)
 
-    # -- envelope: forwarded as it comes --------------------------------------------------
+    # -- envelope: nothing is held open at the next hop -----------------------------------
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
-        self._drop()  # an EHLO after MAIL resets the envelope without telling the handler
-        tx = NextHopTransaction(self.hop)
-        try:
-            await asyncio.to_thread(tx.mail, address, mail_options)
-        except NextHopFailure as failure:
-            await asyncio.to_thread(tx.close)
-            log.warning(
-                "smtp_next_hop_refused", stage="MAIL", peer=_peer(session), next_hop=str(self.hop), reply=str(failure)
-            )
-            return sender_reply(failure, str(self.hop))
-        self._tx = tx
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -198,40 +228,31 @@ class ContentFilter:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
-        tx = self._tx
-        if tx is None or self._broken:
-            return TEMPFAIL.format(why=self._broken or "no transaction with the next hop")
+        sender = envelope.mail_from
+        if sender is None:
+            return "503 5.5.1 Error: need MAIL command"
         try:
-            await asyncio.to_thread(tx.rcpt, address)
+            await asyncio.to_thread(check_recipient, self.hop, sender, envelope.mail_options, address)
         except NextHopFailure as failure:
-            if failure.code is None or failure.code == 421:
-                # The connection is gone: recipients accepted so far can no longer get this message.
-                self._broken = f"lost the next hop {self.hop} ({failure})"
             log.warning(
-                "smtp_next_hop_refused", stage="RCPT", peer=_peer(session), next_hop=str(self.hop), reply=str(failure)
+                "smtp_next_hop_refused", stage=failure.stage, peer=_peer(session), next_hop=str(self.hop),
+                reply=str(failure),
             )
             return sender_reply(failure, str(self.hop))
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
 
-    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        self._drop()
-        return "250 2.0.0 OK"
-
     # -- content: classify, tag, relay ----------------------------------------------------
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        tx, self._tx = self._tx, None
-        broken, self._broken = self._broken, None
-        if tx is None or broken:
-            if tx is not None:
-                _close_later(tx)
-            return TEMPFAIL.format(why=broken or "no transaction with the next hop")
+        sender, recipients = envelope.mail_from, list(envelope.rcpt_tos)
+        if sender is None or not recipients:
+            return "503 5.5.1 Error: need MAIL and RCPT"
         self.busy = True
         started = time.monotonic()
         raw = _content_bytes(envelope)
-        bound = log.bind(peer=_peer(session), recipients=len(envelope.rcpt_tos), size=len(raw))
+        bound = log.bind(peer=_peer(session), recipients=len(recipients), size=len(raw))
         try:
             try:
                 text, key = await asyncio.to_thread(_prepare, raw)
@@ -245,13 +266,14 @@ class ContentFilter:
                 bound.error("smtp_classify_failed", error=str(exc), error_type=type(exc).__name__, exc_info=True)
                 return TEMPFAIL.format(why="could not classify the message")
             try:
-                queued = await asyncio.to_thread(tx.data, tagged)
+                queued = await asyncio.to_thread(
+                    deliver, self.hop, sender, list(envelope.mail_options), recipients, tagged
+                )
             except NextHopFailure as failure:
                 metrics.MESSAGES.labels(category=decision.label, outcome="failed").inc()
-                bound.warning("smtp_next_hop_refused", stage="DATA", next_hop=str(self.hop), reply=str(failure))
+                bound.warning("smtp_next_hop_refused", stage=failure.stage, next_hop=str(self.hop), reply=str(failure))
                 return sender_reply(failure, str(self.hop))
         finally:
-            _close_later(tx)
             self.busy = False
         if self.record is not None and key != "unknown":
             try:
@@ -275,22 +297,7 @@ class ContentFilter:
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd would answer a permanent 500: a content filter must make the sender retry.
         log.error("smtp_handler_error", error=str(error), error_type=type(error).__name__, exc_info=error)
-        self._drop()
         return TEMPFAIL.format(why="internal error")
-
-    def connection_lost(self) -> None:
-        self._drop()
-
-    def _drop(self) -> None:
-        tx, self._tx, self._broken = self._tx, None, None
-        if tx is not None:
-            _close_later(tx)
-
-
-def _close_later(tx: NextHopTransaction) -> None:
-    # QUIT waits for a reply: never on the loop. The lock inside makes it wait for a call in flight.
-    loop = asyncio.get_running_loop()
-    loop.run_in_executor(None, tx.close)
 
 
 def _prepare(raw: bytes) -> tuple[str, str]:
@@ -315,7 +322,7 @@ def _peer(session: Session) -> str:
 
 
 class _FilterSMTP(SMTP):
-    """aiosmtpd's protocol, telling its per-connection handler when the client goes away.
+    """aiosmtpd's protocol with the content filter's limits.
 
     Bounds what idle or hostile clients can hold (issue 8 item 6): beyond ``max_connections`` a
     connection is answered 421 and closed before any session exists; a session ends with 421
@@ -404,10 +411,7 @@ class _FilterSMTP(SMTP):
         if self._lifetime_handle is not None:
             self._lifetime_handle.cancel()
             self._lifetime_handle = None
-        try:
-            self.event_handler.connection_lost()
-        finally:
-            super().connection_lost(error)
+        super().connection_lost(error)
 
 
 def _acceptable_address(address: str) -> bool:

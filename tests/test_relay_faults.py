@@ -1,0 +1,383 @@
+"""The relay fault proof and idle clients over real sockets (issue 8 item 6 and "Prove: Relay").
+
+A real relay (mailtriage.smtp.relay on its own loop) in front of a real aiosmtpd next hop that can
+be down, slow, refusing or die in the middle of DATA; the sender is an MTA-like retry loop over
+smtplib. Whatever the fault: the sender hears 4xx or the next hop's own verdict, and after retries
+every recipient has the message exactly once downstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import smtplib
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import structlog
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from mailtriage.smtp.relay import NextHop
+from tests.test_relay import (  # noqa: F401 - start_relay is a fixture
+    StartRelay,
+    free_port,
+    keyword_classify,
+    mail,
+    start_relay,
+)
+
+pytestmark = pytest.mark.component
+
+
+# -- a next hop with faults on demand ---------------------------------------------------------
+
+
+@dataclass
+class Faults:
+    """What the next hop does wrong; counters are decremented as each fault is used up."""
+
+    mail_reply: list[str] = field(default_factory=list)  # replies to MAIL, one per connection, then 250
+    rcpt_reply: dict[str, list[str]] = field(default_factory=dict)  # per address, one per RCPT, then 250
+    rcpt_refuse_always: dict[str, str] = field(default_factory=dict)
+    data_reply: list[str] = field(default_factory=list)  # replies instead of queueing, then queue
+    slow_rcpt: list[float] = field(default_factory=list)  # seconds before answering RCPT
+    slow_data: list[float] = field(default_factory=list)  # seconds before answering the final dot
+    die_mid_data: int = 0  # connections that are cut after the first bytes of the message
+
+
+class FaultyHop:
+    """aiosmtpd handler: stores what it queues, counts its connections (open now, peak, total)."""
+
+    def __init__(self) -> None:
+        self.faults = Faults()
+        self.received: list[Envelope] = []
+        self.open = 0
+        self.peak = 0
+        self.total = 0
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.faults.mail_reply:
+            return self.faults.mail_reply.pop(0)
+        envelope.mail_from = address
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.faults.slow_rcpt:
+            await asyncio.sleep(self.faults.slow_rcpt.pop(0))
+        if address in self.faults.rcpt_refuse_always:
+            return self.faults.rcpt_refuse_always[address]
+        if self.faults.rcpt_reply.get(address):
+            return self.faults.rcpt_reply[address].pop(0)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.faults.slow_data:
+            await asyncio.sleep(self.faults.slow_data.pop(0))
+        if self.faults.data_reply:
+            return self.faults.data_reply.pop(0)
+        self.received.append(envelope)
+        return "250 2.0.0 Ok: queued"
+
+    def copies(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for env in self.received:
+            for rcpt in env.rcpt_tos:
+                counts[rcpt] = counts.get(rcpt, 0) + 1
+        return counts
+
+
+class _FaultySMTP(SMTP):
+    def connection_made(self, transport: Any) -> None:
+        hop: FaultyHop = self.event_handler
+        hop.open += 1
+        hop.total += 1
+        hop.peak = max(hop.peak, hop.open)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.event_handler.open -= 1
+        super().connection_lost(error)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        hop: FaultyHop = self.event_handler
+        if hop.faults.die_mid_data > 0 and self.envelope is not None and self.envelope.rcpt_tos:
+            hop.faults.die_mid_data -= 1
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            await self._reader.readexactly(64)  # the first bytes of the message, then the crash
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        await super().smtp_DATA(arg)
+
+
+class _FaultyController(Controller):
+    def factory(self) -> SMTP:
+        return _FaultySMTP(self.handler, **self.SMTP_kwargs)
+
+
+@dataclass
+class Hop:
+    handler: FaultyHop
+    port: int
+    controller: _FaultyController | None = None
+
+    def start(self) -> None:
+        self.controller = _FaultyController(self.handler, hostname="127.0.0.1", port=self.port,
+                                            server_hostname="nexthop.test")
+        self.controller.start()
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+
+
+@pytest.fixture
+def hop() -> Iterator[Hop]:
+    h = Hop(FaultyHop(), free_port())
+    h.start()
+    try:
+        yield h
+    finally:
+        h.stop()
+
+
+@pytest.fixture
+def relay(start_relay: StartRelay, hop: Hop) -> int:
+    return start_relay(keyword_classify, hop.port)
+
+
+# -- the sending MTA: retries 4xx, bounces on 5xx ------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    delivered: list[str]
+    bounced: dict[str, int]  # recipient -> the 5xx code the sender got
+    attempts: int
+    codes: list[int]  # every non-250 code the sender saw, in order
+
+
+def mta_send(port: int, raw: bytes, recipients: Sequence[str] = ("support@example.com",),
+             attempts: int = 6, pause: float = 0.2, on_attempt: Any = None) -> Outcome:
+    pending, delivered, bounced, codes = list(recipients), [], {}, []
+    tries = 0
+    while pending and tries < attempts:
+        tries += 1
+        if on_attempt is not None:
+            on_attempt(tries)
+        try:
+            with smtplib.SMTP("127.0.0.1", port, local_hostname="mta.test", timeout=60) as client:
+                refused = client.sendmail("customer@example.com", pending, raw)
+        except smtplib.SMTPRecipientsRefused as exc:
+            refused, ok = exc.recipients, False
+        except (smtplib.SMTPDataError, smtplib.SMTPSenderRefused, smtplib.SMTPConnectError) as exc:
+            codes.append(exc.smtp_code)
+            if exc.smtp_code >= 500:
+                bounced.update({r: exc.smtp_code for r in pending})
+                pending = []
+            time.sleep(pause)
+            continue
+        else:
+            ok = True
+        for rcpt, (code, _msg) in refused.items():
+            codes.append(code)
+            if code >= 500:
+                bounced[rcpt] = code
+        if ok:
+            delivered += [r for r in pending if r not in refused]
+        pending = [r for r in pending if r in refused and refused[r][0] < 500]
+        if pending:
+            time.sleep(pause)
+    return Outcome(delivered, bounced, tries, codes)
+
+
+def wait_for(predicate: Any, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+# -- faults: 4xx or the next hop's verdict, exactly once after retries -------------------------
+
+
+def test_next_hop_down_then_up(start_relay: StartRelay) -> None:
+    down = Hop(FaultyHop(), free_port())
+    port = start_relay(keyword_classify, down.port)
+    try:
+        out = mta_send(port, mail("invoice"), on_attempt=lambda n: down.start() if n == 3 else None)
+    finally:
+        down.stop()
+    assert out.codes == [451, 451] and out.attempts == 3
+    assert down.handler.copies() == {"support@example.com": 1}
+
+
+def test_next_hop_refusing_temporarily_at_each_stage(hop: Hop, relay: int) -> None:
+    hop.handler.faults.mail_reply = ["421 4.3.2 shutting down"]
+    hop.handler.faults.rcpt_reply = {"support@example.com": ["450 4.2.1 mailbox busy"]}
+    hop.handler.faults.data_reply = ["452 4.3.1 insufficient storage"]
+    out = mta_send(relay, mail("invoice"))
+    assert out.codes == [451, 451, 451]  # every 4xx of the next hop is a 451 to the sender
+    assert hop.handler.copies() == {"support@example.com": 1}
+
+
+def test_next_hop_permanent_verdicts_are_passed_back(hop: Hop, relay: int) -> None:
+    hop.handler.faults.rcpt_refuse_always = {"nobody@example.com": "550 5.1.1 no such user"}
+    out = mta_send(relay, mail("invoice"), recipients=["support@example.com", "nobody@example.com"])
+    assert out.delivered == ["support@example.com"] and out.bounced == {"nobody@example.com": 550}
+    hop.handler.faults.data_reply = ["554 5.7.1 content rejected"]
+    out = mta_send(relay, mail("refund"), recipients=["billing@example.com"])
+    assert out.bounced == {"billing@example.com": 554} and out.attempts == 1
+    assert hop.handler.copies() == {"support@example.com": 1}
+
+
+def test_next_hop_dying_mid_data(hop: Hop, relay: int) -> None:
+    hop.handler.faults.die_mid_data = 2
+    raw = mail("invoice " + "lorem ipsum " * 2000)
+    with structlog.testing.capture_logs() as logs:
+        out = mta_send(relay, raw)
+    assert out.codes == [451, 451] and out.attempts == 3
+    assert hop.handler.copies() == {"support@example.com": 1}
+    assert [e["stage"] for e in logs if e["event"] == "smtp_next_hop_refused"] == ["DATA", "DATA"]
+
+
+def test_next_hop_slow_before_data_is_a_451_then_once(start_relay: StartRelay, hop: Hop) -> None:
+    port = start_relay(keyword_classify, hop.port, next_hop=NextHop("127.0.0.1", hop.port, timeout=0.5,
+                                                                    local_hostname="relay.test"))
+    hop.handler.faults.slow_rcpt = [3.0]
+    out = mta_send(port, mail("invoice"))
+    assert out.codes == [451]
+    assert hop.handler.copies() == {"support@example.com": 1}
+
+
+def test_next_hop_slow_to_confirm_the_message_is_waited_for_not_duplicated(
+    start_relay: StartRelay, hop: Hop
+) -> None:
+    # A next hop that takes longer than the per-command timeout to answer the final dot has the
+    # message already: a 451 then would make the sender retry and deliver it twice. The relay waits
+    # data_timeout (RFC 5321 §4.5.3.2.6: 10 minutes) for that one reply.
+    port = start_relay(keyword_classify, hop.port, next_hop=NextHop("127.0.0.1", hop.port, timeout=0.5,
+                                                                    data_timeout=30, local_hostname="relay.test"))
+    hop.handler.faults.slow_data = [2.0]
+    out = mta_send(port, mail("invoice"))
+    assert out.codes == [] and out.attempts == 1  # before: a 451 after 0.5 s, then a second copy
+    assert hop.handler.copies() == {"support@example.com": 1}
+
+
+def test_recipient_refused_at_delivery_after_the_check_is_a_451_and_the_retry_tells(hop: Hop, relay: int) -> None:
+    # The check at RCPT said yes, delivery says no: nothing is delivered (451), and the retry's
+    # check carries the next hop's verdict for that recipient.
+    hop.handler.faults.rcpt_reply = {"moved@example.com": ["250 OK", "550 5.1.6 user moved"]}
+
+    def flip(attempt: int) -> None:
+        if attempt == 2:
+            hop.handler.faults.rcpt_refuse_always["moved@example.com"] = "550 5.1.6 user moved"
+
+    out = mta_send(relay, mail("invoice"), recipients=["support@example.com", "moved@example.com"], on_attempt=flip)
+    assert out.codes[0] == 451
+    assert out.delivered == ["support@example.com"] and out.bounced == {"moved@example.com": 550}
+    assert hop.handler.copies() == {"support@example.com": 1}
+
+
+# -- idle clients hold no next hop, and cannot lock real mail out (issue 8 item 6) ----------------
+
+
+def _connect(port: int) -> tuple[socket.socket, Any]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    return sock, sock.makefile("rb")
+
+
+def _command(sock: socket.socket, reader: Any, line: bytes) -> bytes:
+    sock.sendall(line + b"\r\n")
+    while True:
+        reply = reader.readline()
+        if reply[3:4] != b"-":
+            return reply
+
+
+def test_no_next_hop_connection_is_held_before_data_is_complete(hop: Hop, relay: int) -> None:
+    clients = []
+    try:
+        for i in range(20):
+            sock, reader = _connect(relay)
+            assert reader.readline().startswith(b"220")
+            assert _command(sock, reader, b"EHLO idle.test").startswith(b"250")
+            assert _command(sock, reader, b"MAIL FROM:<idle@example.com>").startswith(b"250")
+            assert _command(sock, reader, f"RCPT TO:<support{i}@example.com>".encode()).startswith(b"250")
+            if i % 2:  # half of them start the message and stop halfway
+                assert _command(sock, reader, b"DATA").startswith(b"354")
+                sock.sendall(b"Subject: invoice\r\n\r\nhalf a message")
+            clients.append((sock, reader))
+        # Each RCPT was checked on a connection of its own that is closed again; while the clients
+        # dawdle, the next hop holds nothing for them (before the fix: one connection each).
+        assert wait_for(lambda: hop.handler.open == 0), f"{hop.handler.open} next-hop connections held"
+        assert hop.handler.peak <= 2
+        for i, (sock, reader) in enumerate(clients):
+            if not i % 2:
+                assert _command(sock, reader, b"DATA").startswith(b"354")
+                sock.sendall(b"Subject: invoice\r\n\r\nthe whole message")
+            assert _command(sock, reader, b"\r\n.").startswith(b"250")
+    finally:
+        for sock, _reader in clients:
+            sock.close()
+    assert sorted(hop.handler.copies()) == sorted(f"support{i}@example.com" for i in range(20))
+    assert set(hop.handler.copies().values()) == {1}
+
+
+def test_hundreds_of_idle_clients_do_not_lock_real_mail_out(
+    hop: Hop, start_relay: StartRelay, caplog: pytest.LogCaptureFixture
+) -> None:
+    held, beyond, limit = 250, 200, 300
+    port = start_relay(keyword_classify, hop.port, max_connections=limit, idle_timeout=3.0, session_lifetime=120.0)
+    caplog.set_level(logging.INFO)
+    idle: list[tuple[socket.socket, Any]] = []
+    refused = 0
+    with structlog.testing.capture_logs() as logs:
+        try:
+            for i in range(held):
+                sock, reader = _connect(port)
+                assert reader.readline().startswith(b"220")
+                if i % 5 == 0:  # some stop after RCPT, mid-transaction
+                    _command(sock, reader, b"EHLO idle.test")
+                    _command(sock, reader, b"MAIL FROM:<idle@example.com>")
+                    assert _command(sock, reader, b"RCPT TO:<support@example.com>").startswith(b"250")
+                idle.append((sock, reader))
+            # Real mail gets through while 250 clients sit idle, and they hold no next hop.
+            assert mta_send(port, mail("invoice"), attempts=1).delivered == ["support@example.com"]
+            assert wait_for(lambda: hop.handler.open == 0)
+            # 200 more: the first 50 fill the limit, the rest are refused at once with a 421.
+            for _ in range(beyond):
+                sock, reader = _connect(port)
+                banner = reader.readline()
+                if banner.startswith(b"421 4.7.0"):
+                    refused += 1
+                    sock.close()
+                else:
+                    assert banner.startswith(b"220")
+                    idle.append((sock, reader))
+            assert refused == held + beyond - limit
+            # The MTA's real mail: refused while the idle ones fill every slot, through once the
+            # idle ones time out.
+            out = mta_send(port, mail("refund"), attempts=100, pause=0.2)
+            assert out.delivered == ["support@example.com"]
+        finally:
+            for sock, _reader in idle:
+                sock.close()
+    assert hop.handler.copies() == {"support@example.com": 2}
+    # No traceback flood: nothing logged with a traceback, one "too many" line per 10 s at most.
+    assert not [e for e in logs if e.get("exc_info") or e.get("log_level") == "error"]
+    assert not [r for r in caplog.records if r.exc_info]
+    assert 1 <= len([e for e in logs if e["event"] == "smtp_too_many_connections"]) <= 3

@@ -345,6 +345,58 @@ def test_ensemble_serving_averages_model_and_baseline(tiny_model_dir: Path, tmp_
     assert [p.label for p in predictions[:3]] == ["billing", "login", "refunds"]
 
 
+@pytest.mark.pure
+def test_temper_scales_confidences_keeps_argmax_and_zeros() -> None:
+    import numpy as np
+
+    from mailtriage.model.ensemble import temper
+
+    p = np.array([[0.5, 0.3, 0.2, 0.0], [0.1, 0.1, 0.8, 0.0]])
+    assert temper(p, 1.0) is not None and np.array_equal(temper(p, 1.0), p)
+    sharp, soft = temper(p, 0.5), temper(p, 2.0)
+    for q in (sharp, soft):
+        assert np.allclose(q.sum(axis=1), 1.0) and (q.argmax(axis=1) == p.argmax(axis=1)).all()
+        assert (q[:, 3] == 0.0).all()  # a label the baseline never saw stays impossible
+    assert (sharp.max(axis=1) > p.max(axis=1)).all() and (soft.max(axis=1) < p.max(axis=1)).all()
+    # T = 0.5 squares the probabilities before renormalising.
+    assert np.allclose(sharp[0, :3], np.array([0.25, 0.09, 0.04]) / 0.38)
+
+
+@pytest.mark.parametrize("serve", ["baseline", "ensemble"])
+def test_served_baseline_applies_the_manifest_baseline_temperature(
+    tiny_model_dir: Path, tmp_path: Path, serve: str
+) -> None:
+    import numpy as np
+    import torch
+
+    from mailtriage.model import ensemble
+    from mailtriage.model.transformers import load_classifier
+    from mailtriage_trainer.evaluate import Baseline
+
+    version = _copy_version(tiny_model_dir, tmp_path, serve)
+    train, _ = toy_dataset()
+    base = Baseline(TOY_LABELS).fit([t for t, _ in train], [y for _, y in train])
+    base.save(version)
+    raw = base.predict_proba(TEXTS)
+    manifest = modeldir.read_manifest(version)
+    manifest[ensemble.BASELINE_TEMPERATURE] = 0.25
+    modeldir.write_manifest(version, manifest)
+
+    clf = load_classifier(version, device="cpu", batch_size=4)
+    got = np.array([[p.scores[label] for label in TOY_LABELS] for p in clf.classify(TEXTS)])
+    want = ensemble.temper(raw, 0.25)
+    if serve == "ensemble":
+        model_p = torch.softmax(clf.logits(TEXTS), dim=-1).numpy()
+        want = (model_p + want) / 2
+    assert not np.allclose(got, raw if serve == "baseline" else (model_p + raw) / 2, atol=1e-3)
+    assert np.allclose(got, want, atol=1e-6)
+
+    manifest[ensemble.BASELINE_TEMPERATURE] = 0
+    modeldir.write_manifest(version, manifest)
+    with pytest.raises(ModelError, match="baseline_temperature.*expected a number > 0"):
+        load_classifier(version, device="cpu")
+
+
 def test_ensemble_without_a_usable_baseline_is_a_model_error(tiny_model_dir: Path, tmp_path: Path) -> None:
     from mailtriage.model.transformers import load_classifier
 

@@ -231,11 +231,16 @@ def test_auto_serves_the_best_of_three_and_never_below_the_baseline(
     cal = m["calibration"]
     assert cal["temperature"] == m["temperature"] > 0 and cal["fitted_on"] == m["data"]["validation"]["n"]
     assert {"ece_before", "ece_after"} <= set(cal) and "ece" in m["metrics"]
+    # The baseline's own temperature, fitted on the same validation mail, served by load_baseline.
+    assert cal["baseline"]["temperature"] == m["baseline_temperature"] > 0
+    assert cal["baseline"]["fitted_on"] == cal["fitted_on"]
+    assert cal["baseline"]["ece_after"] == pytest.approx(m["baseline_metrics"]["ece"])
     target = m["target"]
     assert target["target_accuracy"] == 0.9 and target["n"] == m["metrics"]["n"]
     assert not target["reached"] or target["accuracy_on_covered"] >= 0.9
     report_text = (version / "report.md").read_text()
     assert "## Calibration" in report_text and "Target accuracy 90.0%" in report_text
+    assert "The TF-IDF baseline's confidences have their own temperature" in report_text
     scores = {k: m[f"{k}_metrics"]["macro_f1"] for k in ("model", "baseline", "ensemble")}
     assert m["serve"] != "model" and scores[m["serve"]] == max(scores.values())
     assert m["metrics"]["macro_f1"] >= m["baseline_metrics"]["macro_f1"]

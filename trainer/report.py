@@ -147,6 +147,13 @@ def render_markdown(manifest: dict[str, Any], confusion_png: bool = True) -> str
             add(f"Temperature scaling fitted on {cal['fitted_on']} validation messages: T = {cal['temperature']:g}. "
                 f"Expected calibration error of the model on held-out mail: {cal['ece_before']:.3f} before, "
                 f"{cal['ece_after']:.3f} after (0 = confidences match accuracy). Served with T applied.")
+            bcal = cal.get("baseline")
+            if bcal:
+                add("")
+                add(f"The TF-IDF baseline's confidences have their own temperature (fitted on the same validation "
+                    f"messages with a baseline that did not train on them): T = {bcal['temperature']:g}; ECE on "
+                    f"held-out mail {bcal['ece_before']:.3f} before, {bcal['ece_after']:.3f} after. The baseline and "
+                    "the ensemble are served with it.")
             add("")
         target = m.get("target")
         if target:

@@ -17,6 +17,8 @@ from mailtriage.core.classifier import Prediction
 from mailtriage.errors import ModelError
 
 BASELINE_FILE = "baseline.joblib"
+# manifest.json key: the TF-IDF baseline's confidences are temperature-scaled like the model's.
+BASELINE_TEMPERATURE = "baseline_temperature"
 SERVE_MODEL = "model"
 SERVE_BASELINE = "baseline"
 SERVE_ENSEMBLE = "ensemble"
@@ -32,6 +34,50 @@ def ensemble_probs(model: Any, baseline: Any, weight: float = DEFAULT_ENSEMBLE_W
         raise ModelError(f"ensemble weight {weight!r} is outside 0..1; expected the model's share "
                          "(manifest.json \"ensemble_weight\"), e.g. 0.5")
     return weight * np.asarray(model, dtype=np.float64) + (1.0 - weight) * np.asarray(baseline, dtype=np.float64)
+
+
+def temper(probs: Any, temperature: float) -> np.ndarray:
+    """Probabilities at temperature ``T``: ``softmax(log p / T)``, the baseline's temperature scaling (it
+    has no logits; log-probabilities are logits up to a constant per row). Zeros stay exactly zero and
+    the arg-max never changes, so accuracy stays what it was and only the confidences move."""
+    p = np.asarray(probs, dtype=np.float64)
+    if temperature == 1.0 or not p.size:
+        return p
+    with np.errstate(divide="ignore"):
+        z = np.log(p) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class TemperedPipeline:
+    """The fitted baseline pipeline with its ``predict_proba`` temperature-scaled (T fitted by the
+    trainer on validation mail); what both the baseline-only and the ensemble versions serve."""
+
+    def __init__(self, pipeline: Any, temperature: float) -> None:
+        self.pipeline = pipeline
+        self.temperature = temperature
+        self.classes_ = pipeline.classes_
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        return temper(self.pipeline.predict_proba(list(texts)), self.temperature)
+
+    def predict(self, texts: Sequence[str]) -> Any:
+        return self.pipeline.predict(list(texts))  # a temperature never changes the arg-max
+
+
+def _baseline_temperature(version_dir: Path) -> float:
+    import json
+
+    try:
+        manifest = json.loads((Path(version_dir) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 1.0  # load_classifier reports a missing or broken manifest itself
+    value = manifest.get(BASELINE_TEMPERATURE, 1.0) if isinstance(manifest, dict) else 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ModelError(f"manifest.json of {str(version_dir)!r} has \"{BASELINE_TEMPERATURE}\": {value!r}; expected "
+                         "a number > 0 (1 leaves the baseline's confidences as fitted)")
+    return float(value)
 
 
 def baseline_probs(pipeline: Any, texts: Sequence[str], labels: Sequence[str]) -> np.ndarray:
@@ -59,7 +105,8 @@ def save_baseline(pipeline: Any, version_dir: Path) -> Path:
 
 
 def load_baseline(version_dir: Path, labels: Sequence[str]) -> Any:
-    """The pipeline saved by ``save_baseline``, checked to predict only ``labels``.
+    """The pipeline saved by ``save_baseline``, checked to predict only ``labels``, its confidences
+    scaled by the manifest's ``baseline_temperature`` (versions before it: 1, as they were served).
 
     joblib files are pickles, and unpickling runs code: this is a file of our own making, and it is
     loaded only from the model directory the admin controls (the same trust as the adapter weights).
@@ -89,7 +136,8 @@ def load_baseline(version_dir: Path, labels: Sequence[str]) -> Any:
     if unknown:
         raise ModelError(f"{str(path)!r} predicts labels {unknown} that labels.json does not have ({list(labels)}); "
                          "the baseline belongs to another version: retrain with mailtriage-train")
-    return pipeline
+    temperature = _baseline_temperature(version_dir)
+    return pipeline if temperature == 1.0 else TemperedPipeline(pipeline, temperature)
 
 
 class BaselineClassifier:

@@ -168,3 +168,52 @@ def test_long_command_lines_still_get_500(next_hop: tuple[NextHopHandler, int], 
         assert code == 500  # a command is not mail text: RFC 5321 §4.5.3.1.4 (512) stands
         assert client.noop()[0] == 250
     assert hop.received == []
+
+
+# -- found by the SMTP fuzzer (daemon/testing/smtp_fuzz.py) ------------------------------------
+
+
+def _session(port: int, commands: list[bytes]) -> list[bytes]:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        reader = sock.makefile("rb")
+        replies = [reader.readline()]
+        for command in commands:
+            sock.sendall(command + b"\r\n")
+            while (line := reader.readline())[3:4] == b"-":
+                pass
+            replies.append(line)
+    return replies
+
+
+def test_echoed_bytes_that_are_not_utf8_or_hold_a_cr_get_a_clean_reply(
+    next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
+) -> None:
+    import structlog
+
+    hop, hop_port = next_hop
+    port = start_relay(keyword_classify, hop_port)
+    with structlog.testing.capture_logs() as logs:
+        replies = _session(port, [b"EHLO fuzz.test", b"VRFY \xff\xfe", b"VRFY a\rRCPT TO:<x@y>", b"NOOP"])
+    # Before: aiosmtpd's reply "502 Could not VRFY <the bytes>" failed to encode -> a 451 and a
+    # logged traceback per command; a CR was echoed into the reply line.
+    assert not [e for e in logs if e["event"] == "smtp_handler_error"]
+    vrfy, vrfy_cr, noop = replies[2:]
+    assert vrfy[:1] in (b"2", b"5") and not vrfy.startswith(b"451"), vrfy
+    assert vrfy_cr.count(b"\r") == 1 and vrfy_cr.endswith(b"\r\n"), vrfy_cr
+    assert noop.startswith(b"250")
+
+
+def test_non_ascii_address_without_smtputf8_is_a_permanent_553(
+    next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
+) -> None:
+    hop, hop_port = next_hop
+    port = start_relay(keyword_classify, hop_port)
+    replies = _session(port, [b"EHLO fuzz.test", "MAIL FROM:<kundé@example.com>".encode(),
+                              b"MAIL FROM:<ok@example.com>", "RCPT TO:<støtte@example.com>".encode()])
+    # Before: 250 here, then smtplib could not send it on: a 451 on every retry, forever.
+    assert replies[2].startswith(b"553 5.6.7"), replies
+    assert replies[3].startswith(b"250")
+    assert replies[4].startswith(b"553 5.6.7"), replies
+    assert hop.received == []

@@ -19,12 +19,13 @@ threads. Importing this module does not import torch.
 from __future__ import annotations
 
 import asyncio
+import re
 import smtplib
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, AnyStr
 
 import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
@@ -56,8 +57,10 @@ DATA_DONE_TIMEOUT = 600.0
 CLOSE_GRACE = 10.0  # seconds a shutdown waits for messages being relayed before dropping them
 _HEADER_ALLOWANCE = 256  # bytes our two headers add at most; added to a forwarded SIZE=
 _MAX_REPLY_TEXT = 400
+_LINE_BREAK = re.compile(rb"[\r\n]")
 
 TEMPFAIL = "451 4.3.0 mailtriage: {why}; try again later"
+NEEDS_SMTPUTF8 = "553 5.6.7 mailtriage: a non-ASCII address needs MAIL FROM:<...> SMTPUTF8"
 
 
 class NextHopFailure(Exception):
@@ -221,6 +224,8 @@ class ContentFilter:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
+        if not _utf8_allowed(address, mail_options):
+            return NEEDS_SMTPUTF8
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -231,6 +236,8 @@ class ContentFilter:
         sender = envelope.mail_from
         if sender is None:
             return "503 5.5.1 Error: need MAIL command"
+        if not _utf8_allowed(address, envelope.mail_options):
+            return NEEDS_SMTPUTF8
         try:
             await asyncio.to_thread(check_recipient, self.hop, sender, envelope.mail_options, address)
         except NextHopFailure as failure:
@@ -298,6 +305,12 @@ class ContentFilter:
         # aiosmtpd would answer a permanent 500: a content filter must make the sender retry.
         log.error("smtp_handler_error", error=str(error), error_type=type(error).__name__, exc_info=error)
         return TEMPFAIL.format(why="internal error")
+
+
+def _utf8_allowed(address: str, mail_options: Sequence[str]) -> bool:
+    # A non-ASCII address needs MAIL ... SMTPUTF8 (RFC 6531 §3.4); without it smtplib cannot send it
+    # on and the sender got a 451 on every retry (found by the SMTP fuzzer). RFC 6531 §3.5: 553 5.6.7.
+    return address.isascii() or any(opt.upper() == "SMTPUTF8" for opt in mail_options)
 
 
 def _prepare(raw: bytes) -> tuple[str, str]:
@@ -376,6 +389,14 @@ class _FilterSMTP(SMTP):
         finally:
             del self.line_length_limit  # back to the class attribute
             reader._limit = SMTP.line_length_limit
+
+    async def push(self, status: AnyStr) -> None:
+        # aiosmtpd echoes client text in some replies ("502 Could not VRFY ...", unknown commands).
+        # Bytes that are not UTF-8 (kept as lone surrogates) made its encode raise: a 451 and a
+        # logged traceback per hostile command, found by the fuzzer. A bare CR or LF in the echo
+        # would also break the reply line. Each push is one reply line.
+        data = status.encode("utf-8", "replace") if isinstance(status, str) else bytes(status)
+        await super().push(_LINE_BREAK.sub(b" ", data).rstrip())
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd answers "501 Syntax" for an empty address and "553 5.1.3 malformed address"

@@ -359,6 +359,7 @@ class Config:
                 "[[accounts]] name = \"smtp\" is reserved: the state database records the SMTP content "
                 "filter's decisions under that name; give the account another name"
             )
+        _check_roles(self)
         _positive("correction_scan_interval", self.correction_scan_interval)
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError(f"metrics_port = {self.metrics_port!r}: allowed 0 (off) or 1..65535")
@@ -366,6 +367,44 @@ class Config:
     @property
     def labels(self) -> tuple[str, ...]:
         return tuple(self.categories)
+
+
+def mailbox_id(name: str) -> str:
+    """A mailbox name as the server compares it: INBOX is case-insensitive (RFC 3501 §5.1)."""
+    return "INBOX" if name.upper() == "INBOX" else name
+
+
+def _check_roles(config: Config) -> None:
+    """Each mailbox has one role. Two watchers on one mailbox race each other (20 messages became 36
+    copies); watching a folder we file into re-files what staff sorted there; filing into INBOX
+    feeds the watcher its own output."""
+    filed = {mailbox_id(f): f"categories.{n}" for n, f in config.categories.items()}
+    filed[mailbox_id(config.unsure_folder)] = "unsure_folder"
+    if "INBOX" in filed:
+        raise ConfigError(
+            f"{filed['INBOX']} = \"INBOX\": mail is filed out of the watched mailbox, never into INBOX "
+            "(the watcher would classify its own output again). Name a separate folder, e.g. \"Support/Unsure\""
+        )
+    watchers: dict[tuple[str, str, int, str], str] = {}
+    for account in config.accounts:
+        where = f"accounts[{account.name!r}]"
+        for mailbox in account.mailboxes:
+            mid = mailbox_id(mailbox)
+            # The same login on the same server sees the same mailbox, whatever the account is called.
+            who = (account.username, account.host.lower().rstrip("."), account.port, mid)
+            if who in watchers:
+                other = watchers[who]
+                raise ConfigError(
+                    f"{where}.mailboxes: {mailbox!r} is watched twice ({other} and {where}, both "
+                    f"{account.username!r} on {account.host}:{account.port}); two watchers on one mailbox "
+                    "race and file messages twice. List each mailbox once"
+                )
+            watchers[who] = where
+            if mid in filed and account.action in ("move", "header"):
+                raise ConfigError(
+                    f"{where}.mailboxes: {mailbox!r} is also {filed[mid]}, a folder mail is filed into; watching "
+                    "it would re-file what was sorted there. Watch only incoming mailboxes (e.g. INBOX)"
+                )
 
 
 def _positive(key: str, value: int) -> None:

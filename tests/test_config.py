@@ -143,3 +143,32 @@ def test_exposed_secret_file_is_read_with_a_warning(tmp_path: Path, capsys: pyte
         assert secret_file_exposure(pw) == expected, oct(mode)
     cfg = parse_config({"categories": CATS, "accounts": [{**ACCOUNT, "password_file": str(pw)}]})
     assert cfg.accounts[0].secret() == "s3cret"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        # Issue 8.1: one mailbox, two watchers (they raced: 20 messages became 36 copies)
+        (_with(accounts=[{**ACCOUNT, "mailboxes": ["INBOX", "INBOX"]}]), r"'INBOX' is watched twice"),
+        (_with(accounts=[{**ACCOUNT, "mailboxes": ["INBOX", "inbox"]}]), r"'inbox' is watched twice"),
+        (_with(accounts=[ACCOUNT, {**ACCOUNT, "name": "other", "host": "IMAP.example.com"}]),
+         r"accounts\['other'\].mailboxes: 'INBOX' is watched twice \(accounts\['support'\] and accounts\['other'\]"),
+        # Issue 8.5: a mailbox in two roles
+        (_with(accounts=[{**ACCOUNT, "mailboxes": ["INBOX", "Support/Billing"]}]),
+         r"'Support/Billing' is also categories.billing, a folder mail is filed into"),
+        (_with(accounts=[{**ACCOUNT, "mailboxes": ["Support/Unsure"]}]), r"'Support/Unsure' is also unsure_folder"),
+        (_with(unsure_folder="INBOX"), r"unsure_folder = \"INBOX\": mail is filed out of the watched mailbox"),
+        (_with(categories={**CATS, "other": "inbox"}), r"categories.other = \"INBOX\""),
+    ],
+)
+def test_overlapping_mailboxes_and_roles_are_refused(data: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        parse_config(data)
+
+
+def test_distinct_mailboxes_and_keyword_watch_of_a_category_folder_are_fine() -> None:
+    other_user = {**ACCOUNT, "name": "other", "username": "v"}
+    cfg = parse_config(_with(accounts=[{**ACCOUNT, "mailboxes": ["INBOX", "Support/New"]}, other_user]))
+    assert [a.mailboxes for a in cfg.accounts] == [("INBOX", "Support/New"), ("INBOX",)]
+    # The keyword action files nothing, so watching a category folder re-files nothing.
+    parse_config(_with(accounts=[{**ACCOUNT, "action": "keyword", "mailboxes": ["Support/Billing"]}]))

@@ -545,3 +545,53 @@ def test_with_the_real_tiny_model(dovecot: Dovecot, user: Any, make_account: Any
         w.close()
     assert count_where(client)["INBOX"] == 0
     assert {r.model_version for r in w.state.rows("acct")} == {clf.version}
+
+
+# ---- poison messages (issue 8 item 3) --------------------------------------------------------
+
+
+def test_poison_message_is_set_aside_and_the_rest_keeps_flowing(dovecot: Dovecot, user: Any, make_account: Any, config: Config) -> None:
+    """A message the classifier always fails on used to raise out of the batch, so the watcher
+    reconnected forever and filed nothing. Now it is recorded 'failed', left in INBOX, and never
+    fed to the model again; the others are filed."""
+    name, password, client = user
+    load_messages(client, "INBOX", [msg(1, "Invoice 1"), msg(2, "Poison pill"), msg(3, "Refund please")])
+    clf = fake_classifier()
+    seen: list[str] = []
+
+    def classify(texts: Any) -> Any:
+        seen.extend(texts)
+        if any("poison" in t.lower() for t in texts):
+            raise RuntimeError("tokenizer exploded")
+        return clf(texts)
+
+    w = MailboxWatcher(make_account(dovecot, name, password, fetch_batch=3), "INBOX", config,
+                       StateDB(config.state_path), classify, idle_slice=0.2, backoff_start=0.1)
+    try:
+        assert w.process_backlog() == 2
+        assert count_where(client) == {"INBOX": 1, "Support/Billing": 1, "Support/Login": 0,
+                                       "Support/Refunds": 1, "Support/Unsure": 0}
+        (poison,) = [r for r in w.state.rows("acct") if r.status == "failed"]
+        assert poison.action == "none" and "tokenizer exploded" in (poison.error or "")
+        assert w.state.stats()["totals"]["failed"] == 1
+        seen.clear()
+        assert w.process_backlog() == 0 and seen == []  # not retried forever
+    finally:
+        w.close()
+
+
+def test_a_broken_model_is_not_taken_for_poison(dovecot: Dovecot, user: Any, make_account: Any, config: Config) -> None:
+    name, password, client = user
+    load_messages(client, "INBOX", [msg(1, "Invoice 1"), msg(2, "Refund please")])
+
+    def broken(texts: Any) -> Any:
+        raise RuntimeError("CUDA out of memory")
+
+    w = MailboxWatcher(make_account(dovecot, name, password), "INBOX", config,
+                       StateDB(config.state_path), broken, idle_slice=0.2, backoff_start=0.1)
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            w.process_backlog()
+        assert w.state.rows("acct") == [] and count_where(client)["INBOX"] == 2  # retried later, as before
+    finally:
+        w.close()

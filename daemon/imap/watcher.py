@@ -20,7 +20,7 @@ from imapclient import IMAPClient
 from mailtriage.imap import actions
 from mailtriage.core import tagging
 
-from mailtriage.imap import connection, preflight
+from mailtriage.imap import connection, preflight, recovery
 
 from mailtriage.service import metrics
 from mailtriage.core.classifier import Prediction
@@ -40,6 +40,7 @@ ConnectFn = Callable[[AccountConfig], IMAPClient]
 # Exactly the prefix mail_text reads of any message (its one rule), so a partial fetch gives the same
 # text as the whole message; the header action still fetches the whole message, to copy it byte for byte.
 CLASSIFY_FETCH_BYTES = mailtext.MAX_INPUT_BYTES
+CANARY_TEXT = "mailtriage: a plain test message about an invoice"  # tells a broken model from poison
 IDLE_SLICE_S = 1.0  # idle_check timeout: how quickly a stop request is noticed
 _FLAGS, _DATE = b"FLAGS", b"INTERNALDATE"
 
@@ -162,80 +163,14 @@ class MailboxWatcher:
         self.uidvalidity = uidvalidity
         return uidvalidity
 
-    # ---- crash recovery ----------------------------------------------------------------------
+    # ---- crash recovery (imap/recovery.py) ----------------------------------------------------
 
     def recover_pending(self) -> int:
         """Finish or settle actions a crash interrupted; each ends in exactly one place."""
-        rows = self.state.pending(self.account.name, self.mailbox)
-        for row in rows:
-            self._recover(row)
-        if rows:
-            self.select()
-        return len(rows)
+        return recovery.recover_pending(self)
 
     def _locate(self, row: MessageRow) -> tuple[bool, int | None]:
-        """(is the UID still in the source mailbox, UID of its copy in the destination or None)."""
-        client = self._client()
-        assert self.uidvalidity is not None
-        in_source = row.uidvalidity == self.uidvalidity and actions.uid_exists(client, row.uid)
-        copy = None
-        if row.action in ("move", "header") and row.folder and row.fingerprint:
-            try:
-                since = 1
-                if row.dest_uidnext is not None:
-                    dest_validity, _next = actions.folder_uidnext(client, row.folder)
-                    since = row.dest_uidnext if dest_validity == row.dest_uidvalidity else 1
-                copy = actions.find_copy(client, row.folder, row.fingerprint, since)
-            except MailboxError as exc:
-                # The destination cannot even be examined (e.g. it does not exist): no copy there.
-                self.log.warning("destination_unreadable", folder=row.folder, uid=row.uid, error=str(exc))
-            actions.select_source(client, self.mailbox, self.uidvalidity)
-        return in_source, copy
-
-    def _recover(self, row: MessageRow) -> None:
-        client = self._client()
-        bound = self.log.bind(uid=row.uid, message_id=row.key, action=row.action, folder=row.folder)
-        decision = Decision(row.label or "", row.confidence or 0.0, row.unsure, row.folder or self.mailbox)
-        in_source, copy = False, None
-        try:
-            in_source, copy = self._locate(row)
-            if row.action == "keyword":
-                if in_source:
-                    actions.set_keyword(client, row.uid, decision, self.account.keyword_prefix)
-                    return self._settle(row, "done", bound, "recovered_keyword_set")
-                return self._settle(row, "failed", bound, "recovered_vanished", "message left the mailbox before it was tagged")
-            if copy is not None and in_source:
-                # The copy exists (COPY or APPEND done) but the original was not removed yet.
-                actions.delete_original(client, row.uid, self._has_uidplus)
-                return self._settle(row, "done", bound, "recovered_original_removed", copy_uid=copy)
-            if copy is not None:
-                return self._settle(row, "done", bound, "recovered_already_filed", copy_uid=copy)
-            if in_source:
-                item = self._refetch(row.uid) if row.action == "header" else None
-                self._act(row.action, row.uid, decision, item, row.uidvalidity)
-                return self._settle(row, "done", bound, "recovered_redone")
-            return self._settle(
-                row, "failed", bound, "recovered_vanished",
-                "message is neither in the source mailbox (same UIDVALIDITY) nor in its destination; "
-                "someone moved or deleted it, or UIDVALIDITY changed (it will be seen again by Message-ID)",
-            )
-        except MailboxError as exc:
-            # Copy made but original not removable: stay 'pending', so the next connect tries again.
-            status = "pending" if copy is not None and in_source else "failed"
-            bound.error("recovery_failed", error=str(exc), status=status)
-            self.state.set_status(self.account.name, self.mailbox, row.uidvalidity, row.uid, status, str(exc))
-
-    def _settle(self, row: MessageRow, status: str, bound: Any, event: str, error: str | None = None, **kw: Any) -> None:
-        self.state.set_status(self.account.name, self.mailbox, row.uidvalidity, row.uid, status, error)
-        (bound.info if status == "done" else bound.warning)(event, status=status, **kw)
-
-    def _refetch(self, uid: int) -> _Fetched:
-        client = self._client()
-        data = client.fetch([uid], ["BODY.PEEK[]", "FLAGS", "INTERNALDATE"]).get(uid)
-        if data is None:
-            raise MailboxError(f"uid={uid} vanished from {self.mailbox!r} during recovery")
-        raw = data[b"BODY[]"]
-        return _Fetched(uid, raw, tuple(data.get(_FLAGS, ())), data.get(_DATE), message_key(raw), time.monotonic())
+        return recovery.locate(self, row)
 
     # ---- the work ----------------------------------------------------------------------------
 
@@ -302,10 +237,12 @@ class MailboxWatcher:
         if not fresh:
             return 0
         texts = [mail_text(item.raw) for item in fresh]  # never raises, bounded time
-        predictions, model_version = self.classify(texts)
-        if len(predictions) != len(texts):
-            raise ModelError(f"classify returned {len(predictions)} predictions for {len(texts)} texts")
-        for item, pred in zip(fresh, predictions):
+        try:
+            predictions, model_version = self._classify(texts)
+            decided = list(zip(fresh, predictions))
+        except Exception as exc:  # noqa: BLE001 - one poison message must not stall the mailbox
+            decided, model_version = self._classify_one_by_one(fresh, texts, uidvalidity, exc)
+        for item, pred in decided:
             if pred.label not in self.config.categories:
                 raise ModelError(
                     f"the model predicted {pred.label!r}, which is not a configured category "
@@ -313,7 +250,40 @@ class MailboxWatcher:
                 )
             decision = decide(pred, self.config.model.threshold, self.config.categories, self.config.unsure_folder)
             self._decide_and_act(item, decision, model_version, uidvalidity)
-        return len(fresh)
+        return len(decided)
+
+    def _classify(self, texts: list[str]) -> tuple[list[Prediction], str]:
+        predictions, model_version = self.classify(texts)
+        if len(predictions) != len(texts):
+            raise ModelError(f"classify returned {len(predictions)} predictions for {len(texts)} texts")
+        return predictions, model_version
+
+    def _classify_one_by_one(
+        self, fresh: list[_Fetched], texts: list[str], uidvalidity: int, batch_error: Exception
+    ) -> tuple[list[tuple[_Fetched, Prediction]], str]:
+        """The batch failed: classify each message alone. One that still fails is a poison message:
+        recorded 'failed' and left where it is, so the others are filed. When every one fails, a
+        canary text tells a broken model (raise: the watcher backs off and retries) from poison."""
+        self.log.warning("classify_batch_failed", error=str(batch_error), messages=len(fresh))
+        decided: list[tuple[_Fetched, Prediction]] = []
+        poison: list[tuple[_Fetched, Exception]] = []
+        version = ""
+        for item, text in zip(fresh, texts):
+            try:
+                (pred,), version = self._classify([text])
+            except Exception as exc:  # noqa: BLE001
+                poison.append((item, exc))
+            else:
+                decided.append((item, pred))
+        if poison and not decided:
+            self._classify([CANARY_TEXT])  # raises when the model itself is broken
+        for item, exc in poison:
+            error = f"classify failed on this message: {type(exc).__name__}: {exc}"
+            self.state.record_failure(self.account.name, self.mailbox, uidvalidity, item.uid, item.key, error)
+            metrics.MESSAGES.labels(category="", outcome="failed").inc()
+            self.log.error("message_poison", uid=item.uid, message_id=item.key, error=error,
+                           outcome="failed", folder=self.mailbox)
+        return decided, version
 
     def _placed_folder(self, decision: Decision) -> str:
         return self.mailbox if self.action == "keyword" else decision.folder

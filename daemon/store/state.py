@@ -361,6 +361,16 @@ class StateDB:
             (account, mailbox, uidvalidity, uid, key, reason, now, now),
         )
 
+    def record_failure(self, account: str, mailbox: str, uidvalidity: int, uid: int, key: str, error: str) -> None:
+        """Remember a message that could not be decided (a poison message: classify kept failing on
+        it): status 'failed', nothing done to it, so the rest of the mailbox keeps flowing."""
+        now = time.time()
+        self._exec(
+            """INSERT OR IGNORE INTO messages (account, mailbox, uidvalidity, uid, key, action, status, error,
+                decided_at, updated_at) VALUES (?,?,?,?,?,'none','failed',?,?,?)""",
+            (account, mailbox, uidvalidity, uid, key, error, now, now),
+        )
+
     def pending(self, account: str, mailbox: str) -> list[MessageRow]:
         """Rows recorded 'pending' and never finished: a crash happened while acting on them."""
         rows = self._exec(

@@ -397,6 +397,44 @@ def test_idle_files_new_mail_and_survives_a_dropped_connection(
     assert count_where(client)["INBOX"] == 0
 
 
+def test_mail_arriving_between_the_backlog_search_and_idle_is_filed_at_once(
+    dovecot: Dovecot, user: Any, make_account: Any, config: Config
+) -> None:
+    """The race CI hit: a message delivered after the catch-up's SEARCH is reported by Dovecot as
+    `* N EXISTS` in the reply to a later command (the MOVE); imaplib files that away unread and the
+    IDLE that follows reports nothing new, so the message waited for the next idle_timeout."""
+    name, password, client = user
+    load_messages(client, "INBOX", [msg(1, "Invoice backlog")])
+    appended = threading.Event()
+
+    def connect(account: AccountConfig) -> IMAPClient:
+        c = connection.connect(account, timeout=5)
+        real_search = c.search
+
+        def search(*args: Any, **kw: Any) -> Any:
+            found = real_search(*args, **kw)
+            if not appended.is_set():  # right after the first catch-up SEARCH: new mail arrives
+                appended.set()
+                load_messages(dovecot.client(name, password), "INBOX", [msg(2, "Password lost")])
+            return found
+
+        c.search = search  # type: ignore[method-assign]
+        return c
+
+    w, _ = watcher_for(make_account(dovecot, name, password, idle_timeout=1500), config, connect=connect)
+    stop = threading.Event()
+    thread = threading.Thread(target=w.run, args=(stop,))
+    thread.start()
+    try:
+        assert wait_for(lambda: count_where(client)["Support/Billing"] == 1)
+        assert appended.is_set()
+        assert wait_for(lambda: count_where(client)["Support/Login"] == 1, timeout=10), count_where(client)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert count_where(client)["INBOX"] == 0
+
+
 def test_idle_is_reissued_before_idle_timeout(dovecot: Dovecot, user: Any, make_account: Any, config: Config) -> None:
     name, password, _client = user
     account = make_account(dovecot, name, password)

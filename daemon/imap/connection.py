@@ -203,6 +203,21 @@ def check_folders(client: IMAPClient, folders: Iterable[str], account: str = "")
         )
 
 
+def took_new_mail(client: IMAPClient) -> bool:
+    """Forget and report whether the server said ``* N EXISTS`` / ``RECENT`` since the last call.
+
+    A server announces new mail in the reply to whatever command comes next (a FETCH, a MOVE),
+    and only once: imaplib keeps such untagged replies in ``untagged_responses``, where nobody
+    reads them, and an IDLE entered afterwards reports nothing new. The watcher checks here after
+    its catch-up and catches up again instead of waiting for the next IDLE timeout. A SELECT
+    (which imaplib starts by clearing that store) always reports EXISTS, so one after an action
+    counts as new mail too: one more cheap SEARCH, never a missed message.
+    """
+    store = client._imap.untagged_responses
+    seen = store.pop("EXISTS", None) is not None
+    return store.pop("RECENT", None) is not None or seen
+
+
 def close(client: IMAPClient | None) -> None:
     """Log out, or at least drop the socket; never raises (used on error paths)."""
     if client is not None:
@@ -222,6 +237,7 @@ def _close_quietly(client: IMAPClient) -> None:
 __all__ = [
     "CONNECTION_ERRORS",
     "cap_literals",
+    "took_new_mail",
     "check_folders",
     "close",
     "connect",

@@ -175,9 +175,22 @@ class MailboxWatcher:
     # ---- the work ----------------------------------------------------------------------------
 
     def process_backlog(self) -> int:
-        """Decide and act on every message above the cursor, in batches; returns how many were decided."""
+        """Decide and act on every message above the cursor, in batches; returns how many were decided.
+
+        Repeats while the server announced new mail during the pass (``connection.took_new_mail``),
+        so nothing that arrived mid-pass waits for the IDLE that follows, which would not report it.
+        """
+        count = self._backlog_pass()
+        # Ends when a pass ran into no new mail: a pass that acted re-selects (announcing EXISTS),
+        # so it costs one more SEARCH that finds nothing; only mail that keeps arriving keeps it going.
+        while not self._stop.is_set() and connection.took_new_mail(self._client()):
+            count += self._backlog_pass()
+        return count
+
+    def _backlog_pass(self) -> int:
         client = self._client()
         uidvalidity = self.select()
+        connection.took_new_mail(client)  # what the SELECT itself said is already known
         last = self.state.last_uid(self.account.name, self.mailbox, uidvalidity, dry_run=self.dry_run)
         found = sorted(u for u in client.search(["UID", f"{last + 1}:*", "UNDELETED"]) if u > last)
         handled = self.state.handled_uids(self.account.name, self.mailbox, uidvalidity, found, dry_run=self.dry_run)

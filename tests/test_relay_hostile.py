@@ -217,3 +217,23 @@ def test_non_ascii_address_without_smtputf8_is_a_permanent_553(
     assert replies[3].startswith(b"250")
     assert replies[4].startswith(b"553 5.6.7"), replies
     assert hop.received == []
+
+
+def test_bogus_commands_do_not_flood_the_log(
+    next_hop: tuple[NextHopHandler, int], start_relay: StartRelay, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import structlog
+
+    hop, hop_port = next_hop
+    logging.getLogger("mail.log").setLevel(logging.NOTSET)  # as a fresh process has it
+    port = start_relay(keyword_classify, hop_port)
+    caplog.set_level(logging.DEBUG)
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(6):  # aiosmtpd hangs up after five bogus commands; the client comes back
+            replies = _session(port, [b"XYZZY %d" % n for n in range(5)])
+            assert replies[-1].startswith(b"502 5.5.1")
+    # Before: one WARNING line per bogus command from aiosmtpd's logger (36 here), unbounded.
+    assert [r for r in caplog.records if r.name == "mail.log" and r.levelno >= logging.WARNING] == []
+    assert [e for e in logs if e.get("log_level") in ("warning", "error")] == []

@@ -19,6 +19,7 @@ threads. Importing this module does not import torch.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import smtplib
 import socket
@@ -488,6 +489,10 @@ class SmtpFilter:
     async def start(self) -> None:
         """Listen; raises ConfigError when the address cannot be bound. ``port`` 0 picks a free one."""
         loop = asyncio.get_running_loop()
+        # aiosmtpd logs a WARNING for every unrecognised command of any client ("unrecognised: X",
+        # "too many bogus commands"): a hostile client could fill the journal at will. Its errors
+        # still show; what matters of a session is in our own events.
+        logging.getLogger("mail.log").setLevel(logging.ERROR)
         if self.hostname is None:
             # getfqdn may wait on DNS: once, off the loop, not per connection as aiosmtpd would.
             self.hostname = await asyncio.to_thread(socket.getfqdn)

@@ -237,3 +237,25 @@ def test_bogus_commands_do_not_flood_the_log(
     # Before: one WARNING line per bogus command from aiosmtpd's logger (36 here), unbounded.
     assert [r for r in caplog.records if r.name == "mail.log" and r.levelno >= logging.WARNING] == []
     assert [e for e in logs if e.get("log_level") in ("warning", "error")] == []
+
+
+def test_a_handler_error_any_client_can_trigger_is_not_a_traceback_per_command(
+    next_hop: tuple[NextHopHandler, int], start_relay: StartRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import structlog
+
+    from mailtriage.smtp import relay
+
+    def boom(self: object, recipient: str) -> None:
+        raise RuntimeError("a bug")
+
+    hop, hop_port = next_hop
+    port = start_relay(keyword_classify, hop_port)
+    monkeypatch.setattr(relay.NextHopTransaction, "rcpt", boom)
+    with structlog.testing.capture_logs() as logs:
+        replies = _session(port, [b"EHLO x.test", b"MAIL FROM:<a@example.com>"]
+                           + [b"RCPT TO:<r%d@example.com>" % n for n in range(30)])
+    assert all(r.startswith(b"451") for r in replies[3:]), replies  # still a 451 each
+    # Before: 30 error lines, each with its traceback. Now one per 10 s (none if an earlier test
+    # logged one within the last 10 s).
+    assert len([e for e in logs if e["event"] == "smtp_handler_error"]) <= 1

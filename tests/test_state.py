@@ -47,15 +47,103 @@ def test_pending_then_done_lifecycle(db: StateDB) -> None:
     assert db.handled_uids("acct", "INBOX", 7, [4, 5, 6]) == {5}
 
 
-def test_claim_by_uid_and_by_key(db: StateDB) -> None:
-    assert db.claim("acct", "INBOX", 7, 1, "<a@x>")
-    _record(db, 1, "<a@x>")
-    assert not db.claim("acct", "INBOX", 7, 1, "<a@x>")
-    # Renumbered (UIDVALIDITY change) or re-delivered: the key still says "done".
-    assert not db.claim("acct", "INBOX", 8, 1, "<a@x>")
-    assert not db.claim("acct", "INBOX", 7, 99, "<a@x>")
+def _claim(db: StateDB, uid: int, key: str, content: str | None = "c1", *, account: str = "acct",
+           uidvalidity: int = 7, mailbox: str = "INBOX") -> str:
+    return db.claim(account, mailbox, uidvalidity, uid, key, BILLING, "move", "v1", content=content)
+
+
+def test_claim_by_uid_and_by_key_and_content(db: StateDB) -> None:
+    assert _claim(db, 1, "<a@x>") == "claimed"
+    assert [r.status for r in db.pending("acct", "INBOX")] == ["pending"]
+    assert _claim(db, 1, "<a@x>") == "taken"  # another worker has this UID
+    db.set_status("acct", "INBOX", 7, 1, "done")
+    assert _claim(db, 1, "<a@x>") == "taken"
+    # Renumbered (UIDVALIDITY change), re-delivered or in another mailbox: the same message is a duplicate.
+    assert _claim(db, 1, "<a@x>", uidvalidity=8) == "duplicate"
+    assert _claim(db, 99, "<a@x>", mailbox="Other") == "duplicate"
+    assert db.get("acct", "Other", 7, 99).status == "skipped"  # type: ignore[union-attr]
+    # Issue 8 item 4: a different message reusing the Message-ID is claimed (filed), not skipped.
+    assert _claim(db, 2, "<a@x>", "c2") == "claimed"
+    assert db.is_done("acct", "<a@x>", "c1") and not db.is_done("acct", "<a@x>", "c3")
     # Keys are per account.
-    assert db.claim("other", "INBOX", 7, 1, "<a@x>")
+    assert _claim(db, 1, "<a@x>", account="other") == "claimed"
+
+
+def test_two_processes_racing_for_the_same_messages_claim_each_once(tmp_path: Path) -> None:
+    """Issue 8 item 1: two workers (separate processes, separate connections to one file) claim
+    the same 300 messages at once, one under the same UIDs, one under other UIDs (the same message
+    in two mailboxes): each message is claimed exactly once; the loser sees 'taken' or 'duplicate'."""
+    import multiprocessing
+
+    path = tmp_path / "state.sqlite3"
+    StateDB(path).close()
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Event()
+    results = ctx.Queue()
+    workers = [ctx.Process(target=_claim_all, args=(str(path), mbox, start, results)) for mbox in ("INBOX", "INBOX", "Other")]
+    for w in workers:
+        w.start()
+    start.set()
+    got = [results.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(30)
+    claimed = [uid for side in got for uid in side]
+    assert sorted(claimed) == list(range(300)), "each message claimed exactly once"
+    rows = StateDB(path).rows("acct")
+    assert sorted(r.status for r in rows) == ["pending"] * 300 + ["skipped"] * 300
+
+
+def _claim_all(path: str, mailbox: str, start: object, results: object) -> None:
+    db = StateDB(path)
+    start.wait()  # type: ignore[attr-defined]
+    mine = [uid for uid in range(300) if _claim(db, uid, f"<{uid}@x>", mailbox=mailbox) == "claimed"]
+    results.put(mine)  # type: ignore[attr-defined]
+
+
+def test_the_mailbox_lock_is_exclusive_and_dies_with_its_process(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    path = tmp_path / "state.sqlite3"
+    db = StateDB(path)
+    release = db.lock_mailbox("acct", "INBOX")
+    assert release is not None
+    assert StateDB(path).lock_mailbox("acct", "INBOX") is None  # another worker, even in this process
+    other = db.lock_mailbox("acct", "Other")
+    assert other is not None
+    release()
+    again = StateDB(path).lock_mailbox("acct", "INBOX")
+    assert again is not None
+    again()
+    pid = os.fork()
+    if pid == 0:  # a child takes the lock and is SIGKILLed holding it
+        StateDB(path).lock_mailbox("acct", "INBOX")
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    after = db.lock_mailbox("acct", "INBOX")
+    assert after is not None
+    after()
+    other()
+
+
+def test_a_version_1_database_is_migrated_and_stats_reads_it_unchanged(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "v1.sqlite3"
+    db = StateDB(path)
+    _record(db, 1, "<a@x>")
+    db.close()
+    with sqlite3.connect(path) as conn:  # what version 1 wrote: no content column
+        conn.execute("ALTER TABLE messages DROP COLUMN content")
+        conn.execute("PRAGMA user_version=1")
+    before = path.read_bytes()
+    assert StateDB(path, readonly=True).stats()["totals"]["filed"] == 1
+    assert path.read_bytes() == before
+    migrated = StateDB(path)
+    assert migrated._conn().execute("PRAGMA user_version").fetchone()[0] == 2
+    assert migrated.is_done("acct", "<a@x>", "any content")  # an old row matches by key alone
+    assert _claim(migrated, 2, "<a@x>", "c9") == "duplicate"
+    assert [r.content for r in migrated.rows("acct")] == [None, "c9"]
 
 
 def test_failed_is_not_done_but_is_handled(db: StateDB) -> None:

@@ -311,6 +311,94 @@ def test_uidvalidity_change_and_duplicates_are_not_refiled(dovecot: Dovecot, use
     assert flags.count({b"mt_billing"}) == 1 and flags.count(set()) == 1  # the duplicate is left alone
 
 
+def test_a_different_message_reusing_a_message_id_is_filed_and_a_redelivery_is_not(
+    dovecot: Dovecot, user: Any, make_account: Any, config: Config
+) -> None:
+    """Issue 8 item 4: keyed by Message-ID alone, a second, different message with a reused
+    Message-ID was skipped and left in INBOX forever. Key plus content fingerprint: it is filed;
+    the same message delivered again (another Received line) is still skipped."""
+    name, password, client = user
+    first = msg(1, "Invoice 1 wrong", mid="<reused@example.com>")
+    load_messages(client, "INBOX", [first])
+    w, clf = watcher_for(make_account(dovecot, name, password), config)
+    try:
+        assert w.process_backlog() == 1
+        other = msg(2, "Password reset please", mid="<reused@example.com>")
+        redelivered = b"Received: from mx2.example.com by mail.example.com; Tue, 7 May 2024\r\n" + first
+        load_messages(client, "INBOX", [other, redelivered])
+        assert w.process_backlog() == 1
+    finally:
+        w.close()
+    where = count_where(client)
+    assert where["Support/Login"] == 1 and where["Support/Billing"] == 1
+    assert where["INBOX"] == 1  # the re-delivery is left alone, as before
+    assert sorted(r.status for r in w.state.rows("acct")) == ["done", "done", "skipped"]
+
+
+def test_the_same_message_in_two_mailboxes_is_filed_once_by_concurrent_watchers(
+    dovecot: Dovecot, user: Any, make_account: Any, config: Config
+) -> None:
+    """Issue 8 item 1: watcher A has decided a message and is acting on it ('pending') while watcher
+    B, on another mailbox of the account, meets the same message. The check used to see only
+    'done' rows, so B filed it too (two copies); the claim is atomic over key and content."""
+    name, password, client = user
+    client.create_folder("Other")
+    m = msg(1, "Invoice for two addresses")
+    load_messages(client, "INBOX", [m])
+    load_messages(client, "Other", [m])
+    account = make_account(dovecot, name, password)
+    a, _ = watcher_for(account, config)
+    b = MailboxWatcher(account, "Other", config, StateDB(config.state_path), fake_classifier(), idle_slice=0.2)
+    acting, b_done = threading.Event(), threading.Event()
+    real_act = a._act
+
+    def slow_act(*args: Any, **kwargs: Any) -> None:
+        acting.set()
+        b_done.wait(10)  # B runs its whole backlog while A holds its claim
+        real_act(*args, **kwargs)
+
+    a._act = slow_act  # type: ignore[method-assign]
+    thread = threading.Thread(target=a.process_backlog)
+    thread.start()
+    try:
+        assert acting.wait(10)
+        with structlog.testing.capture_logs() as logs:
+            b.process_backlog()
+        b_done.set()
+        thread.join(10)
+    finally:
+        b_done.set()
+        a.close()
+        b.close()
+    assert "message_skipped_already_decided" in [e["event"] for e in logs]
+    where = count_where(client)
+    assert where["Support/Billing"] == 1 and where["INBOX"] == 0
+    assert len(contents(client, "Other")) == 1  # B left its copy where it was
+
+
+def test_a_second_worker_on_the_same_mailbox_waits_for_the_first(
+    dovecot: Dovecot, user: Any, make_account: Any, config: Config
+) -> None:
+    """Issue 8 item 1: one worker files a mailbox at a time (the lock beside the state DB), so a
+    second one's crash recovery never meets the first one's in-flight 'pending' rows."""
+    name, password, client = user
+    load_messages(client, "INBOX", MIXED[:2])
+    account = make_account(dovecot, name, password)
+    first, _ = watcher_for(account, config)
+    second, _ = watcher_for(account, config)
+    try:
+        first.connect()
+        with pytest.raises(MailboxError, match="another mailtriage worker is filing acct/INBOX"):
+            second.process_backlog()
+        second.check()  # `mailtriage check` still works beside a running worker
+        first.close()
+        assert second.process_backlog() == 2
+    finally:
+        first.close()
+        second.close()
+    assert count_where(client)["INBOX"] == 0
+
+
 # ---- servers without MOVE / IDLE ----------------------------------------------------------------
 
 
@@ -433,6 +521,53 @@ def test_mail_arriving_between_the_backlog_search_and_idle_is_filed_at_once(
         stop.set()
         thread.join(5)
     assert count_where(client)["INBOX"] == 0
+
+
+def test_dovecot_restart_mid_backlog_the_watcher_reconnects_and_finishes(
+    dovecot_factory: Callable[..., Dovecot], make_account: Any, config: Config
+) -> None:
+    """Issue 8, Prove: the server goes down and comes back (same port, same mail) while a backlog
+    is being filed; the running watcher reconnects by itself and files every message once."""
+    server = dovecot_factory()
+    client = _server_user(server)
+    connection.close(client)
+    feed = server.client()
+    load_messages(feed, "INBOX", [msg(n, s) for n in range(30) for s in ["Invoice due"]])
+    connection.close(feed)
+    w, _ = watcher_for(make_account(server, "support", "secret", fetch_batch=3), config)
+    real_batch, batches, restarted = w._process_batch, [0], threading.Event()
+
+    def batch(*args: Any, **kwargs: Any) -> int:
+        batches[0] += 1
+        if batches[0] == 3 and not restarted.is_set():
+            server.restart()  # between two batches, from inside the watcher: deterministic
+            restarted.set()
+        return real_batch(*args, **kwargs)
+
+    w._process_batch = batch  # type: ignore[method-assign]
+    stop = threading.Event()
+    thread = threading.Thread(target=w.run, args=(stop,))
+    with structlog.testing.capture_logs() as logs:
+        thread.start()
+        try:
+            def filed() -> int:
+                c = server.client()
+                try:
+                    return count_where(c)["Support/Billing"]
+                finally:
+                    connection.close(c)
+            assert wait_for(lambda: filed() == 30, timeout=60)
+        finally:
+            stop.set()
+            thread.join(10)
+    assert restarted.is_set() and not thread.is_alive()
+    assert "imap_connection_lost" in [e["event"] for e in logs]
+    c = server.client()
+    try:
+        assert count_where(c)["INBOX"] == 0
+    finally:
+        connection.close(c)
+    assert sorted({r.status for r in w.state.rows("acct")}) == ["done"] and len(w.state.rows("acct")) == 30
 
 
 def test_idle_is_reissued_before_idle_timeout(dovecot: Dovecot, user: Any, make_account: Any, config: Config) -> None:

@@ -113,6 +113,30 @@ def message_key(raw: bytes) -> str:
             return "sha256:" + hashlib.sha256(b"").hexdigest()
 
 
+_CONTENT_HEADERS = (b"from", b"to", b"date", b"subject")
+_LINE_END = re.compile(rb"[ \t]*\r?\n")
+
+
+def content_fingerprint(raw: bytes) -> str:
+    """``"sha256:<hex>"`` of what makes a message itself: From, To, Date, Subject and the body,
+    line endings and trailing blanks normalised, within the first MAX_INPUT_BYTES (what the
+    watcher fetches). With ``message_key`` it tells a re-delivery (same fingerprint: skipped) from
+    a different message that reuses a Message-ID (filed). Delivery headers (Received,
+    Delivered-To, X-Mailtriage-*) do not count, so a re-delivered or tagged copy keeps it.
+    Independent of MAILTEXT_VERSION. Never raises."""
+    try:
+        buf = _as_bytes(raw)
+        headers, body_start = _parse_headers(buf, 0, len(buf))
+        digest = hashlib.sha256()
+        for name in _CONTENT_HEADERS:
+            digest.update(name + b":" + _LINE_END.sub(b" ", headers.get(name, b"")).strip() + b"\n")
+        digest.update(b"\n" + _LINE_END.sub(b"\n", buf[body_start:]).rstrip())
+        return "sha256:" + digest.hexdigest()
+    except Exception as exc:  # noqa: BLE001 - a key must always exist
+        log.warning("content_fingerprint_fallback", error=repr(exc)[:200])
+        return "sha256:" + hashlib.sha256(raw if isinstance(raw, bytes) else b"").hexdigest()
+
+
 def message_date(raw: bytes) -> datetime | None:
     """The Date header as an aware UTC datetime; None when it is missing or unparseable. Never raises."""
     try:

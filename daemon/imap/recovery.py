@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from mailtriage.core.mailtext import message_key
+from mailtriage.core.mailtext import content_fingerprint, message_key
 from mailtriage.core.routing import Decision
 from mailtriage.errors import MailboxError
 from mailtriage.imap import actions
@@ -104,4 +104,5 @@ def refetch(w: MailboxWatcher, uid: int) -> _Fetched:
     if data is None:
         raise MailboxError(f"uid={uid} vanished from {w.mailbox!r} during recovery")
     raw = data[b"BODY[]"]
-    return _Fetched(uid, raw, tuple(data.get(_FLAGS, ())), data.get(_DATE), message_key(raw), time.monotonic())
+    return _Fetched(uid, raw, tuple(data.get(_FLAGS, ())), data.get(_DATE), message_key(raw), time.monotonic(),
+                    content_fingerprint(raw))

@@ -24,10 +24,10 @@ from mailtriage.imap import connection, preflight, recovery
 
 from mailtriage.service import metrics
 from mailtriage.core.classifier import Prediction
-from mailtriage.config import AccountConfig, Config
+from mailtriage.config import AccountConfig, Config, mailbox_id
 from mailtriage.errors import MailboxError, ModelError
 from mailtriage.core import mailtext
-from mailtriage.core.mailtext import mail_text, message_key
+from mailtriage.core.mailtext import content_fingerprint, mail_text, message_key
 from mailtriage.core.routing import Decision, decide
 from mailtriage.store.state import MessageRow, StateDB
 
@@ -53,6 +53,7 @@ class _Fetched:
     internaldate: datetime | None
     key: str
     fetched_at: float
+    content: str = ""  # mailtext.content_fingerprint: with key, "the same message"
 
 
 def byte_groups(uids: Sequence[int], sizes: Mapping[int, int], cap: int, budget: int) -> list[list[int]]:
@@ -101,13 +102,20 @@ class MailboxWatcher:
         self.action = account.action
         self._stop = threading.Event()
         self._has_move = self._has_uidplus = self._has_idle = False
+        self._release_lock: Callable[[], None] | None = None  # held while this worker files the mailbox
         self.log = log.bind(account=account.name, mailbox=mailbox)
 
     # ---- connection ------------------------------------------------------------------------
 
-    def connect(self) -> IMAPClient:
-        """Connect, check what our action needs, select the mailbox and finish crashed work."""
+    def connect(self, *, work: bool = True) -> IMAPClient:
+        """Connect, check what our action needs, select the mailbox and finish crashed work.
+
+        ``work`` (not for a dry run): take the mailbox's lock in the state DB first — one worker
+        files a mailbox at a time, so recovery never meets another live worker's 'pending' rows —
+        and recover. ``work=False`` only connects and checks (``mailtriage check``)."""
         self.close()
+        if work and not self.dry_run:
+            self._take_lock()
         client = self._connect_fn(self.account)
         self.client = client
         try:
@@ -116,7 +124,7 @@ class MailboxWatcher:
             self._has_idle = client.has_capability("IDLE")
             self._preflight(client)
             self.select()
-            if not self.dry_run:
+            if work and not self.dry_run:
                 self.recover_pending()
         except BaseException:
             self.close()
@@ -126,11 +134,24 @@ class MailboxWatcher:
     def close(self) -> None:
         client, self.client = self.client, None
         connection.close(client)
+        release, self._release_lock = self._release_lock, None
+        if release is not None:
+            release()
+
+    def _take_lock(self) -> None:
+        release = self.state.lock_mailbox(self.account.name, mailbox_id(self.mailbox))
+        if release is None:
+            raise MailboxError(
+                f"another mailtriage worker is filing {self.account.name}/{self.mailbox} (it holds the lock in "
+                f"{self.state.path}.locks); this one retries after a backoff. Two `mailtriage serve` on one "
+                "state database and mailbox: stop one"
+            )
+        self._release_lock = release
 
     def check(self) -> None:
         """Connect and verify capabilities and folders (``mailtriage check``); raises MailboxError."""
         try:
-            self.connect()
+            self.connect(work=False)
         finally:
             self.close()
 
@@ -232,20 +253,24 @@ class MailboxWatcher:
                 raw = d.get(body_key)
                 if raw is None:
                     raw = d.get(b"BODY[]", b"")
-                out.append(_Fetched(uid, raw, tuple(d.get(_FLAGS, ())), d.get(_DATE), message_key(raw), started))
+                out.append(_Fetched(uid, raw, tuple(d.get(_FLAGS, ())), d.get(_DATE), message_key(raw), started,
+                                    content_fingerprint(raw)))
         return out
 
     def _process_batch(self, uids: list[int], uidvalidity: int) -> int:
         fetched = self._fetch(uids)
         fresh: list[_Fetched] = []
-        keys: set[str] = set()
+        keys: set[tuple[str, str]] = set()
         for item in fetched:
-            if item.key in keys or self.state.is_done(self.account.name, item.key, dry_run=self.dry_run):
-                # Same message under another UID: a re-delivery, or renumbered by a UIDVALIDITY change.
-                self.state.record_skip(self.account.name, self.mailbox, uidvalidity, item.uid, item.key, "already decided")
+            # Same message (Message-ID and content) under another UID: a re-delivery, or renumbered by
+            # a UIDVALIDITY change. Another message reusing the Message-ID has other content: filed.
+            same = (item.key, item.content)
+            if same in keys or self.state.is_done(self.account.name, item.key, item.content, dry_run=self.dry_run):
+                self.state.record_skip(self.account.name, self.mailbox, uidvalidity, item.uid, item.key,
+                                       "already decided", item.content)
                 self.log.info("message_skipped_already_decided", uid=item.uid, message_id=item.key)
                 continue
-            keys.add(item.key)
+            keys.add(same)
             fresh.append(item)
         if not fresh:
             return 0
@@ -307,26 +332,31 @@ class MailboxWatcher:
         if self.dry_run:
             self.state.record_decision(
                 acct, mbox, uidvalidity, item.uid, item.key, decision, self.action, model_version, True, "done",
-                folder=placed,
+                folder=placed, content=item.content,
             )
             return self._done(item, decision, "dry_run", placed)
         client = self._client()
         fingerprint = tagging.header_fingerprint(item.raw)
         dest_validity = dest_next = None
+        status_error = None
         try:
             if self.action in ("move", "header"):
                 dest_validity, dest_next = actions.folder_uidnext(client, decision.folder)
         except MailboxError as exc:
-            self.state.record_decision(
-                acct, mbox, uidvalidity, item.uid, item.key, decision, self.action, model_version, False, "failed",
-                folder=placed, fingerprint=fingerprint, error=str(exc),
-            )
-            return self._done(item, decision, "failed", placed, error=str(exc))
-        # Written before acting: after a crash, recover_pending finds the message and finishes.
-        self.state.record_decision(
-            acct, mbox, uidvalidity, item.uid, item.key, decision, self.action, model_version, False, "pending",
+            status_error = str(exc)
+        # Claimed ('pending') before acting, in one transaction: after a crash recover_pending finds
+        # the message and finishes; of two workers on one message only one gets it.
+        claim = self.state.claim(
+            acct, mbox, uidvalidity, item.uid, item.key, decision, self.action, model_version, content=item.content,
             folder=placed, fingerprint=fingerprint, dest_uidvalidity=dest_validity, dest_uidnext=dest_next,
         )
+        if claim != "claimed":
+            event = "message_skipped_already_decided" if claim == "duplicate" else "message_claimed_elsewhere"
+            self.log.info(event, uid=item.uid, message_id=item.key)
+            return
+        if status_error is not None:
+            self.state.set_status(acct, mbox, uidvalidity, item.uid, "failed", status_error)
+            return self._done(item, decision, "failed", placed, error=status_error)
         try:
             self._act(self.action, item.uid, decision, item, uidvalidity, dest_next)
         except MailboxError as exc:

@@ -1,12 +1,16 @@
 """The daemon's memory in one SQLite file (WAL): what was decided for which message, so restarts,
 crashes, UIDVALIDITY changes and duplicate deliveries never file a message twice or lose it.
 
-Schema (version 1, in ``PRAGMA user_version``; another version is refused on open)::
+Schema (version 2, in ``PRAGMA user_version``; version 1 is migrated on a writable open, any other
+version is refused)::
 
     messages      one row per message the watcher saw, keyed like IMAP keys it
       account, mailbox, uidvalidity, uid   PRIMARY KEY — where the message was when seen
       key            Message-ID (or mailtext's hash of stable headers); indexed per account, so a
                      renumbered (UIDVALIDITY change) or re-delivered message is recognised
+      content        mailtext.content_fingerprint: with key, says "the same message" — a different
+                     message reusing a Message-ID has another one and is filed, not skipped (v2;
+                     NULL on rows from version 1, which then match by key alone)
       fingerprint    sha256 of the header block without X-Mailtriage-* lines: finds the copy in a
                      destination folder after a crash (COPY and APPEND keep these bytes)
       label, confidence, unsure, folder    the decision; folder = where the message was put
@@ -25,16 +29,19 @@ Schema (version 1, in ``PRAGMA user_version``; another version is refused on ope
                      staff moved a filed message into another category folder (feedback path)
 
 Thread safety: one sqlite3 connection per thread (``threading.local``); WAL lets watcher threads
-write while ``mailtriage stats`` reads.
+write while ``mailtriage stats`` reads. ``claim`` takes a message in one IMMEDIATE transaction, so
+two workers (threads or processes on one database) never both act on one message.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +49,11 @@ from typing import Any
 from mailtriage.errors import StateError
 from mailtriage.core.routing import Decision
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# user_version -> statements that bring it to the next version (run in one transaction).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE messages ADD COLUMN content TEXT",),
+}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -52,6 +63,7 @@ CREATE TABLE IF NOT EXISTS messages (
     uid INTEGER NOT NULL,
     key TEXT NOT NULL,
     fingerprint TEXT,
+    content TEXT,
     label TEXT,
     confidence REAL,
     unsure INTEGER NOT NULL DEFAULT 0,
@@ -120,6 +132,7 @@ class MessageRow:
     dest_uidnext: int | None
     error: str | None
     decided_at: float
+    content: str | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +180,11 @@ def _check_schema(conn: sqlite3.Connection, path: str, *, create: bool) -> None:
         if create:
             conn.executescript(_SCHEMA)  # IF NOT EXISTS: a no-op on a complete database
         return
+    if create and version in _MIGRATIONS:
+        _migrate(conn, version)
+        return
+    if not create and 0 < version < SCHEMA_VERSION and version in _MIGRATIONS:
+        return  # read as it is (stats reads no column a migration adds); the daemon migrates it
     if version == 0 and tables == 0:
         if not create:
             raise StateError(
@@ -190,6 +208,23 @@ def _check_schema(conn: sqlite3.Connection, path: str, *, create: bool) -> None:
         f"the state database {path!r} has schema version {version}; this mailtriage needs {SCHEMA_VERSION} "
         "and has no migration from it. Move the file away to start afresh (decisions are forgotten)"
     )
+
+
+def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        current = conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have done it
+        while current in _MIGRATIONS:
+            for statement in _MIGRATIONS[current]:
+                conn.execute(statement)
+            current += 1
+            conn.execute(f"PRAGMA user_version={current}")
+        conn.execute("COMMIT")
+        conn.executescript(_SCHEMA)  # IF NOT EXISTS: indexes a migration needs
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 class StateDB:
@@ -249,17 +284,46 @@ class StateDB:
     def _exec(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
         return self._conn().execute(sql, tuple(params))
 
+    # ---- one worker per mailbox -------------------------------------------------------------
+
+    def lock_mailbox(self, account: str, mailbox: str) -> Callable[[], None] | None:
+        """Take the exclusive lock of (account, mailbox) beside the database; returns its release,
+        or None while another worker (thread or process) holds it. An flock: the kernel drops it
+        when its process dies, SIGKILL included, so the next worker recovers what it left."""
+        if self.path == ":memory:":
+            return lambda: None  # a private database: nobody else can share it
+        directory = Path(self.path + ".locks")
+        try:
+            directory.mkdir(mode=0o700, exist_ok=True)
+            name = hashlib.sha256(f"{account}\0{mailbox}".encode()).hexdigest()[:32] + ".lock"
+            fd = os.open(directory / name, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StateError(
+                f"cannot create the mailbox lock in {str(directory)!r}: {exc}. The state directory must be "
+                "writable by the daemon's user"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}: {account} {mailbox}\n".encode())
+        return lambda: os.close(fd)
+
     # ---- per-message progress ----------------------------------------------------------------
 
-    def is_done(self, account: str, key: str, *, dry_run: bool = False) -> bool:
-        """Was this message (by key) already decided in this account?
+    def is_done(self, account: str, key: str, content: str | None = None, *, dry_run: bool = False) -> bool:
+        """Was this message (by key and content fingerprint) already decided in this account?
 
-        A real decision counts for both modes; a dry-run decision only for dry runs, so turning
-        dry_run off files what the dry run merely looked at.
+        ``content`` None matches any row of the key; a row without one (schema version 1) matches
+        any content. A real decision counts for both modes; a dry-run decision only for dry runs, so
+        turning dry_run off files what the dry run merely looked at.
         """
         row = self._exec(
-            "SELECT 1 FROM messages WHERE account=? AND key=? AND status='done' AND (dry_run=0 OR ?=1) LIMIT 1",
-            (account, key, int(dry_run)),
+            "SELECT 1 FROM messages WHERE account=? AND key=? AND status='done' AND (dry_run=0 OR ?=1) "
+            "AND (? IS NULL OR content IS NULL OR content=?) LIMIT 1",
+            (account, key, int(dry_run), content, content),
         ).fetchone()
         return row is not None
 
@@ -278,11 +342,72 @@ class StateDB:
             found.update(r["uid"] for r in rows)
         return found
 
-    def claim(self, account: str, mailbox: str, uidvalidity: int, uid: int, key: str, *, dry_run: bool = False) -> bool:
-        """True when this message still needs a decision: neither its UID nor its key is handled."""
-        if self.handled_uids(account, mailbox, uidvalidity, [uid], dry_run=dry_run):
-            return False
-        return not self.is_done(account, key, dry_run=dry_run)
+    def claim(
+        self,
+        account: str,
+        mailbox: str,
+        uidvalidity: int,
+        uid: int,
+        key: str,
+        decision: Decision,
+        action: str,
+        model_version: str | None,
+        *,
+        content: str | None = None,
+        folder: str | None = None,
+        fingerprint: str | None = None,
+        dest_uidvalidity: int | None = None,
+        dest_uidnext: int | None = None,
+    ) -> str:
+        """Take one message for acting, atomically: record it 'pending' unless someone has it.
+
+        Returns 'claimed' (the caller acts, then sets the status), 'taken' (this UID already has a
+        row: another worker is acting on it or it is handled) or 'duplicate' (the same message, key
+        and content, is done or pending under another UID or mailbox of the account: recorded
+        'skipped'). One IMMEDIATE transaction, so of two workers (threads or processes sharing the
+        database) exactly one gets 'claimed'.
+        """
+        now = time.time()
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            where = (account, mailbox, uidvalidity, uid)
+            taken = conn.execute(
+                "SELECT dry_run FROM messages WHERE account=? AND mailbox=? AND uidvalidity=? AND uid=?", where
+            ).fetchone()
+            if taken is not None and not taken["dry_run"]:
+                conn.execute("COMMIT")
+                return "taken"
+            if taken is not None:  # a dry run only looked at it: now it is filed for real
+                conn.execute("DELETE FROM messages WHERE account=? AND mailbox=? AND uidvalidity=? AND uid=?", where)
+            same = conn.execute(
+                "SELECT 1 FROM messages WHERE account=? AND key=? AND status IN ('done','pending') AND dry_run=0 "
+                "AND (content IS NULL OR ? IS NULL OR content=?) LIMIT 1",
+                (account, key, content, content),
+            ).fetchone()
+            if same is not None:
+                conn.execute(
+                    """INSERT INTO messages (account, mailbox, uidvalidity, uid, key, content, action, status, error,
+                        decided_at, updated_at) VALUES (?,?,?,?,?,?,'none','skipped','already decided',?,?)""",
+                    (account, mailbox, uidvalidity, uid, key, content, now, now),
+                )
+                conn.execute("COMMIT")
+                return "duplicate"
+            conn.execute(
+                """INSERT INTO messages (account, mailbox, uidvalidity, uid, key, content, fingerprint, label,
+                    confidence, unsure, folder, action, model_version, dry_run, status, dest_uidvalidity,
+                    dest_uidnext, decided_at, updated_at)
+                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0,'pending',?,?,?,?)""",
+                (account, mailbox, uidvalidity, uid, key, content, fingerprint, decision.label, decision.confidence,
+                 int(decision.unsure), folder if folder is not None else decision.folder, action, model_version,
+                 dest_uidvalidity, dest_uidnext, now, now),
+            )
+            conn.execute("COMMIT")
+            return "claimed"
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     def record_decision(
         self,
@@ -297,24 +422,26 @@ class StateDB:
         dry_run: bool,
         status: str,
         *,
+        content: str | None = None,
         folder: str | None = None,
         fingerprint: str | None = None,
         dest_uidvalidity: int | None = None,
         dest_uidnext: int | None = None,
         error: str | None = None,
     ) -> None:
-        """Insert or update the row of one message; call with 'pending' before acting."""
+        """Insert or update the row of one message (dry runs, failures; a real action ``claim``s first)."""
         if status not in STATUSES:
             raise ValueError(f"status {status!r} is not one of {STATUSES}")
         now = time.time()
         self._exec(
             """
-            INSERT INTO messages (account, mailbox, uidvalidity, uid, key, fingerprint, label, confidence,
+            INSERT INTO messages (account, mailbox, uidvalidity, uid, key, content, fingerprint, label, confidence,
                 unsure, folder, action, model_version, dry_run, status, dest_uidvalidity, dest_uidnext,
                 error, decided_at, updated_at)
-            VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+            VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
             ON CONFLICT (account, mailbox, uidvalidity, uid) DO UPDATE SET
-                key=excluded.key, fingerprint=COALESCE(excluded.fingerprint, fingerprint),
+                key=excluded.key, content=COALESCE(excluded.content, content),
+                fingerprint=COALESCE(excluded.fingerprint, fingerprint),
                 label=excluded.label, confidence=excluded.confidence, unsure=excluded.unsure,
                 folder=excluded.folder, action=excluded.action, model_version=excluded.model_version,
                 dry_run=excluded.dry_run, status=excluded.status,
@@ -323,7 +450,7 @@ class StateDB:
                 error=excluded.error, updated_at=excluded.updated_at
             """,
             (
-                account, mailbox, uidvalidity, uid, key, fingerprint, decision.label, decision.confidence,
+                account, mailbox, uidvalidity, uid, key, content, fingerprint, decision.label, decision.confidence,
                 int(decision.unsure), folder if folder is not None else decision.folder, action, model_version,
                 int(dry_run), status, dest_uidvalidity, dest_uidnext, error, now, now,
             ),
@@ -352,13 +479,15 @@ class StateDB:
             (status, error, time.time(), account, mailbox, uidvalidity, uid),
         )
 
-    def record_skip(self, account: str, mailbox: str, uidvalidity: int, uid: int, key: str, reason: str) -> None:
+    def record_skip(
+        self, account: str, mailbox: str, uidvalidity: int, uid: int, key: str, reason: str, content: str | None = None
+    ) -> None:
         """Remember a UID whose message was already decided under another UID (never overwrites)."""
         now = time.time()
         self._exec(
-            """INSERT OR IGNORE INTO messages (account, mailbox, uidvalidity, uid, key, action, status, error,
-                decided_at, updated_at) VALUES (?,?,?,?,?,'none','skipped',?,?,?)""",
-            (account, mailbox, uidvalidity, uid, key, reason, now, now),
+            """INSERT OR IGNORE INTO messages (account, mailbox, uidvalidity, uid, key, content, action, status, error,
+                decided_at, updated_at) VALUES (?,?,?,?,?,?,'none','skipped',?,?,?)""",
+            (account, mailbox, uidvalidity, uid, key, content, reason, now, now),
         )
 
     def record_failure(self, account: str, mailbox: str, uidvalidity: int, uid: int, key: str, error: str) -> None:
@@ -548,4 +677,5 @@ def _message_row(r: sqlite3.Row) -> MessageRow:
         dest_uidnext=r["dest_uidnext"],
         error=r["error"],
         decided_at=r["decided_at"],
+        content=r["content"] if "content" in r.keys() else None,
     )

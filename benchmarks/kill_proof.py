@@ -39,7 +39,7 @@ def main() -> None:
         result = run_proof(
             server, "proof", "proof-secret", Path(tmp), messages=args.messages, kills=args.kills,
             action=args.action, fetch_batch=args.fetch_batch, seed=args.seed,
-            dovecot_restarts=args.dovecot_restarts, random_kill_s=(0.5, 4.0), log=print,
+            dovecot_restarts=args.dovecot_restarts, log=print,
         )
     report = {**result.as_dict(), "action": args.action, "seed": args.seed, "fetch_batch": args.fetch_batch,
               "load_before": load_before, "load_after": loadavg()}

@@ -63,7 +63,13 @@ def _worker(spec_path: str) -> int:
     )
     config = Config(categories=CATEGORIES, unsure_folder=UNSURE_FOLDER, state_path=spec["state"],
                     accounts=(account,), model=ModelConfig(threshold=0.6))
-    classify = KeywordClassifier(tuple(CATEGORIES), _WORDS, version="kw-proof", default="billing")
+    rules = KeywordClassifier(tuple(CATEGORIES), _WORDS, version="kw-proof", default="billing")
+    delay = float(spec.get("classify_delay", 0.0))
+
+    def classify(texts: Any) -> Any:  # keyword rules that take a model's time per message
+        time.sleep(delay * len(texts))
+        return rules(texts)
+
     watcher = MailboxWatcher(account, "INBOX", config, StateDB(spec["state"]), classify,
                              idle_slice=0.2, backoff_start=0.1)
     point, after = spec.get("kill_point"), int(spec.get("kill_after", 0))
@@ -148,14 +154,16 @@ def _pending(state: Path) -> int:
 def run_proof(
     server: Any, user: str, password: str, workdir: Path, *, messages: int = 60, kills: int = 3,
     action: str = "move", fetch_batch: int = 5, seed: int = 1, dovecot_restarts: int = 0,
-    finish_timeout: float = 600.0, random_kill_s: tuple[float, float] = (0.5, 3.0), log: Any = None,
+    finish_timeout: float = 600.0, random_kill_s: tuple[float, float] = (0.3, 1.0), classify_delay: float = 0.01,
+    log: Any = None,
 ) -> ProofResult:
     """Load ``messages`` into the user's INBOX and file them with ``kills`` SIGKILLs of the worker
     (cycling through KILL_POINTS; random times drawn from ``seed``) and ``dovecot_restarts`` server
-    restarts mid-run, then let one worker finish and count."""
+    restarts mid-run, then let one worker finish and count. ``classify_delay`` seconds per message
+    stand for a model's inference time, so the kills fall while there is still a backlog."""
     rng = random.Random(seed)
     started = time.monotonic()
-    base = _prepare(server, user, password, workdir, messages, action, fetch_batch)
+    base = dict(_prepare(server, user, password, workdir, messages, action, fetch_batch), classify_delay=classify_delay)
     state = Path(base["state"])
     by_point: Counter[str] = Counter()
     while_filing = 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -107,6 +108,7 @@ class ProofResult:
     decisions_not_one: int
     pending_rows: int
     per_folder: dict[str, int]
+    recoveries: dict[str, int]  # recovered_* events in the workers' logs: how each kill was finished
     seconds: float
     notes: list[str] = field(default_factory=list)
 
@@ -285,6 +287,13 @@ def _spawn(spec_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
+def _recoveries(workdir: Path) -> dict[str, int]:
+    events: Counter[str] = Counter()
+    for log_path in sorted(workdir.glob("worker-*.log")):
+        events.update(re.findall(r"\b(recovered_[a-z_]+)\b", log_path.read_text(errors="replace")))
+    return dict(sorted(events.items()))
+
+
 def _count(server: Any, user: str, password: str, state: Path, messages: int, started: float,
            by_point: Counter[str], while_filing: int, restarts: int, notes: list[str]) -> ProofResult:
     client = server.client(user, password)
@@ -309,7 +318,8 @@ def _count(server: Any, user: str, password: str, state: Path, messages: int, st
         messages=messages, kills=sum(by_point.values()), kills_by_point=dict(by_point), kills_while_filing=while_filing,
         dovecot_restarts=restarts, lost=lost, duplicated=duplicated,
         left_in_inbox=sum(found["INBOX"].values()), decisions_not_one=not_one, pending_rows=pending_rows,
-        per_folder={f: sum(ids.values()) for f, ids in found.items()}, seconds=round(time.monotonic() - started, 1),
+        per_folder={f: sum(ids.values()) for f, ids in found.items()}, recoveries=_recoveries(state.parent),
+        seconds=round(time.monotonic() - started, 1),
         notes=notes,
     )
 

@@ -320,6 +320,12 @@ class Config:
     # category name -> IMAP folder it is filed into; order is the label order shown in reports
     categories: Mapping[str, str]
     unsure_folder: str = "Support/Unsure"
+    # A refused action (STATUS/MOVE/STORE/APPEND) is retried retry_attempts times, the first after
+    # retry_backoff seconds, doubling, at most an hour apart; then the message is moved to
+    # quarantine_folder ("" = unsure_folder).
+    retry_attempts: int = 5
+    retry_backoff: float = 60.0
+    quarantine_folder: str = ""
     state_path: str = "/var/lib/mailtriage/state.sqlite3"
     correction_scan_interval: int = 600
     metrics_port: int = 0
@@ -360,9 +366,16 @@ class Config:
                 "filter's decisions under that name; give the account another name"
             )
         _check_roles(self)
+        _positive("retry_attempts", self.retry_attempts)
+        if not self.retry_backoff > 0:
+            raise ConfigError(f"retry_backoff = {self.retry_backoff!r}: must be a positive number of seconds")
         _positive("correction_scan_interval", self.correction_scan_interval)
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError(f"metrics_port = {self.metrics_port!r}: allowed 0 (off) or 1..65535")
+
+    def quarantine(self) -> str:
+        """Where a message goes whose action kept being refused."""
+        return self.quarantine_folder or self.unsure_folder
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -380,6 +393,8 @@ def _check_roles(config: Config) -> None:
     feeds the watcher its own output."""
     filed = {mailbox_id(f): f"categories.{n}" for n, f in config.categories.items()}
     filed[mailbox_id(config.unsure_folder)] = "unsure_folder"
+    if config.quarantine_folder:
+        filed.setdefault(mailbox_id(config.quarantine_folder), "quarantine_folder")
     if "INBOX" in filed:
         raise ConfigError(
             f"{filed['INBOX']} = \"INBOX\": mail is filed out of the watched mailbox, never into INBOX "

@@ -73,6 +73,9 @@ def _with(**overrides: object) -> dict[str, object]:
         (_with(training={"learning_rate": 2.0}), r"training parameter learning_rate = 2.0: allowed 0 < lr < 1"),
         (_with(training={"schedule": "every sunday"}), r"training.schedule = 'every sunday' is not a 5-field cron"),
         (_with(training={"holdout_fraction": 0.9}), r"holdout_fraction = 0.9"),
+        # retries of refused actions (issue 8 item 2)
+        (_with(retry_attempts=0), r"retry_attempts = 0: must be a positive number"),
+        (_with(retry_backoff=0), r"retry_backoff = 0(.0)?: must be a positive number of seconds"),
     ],
 )
 def test_bad_config_names_key_and_fix(data: dict[str, object], expected: str) -> None:
@@ -159,6 +162,9 @@ def test_exposed_secret_file_is_read_with_a_warning(tmp_path: Path, capsys: pyte
         (_with(accounts=[{**ACCOUNT, "mailboxes": ["Support/Unsure"]}]), r"'Support/Unsure' is also unsure_folder"),
         (_with(unsure_folder="INBOX"), r"unsure_folder = \"INBOX\": mail is filed out of the watched mailbox"),
         (_with(categories={**CATS, "other": "inbox"}), r"categories.other = \"INBOX\""),
+        (_with(quarantine_folder="INBOX"), r"quarantine_folder = \"INBOX\""),
+        (_with(accounts=[{**ACCOUNT, "mailboxes": ["INBOX", "Quarantine"]}], quarantine_folder="Quarantine"),
+         r"'Quarantine' is also quarantine_folder"),
     ],
 )
 def test_overlapping_mailboxes_and_roles_are_refused(data: dict[str, object], expected: str) -> None:

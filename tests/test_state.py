@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mailtriage.core.routing import Decision
-from mailtriage.store.state import FiledRow, StateDB
+from mailtriage.store.state import SCHEMA_VERSION, FiledRow, StateDB
 
 pytestmark = pytest.mark.pure
 
@@ -133,17 +133,34 @@ def test_a_version_1_database_is_migrated_and_stats_reads_it_unchanged(tmp_path:
     db = StateDB(path)
     _record(db, 1, "<a@x>")
     db.close()
-    with sqlite3.connect(path) as conn:  # what version 1 wrote: no content column
-        conn.execute("ALTER TABLE messages DROP COLUMN content")
+    with sqlite3.connect(path) as conn:  # what version 1 wrote: none of the later columns
+        for column in ("content", "attempts", "retry_at", "quarantined"):
+            conn.execute(f"ALTER TABLE messages DROP COLUMN {column}")
+        conn.execute("UPDATE messages SET status='failed'")  # a refused action version 1 gave up on
         conn.execute("PRAGMA user_version=1")
     before = path.read_bytes()
-    assert StateDB(path, readonly=True).stats()["totals"]["filed"] == 1
+    assert StateDB(path, readonly=True).stats()["totals"]["failed"] == 1
     assert path.read_bytes() == before
     migrated = StateDB(path)
-    assert migrated._conn().execute("PRAGMA user_version").fetchone()[0] == 2
+    assert migrated._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert [r.uid for r in migrated.due_retries("acct", "INBOX", 7)] == [1]  # no longer stranded
+    migrated.set_status("acct", "INBOX", 7, 1, "done")
     assert migrated.is_done("acct", "<a@x>", "any content")  # an old row matches by key alone
     assert _claim(migrated, 2, "<a@x>", "c9") == "duplicate"
     assert [r.content for r in migrated.rows("acct")] == [None, "c9"]
+
+
+def test_retry_bookkeeping(db: StateDB) -> None:
+    assert _claim(db, 1, "<a@x>") == "claimed"
+    assert db.fail_attempt("acct", "INBOX", 7, 1, "refused", time.time() + 60) == 1
+    assert db.due_retries("acct", "INBOX", 7) == [] and db.next_retry_at("acct", "INBOX") is not None
+    assert db.fail_attempt("acct", "INBOX", 7, 1, "refused again", 0.0) == 2
+    assert [r.attempts for r in db.due_retries("acct", "INBOX", 7)] == [2]
+    assert db.take_retry("acct", "INBOX", 7, 1) and not db.take_retry("acct", "INBOX", 7, 1)  # one taker
+    assert db.get("acct", "INBOX", 7, 1).status == "pending"  # type: ignore[union-attr]
+    db.set_quarantine("acct", "INBOX", 7, 1, "Quarantine", 5, 10)
+    db.set_status("acct", "INBOX", 7, 1, "done")
+    assert db.stats()["totals"]["quarantined"] == 1 and db.stats()["totals"]["filed"] == 0
 
 
 def test_failed_is_not_done_but_is_handled(db: StateDB) -> None:
@@ -215,9 +232,9 @@ def test_stats_outcomes_and_live_accuracy(db: StateDB) -> None:
     db.record_correction("<b1@x>", "acct", "billing", "login", False)
     db.record_correction("<u@x>", "acct", "login", "refunds", True)
     s = db.stats(30)
-    assert s["decisions"]["billing"] == {"filed": 4, "unsure": 0, "dry_run": 1, "failed": 1}
+    assert s["decisions"]["billing"] == {"filed": 4, "unsure": 0, "dry_run": 1, "failed": 1, "quarantined": 0}
     assert s["decisions"]["login"]["unsure"] == 1
-    assert s["totals"] == {"filed": 4, "unsure": 1, "dry_run": 1, "failed": 1, "all": 7}
+    assert s["totals"] == {"filed": 4, "unsure": 1, "dry_run": 1, "failed": 1, "quarantined": 0, "all": 7}
     assert s["corrections"]["total"] == 2 and s["corrections"]["from_unsure"] == 1
     assert s["accuracy"]["billing"] == {"filed": 4, "corrected": 1, "accuracy": 0.75}
     assert s["overall_accuracy"] == 0.75

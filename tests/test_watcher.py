@@ -399,6 +399,111 @@ def test_a_second_worker_on_the_same_mailbox_waits_for_the_first(
     assert count_where(client)["INBOX"] == 0
 
 
+# ---- refused actions: retry with backoff, then quarantine (issue 8 item 2) ----------------------
+
+
+def _metric(outcome: str, label: str = "billing") -> float:
+    from mailtriage.service import metrics
+
+    return metrics.MESSAGES.labels(category=label, outcome=outcome)._value.get()
+
+
+def test_a_refused_action_is_retried_after_a_backoff_and_filed(
+    dovecot: Dovecot, user: Any, make_account: Any, config: Config
+) -> None:
+    """A refused STATUS/MOVE used to leave the message 'failed' in INBOX forever."""
+    import dataclasses
+
+    name, password, client = user
+    load_messages(client, "INBOX", [msg(1, "Invoice retry")])
+    config = dataclasses.replace(config, retry_backoff=0.2, retry_attempts=3)
+    w, _ = watcher_for(make_account(dovecot, name, password), config)
+    try:
+        w.connect()
+        client.delete_folder("Support/Billing")  # the server refuses the action for a while
+        w.process_backlog()
+        (row,) = w.state.rows("acct")
+        assert (row.status, row.attempts) == ("failed", 1) and row.retry_at is not None
+        assert len(contents(client, "INBOX")) == 1
+        client.create_folder("Support/Billing")
+        time.sleep(0.3)
+        w.process_backlog()
+    finally:
+        w.close()
+    assert count_where(client)["Support/Billing"] == 1 and count_where(client)["INBOX"] == 0
+    (row,) = w.state.rows("acct")
+    assert row.status == "done" and not row.quarantined
+
+
+def test_when_retries_run_out_the_message_is_quarantined_and_counted(
+    dovecot: Dovecot, user: Any, make_account: Any, config: Config
+) -> None:
+    import dataclasses
+    import io
+
+    from mailtriage.store.stats import print_stats
+
+    name, password, client = user
+    load_messages(client, "INBOX", [msg(1, "Invoice never filed")])
+    config = dataclasses.replace(config, retry_backoff=0.1, retry_attempts=2)
+    before = _metric("quarantined")
+    w, _ = watcher_for(make_account(dovecot, name, password), config)
+    try:
+        w.connect()
+        client.delete_folder("Support/Billing")  # and it never comes back
+        for _ in range(6):
+            w.process_backlog()
+            if contents(client, UNSURE_FOLDER):
+                break
+            time.sleep(0.15)
+    finally:
+        w.close()
+    assert len(contents(client, UNSURE_FOLDER)) == 1 and not contents(client, "INBOX")
+    (row,) = w.state.rows("acct")
+    assert row.status == "done" and row.quarantined and row.folder == UNSURE_FOLDER and row.attempts == 2
+    assert _metric("quarantined") == before + 1
+    assert w.state.stats()["totals"]["quarantined"] == 1 and w.state.stats()["totals"]["filed"] == 0
+    out = io.StringIO()
+    print_stats(dataclasses.replace(config, accounts=()), out=out)
+    assert "quarantined 1" in out.getvalue()
+
+
+def test_a_due_retry_ends_idle_early(dovecot: Dovecot, user: Any, make_account: Any, config: Config) -> None:
+    """The running watcher sits in IDLE (idle_timeout 1500 s); a retry due in 0.3 s is still made."""
+    import dataclasses
+
+    name, password, client = user
+    config = dataclasses.replace(config, retry_backoff=0.3, retry_attempts=3)
+    idles: list[float] = []
+
+    def connect(acct: AccountConfig) -> IMAPClient:
+        c = connection.connect(acct, timeout=5)
+        real_idle = c.idle
+
+        def counted_idle() -> Any:
+            idles.append(time.monotonic())
+            return real_idle()
+
+        c.idle = counted_idle  # type: ignore[method-assign]
+        return c
+
+    w, _ = watcher_for(make_account(dovecot, name, password, idle_timeout=1500), config, connect=connect)
+    stop = threading.Event()
+    thread = threading.Thread(target=w.run, args=(stop,))
+    thread.start()
+    try:
+        assert wait_for(lambda: len(idles) >= 1)
+        client.delete_folder("Support/Billing")
+        load_messages(client, "INBOX", [msg(1, "Invoice while refused")])
+        assert wait_for(lambda: any(r.status == "failed" for r in w.state.rows("acct")))
+        client.create_folder("Support/Billing")
+        assert wait_for(lambda: count_where(client)["Support/Billing"] == 1)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive() and count_where(client)["INBOX"] == 0
+
+
 # ---- servers without MOVE / IDLE ----------------------------------------------------------------
 
 

@@ -74,7 +74,7 @@ def folders(client: Any, account: AccountConfig, config: Config, *, create: bool
     existing = {name for _flags, _delim, name in client.list_folders()}
     needed = account.action in FILING_ACTIONS
     out: list[Finding] = []
-    for folder in dict.fromkeys([*config.categories.values(), config.unsure_folder]):
+    for folder in dict.fromkeys([*config.categories.values(), config.unsure_folder, config.quarantine()]):
         subject = f"{where} folder {folder!r}"
         if folder in existing:
             out.append(Finding(OK, subject, "exists"))

@@ -56,7 +56,8 @@ def locate(w: MailboxWatcher, row: MessageRow) -> tuple[bool, int | None]:
     return in_source, copy
 
 
-def recover(w: MailboxWatcher, row: MessageRow) -> None:
+def recover(w: MailboxWatcher, row: MessageRow) -> str:
+    """Settle one pending row; returns its status now (done, failed or still pending)."""
     client = w._client()
     bound = w.log.bind(uid=row.uid, message_id=row.key, action=row.action, folder=row.folder)
     decision = Decision(row.label or "", row.confidence or 0.0, row.unsure, row.folder or w.mailbox)
@@ -85,14 +86,20 @@ def recover(w: MailboxWatcher, row: MessageRow) -> None:
         )
     except MailboxError as exc:
         # Copy made but original not removable: stay 'pending', so the next connect tries again.
+        # Otherwise the message is in the source only: retried after a backoff (issue 8 item 2).
         status = "pending" if copy is not None and in_source else "failed"
         bound.error("recovery_failed", error=str(exc), status=status)
-        w.state.set_status(w.account.name, w.mailbox, row.uidvalidity, row.uid, status, str(exc))
+        if status == "failed":
+            w.failed_attempt(row.uid, row.uidvalidity, str(exc))
+        else:
+            w.state.set_status(w.account.name, w.mailbox, row.uidvalidity, row.uid, status, str(exc))
+        return status
 
 
-def _settle(w: MailboxWatcher, row: MessageRow, status: str, bound: Any, event: str, error: str | None = None, **kw: Any) -> None:
+def _settle(w: MailboxWatcher, row: MessageRow, status: str, bound: Any, event: str, error: str | None = None, **kw: Any) -> str:
     w.state.set_status(w.account.name, w.mailbox, row.uidvalidity, row.uid, status, error)
     (bound.info if status == "done" else bound.warning)(event, status=status, **kw)
+    return status
 
 
 def refetch(w: MailboxWatcher, uid: int) -> _Fetched:

@@ -42,6 +42,7 @@ ConnectFn = Callable[[AccountConfig], IMAPClient]
 CLASSIFY_FETCH_BYTES = mailtext.MAX_INPUT_BYTES
 CANARY_TEXT = "mailtriage: a plain test message about an invoice"  # tells a broken model from poison
 IDLE_SLICE_S = 1.0  # idle_check timeout: how quickly a stop request is noticed
+RETRY_MAX_S = 3600.0  # longest wait between two attempts at a refused action
 _FLAGS, _DATE = b"FLAGS", b"INTERNALDATE"
 
 
@@ -212,6 +213,8 @@ class MailboxWatcher:
         client = self._client()
         uidvalidity = self.select()
         connection.took_new_mail(client)  # what the SELECT itself said is already known
+        if not self.dry_run:
+            self._retry_due(uidvalidity)
         last = self.state.last_uid(self.account.name, self.mailbox, uidvalidity, dry_run=self.dry_run)
         found = sorted(u for u in client.search(["UID", f"{last + 1}:*", "UNDELETED"]) if u > last)
         handled = self.state.handled_uids(self.account.name, self.mailbox, uidvalidity, found, dry_run=self.dry_run)
@@ -355,13 +358,16 @@ class MailboxWatcher:
             self.log.info(event, uid=item.uid, message_id=item.key)
             return
         if status_error is not None:
-            self.state.set_status(acct, mbox, uidvalidity, item.uid, "failed", status_error)
+            self.failed_attempt(item.uid, uidvalidity, status_error)
             return self._done(item, decision, "failed", placed, error=status_error)
         try:
             self._act(self.action, item.uid, decision, item, uidvalidity, dest_next)
         except MailboxError as exc:
             status = self._status_after_failure(item.uid, uidvalidity)
-            self.state.set_status(acct, mbox, uidvalidity, item.uid, status, str(exc))
+            if status == "failed":  # safely in the source only: try again later
+                self.failed_attempt(item.uid, uidvalidity, str(exc))
+            else:
+                self.state.set_status(acct, mbox, uidvalidity, item.uid, status, str(exc))
             return self._done(item, decision, "failed", placed, error=str(exc), status=status)
         self.state.set_status(acct, mbox, uidvalidity, item.uid, "done")
         self._done(item, decision, "unsure" if decision.unsure else "filed", placed)
@@ -382,6 +388,59 @@ class MailboxWatcher:
                 source_uidvalidity=uidvalidity, has_uidplus=self._has_uidplus, dest_uidnext=dest_next,
                 max_bytes=self.account.max_message_bytes,
             )
+
+    # ---- retries of refused actions (issue 8 item 2) ------------------------------------------
+
+    def failed_attempt(self, uid: int, uidvalidity: int, error: str) -> None:
+        """One more refused attempt at this message's action: it stays 'failed' in the source and is
+        tried again after a backoff (retry_backoff, doubling, <= RETRY_MAX_S); once retry_attempts
+        have failed, the next pass moves it to the quarantine folder. A refused quarantine is final."""
+        acct, mbox = self.account.name, self.mailbox
+        row = self.state.get(acct, mbox, uidvalidity, uid)
+        attempts = (row.attempts if row else 0) + 1
+        if row is not None and row.quarantined:
+            self.state.fail_attempt(acct, mbox, uidvalidity, uid, error, None)
+            self.log.error("quarantine_failed", uid=uid, message_id=row.key, folder=row.folder, error=error,
+                           fix="the message stays in the watched mailbox; check the quarantine folder and the server")
+            return
+        wait = 0.0 if attempts >= self.config.retry_attempts else min(
+            RETRY_MAX_S, self.config.retry_backoff * 2 ** (attempts - 1)
+        )
+        self.state.fail_attempt(acct, mbox, uidvalidity, uid, error, time.time() + wait)
+        self.log.warning("action_retry_scheduled", uid=uid, attempts=attempts, retry_in_s=round(wait, 1),
+                         then="quarantine" if attempts >= self.config.retry_attempts else "retry", error=error)
+
+    def _retry_due(self, uidvalidity: int) -> None:
+        acct, mbox = self.account.name, self.mailbox
+        for row in self.state.due_retries(acct, mbox, uidvalidity):
+            if self._stop.is_set():
+                return
+            if not self.state.take_retry(acct, mbox, uidvalidity, row.uid):
+                continue  # another worker took it
+            if row.attempts >= self.config.retry_attempts:
+                self._quarantine(row)
+                continue
+            status = recovery.recover(self, row)  # locate, then finish or redo the action
+            metrics.RETRIES.labels(result=status).inc()
+
+    def _quarantine(self, row: MessageRow) -> None:
+        acct, mbox = self.account.name, self.mailbox
+        folder = self.config.quarantine()
+        try:
+            dest_validity, dest_next = actions.folder_uidnext(self._client(), folder)
+        except MailboxError as exc:
+            self.state.set_quarantine(acct, mbox, row.uidvalidity, row.uid, folder, None, None)
+            metrics.RETRIES.labels(result="failed").inc()
+            return self.failed_attempt(row.uid, row.uidvalidity, f"quarantine into {folder!r}: {exc}")
+        self.state.set_quarantine(acct, mbox, row.uidvalidity, row.uid, folder, dest_validity, dest_next)
+        moved = self.state.get(acct, mbox, row.uidvalidity, row.uid)
+        assert moved is not None
+        status = recovery.recover(self, moved)
+        metrics.RETRIES.labels(result="quarantined" if status == "done" else status).inc()
+        if status == "done":
+            metrics.MESSAGES.labels(category=row.label or "", outcome="quarantined").inc()
+            self.log.warning("message_quarantined", uid=row.uid, message_id=row.key, folder=folder,
+                             attempts=row.attempts, error=row.error, outcome="quarantined")
 
     def _status_after_failure(self, uid: int, uidvalidity: int) -> str:
         """After a refused action: 'failed' when the message is safely in the source only; still
@@ -464,9 +523,14 @@ class MailboxWatcher:
             started = time.monotonic()
             new_mail = False
             quick_empty = 0
+            # Re-issued before idle_timeout: RFC 2177 servers may drop an IDLE after 29 minutes;
+            # ended early when a refused action's retry is due.
+            limit = float(self.account.idle_timeout)
+            due = None if self.dry_run else self.state.next_retry_at(self.account.name, self.mailbox)
+            if due is not None:
+                limit = min(limit, max(self.idle_slice, due - time.time()))
             try:
-                # Re-issued before idle_timeout: RFC 2177 servers may drop an IDLE after 29 minutes.
-                while not stop.is_set() and time.monotonic() - started < self.account.idle_timeout:
+                while not stop.is_set() and time.monotonic() - started < limit:
                     t0 = time.monotonic()
                     responses = client.idle_check(timeout=self.idle_slice)
                     for resp in responses:

@@ -16,13 +16,21 @@ log = structlog.get_logger(__name__)
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 # outcome: 'filed' (acted on with a category), 'unsure' (below threshold), 'dry_run' (decided,
-# nothing done), 'failed' (the action failed; the message stays in its source folder).
-OUTCOMES = ("filed", "unsure", "dry_run", "failed")
+# nothing done), 'failed' (the action failed; the message stays in its source folder and is
+# retried), 'quarantined' (retries ran out: moved to the quarantine folder).
+OUTCOMES = ("filed", "unsure", "dry_run", "failed", "quarantined")
 
 MESSAGES = Counter(
     "mailtriage_messages",
     "Messages decided by the daemon, by predicted category and outcome.",
     ["category", "outcome"],
+    registry=REGISTRY,
+)
+
+RETRIES = Counter(
+    "mailtriage_action_retries",
+    "Attempts to redo a refused action (move/keyword/header), by result: done, failed, quarantined.",
+    ["result"],
     registry=REGISTRY,
 )
 

@@ -1,8 +1,8 @@
 """The daemon's memory in one SQLite file (WAL): what was decided for which message, so restarts,
 crashes, UIDVALIDITY changes and duplicate deliveries never file a message twice or lose it.
 
-Schema (version 2, in ``PRAGMA user_version``; version 1 is migrated on a writable open, any other
-version is refused)::
+Schema (version 3, in ``PRAGMA user_version``; versions 1 and 2 are migrated on a writable open,
+any other version is refused)::
 
     messages      one row per message the watcher saw, keyed like IMAP keys it
       account, mailbox, uidvalidity, uid   PRIMARY KEY — where the message was when seen
@@ -21,6 +21,9 @@ version is refused)::
                      under another UID)
       dest_uidvalidity, dest_uidnext   the destination folder's UIDNEXT just before acting: a
                      crash-recovery scan only has to look at newer UIDs
+      attempts, retry_at   a refused action (status failed): how many attempts failed, and when the
+                     next one is due (NULL: never retried, e.g. the message vanished) (v3)
+      quarantined    1 when retries ran out and the message was moved to the quarantine folder (v3)
       error, decided_at, updated_at (unix seconds)
     mailbox_state  (account, mailbox, dry_run) PRIMARY KEY -> uidvalidity, last_uid
                      the highest UID fully handled; a dry run keeps its own cursor so switching
@@ -49,10 +52,17 @@ from typing import Any
 from mailtriage.errors import StateError
 from mailtriage.core.routing import Decision
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # user_version -> statements that bring it to the next version (run in one transaction).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE messages ADD COLUMN content TEXT",),
+    2: (
+        "ALTER TABLE messages ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE messages ADD COLUMN retry_at REAL",
+        "ALTER TABLE messages ADD COLUMN quarantined INTEGER NOT NULL DEFAULT 0",
+        # Refused actions of older versions were never retried (stranded in INBOX): retry them now.
+        "UPDATE messages SET retry_at = 0 WHERE status = 'failed' AND action IN ('move', 'keyword', 'header')",
+    ),
 }
 
 _SCHEMA = """
@@ -74,6 +84,9 @@ CREATE TABLE IF NOT EXISTS messages (
     status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed', 'skipped')),
     dest_uidvalidity INTEGER,
     dest_uidnext INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    retry_at REAL,
+    quarantined INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     decided_at REAL NOT NULL,
     updated_at REAL NOT NULL,
@@ -107,7 +120,7 @@ SMTP_INTAKE = "smtp"
 SMTP_MAILBOX = "(relayed)"
 
 STATUSES = ("pending", "done", "failed", "skipped")
-OUTCOMES = ("filed", "unsure", "dry_run", "failed")
+OUTCOMES = ("filed", "unsure", "dry_run", "failed", "quarantined")
 
 
 @dataclass(frozen=True)
@@ -133,6 +146,9 @@ class MessageRow:
     error: str | None
     decided_at: float
     content: str | None = None
+    attempts: int = 0
+    retry_at: float | None = None
+    quarantined: bool = False
 
 
 @dataclass(frozen=True)
@@ -500,6 +516,61 @@ class StateDB:
             (account, mailbox, uidvalidity, uid, key, error, now, now),
         )
 
+    # ---- retries of refused actions (issue 8 item 2) ----------------------------------------
+
+    def fail_attempt(
+        self, account: str, mailbox: str, uidvalidity: int, uid: int, error: str, retry_at: float | None
+    ) -> int:
+        """One more failed attempt at this message's action: status 'failed', the next try at
+        ``retry_at`` (None: never). Returns how many attempts have failed."""
+        self._exec(
+            "UPDATE messages SET status='failed', error=?, attempts=attempts+1, retry_at=?, updated_at=? "
+            "WHERE account=? AND mailbox=? AND uidvalidity=? AND uid=?",
+            (error, retry_at, time.time(), account, mailbox, uidvalidity, uid),
+        )
+        row = self._exec(
+            "SELECT attempts FROM messages WHERE account=? AND mailbox=? AND uidvalidity=? AND uid=?",
+            (account, mailbox, uidvalidity, uid),
+        ).fetchone()
+        return int(row["attempts"]) if row else 0
+
+    def due_retries(self, account: str, mailbox: str, uidvalidity: int, now: float | None = None) -> list[MessageRow]:
+        """Failed rows of this mailbox whose next attempt is due."""
+        rows = self._exec(
+            "SELECT * FROM messages WHERE account=? AND mailbox=? AND uidvalidity=? AND status='failed' "
+            "AND retry_at IS NOT NULL AND retry_at <= ? AND dry_run=0 ORDER BY retry_at, uid",
+            (account, mailbox, uidvalidity, time.time() if now is None else now),
+        ).fetchall()
+        return [_message_row(r) for r in rows]
+
+    def next_retry_at(self, account: str, mailbox: str) -> float | None:
+        row = self._exec(
+            "SELECT MIN(retry_at) AS t FROM messages WHERE account=? AND mailbox=? AND status='failed' "
+            "AND retry_at IS NOT NULL AND dry_run=0",
+            (account, mailbox),
+        ).fetchone()
+        return None if row is None or row["t"] is None else float(row["t"])
+
+    def take_retry(self, account: str, mailbox: str, uidvalidity: int, uid: int) -> bool:
+        """Claim a due retry (failed -> pending) in one statement: only one worker gets it."""
+        cur = self._exec(
+            "UPDATE messages SET status='pending', retry_at=NULL, updated_at=? WHERE account=? AND mailbox=? "
+            "AND uidvalidity=? AND uid=? AND status='failed' AND retry_at IS NOT NULL",
+            (time.time(), account, mailbox, uidvalidity, uid),
+        )
+        return cur.rowcount == 1
+
+    def set_quarantine(
+        self, account: str, mailbox: str, uidvalidity: int, uid: int, folder: str,
+        dest_uidvalidity: int | None, dest_uidnext: int | None,
+    ) -> None:
+        """Retries ran out: the (pending) row now moves the message to ``folder``."""
+        self._exec(
+            "UPDATE messages SET folder=?, action='move', quarantined=1, dest_uidvalidity=?, dest_uidnext=?, "
+            "updated_at=? WHERE account=? AND mailbox=? AND uidvalidity=? AND uid=?",
+            (folder, dest_uidvalidity, dest_uidnext, time.time(), account, mailbox, uidvalidity, uid),
+        )
+
     def pending(self, account: str, mailbox: str) -> list[MessageRow]:
         """Rows recorded 'pending' and never finished: a crash happened while acting on them."""
         rows = self._exec(
@@ -596,13 +667,18 @@ class StateDB:
         since = (time.time() if now is None else now) - window_days * 86400
         decisions: dict[str, dict[str, int]] = {}
         totals = dict.fromkeys(OUTCOMES, 0)
+        columns = {r["name"] for r in self._exec("PRAGMA table_info(messages)").fetchall()}
+        quarantined = "quarantined" if "quarantined" in columns else "0"  # read-only on an older schema
         rows = self._exec(
-            """SELECT label, status, dry_run, unsure, COUNT(*) AS n FROM messages
-               WHERE status IN ('done','failed') AND decided_at >= ? GROUP BY label, status, dry_run, unsure""",
+            f"""SELECT label, status, dry_run, unsure, {quarantined} AS quarantined, COUNT(*) AS n FROM messages
+               WHERE status IN ('done','failed') AND decided_at >= ?
+               GROUP BY label, status, dry_run, unsure{", quarantined" if quarantined != "0" else ""}""",
             (since,),
         ).fetchall()
         for r in rows:
-            if r["status"] == "failed":
+            if r["quarantined"]:
+                outcome = "quarantined"
+            elif r["status"] == "failed":
                 outcome = "failed"
             elif r["dry_run"]:
                 outcome = "dry_run"
@@ -678,4 +754,7 @@ def _message_row(r: sqlite3.Row) -> MessageRow:
         error=r["error"],
         decided_at=r["decided_at"],
         content=r["content"] if "content" in r.keys() else None,
+        attempts=r["attempts"] if "attempts" in r.keys() else 0,
+        retry_at=r["retry_at"] if "retry_at" in r.keys() else None,
+        quarantined=bool(r["quarantined"]) if "quarantined" in r.keys() else False,
     )

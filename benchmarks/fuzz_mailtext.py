@@ -3,8 +3,8 @@
     .venv/bin/python -m benchmarks.fuzz_mailtext                 # 100,000 inputs, seed 1
     .venv/bin/python -m benchmarks.fuzz_mailtext --n 5000 --seed 7
 
-Every input goes through mail_text, message_key, message_date and message_headers (the functions
-the watcher, the relay and the trainer share); see ``mailtriage.testing.fuzz`` for the generator and
+Every input goes through mail_text, message_key, content_fingerprint, message_date and
+message_headers (the functions the watcher, the relay and the trainer share); see ``mailtriage.testing.fuzz`` for the generator and
 what counts as a failure. A failure prints its index: ``hostile_message(seed, index)`` replays it.
 """
 

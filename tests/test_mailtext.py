@@ -506,3 +506,22 @@ def test_one_input_bound_for_watcher_relay_and_trainer(monkeypatch: pytest.Monke
     whole = mailtext.mail_text(raw)
     assert whole == mailtext.mail_text(raw[:CLASSIFY_FETCH_BYTES])
     assert mailtext.message_key(raw) == mailtext.message_key(raw[:CLASSIFY_FETCH_BYTES])
+
+
+def test_content_fingerprint_tells_a_reused_message_id_from_a_redelivery() -> None:
+    """Issue 8 item 4: with the Message-ID, the content fingerprint says "the same message"."""
+    from mailtriage.core.mailtext import content_fingerprint
+
+    base = (b"From: a@example.com\r\nTo: s@example.com\r\nSubject: Invoice\r\nMessage-ID: <x@example.com>\r\n"
+            b"Date: Mon, 6 May 2024 07:08:09 +0200\r\n\r\nPlease check   \r\ninvoice 42.\r\n")
+    same = {
+        base,
+        b"Received: from mx by mail; Tue, 7 May 2024\r\nX-Mailtriage-Category: billing\r\n" + base,  # delivery, ours
+        base.replace(b"\r\n", b"\n"),  # line endings
+        base.replace(b"Message-ID: <x@example.com>\r\n", b"Message-ID: <x@example.com>\r\nX-Spam: 1\r\n"),
+    }
+    assert len({content_fingerprint(m) for m in same}) == 1
+    other = [base.replace(b"Subject: Invoice", b"Subject: Refund"), base.replace(b"invoice 42", b"invoice 43"),
+             base.replace(b"a@example.com", b"b@example.com")]
+    assert len({content_fingerprint(m) for m in [base, *other]}) == 4
+    assert content_fingerprint(b"").startswith("sha256:") and content_fingerprint(b"\xff\x00garbage")

@@ -156,9 +156,10 @@ class _EventCounter:
 
 
 def run_mailtext_fuzz(seed: int, n: int, on_input: Callable[[int], None] | None = None) -> dict[str, object]:
-    """Feed ``n`` hostile inputs to mail_text, message_key, message_date and message_headers.
+    """Feed ``n`` hostile inputs to mail_text, message_key, content_fingerprint, message_date and
+    message_headers.
 
-    All four are documented never to raise; they guard their work with a fallback that logs
+    All five are documented never to raise; they guard their work with a fallback that logs
     ``*_fallback``. A fallback is a bug the guard caught, so it is counted (with the first input
     index and error) as a failure, as are exceptions, non-str results, text over ``max_chars`` and
     a second call that differs. Returns counts and the slowest input's time (for the benchmark;
@@ -183,6 +184,7 @@ def run_mailtext_fuzz(seed: int, n: int, on_input: Callable[[int], None] | None 
             try:
                 text = mailtext.mail_text(raw)
                 key = mailtext.message_key(raw)
+                content = mailtext.content_fingerprint(raw)
                 mailtext.message_date(raw)
                 mailtext.message_headers(raw)
             except Exception as exc:  # noqa: BLE001 - exactly what the fuzz looks for
@@ -193,6 +195,10 @@ def run_mailtext_fuzz(seed: int, n: int, on_input: Callable[[int], None] | None 
                 failures.append({"index": i, "problem": f"mail_text returned {type(text).__name__} of length {len(text)}"})
             if not isinstance(key, str) or not key:
                 failures.append({"index": i, "problem": f"message_key returned {key!r}"})
+            if not isinstance(content, str) or not content.startswith("sha256:"):
+                failures.append({"index": i, "problem": f"content_fingerprint returned {content!r}"})
+            elif i % 10 == 0 and mailtext.content_fingerprint(raw) != content:
+                failures.append({"index": i, "problem": "content_fingerprint is not deterministic"})
             if i % 10 == 0 and mailtext.mail_text(raw) != text:
                 failures.append({"index": i, "problem": "mail_text is not deterministic"})
             if counter.events != before:

@@ -833,8 +833,9 @@ def test_with_the_real_tiny_model(dovecot: Dovecot, user: Any, make_account: Any
 
 def test_poison_message_is_set_aside_and_the_rest_keeps_flowing(dovecot: Dovecot, user: Any, make_account: Any, config: Config) -> None:
     """A message the classifier always fails on used to raise out of the batch, so the watcher
-    reconnected forever and filed nothing. Now it is recorded 'failed', left in INBOX, and never
-    fed to the model again; the others are filed."""
+    reconnected forever and filed nothing. Now it is recorded 'failed', moved to the quarantine
+    folder (default: the unsure folder) so it is not stranded, and never fed to the model again;
+    the others are filed."""
     name, password, client = user
     load_messages(client, "INBOX", [msg(1, "Invoice 1"), msg(2, "Poison pill"), msg(3, "Refund please")])
     clf = fake_classifier()
@@ -850,11 +851,11 @@ def test_poison_message_is_set_aside_and_the_rest_keeps_flowing(dovecot: Dovecot
                        StateDB(config.state_path), classify, idle_slice=0.2, backoff_start=0.1)
     try:
         assert w.process_backlog() == 2
-        assert count_where(client) == {"INBOX": 1, "Support/Billing": 1, "Support/Login": 0,
-                                       "Support/Refunds": 1, "Support/Unsure": 0}
-        (poison,) = [r for r in w.state.rows("acct") if r.status == "failed"]
-        assert poison.action == "none" and "tokenizer exploded" in (poison.error or "")
-        assert w.state.stats()["totals"]["failed"] == 1
+        assert count_where(client) == {"INBOX": 0, "Support/Billing": 1, "Support/Login": 0,
+                                       "Support/Refunds": 1, "Support/Unsure": 1}
+        (poison,) = [r for r in w.state.rows("acct") if r.quarantined]
+        assert poison.folder == UNSURE_FOLDER and poison.label is None and poison.status == "done"
+        assert w.state.stats()["totals"]["quarantined"] == 1
         seen.clear()
         assert w.process_backlog() == 0 and seen == []  # not retried forever
     finally:

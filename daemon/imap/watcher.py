@@ -303,7 +303,7 @@ class MailboxWatcher:
         self, fresh: list[_Fetched], texts: list[str], uidvalidity: int, batch_error: Exception
     ) -> tuple[list[tuple[_Fetched, Prediction]], str]:
         """The batch failed: classify each message alone. One that still fails is a poison message:
-        recorded 'failed' and left where it is, so the others are filed. When every one fails, a
+        recorded 'failed' and moved to the quarantine folder, so the others are filed. When every one fails, a
         canary text tells a broken model (raise: the watcher backs off and retries) from poison."""
         self.log.warning("classify_batch_failed", error=str(batch_error), messages=len(fresh))
         decided: list[tuple[_Fetched, Prediction]] = []
@@ -324,6 +324,11 @@ class MailboxWatcher:
             metrics.MESSAGES.labels(category="", outcome="failed").inc()
             self.log.error("message_poison", uid=item.uid, message_id=item.key, error=error,
                            outcome="failed", folder=self.mailbox)
+            row = self.state.get(self.account.name, self.mailbox, uidvalidity, item.uid)
+            if not self.dry_run and row is not None and row.status == "failed" and not row.quarantined:
+                # Never asked of the model again, so never stranded in the watched mailbox either:
+                # staff see it in the quarantine folder (default: the unsure folder).
+                self._quarantine(row)
         return decided, version
 
     def _placed_folder(self, decision: Decision) -> str:

@@ -166,12 +166,21 @@ def test_an_unversioned_or_foreign_database_is_refused(tmp_path: Path) -> None:
         conn.execute("CREATE TABLE something (x)")
     with pytest.raises(StateError, match="not a mailtriage state database"):
         StateDB(path)
-    older = tmp_path / "older.sqlite3"
-    StateDB(older).close()
-    with sqlite3.connect(older) as conn:
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION - 1 if SCHEMA_VERSION > 1 else 0}")
-    with pytest.raises(StateError):
-        StateDB(older)
+    # Older versions are migrated (tests/test_state.py); a newer one, or one with no migration, is refused.
+    newer = tmp_path / "newer.sqlite3"
+    StateDB(newer).close()
+    with sqlite3.connect(newer) as conn:
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    with pytest.raises(StateError, match="written by a newer mailtriage"):
+        StateDB(newer)
+    with pytest.raises(StateError, match="written by a newer mailtriage"):
+        StateDB(newer, readonly=True)
+    unknown = tmp_path / "unknown.sqlite3"
+    StateDB(unknown).close()
+    with sqlite3.connect(unknown) as conn:
+        conn.execute("PRAGMA user_version=-5")
+    with pytest.raises(StateError, match="no migration from it"):
+        StateDB(unknown)
 
 
 @pytest.mark.pure

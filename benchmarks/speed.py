@@ -32,6 +32,7 @@ from benchmarks.common import (
     base_model,
     bin_path,
     busy_processes,
+    categories_config,
     loadavg,
     machine,
     md_table,
@@ -46,7 +47,7 @@ TOKENS = 256
 
 
 def train_part(quick: bool) -> dict[str, Any]:
-    from demo.corpus import generate
+    from demo.corpus import CATEGORIES, generate
 
     # One epoch is enough to time a step; a full run is steps x epochs (the product default is 8 epochs).
     per_category, epochs, max_length = (8, 1, 128) if quick else (40, 1, TOKENS)
@@ -55,7 +56,9 @@ def train_part(quick: bool) -> dict[str, Any]:
     shutil.rmtree(model_dir, ignore_errors=True)
     try:
         generate(work / "corpus", per_category=per_category, inbox=0, seed=7)
-        argv = [bin_path("mailtriage-train"), "--data", str(work / "corpus" / "history"), "--base", base_model(),
+        config = categories_config(work / "config.toml", CATEGORIES)
+        argv = [bin_path("mailtriage-train"), "--config", str(config), "--data", str(work / "corpus" / "history"),
+                "--base", base_model(),
                 "--model-dir", str(model_dir), "--epochs", str(epochs), "--max-length", str(max_length),
                 "--holdout-fraction", "0.1", "--seed", "13", "--min-examples", "2", "--device", "cpu", "--force"]
         load = loadavg()

@@ -29,6 +29,7 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 Backend = Literal["local", "http"]
 InferenceApi = Literal["tei", "vllm"]
 Quantize = Literal["none", "int8"]
+Runtime = Literal["torch", "onnxruntime"]
 
 # Keys that would put a secret into the config file; refused with a pointer to the safe ways.
 _SECRET_KEYS = {"password", "token", "oauth_token", "secret"}
@@ -47,9 +48,11 @@ class ModelConfig:
     api: InferenceApi = "tei"
     remote_model: str | None = None
     timeout: float = 30.0
-    # CPU speed-ups of the local backend: "int8" serves a dynamically quantized copy; threads 0 = torch's default.
+    # CPU speed-ups of the local backend: "int8" serves a dynamically quantized copy; "onnxruntime"
+    # serves the model exported to a fused ONNX graph; threads 0 = the runtime's default.
     quantize: Quantize = "none"
     threads: int = 0
+    runtime: Runtime = "torch"
 
     def __post_init__(self) -> None:
         if self.threads < 0:
@@ -57,10 +60,11 @@ class ModelConfig:
                 f"model.threads = {self.threads!r} is negative: use 0 for torch's default (one thread per "
                 "core) or the number of CPU threads inference may use"
             )
-        if self.backend == "http" and (self.quantize != "none" or self.threads):
+        if self.backend == "http" and (self.quantize != "none" or self.threads or self.runtime != "torch"):
             raise ConfigError(
-                f"model.quantize = {self.quantize!r} / model.threads = {self.threads!r} tune the local model, but "
-                "model.backend = \"http\" runs it on the inference server: remove them, or use backend = \"local\""
+                f"model.quantize = {self.quantize!r} / model.threads = {self.threads!r} / model.runtime = "
+                f"{self.runtime!r} tune the local model, but model.backend = \"http\" runs it on the inference "
+                "server: remove them, or use backend = \"local\""
             )
         if self.backend == "http":
             if not self.url or not self.url.startswith(("http://", "https://")):

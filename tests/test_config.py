@@ -50,7 +50,10 @@ def _with(**overrides: object) -> dict[str, object]:
         (_with(model={"quantize": "int4"}), r"model.quantize = 'int4' is not allowed: expected one of 'none', 'int8'"),
         (_with(model={"threads": -2}), r"model.threads = -2 is negative"),
         (_with(model={"backend": "http", "url": "http://127.0.0.1:8080", "quantize": "int8"}),
-         r"model.quantize = 'int8' / model.threads = 0 tune the local model"),
+         r"model.quantize = 'int8' / model.threads = 0 / model.runtime = 'torch' tune the local model"),
+        (_with(model={"backend": "http", "url": "http://127.0.0.1:8080", "runtime": "onnxruntime"}),
+         r"model.runtime = 'onnxruntime' tune the local model"),
+        (_with(model={"runtime": "tensorrt"}), r"model.runtime = 'tensorrt' is not allowed: expected one of 'torch', 'onnxruntime'"),
         (_with(metrics_port=70000), r"metrics_port = 70000"),
         # typos get a suggestion
         (_with(model={"treshold": 0.5}), r"model.treshold: unknown key.*Did you mean 'threshold'"),

@@ -212,6 +212,33 @@ def test_int8_quantized_serving_keeps_the_predictions(classifier, tiny_model_dir
     assert torch.allclose(torch.softmax(quantized.logits(TEXTS), -1), torch.softmax(classifier.logits(TEXTS), -1), atol=0.05)
 
 
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_onnxruntime_serving_matches_torch(classifier, tiny_model_dir: Path, quantize: str) -> None:  # type: ignore[no-untyped-def]
+    """runtime="onnxruntime" serves the merged model (adapter and trained head included) from a fused
+    ONNX graph: fp32 gives torch's logits, int8 its predictions; the torch model is not kept."""
+    import torch
+
+    from mailtriage.model.onnxrt import OrtModel
+    from mailtriage.model.transformers import load_classifier
+
+    served = load_classifier(tiny_model_dir, device="cpu", batch_size=4, quantize=quantize, runtime="onnxruntime")
+    assert isinstance(served.model, OrtModel) and served.model.quantize == quantize
+    assert served.model.fused.get("Attention"), f"BERT attention should be fused: {served.model.fused}"
+    ours, theirs = served.logits(TEXTS), classifier.logits(TEXTS)
+    if quantize == "none":
+        assert torch.allclose(ours, theirs, atol=1e-4)
+    # As for torch's int8: the tiny model's margins are thin, so exact labels only where they are clear.
+    assert [p.label for p in served.classify(TEXTS[:3])] == [p.label for p in classifier.classify(TEXTS[:3])]
+    assert torch.allclose(torch.softmax(ours, -1), torch.softmax(theirs, -1), atol=0.05)
+
+
+def test_onnxruntime_is_refused_off_cpu_and_when_unknown(tiny_model_dir: Path) -> None:
+    from mailtriage.model.transformers import load_classifier
+
+    with pytest.raises(ModelError, match="runtime = 'tensorrt' is unknown"):
+        load_classifier(tiny_model_dir, device="cpu", runtime="tensorrt")
+
+
 def test_quantize_and_threads_are_checked(tiny_model_dir: Path) -> None:
     import torch
 

@@ -74,6 +74,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             expected_labels=cfg.labels if cfg else None,
             quantize=cfg.model.quantize if cfg else "none",
             threads=cfg.model.threads if cfg else 0,
+            runtime=cfg.model.runtime if cfg else "torch",
         )
     names = args.files or ["-"]
     batch = 64  # bounded memory for thousands of files; the classifier batches again internally

@@ -47,6 +47,7 @@ def load(config: Config, path: Path | None = None, *, probe: bool = True) -> Cla
         expected_labels=config.labels,
         quantize=m.quantize,
         threads=m.threads,
+        runtime=m.runtime,
     )
 
 

@@ -258,6 +258,7 @@ class TransformersClassifier:
 
 
 QUANTIZE_CHOICES = ("none", "int8")
+RUNTIME_CHOICES = ("torch", "onnxruntime")
 
 
 def set_cpu_threads(threads: int) -> None:
@@ -295,16 +296,20 @@ def load_classifier(
     expected_labels: Sequence[str] | None = None,
     quantize: str = "none",
     threads: int = 0,
+    runtime: str = "torch",
 ) -> TransformersClassifier | ensemble.BaselineClassifier:
     """Load MODEL_DIR, MODEL_DIR/current or a version directory; refuse labels that differ from config.
 
     What comes back is the version as served (manifest ``"serve"``): the fine-tuned model, the model
     averaged with the TF-IDF baseline, or the baseline alone (no torch model is loaded then).
     ``quantize="int8"`` serves a dynamically int8-quantized copy (CPU only; see ``quantize_int8``);
-    ``threads`` > 0 sets torch's CPU thread count first.
+    ``threads`` > 0 sets torch's CPU thread count first. ``runtime="onnxruntime"`` serves the loaded
+    model from an ONNX Runtime session instead (CPU only; see ``mailtriage.model.onnxrt``), int8 there too.
     """
     if quantize not in QUANTIZE_CHOICES:
         raise ModelError(f"quantize = {quantize!r} is unknown; use one of {', '.join(QUANTIZE_CHOICES)}")
+    if runtime not in RUNTIME_CHOICES:
+        raise ModelError(f"runtime = {runtime!r} is unknown; use one of {', '.join(RUNTIME_CHOICES)}")
     set_cpu_threads(threads)
     version_dir = modeldir.resolve(Path(path))
     labels = LabelSet.load(version_dir)
@@ -352,12 +357,17 @@ def load_classifier(
         ) from exc
     model.to(resolved_device)
     model.eval()
-    if quantize == "int8":
-        if resolved_device != "cpu":
-            raise ModelError(
-                f"quantize = \"int8\" is dynamic CPU quantization, but the model runs on {resolved_device!r}; "
-                "set device = \"cpu\" or quantize = \"none\" (on a GPU bf16 is used already)"
-            )
+    if (quantize == "int8" or runtime == "onnxruntime") and resolved_device != "cpu":
+        raise ModelError(
+            f"quantize = {quantize!r} / runtime = {runtime!r} are CPU speed-ups, but the model runs on "
+            f"{resolved_device!r}; set device = \"cpu\", or quantize = \"none\" and runtime = \"torch\" "
+            "(on a GPU bf16 is used already)"
+        )
+    if runtime == "onnxruntime":
+        from mailtriage.model import onnxrt
+
+        model = onnxrt.session_model(model, quantize=quantize, threads=threads)
+    elif quantize == "int8":
         model = quantize_int8(model)
     log.info(
         "model_loaded",
@@ -368,6 +378,7 @@ def load_classifier(
         dtype=str(dtype).removeprefix("torch."),
         serve=serve,
         quantize=quantize,
+        runtime=runtime,
         threads=torch.get_num_threads(),
     )
     return TransformersClassifier(

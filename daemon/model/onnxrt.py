@@ -17,6 +17,8 @@ onnxruntime and onnx come with the ``onnx`` extra (``pip install 'mailtriage[onn
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import logging
 import tempfile
 import time
@@ -124,6 +126,14 @@ def _quantize_int8(path: Path, out: Path) -> None:
                          extra_options={"DefaultTensorType": TensorProto.FLOAT})
 
 
+def _release_memory() -> None:
+    """Give the torch weights and the export's graph copies back to the system: without this the
+    serving process kept ~1.25 GiB after loading MiniLM, with it ~0.65 GiB (measured, glibc)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def session_model(model: torch.nn.Module, *, quantize: str, threads: int) -> OrtModel:
     """Export the loaded (peft) ``model`` to an ONNX Runtime session; ``quantize`` is "none" or "int8"."""
     ort = _require()
@@ -154,6 +164,8 @@ def session_model(model: torch.nn.Module, *, quantize: str, threads: int) -> Ort
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Read into memory before the temporary folder goes away.
         session = ort.InferenceSession(path.read_bytes(), options, providers=["CPUExecutionProvider"])
+    del model
+    _release_memory()
     log.info("onnx_session_ready", seconds=round(time.monotonic() - started, 1), quantize=quantize,
              fused=fused, threads=threads or "default")
     return OrtModel(session, quantize=quantize, fused=fused)

@@ -1,4 +1,4 @@
-"""The Classifier implementation on transformers + peft: the only daemon module that imports torch.
+"""The Classifier implementation on transformers + peft: where the daemon loads every local model version.
 
 A model version is a base model (named in manifest.json) plus a LoRA adapter whose saved
 ``modules_to_save`` carry the trained classification head, so the head has exactly the labels in

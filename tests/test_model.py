@@ -470,3 +470,16 @@ def test_an_adapter_from_another_mailtext_version_is_refused(tiny_model_dir: Pat
     modeldir.write_manifest(version, manifest)
     with pytest.raises(ModelError, match=r"mail text version '0'.*prepares mail text version .*Retrain with mailtriage-train"):
         load_classifier(version, device="cpu")
+
+
+def test_config_runtime_reaches_the_local_loader(tiny_model_dir: Path) -> None:
+    """[model] runtime/quantize travel from the config through backend.load, the daemon's one loader."""
+    from mailtriage.config import Config, ModelConfig
+    from mailtriage.model import backend
+    from mailtriage.model.onnxrt import OrtModel
+
+    cfg = Config(categories={label: f"Support/{label}" for label in TOY_LABELS}, model=ModelConfig(path=str(tiny_model_dir), device="cpu",
+                                                                 runtime="onnxruntime", quantize="int8"))
+    clf = backend.load(cfg)
+    assert isinstance(clf.model, OrtModel) and clf.model.quantize == "int8"
+    assert {p.label for p in clf.classify(TEXTS)} <= set(TOY_LABELS)

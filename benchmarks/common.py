@@ -62,6 +62,41 @@ def categories_config(path: Path, categories: dict[str, str]) -> Path:
     return path
 
 
+def train_demo(model_dir: Path, *, per_category: int, epochs: int, max_length: int, log_name: str) -> dict[str, Any]:
+    """Train ``model_dir`` on the demo history (``demo.corpus``, 15 categories, seed 7) with the real
+    ``mailtriage-train``; the command (temporary folder as $TMP), the process record, the manifest."""
+    import shutil
+    import tempfile
+
+    from demo.corpus import CATEGORIES, generate
+
+    work = Path(tempfile.mkdtemp(prefix="mt-bench-demo-"))
+    shutil.rmtree(model_dir, ignore_errors=True)
+    try:
+        generate(work / "corpus", per_category=per_category, inbox=0, seed=7)
+        config = categories_config(work / "config.toml", CATEGORIES)
+        argv = [bin_path("mailtriage-train"), "--config", str(config), "--data", str(work / "corpus" / "history"),
+                "--base", base_model(),
+                "--model-dir", str(model_dir), "--epochs", str(epochs), "--max-length", str(max_length),
+                "--holdout-fraction", "0.1", "--seed", "13", "--min-examples", "2", "--device", "cpu", "--force"]
+        load = loadavg()
+        tr = run_timed(argv, OUT / "logs" / f"{log_name}.log")
+        if tr["rc"] != 0:
+            raise SystemExit(f"mailtriage-train failed:\n{tail(REPO / tr['log'])}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    manifest = json.loads((model_dir / "current" / "manifest.json").read_text())
+    training = manifest.get("training", {})
+    return {
+        "command": " ".join(argv).replace(str(work), "$TMP"),
+        "process": tr,
+        "manifest": manifest,
+        "result": training.get("result", training),
+        "loadavg_before": load,
+        "loadavg_after": loadavg(),
+    }
+
+
 def bin_path(name: str) -> str:
     """A console script of this venv (``mailtriage``, ``mailtriage-train``), so rows name real commands."""
     here = Path(sys.executable).parent / name

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import OUT, REPO, base_model, bin_path, categories_config, loadavg, machine, md_table, rel, run_timed, tail, write_json
+from benchmarks.common import OUT, REPO, loadavg, machine, md_table, rel, run_timed, tail, train_demo, write_json
 
 TOKENS = 256
 # (runtime, quantize, threads)
@@ -44,38 +44,19 @@ VARIANTS = [("torch", "none", 2), ("torch", "int8", 2), ("onnxruntime", "none", 
 
 
 def train(epochs: int, quick: bool) -> dict[str, Any]:
-    from demo.corpus import CATEGORIES, generate
-
-    per_category = 8 if quick else 40
-    work = Path(tempfile.mkdtemp(prefix="mt-bench-cpu-"))
     model_dir = OUT / "models" / ("cpu-speed-quick" if quick else "cpu-speed")
-    shutil.rmtree(model_dir, ignore_errors=True)
-    try:
-        generate(work / "corpus", per_category=per_category, inbox=0, seed=7)
-        config = categories_config(work / "config.toml", CATEGORIES)
-        argv = [bin_path("mailtriage-train"), "--config", str(config), "--data", str(work / "corpus" / "history"),
-                "--base", base_model(),
-                "--model-dir", str(model_dir), "--epochs", str(epochs), "--max-length", str(TOKENS),
-                "--holdout-fraction", "0.1", "--seed", "13", "--min-examples", "2", "--device", "cpu", "--force"]
-        load = loadavg()
-        tr = run_timed(argv, OUT / "logs" / f"cpu-speed-train{'-quick' if quick else ''}.log")
-        if tr["rc"] != 0:
-            raise SystemExit(f"mailtriage-train failed:\n{tail(REPO / tr['log'])}")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    manifest = json.loads((model_dir / "current" / "manifest.json").read_text())
-    training = manifest.get("training", {})
-    result = training.get("result", training)
-    hist = result.get("history") or []
+    t = train_demo(model_dir, per_category=8 if quick else 40, epochs=epochs, max_length=TOKENS,
+                   log_name=f"cpu-speed-train{'-quick' if quick else ''}")
+    hist = t["result"].get("history") or []
     return {
-        "command": " ".join(argv).replace(str(work), "$TMP"),
-        "n_train": manifest["data"]["train"]["n"],
+        "command": t["command"],
+        "n_train": t["manifest"]["data"]["train"]["n"],
         "epochs": epochs,
         "epoch_seconds": [round(h["seconds"], 1) for h in hist],
-        "finetune_peak_rss_mb": result.get("peak_rss_mb"),
-        "process_peak_rss_mib": tr.get("peak_rss_mib"),
-        "loadavg_before": load,
-        "loadavg_after": loadavg(),
+        "finetune_peak_rss_mb": t["result"].get("peak_rss_mb"),
+        "process_peak_rss_mib": t["process"].get("peak_rss_mib"),
+        "loadavg_before": t["loadavg_before"],
+        "loadavg_after": t["loadavg_after"],
         "model_dir": rel(model_dir),
     }
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import tarfile
@@ -29,16 +28,14 @@ from benchmarks.common import (
     ENV,
     OUT,
     REPO,
-    base_model,
-    bin_path,
     busy_processes,
-    categories_config,
     loadavg,
     machine,
     md_table,
     rel,
     run_timed,
     tail,
+    train_demo,
     write_json,
 )
 
@@ -47,48 +44,30 @@ TOKENS = 256
 
 
 def train_part(quick: bool) -> dict[str, Any]:
-    from demo.corpus import CATEGORIES, generate
-
     # One epoch is enough to time a step; a full run is steps x epochs (the product default is 8 epochs).
     per_category, epochs, max_length = (8, 1, 128) if quick else (40, 1, TOKENS)
-    work = Path(tempfile.mkdtemp(prefix="mt-bench-speed-"))
     model_dir = OUT / "models" / ("speed-quick" if quick else "speed")
-    shutil.rmtree(model_dir, ignore_errors=True)
-    try:
-        generate(work / "corpus", per_category=per_category, inbox=0, seed=7)
-        config = categories_config(work / "config.toml", CATEGORIES)
-        argv = [bin_path("mailtriage-train"), "--config", str(config), "--data", str(work / "corpus" / "history"),
-                "--base", base_model(),
-                "--model-dir", str(model_dir), "--epochs", str(epochs), "--max-length", str(max_length),
-                "--holdout-fraction", "0.1", "--seed", "13", "--min-examples", "2", "--device", "cpu", "--force"]
-        load = loadavg()
-        tr = run_timed(argv, OUT / "logs" / f"speed-train{'-quick' if quick else ''}.log")
-        if tr["rc"] != 0:
-            raise SystemExit(f"mailtriage-train failed:\n{tail(REPO / tr['log'])}")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    manifest = json.loads((model_dir / "current" / "manifest.json").read_text())
-    training = manifest.get("training", {})
-    result = training.get("result", training)
+    t = train_demo(model_dir, per_category=per_category, epochs=epochs, max_length=max_length,
+                   log_name=f"speed-train{'-quick' if quick else ''}")
+    manifest, result = t["manifest"], t["result"]
     steps = result.get("steps") or 0
-    hist = result.get("history") or []
-    epoch_s = [h["seconds"] for h in hist]
+    epoch_s = [h["seconds"] for h in result.get("history") or []]
     return {
-        "command": " ".join(argv).replace(str(work), "$TMP"),
+        "command": t["command"],
         "data": f"demo.corpus.generate(per_category={per_category}, seed=7) history, 15 categories",
         "n_train": manifest["data"]["train"]["n"],
         "n_val": manifest["data"]["validation"]["n"],
         "epochs": epochs,
         "max_length": max_length,
         "batch_size": manifest.get("params", {}).get("batch_size", 16),
-        "process": tr,
+        "process": t["process"],
         "finetune_seconds": result.get("train_seconds"),
         "steps": steps,
         # Epoch seconds include the validation pass; per step = (epoch time) / steps per epoch.
         "seconds_per_step": (sum(epoch_s) / steps) if steps else None,
         "finetune_peak_rss_mb": result.get("peak_rss_mb"),
-        "loadavg_before": load,
-        "loadavg_after": loadavg(),
+        "loadavg_before": t["loadavg_before"],
+        "loadavg_after": t["loadavg_after"],
         "model_dir": rel(model_dir),
     }
 

@@ -410,6 +410,7 @@ def test_served_baseline_applies_the_manifest_baseline_temperature(
     raw = base.predict_proba(TEXTS)
     manifest = modeldir.read_manifest(version)
     manifest[ensemble.BASELINE_TEMPERATURE] = 0.25
+    manifest[ensemble.ENSEMBLE_TEMPERATURE] = 0.5  # the mix's own temperature; the baseline alone ignores it
     modeldir.write_manifest(version, manifest)
 
     clf = load_classifier(version, device="cpu", batch_size=4)
@@ -417,9 +418,17 @@ def test_served_baseline_applies_the_manifest_baseline_temperature(
     want = ensemble.temper(raw, 0.25)
     if serve == "ensemble":
         model_p = torch.softmax(clf.logits(TEXTS), dim=-1).numpy()
-        want = (model_p + want) / 2
+        assert not np.allclose(got, (model_p + want) / 2, atol=1e-3), "the ensemble temperature was not applied"
+        want = ensemble.temper((model_p + want) / 2, 0.5)
     assert not np.allclose(got, raw if serve == "baseline" else (model_p + raw) / 2, atol=1e-3)
     assert np.allclose(got, want, atol=1e-6)
+
+    if serve == "ensemble":
+        manifest[ensemble.ENSEMBLE_TEMPERATURE] = -1
+        modeldir.write_manifest(version, manifest)
+        with pytest.raises(ModelError, match="ensemble_temperature.*expected a number > 0"):
+            load_classifier(version, device="cpu")
+        manifest[ensemble.ENSEMBLE_TEMPERATURE] = 0.5
 
     manifest[ensemble.BASELINE_TEMPERATURE] = 0
     modeldir.write_manifest(version, manifest)

@@ -235,6 +235,10 @@ def test_auto_serves_the_best_of_three_and_never_below_the_baseline(
     assert cal["baseline"]["temperature"] == m["baseline_temperature"] > 0
     assert cal["baseline"]["fitted_on"] == cal["fitted_on"]
     assert cal["baseline"]["ece_after"] == pytest.approx(m["baseline_metrics"]["ece"])
+    # The ensemble's own temperature (the mix of two calibrated parts is under-confident), same slice.
+    assert cal["ensemble"]["temperature"] == m["ensemble_temperature"] > 0
+    assert cal["ensemble"]["fitted_on"] == cal["fitted_on"]
+    assert cal["ensemble"]["ece_after"] == pytest.approx(m["ensemble_metrics"]["ece"])
     target = m["target"]
     assert target["target_accuracy"] == 0.9 and target["n"] == m["metrics"]["n"]
     assert not target["reached"] or target["accuracy_on_covered"] >= 0.9

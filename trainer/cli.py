@@ -501,7 +501,7 @@ def _evaluate_all(
     The ensemble weight is chosen on the validation slice with a baseline fitted on the training
     slice only, so nothing about the holdout leaks into it.
     """
-    from mailtriage.model.ensemble import BASELINE_TEMPERATURE, temper
+    from mailtriage.model.ensemble import BASELINE_TEMPERATURE, ENSEMBLE_TEMPERATURE, temper
     from mailtriage.model.transformers import load_classifier
     from mailtriage_trainer.evaluate import (
         DEFAULT_THRESHOLDS, Baseline, choose_weight, ensemble_probs, expected_calibration_error,
@@ -535,7 +535,13 @@ def _evaluate_all(
     val_base_raw = val_baseline.predict_proba([e.text for e in val])
     base_temperature = (fit_temperature(np.log(np.clip(val_base_raw, 1e-12, 1.0)), y_val, labels)
                         if s.calibrate else 1.0)
-    weight = choose_weight(y_val, model_val_p, temper(val_base_raw, base_temperature), labels)
+    val_base_p = temper(val_base_raw, base_temperature)
+    weight = choose_weight(y_val, model_val_p, val_base_p, labels)
+    # The mix of two calibrated parts is under-confident where they disagree: a third temperature,
+    # fitted on the same validation mail (its log-probabilities are logits up to a constant per row).
+    val_mix = ensemble_probs(model_val_p, val_base_p, weight)
+    ens_temperature = (fit_temperature(np.log(np.clip(val_mix, 1e-12, 1.0)), y_val, labels)
+                       if s.calibrate else 1.0)
     baseline = Baseline(labels, seed=s.seed).fit([e.text for e in train_all], [e.label for e in train_all])
     base_raw = baseline.predict_proba(texts)
     base_p = temper(base_raw, base_temperature)
@@ -544,7 +550,13 @@ def _evaluate_all(
         "ece_before": expected_calibration_error(y, base_raw, labels),
         "ece_after": expected_calibration_error(y, base_p, labels),
     }
-    probs = {"model": model_p, "baseline": base_p, "ensemble": ensemble_probs(model_p, base_p, weight)}
+    probs = {"model": model_p, "baseline": base_p,
+             "ensemble": ensemble_probs(model_p, base_p, weight, ens_temperature)}
+    calibration["ensemble"] = {
+        "temperature": ens_temperature, "fitted_on": len(val),
+        "ece_before": expected_calibration_error(y, ensemble_probs(model_p, base_p, weight), labels),
+        "ece_after": expected_calibration_error(y, probs["ensemble"], labels),
+    }
     out: dict[str, Any] = {
         "model_metrics": score_probs(y, model_p, labels, thresholds),
         "baseline_metrics": score_probs(y, base_p, labels, thresholds),
@@ -552,10 +564,11 @@ def _evaluate_all(
         "ensemble_weight": weight,
         "temperature": temperature,
         BASELINE_TEMPERATURE: base_temperature,
+        ENSEMBLE_TEMPERATURE: ens_temperature,
         "calibration": calibration,
     }
     log.info("holdout_evaluated", holdout=len(holdout), ensemble_weight=weight, temperature=temperature,
-             baseline_temperature=base_temperature,
+             baseline_temperature=base_temperature, ensemble_temperature=ens_temperature,
              ece_before=round(calibration["ece_before"], 4), ece_after=round(calibration["ece_after"], 4),
              **{name: round(out[f"{name}_metrics"]["macro_f1"], 4) for name in ("model", "baseline", "ensemble")})
     return out, probs, baseline

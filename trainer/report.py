@@ -154,6 +154,12 @@ def render_markdown(manifest: dict[str, Any], confusion_png: bool = True) -> str
                     f"messages with a baseline that did not train on them): T = {bcal['temperature']:g}; ECE on "
                     f"held-out mail {bcal['ece_before']:.3f} before, {bcal['ece_after']:.3f} after. The baseline and "
                     "the ensemble are served with it.")
+            ecal = cal.get("ensemble")
+            if ecal:
+                add("")
+                add(f"The ensemble (the average of the two calibrated parts, under-confident where they disagree) "
+                    f"has a third temperature, fitted on the same validation messages: T = {ecal['temperature']:g}; "
+                    f"ECE on held-out mail {ecal['ece_before']:.3f} before, {ecal['ece_after']:.3f} after.")
             add("")
         target = m.get("target")
         if target:

@@ -202,6 +202,7 @@ class TransformersClassifier:
         baseline: Any = None,
         ensemble_weight: float = ensemble.DEFAULT_ENSEMBLE_WEIGHT,
         temperature: float = 1.0,
+        ensemble_temperature: float = 1.0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -219,6 +220,7 @@ class TransformersClassifier:
         # Logits are divided by this before the softmax (temperature scaling, fitted on validation
         # mail by the trainer): confidences then mean what they say, so thresholds do too.
         self.temperature = temperature
+        self.ensemble_temperature = ensemble_temperature
 
     def logits(self, texts: Sequence[str]) -> torch.Tensor:
         """Raw head outputs (n_texts x n_labels, fp32 on CPU), in input order."""
@@ -239,7 +241,7 @@ class TransformersClassifier:
         probs = torch.softmax(self.logits(texts) / self.temperature, dim=-1).numpy()
         if self.baseline is not None:
             probs = ensemble.ensemble_probs(probs, ensemble.baseline_probs(self.baseline, texts, self.labels),
-                                            self.ensemble_weight)
+                                            self.ensemble_weight, self.ensemble_temperature)
         predictions = []
         for row in probs.tolist():
             best = max(range(len(row)), key=row.__getitem__)
@@ -334,9 +336,12 @@ def load_classifier(
                          f"{list(ensemble.SERVE_CHOICES)}")
     weight = float(manifest.get("ensemble_weight", ensemble.DEFAULT_ENSEMBLE_WEIGHT))
     temperature = float(manifest.get("temperature", 1.0))
-    if not temperature > 0:
-        raise ModelError(f"manifest.json of {str(version_dir)!r} has \"temperature\": {temperature!r}; expected a "
-                         "number > 0 (1 leaves the model's confidences as trained)")
+    # Versions before the ensemble had its own temperature: 1, as they were served.
+    ensemble_temperature = float(manifest.get(ensemble.ENSEMBLE_TEMPERATURE, 1.0))
+    for key, value in (("temperature", temperature), (ensemble.ENSEMBLE_TEMPERATURE, ensemble_temperature)):
+        if not value > 0:
+            raise ModelError(f"manifest.json of {str(version_dir)!r} has \"{key}\": {value!r}; expected a "
+                             "number > 0 (1 leaves the confidences as trained)")
     # Before the model: a broken baseline fails in a second rather than after loading the weights.
     baseline = ensemble.load_baseline(version_dir, labels.labels) if serve != ensemble.SERVE_MODEL else None
     if serve == ensemble.SERVE_BASELINE:
@@ -393,6 +398,7 @@ def load_classifier(
         baseline=baseline,
         ensemble_weight=weight,
         temperature=temperature,
+        ensemble_temperature=ensemble_temperature,
     )
 
 

@@ -289,6 +289,7 @@ class TrainingConfig:
     refit_all: bool = False
     calibrate: bool = True
     target_accuracy: float = 0.0
+    truncation: str = "head"
 
     def __post_init__(self) -> None:
         if not isinstance(self.calibrate, bool):
@@ -309,12 +310,13 @@ class TrainingConfig:
         if not 0.05 <= self.holdout_fraction <= 0.5:
             raise ConfigError(f"training.holdout_fraction = {self.holdout_fraction!r}: allowed 0.05..0.5")
         _positive("training.min_examples_per_class", self.min_examples_per_class)
-        self.params()  # epochs, learning_rate, batch_size, lora_r, seed: TrainParams' one validator
+        self.params()  # epochs, learning_rate, batch_size, lora_r, seed, truncation: TrainParams' one validator
 
     def params(self, **overrides: Any) -> TrainParams:
         """The fine-tune's parameters from this table (``overrides``: the trainer's flags), validated."""
         wanted: dict[str, Any] = {"epochs": self.epochs, "learning_rate": self.learning_rate,
-                                  "batch_size": self.batch_size, "lora_r": self.lora_r, "seed": self.seed}
+                                  "batch_size": self.batch_size, "lora_r": self.lora_r, "seed": self.seed,
+                                  "truncation": self.truncation}
         wanted.update({k: v for k, v in overrides.items() if v is not None})
         return TrainParams(**wanted)
 

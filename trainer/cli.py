@@ -125,6 +125,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, metavar="R")
     p.add_argument("--patience", type=int, metavar="N", help="stop after N epochs without a better validation score")
     p.add_argument("--seed", type=int)
+    p.add_argument("--truncation", choices=["head", "head_tail"],
+                   help="what a message over --max-length tokens keeps (default: training.truncation)")
     p.add_argument("--holdout-fraction", type=float, metavar="F")
     p.add_argument("--min-examples", type=int, metavar="N", help="per class (default: training.min_examples_per_class)")
     p.add_argument("--serve", choices=["auto", "model", "baseline", "ensemble"],
@@ -320,7 +322,7 @@ def _settings(args: argparse.Namespace, cfg: Any) -> _Settings:
         params=tc.params(
             seed=args.seed, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
             lora_r=args.lora_r, max_length=pick(args.max_length, mc.max_length), device=pick(args.device, mc.device),
-            patience=args.patience,
+            patience=args.patience, truncation=getattr(args, "truncation", None),
         ),
         serve=pick(getattr(args, "serve", None), tc.serve),
         refit_all=pick(getattr(args, "refit_all", None), tc.refit_all),

@@ -183,9 +183,9 @@ def _setup(
     model.to(device)
 
     label2id = labels.label2id
-    train_ids = tokenize(tokenizer, [t for t, _ in train], params.max_length)
+    train_ids = tokenize(tokenizer, [t for t, _ in train], params.max_length, params.truncation)
     train_y = torch.tensor([label2id[y] for _, y in train])
-    val_ids = tokenize(tokenizer, [t for t, _ in val], params.max_length)
+    val_ids = tokenize(tokenizer, [t for t, _ in val], params.max_length, params.truncation)
     val_y = torch.tensor([label2id[y] for _, y in val])
 
     weight = _class_weights(train_y, len(labels.labels)) if params.class_weighting else None

@@ -33,6 +33,7 @@ class TrainParams:
     head_lr_scale: float = 10.0          # the fully trained modules (head) learn at learning_rate x this
     device: str = "auto"
     num_threads: int | None = None       # CPU threads for torch while training; None keeps torch's default
+    truncation: str = "head"             # a text over max_length keeps its "head", or "head_tail" (first quarter + end)
 
     def __post_init__(self) -> None:
         # The one validator: the [training] table, the trainer's flags and the benchmarks all get here.
@@ -52,5 +53,8 @@ class TrainParams:
         if self.weight_decay < 0 or self.max_grad_norm <= 0:
             raise ConfigError(f"training parameters weight_decay = {self.weight_decay!r} (>= 0) and "
                               f"max_grad_norm = {self.max_grad_norm!r} (> 0) are out of range")
+        if self.truncation not in ("head", "head_tail"):
+            raise ConfigError(f"training parameter truncation = {self.truncation!r}: expected \"head\" (the "
+                              "first max_length tokens) or \"head_tail\" (the first quarter and the end)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"training parameter num_threads = {self.num_threads!r}: must be >= 1 (or unset)")

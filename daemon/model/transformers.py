@@ -170,13 +170,51 @@ def default_modules_to_save(model: torch.nn.Module) -> list[str]:
     return ["pooler"] if any(name.rsplit(".", 1)[-1] == "pooler" for name, _ in model.named_modules()) else []
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids per text, truncated to ``max_length``; padding happens per batch (dynamic padding)."""
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+TRUNCATION_CHOICES = ("head", "head_tail")
+# head_tail keeps this share of the token budget from the start and the rest from the end: Sun et al.
+# 2019 ("How to Fine-Tune BERT for Text Classification?") found head 128 + tail 382 of 512 tokens
+# best on long documents (IMDb, Sogou), better than the head alone.
+HEAD_TAIL_HEAD_SHARE = 0.25
+
+
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int, truncation: str = "head"
+) -> list[list[int]]:
+    """Token ids per text, at most ``max_length``; padding happens per batch (dynamic padding).
+
+    ``truncation`` says what a longer text keeps: ``head`` its first tokens, ``head_tail`` its first
+    quarter and its last three quarters of the budget (the end of a mail often says what it wants).
+    Training and serving both tokenize here, with the value recorded in the version's manifest.
+    """
+    if truncation not in TRUNCATION_CHOICES:
+        raise ModelError(f"truncation = {truncation!r} is unknown; use one of {', '.join(TRUNCATION_CHOICES)}")
+    if truncation == "head":
+        rows = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)["input_ids"]
+    else:
+        # The special tokens around a text ([CLS] ... [SEP] on BERT, none on Qwen) stay; the text between is cut.
+        probe = tokenizer(["x"], add_special_tokens=False)["input_ids"][0]
+        framed = list(tokenizer(["x"])["input_ids"][0])
+        prefix = next(i for i in range(len(framed)) if framed[i:i + len(probe)] == list(probe))
+        suffix = len(framed) - prefix - len(probe)
+        budget = max(max_length - prefix - suffix, 1)
+        with quiet_transformers():  # "sequence longer than the model's maximum": it is cut below
+            full = tokenizer(list(texts), truncation=False, padding=False)["input_ids"]
+        rows = [ids if len(ids) <= max_length else
+                ids[:prefix] + head_tail(ids[prefix:len(ids) - suffix], budget) + ids[len(ids) - suffix:]
+                for ids in map(list, full)]
     # Decoder tokenizers add no special tokens, so an empty text would be an empty row, which the
     # model cannot take; one EOS (or pad) token gives it a defined, if uninformative, input.
     filler = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id]
-    return [list(ids) or filler for ids in encoded["input_ids"]]
+    return [list(ids) or filler for ids in rows]
+
+
+def head_tail(ids: list[int], budget: int) -> list[int]:
+    """``ids`` if they fit in ``budget``, else the first ``HEAD_TAIL_HEAD_SHARE`` of it and the last rest."""
+    if len(ids) <= budget:
+        return ids
+    head = round(budget * HEAD_TAIL_HEAD_SHARE)
+    tail = budget - head
+    return ids[:head] + (ids[-tail:] if tail else [])
 
 
 def collate(tokenizer: PreTrainedTokenizerBase, rows: Sequence[list[int]], device: str) -> dict[str, torch.Tensor]:
@@ -203,6 +241,7 @@ class TransformersClassifier:
         ensemble_weight: float = ensemble.DEFAULT_ENSEMBLE_WEIGHT,
         temperature: float = 1.0,
         ensemble_temperature: float = 1.0,
+        truncation: str = "head",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -221,10 +260,12 @@ class TransformersClassifier:
         # mail by the trainer): confidences then mean what they say, so thresholds do too.
         self.temperature = temperature
         self.ensemble_temperature = ensemble_temperature
+        # How a text longer than max_length is cut: as the version was trained (manifest).
+        self.truncation = truncation
 
     def logits(self, texts: Sequence[str]) -> torch.Tensor:
         """Raw head outputs (n_texts x n_labels, fp32 on CPU), in input order."""
-        ids = tokenize(self.tokenizer, texts, self.max_length)
+        ids = tokenize(self.tokenizer, texts, self.max_length, self.truncation)
         # Batching texts of similar length wastes less compute on padding; the order is restored below.
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = torch.empty((len(ids), len(self.labels)), dtype=torch.float32)
@@ -342,6 +383,7 @@ def load_classifier(
         if not value > 0:
             raise ModelError(f"manifest.json of {str(version_dir)!r} has \"{key}\": {value!r}; expected a "
                              "number > 0 (1 leaves the confidences as trained)")
+    truncation = trained_truncation(manifest, version_dir)
     # Before the model: a broken baseline fails in a second rather than after loading the weights.
     baseline = ensemble.load_baseline(version_dir, labels.labels) if serve != ensemble.SERVE_MODEL else None
     if serve == ensemble.SERVE_BASELINE:
@@ -399,7 +441,20 @@ def load_classifier(
         ensemble_weight=weight,
         temperature=temperature,
         ensemble_temperature=ensemble_temperature,
+        truncation=truncation,
     )
+
+
+def trained_truncation(manifest: dict[str, Any], version_dir: Path) -> str:
+    """The truncation the version was trained with (``params.truncation`` in a mailtriage-train
+    manifest, ``training.params.truncation`` in a bare ``finetune`` one), so serving cuts long mail the
+    same way; versions from before the option cut the head."""
+    params = manifest.get("params") or manifest.get("training", {}).get("params") or {}
+    truncation = params.get("truncation", "head")
+    if truncation not in TRUNCATION_CHOICES:
+        raise ModelError(f"manifest.json of {str(version_dir)!r} has params.truncation = {truncation!r}; "
+                         f"this mailtriage knows {list(TRUNCATION_CHOICES)}: run the release that trained it, or retrain")
+    return str(truncation)
 
 
 def _adapter_base(version_dir: Path) -> str:

@@ -1,0 +1,203 @@
+"""Recipe tries on a dev split of the TRAINING data: which fine-tune options earn their place.
+
+Issue 9 item 2: each try (a set of ``TrainParams`` changes) is trained with the product's
+``finetune`` and loaded with the product's ``load_classifier``, like ``mailtriage-train`` does, then
+scored on a dev set carved out of the training pool, next to the TF-IDF baseline and the ensemble
+(temperatures and ensemble weight fitted on the validation slice, as the trainer fits them). The
+test sets of ``benchmarks.accuracy`` are never read:
+
+- ``20news``: per newsgroup, the older 80% by article number (the pool ``benchmarks.accuracy``
+  draws its training mail from); a seeded sample of ``--train-per-class`` + ``--dev-per-class``
+  of it, split into training mail and dev mail.
+- ``banking77-10shot``: the same 10 queries per intent as ``benchmarks.accuracy`` (same seed and
+  sampler), dev = ``--dev-per-class`` other queries per intent of train.csv.
+
+    .venv/bin/python -m benchmarks.recipe --dataset 20news --try head_tail --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import random
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.accuracy import BANKING_TRAIN, NEWS_TAR, PLANS, SEED, _per_class_sample, _write_csv
+from benchmarks.common import OUT, base_model, busy_processes, loadavg, machine, rel, write_json
+
+# Each try changes these TrainParams fields over the data set's plan (benchmarks.accuracy.PLANS).
+TRIES: dict[str, dict[str, Any]] = {
+    "control": {},
+    "head_tail": {"truncation": "head_tail"},
+    # Full fine-tune through peft: the whole encoder and the pooler are trained as modules_to_save
+    # (saved with the adapter, so serving is unchanged); LoRA only on the word embeddings, at the
+    # base rate, to give peft a target. Encoder, pooler and head learn at learning_rate x head_lr_scale.
+    "full": {"target_modules": ["word_embeddings"], "modules_to_save": ["encoder", "pooler"],
+             "learning_rate": 2e-5, "head_lr_scale": 5.0},
+    "long": {"epochs": 12, "patience": 3},
+}
+DEFAULT_SIZES = {"20news": (20, 15), "banking77-10shot": (10, 20)}
+
+
+def prep_20news_dev(n_train: int, n_dev: int, work: Path) -> tuple[Path, Path]:
+    """Train and dev trees drawn from the older 80% of each newsgroup (never its newest 20%, the test set)."""
+    by_group: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    with tarfile.open(NEWS_TAR, "r:gz") as tf:
+        for m in tf.getmembers():
+            parts = Path(m.name).parts
+            if m.isfile() and len(parts) == 3 and parts[2].isdigit():
+                by_group[parts[1]].append((int(parts[2]), m.name))
+    rng = random.Random(SEED)
+    dest: dict[str, Path] = {}
+    for group, items in sorted(by_group.items()):
+        items.sort()
+        cut = len(items) - round(0.2 * len(items))  # the same cut as benchmarks.accuracy.prep_20news
+        older = [name for _, name in items[:cut]]
+        pick = rng.sample(older, min(n_train + n_dev, len(older)))
+        for i, name in enumerate(pick):
+            dest[name] = work / ("train" if i < n_train else "dev") / group / Path(name).name
+    with tarfile.open(NEWS_TAR, "r:gz") as tf:
+        for m in tf:
+            target = dest.get(m.name)
+            if target is not None:
+                fh = tf.extractfile(m)
+                assert fh is not None
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(fh.read())
+    return work / "train", work / "dev"
+
+
+def prep_banking_dev(n_train: int, n_dev: int, work: Path) -> tuple[Path, Path]:
+    rows = list(csv.DictReader(BANKING_TRAIN.open(encoding="utf-8")))
+    train = _per_class_sample(rows, "category", n_train, random.Random(SEED))  # = benchmarks.accuracy's sample
+    taken = {id(r) for r in train}
+    rest = [r for r in rows if id(r) not in taken]
+    dev = _per_class_sample(rest, "category", n_dev, random.Random(SEED + 1))
+    _write_csv(work / "train.csv", train, ["text", "category"])
+    _write_csv(work / "dev.csv", dev, ["text", "category"])
+    return work / "train.csv", work / "dev.csv"
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def run_try(name: str, try_name: str, n_train: int, n_dev: int, epochs: int | None) -> dict[str, Any]:
+    import numpy as np
+
+    from mailtriage.core.labels import LabelSet
+    from mailtriage.core.training import TrainParams
+    from mailtriage.model.ensemble import ensemble_probs, temper
+    from mailtriage.model.transformers import load_classifier
+    from mailtriage_trainer import dataset, sources
+    from mailtriage_trainer.cli import VALIDATION_FRACTION
+    from mailtriage_trainer.evaluate import Baseline, choose_weight, fit_temperature, score_probs, softmax
+    from mailtriage_trainer.finetune import finetune
+
+    plan = PLANS[name]
+    overrides = dict(TRIES[try_name])
+    if epochs:
+        overrides["epochs"] = epochs
+    params = TrainParams(**{"epochs": plan.epochs, "max_length": plan.max_length, "seed": SEED, "device": "cpu",
+                            "num_threads": torch_threads(), **overrides})
+    work = Path(tempfile.mkdtemp(prefix=f"mt-recipe-{name}-"))
+    out_dir = OUT / "models" / f"recipe-{name}-{try_name}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    try:
+        train_src, dev_src = (prep_20news_dev if name == "20news" else prep_banking_dev)(n_train, n_dev, work)
+        pool, _ = dataset.dedupe(sources.load_source(train_src, progress=False))
+        dev, _ = dataset.dedupe(sources.load_source(dev_src, progress=False))
+        pool_hashes = {dataset.content_hash(e.text) for e in pool}
+        dev = [e for e in dev if dataset.content_hash(e.text) not in pool_hashes]
+        labels = sources.labels_of(pool)
+        train, val = dataset.split(pool, VALIDATION_FRACTION, SEED, name="validation")
+        load_before = loadavg()
+        started = time.monotonic()
+        result = finetune(base_model(), [(e.text, e.label) for e in train], [(e.text, e.label) for e in val],
+                          LabelSet(tuple(labels)), out_dir, params, progress=False)
+        train_s = time.monotonic() - started
+        load_after_train = loadavg()
+        clf = load_classifier(out_dir, device="cpu", batch_size=16, max_length=params.max_length,
+                              expected_labels=labels)
+        assert clf.truncation == params.truncation  # serving cuts long mail as training did
+        val_logits = clf.logits([e.text for e in val]).numpy()
+        dev_logits = clf.logits([e.text for e in dev]).numpy()
+        del clf
+        # As the trainer's _evaluate_all: temperatures and ensemble weight from the validation slice.
+        y_val, y_dev = [e.label for e in val], [e.label for e in dev]
+        temperature = fit_temperature(val_logits, y_val, labels)
+        val_base = Baseline(labels, seed=SEED).fit([e.text for e in train], [e.label for e in train])
+        val_base_raw = val_base.predict_proba([e.text for e in val])
+        base_t = fit_temperature(np.log(np.clip(val_base_raw, 1e-12, 1.0)), y_val, labels)
+        weight = choose_weight(y_val, softmax(val_logits, temperature), temper(val_base_raw, base_t), labels)
+        base = Baseline(labels, seed=SEED).fit([e.text for e in pool], [e.label for e in pool])
+        model_p = softmax(dev_logits, temperature)
+        base_p = temper(base.predict_proba([e.text for e in dev]), base_t)
+
+        def short(p: Any) -> dict[str, Any]:
+            m = score_probs(y_dev, p, labels)
+            return {k: m[k] for k in ("n", "accuracy", "macro_f1", "ece")}
+
+        return {
+            "dataset": name, "try": try_name, "overrides": overrides, "params": dataclasses.asdict(params),
+            "n_train": len(train), "n_val": len(val), "n_dev": len(dev), "classes": len(labels),
+            "per_class": {"train_pool": n_train, "dev": n_dev},
+            "dev": {"model": short(model_p), "baseline": short(base_p),
+                    "ensemble": short(ensemble_probs(model_p, base_p, weight))},
+            "ensemble_weight": weight, "temperature": temperature,
+            "finetune": {k: v for k, v in dataclasses.asdict(result).items() if k != "history"},
+            "history": result.history,
+            "train_seconds": round(train_s, 1),
+            "loadavg_before_train": load_before, "loadavg_after_train": load_after_train,
+            "loadavg_after": loadavg(),
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.recipe", description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", required=True, choices=sorted(DEFAULT_SIZES))
+    ap.add_argument("--try", dest="tries", action="append", required=True, choices=sorted(TRIES))
+    ap.add_argument("--train-per-class", type=int, help="training pool per class (default 20news 20, BANKING77 10)")
+    ap.add_argument("--dev-per-class", type=int, help="dev mail per class (default 20news 15, BANKING77 20)")
+    ap.add_argument("--epochs", type=int, help="override the plan's (and the try's) epochs")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared 2-core box)")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    n_train, n_dev = DEFAULT_SIZES[args.dataset]
+    n_train, n_dev = args.train_per_class or n_train, args.dev_per_class or n_dev
+    for try_name in args.tries:
+        started = time.monotonic()
+        r = run_try(args.dataset, try_name, n_train, n_dev, args.epochs)
+        r["wall_s"] = round(time.monotonic() - started, 1)
+        r["machine"] = {**machine(), "threads": args.threads, "busy_at_start": busy_processes()}
+        r["command"] = (f".venv/bin/python -m benchmarks.recipe --dataset {args.dataset} --try {try_name}"
+                        + (f" --train-per-class {args.train_per_class}" if args.train_per_class else "")
+                        + (f" --dev-per-class {args.dev_per_class}" if args.dev_per_class else "")
+                        + (f" --epochs {args.epochs}" if args.epochs else "") + f" --threads {args.threads}")
+        path = write_json(f"recipe-{args.dataset}-{try_name}" + (f"-ep{args.epochs}" if args.epochs else ""), r)
+        d = r["dev"]
+        print(f"{args.dataset} {try_name}: dev n={r['n_dev']} model {d['model']['accuracy']:.1%} / "
+              f"{d['model']['macro_f1']:.3f}, TF-IDF {d['baseline']['accuracy']:.1%}, ensemble "
+              f"{d['ensemble']['accuracy']:.1%}; best epoch {r['finetune']['best_epoch']} of {r['params']['epochs']}, "
+              f"{r['train_seconds']:.0f} s train, load {r['loadavg_before_train']} -> {r['loadavg_after']}; "
+              f"{rel(path)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

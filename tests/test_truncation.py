@@ -111,3 +111,18 @@ def test_a_version_trained_with_head_tail_serves_with_head_tail(tiny_encoder_bas
             assert torch.allclose(clf.model(input_ids=torch.tensor([ids])).logits[0], logits, atol=1e-5)
         head_ids = tokenize(clf.tokenizer, [LONG], 32, "head")[0]
         assert not torch.allclose(clf.model(input_ids=torch.tensor([head_ids])).logits[0], served[0], atol=1e-5)
+
+
+@pytest.mark.pure
+def test_the_trainer_flag_and_the_config_key_reach_the_params(tmp_path: Path) -> None:
+    from mailtriage.config import load_config
+    from mailtriage_trainer.cli import _settings, build_train_parser
+
+    parse = build_train_parser().parse_args
+    assert _settings(parse(["--data", "x"]), None).params.truncation == "head"
+    assert _settings(parse(["--data", "x", "--truncation", "head_tail"]), None).params.truncation == "head_tail"
+    config = tmp_path / "c.toml"
+    config.write_text('[categories]\nbilling = "Support/Billing"\nlogin = "Support/Login"\n\n[training]\ntruncation = "head_tail"\n')
+    cfg = load_config(config)
+    assert _settings(parse(["--data", "x"]), cfg).params.truncation == "head_tail"
+    assert _settings(parse(["--data", "x", "--truncation", "head"]), cfg).params.truncation == "head"

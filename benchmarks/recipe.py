@@ -43,7 +43,11 @@ TRIES: dict[str, dict[str, Any]] = {
     # base rate, to give peft a target. Encoder, pooler and head learn at learning_rate x head_lr_scale.
     "full": {"target_modules": ["word_embeddings"], "modules_to_save": ["encoder", "pooler"],
              "learning_rate": 2e-5, "head_lr_scale": 5.0},
-    "long": {"epochs": 12, "patience": 3},
+    # The same at 3x the rate (encoder, pooler and head at 3e-4): "full" left the fresh head underfit.
+    "full_hi": {"target_modules": ["word_embeddings"], "modules_to_save": ["encoder", "pooler"],
+                "learning_rate": 6e-5, "head_lr_scale": 5.0},
+    # More epochs, more patience: twice the plan's epochs, early stopping after 3 stale epochs (not 2).
+    "long": {"epochs": "2x", "patience": 3},
 }
 DEFAULT_SIZES = {"20news": (20, 15), "banking77-10shot": (10, 20)}
 
@@ -107,6 +111,8 @@ def run_try(name: str, try_name: str, n_train: int, n_dev: int, epochs: int | No
 
     plan = PLANS[name]
     overrides = dict(TRIES[try_name])
+    if overrides.get("epochs") == "2x":
+        overrides["epochs"] = 2 * plan.epochs
     if epochs:
         overrides["epochs"] = epochs
     params = TrainParams(**{"epochs": plan.epochs, "max_length": plan.max_length, "seed": SEED, "device": "cpu",
@@ -156,6 +162,9 @@ def run_try(name: str, try_name: str, n_train: int, n_dev: int, epochs: int | No
             "dev": {"model": short(model_p), "baseline": short(base_p),
                     "ensemble": short(ensemble_probs(model_p, base_p, weight))},
             "ensemble_weight": weight, "temperature": temperature,
+            # Per dev text (same order in every try of a data set): for paired comparisons between tries.
+            "dev_predictions": {"truth": y_dev, "model": [labels[i] for i in model_p.argmax(1)],
+                                "ensemble": [labels[i] for i in ensemble_probs(model_p, base_p, weight).argmax(1)]},
             "finetune": {k: v for k, v in dataclasses.asdict(result).items() if k != "history"},
             "history": result.history,
             "train_seconds": round(train_s, 1),

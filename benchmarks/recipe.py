@@ -13,6 +13,7 @@ test sets of ``benchmarks.accuracy`` are never read:
   sampler), dev = ``--dev-per-class`` other queries per intent of train.csv.
 
     .venv/bin/python -m benchmarks.recipe --dataset 20news --try head_tail --threads 1
+    .venv/bin/python -m benchmarks.recipe --dataset 20news --compare --try control --try head_tail
 """
 
 from __future__ import annotations
@@ -175,10 +176,48 @@ def run_try(name: str, try_name: str, n_train: int, n_dev: int, epochs: int | No
         shutil.rmtree(work, ignore_errors=True)
 
 
+def compare(name: str, tries: Sequence[str], n_train: int, n_dev: int) -> None:
+    """Paired counts of the first try against each other one on the same dev texts (McNemar's b and c):
+    predictions from the try's JSON, or (JSONs without them) its saved version re-scored here."""
+    import json
+
+    from mailtriage.model.transformers import load_classifier
+    from mailtriage_trainer import dataset, sources
+
+    work = Path(tempfile.mkdtemp(prefix=f"mt-recipe-{name}-"))
+    try:
+        train_src, dev_src = (prep_20news_dev if name == "20news" else prep_banking_dev)(n_train, n_dev, work)
+        pool, _ = dataset.dedupe(sources.load_source(train_src, progress=False))
+        dev, _ = dataset.dedupe(sources.load_source(dev_src, progress=False))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    pool_hashes = {dataset.content_hash(e.text) for e in pool}
+    dev = [e for e in dev if dataset.content_hash(e.text) not in pool_hashes]
+    truth = [e.label for e in dev]
+    preds: dict[str, list[str]] = {}
+    for t in tries:
+        saved = json.loads((OUT / f"recipe-{name}-{t}.json").read_text())
+        if "dev_predictions" in saved:
+            assert saved["dev_predictions"]["truth"] == truth, "dev set differs from the one this try was scored on"
+            preds[t] = saved["dev_predictions"]["model"]
+        else:
+            clf = load_classifier(OUT / "models" / f"recipe-{name}-{t}", device="cpu",
+                                  max_length=PLANS[name].max_length)
+            preds[t] = [clf.labels[i] for i in clf.logits([e.text for e in dev]).argmax(1).tolist()]
+        print(f"{t}: model accuracy {sum(p == y for p, y in zip(preds[t], truth)) / len(truth):.1%}", flush=True)
+    first = tries[0]
+    for t in tries[1:]:
+        b = sum(p == y != q for p, q, y in zip(preds[first], preds[t], truth))
+        c = sum(q == y != p for p, q, y in zip(preds[first], preds[t], truth))
+        print(f"{first} right / {t} wrong: {b}; {t} right / {first} wrong: {c}", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.recipe", description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", required=True, choices=sorted(DEFAULT_SIZES))
     ap.add_argument("--try", dest="tries", action="append", required=True, choices=sorted(TRIES))
+    ap.add_argument("--compare", action="store_true",
+                    help="train nothing: paired counts of the first --try against the others (from their JSONs)")
     ap.add_argument("--train-per-class", type=int, help="training pool per class (default 20news 20, BANKING77 10)")
     ap.add_argument("--dev-per-class", type=int, help="dev mail per class (default 20news 15, BANKING77 20)")
     ap.add_argument("--epochs", type=int, help="override the plan's (and the try's) epochs")
@@ -189,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     n_train, n_dev = DEFAULT_SIZES[args.dataset]
     n_train, n_dev = args.train_per_class or n_train, args.dev_per_class or n_dev
+    if args.compare:
+        compare(args.dataset, args.tries, n_train, n_dev)
+        return 0
     for try_name in args.tries:
         started = time.monotonic()
         r = run_try(args.dataset, try_name, n_train, n_dev, args.epochs)

@@ -98,7 +98,8 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def run_try(name: str, try_name: str, n_train: int, n_dev: int, epochs: int | None) -> dict[str, Any]:
+def run_try(name: str, try_name: str, n_train: int, n_dev: int, epochs: int | None,
+            seed: int = SEED) -> dict[str, Any]:
     import numpy as np
 
     from mailtriage.core.labels import LabelSet
@@ -116,10 +117,10 @@ def run_try(name: str, try_name: str, n_train: int, n_dev: int, epochs: int | No
         overrides["epochs"] = 2 * plan.epochs
     if epochs:
         overrides["epochs"] = epochs
-    params = TrainParams(**{"epochs": plan.epochs, "max_length": plan.max_length, "seed": SEED, "device": "cpu",
+    params = TrainParams(**{"epochs": plan.epochs, "max_length": plan.max_length, "seed": seed, "device": "cpu",
                             "num_threads": torch_threads(), **overrides})
     work = Path(tempfile.mkdtemp(prefix=f"mt-recipe-{name}-"))
-    out_dir = OUT / "models" / f"recipe-{name}-{try_name}"
+    out_dir = OUT / "models" / (f"recipe-{name}-{try_name}" + (f"-seed{seed}" if seed != SEED else ""))
     shutil.rmtree(out_dir, ignore_errors=True)
     try:
         train_src, dev_src = (prep_20news_dev if name == "20news" else prep_banking_dev)(n_train, n_dev, work)
@@ -176,7 +177,7 @@ def run_try(name: str, try_name: str, n_train: int, n_dev: int, epochs: int | No
         shutil.rmtree(work, ignore_errors=True)
 
 
-def compare(name: str, tries: Sequence[str], n_train: int, n_dev: int) -> None:
+def compare(name: str, tries: Sequence[str], n_train: int, n_dev: int, suffix: str = "") -> None:
     """Paired counts of the first try against each other one on the same dev texts (McNemar's b and c):
     predictions from the try's JSON, or (JSONs without them) its saved version re-scored here."""
     import json
@@ -196,12 +197,12 @@ def compare(name: str, tries: Sequence[str], n_train: int, n_dev: int) -> None:
     truth = [e.label for e in dev]
     preds: dict[str, list[str]] = {}
     for t in tries:
-        saved = json.loads((OUT / f"recipe-{name}-{t}.json").read_text())
+        saved = json.loads((OUT / f"recipe-{name}-{t}{suffix}.json").read_text())
         if "dev_predictions" in saved:
             assert saved["dev_predictions"]["truth"] == truth, "dev set differs from the one this try was scored on"
             preds[t] = saved["dev_predictions"]["model"]
         else:
-            clf = load_classifier(OUT / "models" / f"recipe-{name}-{t}", device="cpu",
+            clf = load_classifier(OUT / "models" / f"recipe-{name}-{t}{suffix}", device="cpu",
                                   max_length=PLANS[name].max_length)
             preds[t] = [clf.labels[i] for i in clf.logits([e.text for e in dev]).argmax(1).tolist()]
         print(f"{t}: model accuracy {sum(p == y for p, y in zip(preds[t], truth)) / len(truth):.1%}", flush=True)
@@ -221,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--train-per-class", type=int, help="training pool per class (default 20news 20, BANKING77 10)")
     ap.add_argument("--dev-per-class", type=int, help="dev mail per class (default 20news 15, BANKING77 20)")
     ap.add_argument("--epochs", type=int, help="override the plan's (and the try's) epochs")
+    ap.add_argument("--seed", type=int, default=SEED,
+                    help="the fine-tune's seed (init, batch order); the data, its split and the dev set stay as they are")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared 2-core box)")
     args = ap.parse_args(argv)
     import torch
@@ -229,18 +232,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_train, n_dev = DEFAULT_SIZES[args.dataset]
     n_train, n_dev = args.train_per_class or n_train, args.dev_per_class or n_dev
     if args.compare:
-        compare(args.dataset, args.tries, n_train, n_dev)
+        compare(args.dataset, args.tries, n_train, n_dev, f"-seed{args.seed}" if args.seed != SEED else "")
         return 0
     for try_name in args.tries:
         started = time.monotonic()
-        r = run_try(args.dataset, try_name, n_train, n_dev, args.epochs)
+        r = run_try(args.dataset, try_name, n_train, n_dev, args.epochs, args.seed)
         r["wall_s"] = round(time.monotonic() - started, 1)
         r["machine"] = {**machine(), "threads": args.threads, "busy_at_start": busy_processes()}
         r["command"] = (f".venv/bin/python -m benchmarks.recipe --dataset {args.dataset} --try {try_name}"
                         + (f" --train-per-class {args.train_per_class}" if args.train_per_class else "")
                         + (f" --dev-per-class {args.dev_per_class}" if args.dev_per_class else "")
-                        + (f" --epochs {args.epochs}" if args.epochs else "") + f" --threads {args.threads}")
-        path = write_json(f"recipe-{args.dataset}-{try_name}" + (f"-ep{args.epochs}" if args.epochs else ""), r)
+                        + (f" --epochs {args.epochs}" if args.epochs else "")
+                        + (f" --seed {args.seed}" if args.seed != SEED else "") + f" --threads {args.threads}")
+        path = write_json(f"recipe-{args.dataset}-{try_name}" + (f"-ep{args.epochs}" if args.epochs else "")
+                          + (f"-seed{args.seed}" if args.seed != SEED else ""), r)
         d = r["dev"]
         print(f"{args.dataset} {try_name}: dev n={r['n_dev']} model {d['model']['accuracy']:.1%} / "
               f"{d['model']['macro_f1']:.3f}, TF-IDF {d['baseline']['accuracy']:.1%}, ensemble "

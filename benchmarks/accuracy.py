@@ -114,40 +114,56 @@ DEMO_INBOX_QUICK = 60
 # ---- data preparation: each returns (train SOURCE, test SOURCE or None, notes) ----------------------
 
 
+def news_groups() -> tuple[dict[str, list[str]], int]:
+    """Member names of the 20 Newsgroups archive per newsgroup, oldest first (article numbers grow
+    with time; the archive has no Date headers), and how many files the archive holds."""
+    by_group: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    files = 0
+    with tarfile.open(NEWS_TAR, "r:gz") as tf:
+        for m in tf.getmembers():
+            if not m.isfile():
+                continue
+            files += 1
+            parts = Path(m.name).parts
+            if len(parts) == 3 and parts[2].isdigit():
+                by_group[parts[1]].append((int(parts[2]), m.name))
+    return {group: [name for _, name in sorted(items)] for group, items in sorted(by_group.items())}, files
+
+
+def news_older(names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(older 80%, newest 20%) of one newsgroup's names: the newest 20% is the test set."""
+    cut = len(names) - round(0.2 * len(names))
+    return list(names[:cut]), list(names[cut:])
+
+
+def extract_news(dest: dict[str, Path]) -> None:
+    """Write the archive members named in ``dest`` to their paths. One forward pass in archive
+    order: random access into a .tar.gz re-decompresses from the start."""
+    with tarfile.open(NEWS_TAR, "r:gz") as tf:
+        for m in tf:
+            target = dest.get(m.name)
+            if target is not None:
+                fh = tf.extractfile(m)
+                assert fh is not None
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(fh.read())
+
+
 def prep_20news(plan: Plan, work: Path) -> tuple[Path, Path | None, dict[str, Any]]:
-    by_group: dict[str, list[tuple[int, tarfile.TarInfo]]] = defaultdict(list)
-    tf = tarfile.open(NEWS_TAR, "r:gz")
-    members = [m for m in tf.getmembers() if m.isfile()]
-    for m in members:
-        parts = Path(m.name).parts
-        if len(parts) == 3 and parts[2].isdigit():
-            by_group[parts[1]].append((int(parts[2]), m))
+    by_group, n_files = news_groups()
     rng = random.Random(SEED)
-    train_pick: dict[str, list[tarfile.TarInfo]] = {}
-    test_pick: dict[str, list[tarfile.TarInfo]] = {}
-    for group, items in sorted(by_group.items()):
-        items.sort(key=lambda t: t[0])
-        cut = len(items) - round(0.2 * len(items))
-        older, newest = [m for _, m in items[:cut]], [m for _, m in items[cut:]]
-        train_pick[group] = older if plan.train_per_class is None else rng.sample(older, min(plan.train_per_class, len(older)))
-        test_pick[group] = newest if plan.test_per_class is None else newest[-plan.test_per_class:]
-    # One forward pass in archive order: random access into a .tar.gz re-decompresses from the start.
-    dest = {m.name: work / split / group / Path(m.name).name
-            for split, pick in (("train", train_pick), ("test", test_pick)) for group, ms in pick.items() for m in ms}
-    tf.close()
-    tf = tarfile.open(NEWS_TAR, "r:gz")
-    for m in tf:
-        target = dest.get(m.name)
-        if target is not None:
-            fh = tf.extractfile(m)
-            assert fh is not None
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(fh.read())
-    tf.close()
+    dest: dict[str, Path] = {}
+    for group, names in by_group.items():
+        older, newest = news_older(names)
+        train = older if plan.train_per_class is None else rng.sample(older, min(plan.train_per_class, len(older)))
+        test = newest if plan.test_per_class is None else newest[-plan.test_per_class:]
+        for split, picked in (("train", train), ("test", test)):
+            dest.update({name: work / split / group / Path(name).name for name in picked})
+    extract_news(dest)
     return work / "train", work / "test", {
         "split": "per newsgroup: newest 20% by article number = test; training mail sampled from the older 80%",
         "groups": len(by_group),
-        "archive_messages": len(members),
+        "archive_messages": n_files,
     }
 
 

@@ -24,15 +24,13 @@ import dataclasses
 import random
 import shutil
 import sys
-import tarfile
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.accuracy import BANKING_TRAIN, NEWS_TAR, PLANS, SEED, _per_class_sample, _write_csv
+from benchmarks.accuracy import BANKING_TRAIN, PLANS, SEED, _per_class_sample, _write_csv, extract_news, news_groups, news_older
 from benchmarks.common import OUT, base_model, busy_processes, loadavg, machine, rel, write_json
 
 # Each try changes these TrainParams fields over the data set's plan (benchmarks.accuracy.PLANS).
@@ -55,29 +53,15 @@ DEFAULT_SIZES = {"20news": (20, 15), "banking77-10shot": (10, 20)}
 
 def prep_20news_dev(n_train: int, n_dev: int, work: Path) -> tuple[Path, Path]:
     """Train and dev trees drawn from the older 80% of each newsgroup (never its newest 20%, the test set)."""
-    by_group: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    with tarfile.open(NEWS_TAR, "r:gz") as tf:
-        for m in tf.getmembers():
-            parts = Path(m.name).parts
-            if m.isfile() and len(parts) == 3 and parts[2].isdigit():
-                by_group[parts[1]].append((int(parts[2]), m.name))
+    by_group, _ = news_groups()
     rng = random.Random(SEED)
     dest: dict[str, Path] = {}
-    for group, items in sorted(by_group.items()):
-        items.sort()
-        cut = len(items) - round(0.2 * len(items))  # the same cut as benchmarks.accuracy.prep_20news
-        older = [name for _, name in items[:cut]]
+    for group, names in by_group.items():
+        older, _newest = news_older(names)  # the same cut as benchmarks.accuracy.prep_20news
         pick = rng.sample(older, min(n_train + n_dev, len(older)))
         for i, name in enumerate(pick):
             dest[name] = work / ("train" if i < n_train else "dev") / group / Path(name).name
-    with tarfile.open(NEWS_TAR, "r:gz") as tf:
-        for m in tf:
-            target = dest.get(m.name)
-            if target is not None:
-                fh = tf.extractfile(m)
-                assert fh is not None
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(fh.read())
+    extract_news(dest)
     return work / "train", work / "dev"
 
 

@@ -327,6 +327,10 @@ def test_decoder_family(tiny_decoder_base: Path, tmp_path: Path) -> None:
     one_by_one = torch.cat([classifier.logits([t]) for t in TEXTS])
     assert torch.allclose(together, one_by_one, atol=1e-5)
     assert all(p.label in TOY_LABELS for p in classifier.classify(TEXTS))
+    # The onnxruntime path on a decoder (no fusion there: the "bert" optimizer is for encoders).
+    served = load_classifier(version, device="cpu", batch_size=8, runtime="onnxruntime")
+    assert served.model.fused == {}
+    assert torch.allclose(served.logits(TEXTS), together, atol=1e-4)
 
 
 # --- ensemble serving ------------------------------------------------------------------------------

@@ -75,6 +75,10 @@ def _export(model: torch.nn.Module, path: Path) -> None:
         # The optimizer recognises the eager attention pattern (matmul, add mask, softmax, matmul)
         # and fuses it into one Attention node; the SDPA graph it leaves unfused (measured: 0 of 6).
         model.set_attn_implementation("eager")
+    if getattr(model.config, "use_cache", False):
+        # A decoder would return its key/value cache (a DynamicCache the tracer cannot carry);
+        # a classifier reads one forward pass and needs none.
+        model.config.use_cache = False
     example = torch.ones((2, 8), dtype=torch.long)
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation; it still works here

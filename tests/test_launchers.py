@@ -1,5 +1,6 @@
 """mailtriage-train under the distributed launchers: a real `accelerate launch` subprocess (one CPU
-process) trains and promotes a tiny model; more processes are refused with a message, not raced."""
+process) trains and promotes a tiny model; a real `torchrun` with two CPU processes trains
+data-parallel and promotes exactly one version; the other commands refuse several processes."""
 
 from __future__ import annotations
 
@@ -39,12 +40,35 @@ def test_accelerate_launch_single_process_trains_and_promotes(
     assert current is not None and (current / "adapter_config.json").is_file()
 
 
-@pytest.mark.parametrize("world", ["2", "4"])
-def test_more_than_one_process_is_refused(
-    world: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_torchrun_two_cpu_processes_train_one_promoted_version(
+    toy_tree: Path, tiny_encoder_base: Path, tmp_path: Path  # noqa: F811
 ) -> None:
-    monkeypatch.setenv("WORLD_SIZE", world)
-    assert main(["--data", str(tmp_path), "--model-dir", str(tmp_path / "m")]) == EXIT_ERROR
+    """Data-parallel training: torchrun starts 2 CPU processes (gloo); they share every batch, and
+    only rank 0 writes, gates and promotes: exactly one version, which serves."""
+    from mailtriage.model.transformers import load_classifier
+
+    models = tmp_path / "models"
+    env = {k: v for k, v in os.environ.items() if k != "MAILTRIAGE_CONFIG"}
+    env["OMP_NUM_THREADS"] = "1"  # two processes on two cores
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mailtriage_trainer.cli", *train_args(toy_tree, tiny_encoder_base, models, *GOOD)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    assert out.count("PROMOTED") == 1, "only rank 0 gates and promotes"
+    assert '"world_size": 2' in out and '"processes": 2' in out, "both processes joined one gloo group"
+    versions = [p for p in models.iterdir() if p.is_dir() and not p.is_symlink()]
+    assert len(versions) == 1 and modeldir.current_version(models) == versions[0].resolve()
+    clf = load_classifier(models, device="cpu")
+    assert {p.label for p in clf.classify(["refund please", "cannot log in"])} <= set(clf.labels)
+
+
+@pytest.mark.parametrize("command", ["eval", "list"])
+def test_other_commands_refuse_several_processes(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = {"eval": ["eval", "--model", str(tmp_path / "m")], "list": ["list", "--model-dir", str(tmp_path / "m")]}
+    assert main(argv[command]) == EXIT_ERROR
     err = capsys.readouterr().err
-    assert f"WORLD_SIZE={world}" in err and "--num_processes 1" in err
-    assert not (tmp_path / "m").exists()
+    assert "WORLD_SIZE=2" in err and "only training is shared" in err

@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build().parse_args(args_list)
     configure_logging(args.log_level)
     try:
-        _refuse_multi_process()
+        _refuse_multi_process(command)
         return run(args)
     except ModelDirBusyError as exc:
         print(f"mailtriage-train {command}: {exc}", file=sys.stderr)
@@ -74,16 +74,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _refuse_multi_process() -> None:
-    """`accelerate launch` / torchrun with one process is fine (nothing changes); with more, every
-    process would train the same model on all the data and race to promote it: refuse instead."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.strip() not in ("", "1"):
+def _refuse_multi_process(command: str) -> None:
+    """Training runs data-parallel under torchrun / accelerate launch (``mailtriage_trainer.distributed``);
+    eval, list and promote have nothing to share, and several copies would only race: refuse them."""
+    from mailtriage_trainer import distributed
+
+    if command != "train" and distributed.world_size() > 1:
         raise ConfigError(
-            f"mailtriage-train was started as one of WORLD_SIZE={world} processes (accelerate launch / "
-            "torchrun), but it trains in one process: data-parallel training is not implemented, so each "
-            "process would train the whole model and race to promote it. Launch it with "
-            "`accelerate launch --num_processes 1` (or `torchrun --nproc_per_node 1`), or run mailtriage-train directly"
+            f"mailtriage-train {command} was started as one of WORLD_SIZE={distributed.world_size()} processes "
+            "(torchrun / accelerate launch); only training is shared between processes. Run it directly"
         )
 
 
@@ -393,6 +392,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps({"labels": labels, "data": data_info}, indent=2))
         return 0
     assert s.model_dir is not None
+    from mailtriage_trainer import distributed
+
+    if distributed.world_size() > 1:
+        from mailtriage.model.transformers import pick_device
+
+        distributed.start(pick_device(s.params.device))
+        if not distributed.is_main():
+            # The other processes only share the fine-tune's batches; rank 0 alone writes the version,
+            # scores, gates and promotes it.
+            try:
+                _finetune(s, train, val, labels, None, progress=False)
+            finally:
+                distributed.stop()
+            return 0
 
     with modeldir.exclusive(s.model_dir):
         version_dir = modeldir.new_version_dir(s.model_dir)
@@ -404,6 +417,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             # An adapter that never finished is no version; leave no half directory behind.
             shutil.rmtree(version_dir, ignore_errors=True)
             raise
+        finally:
+            distributed.stop()  # the fine-tune is the one part shared with other processes
         manifest = _base_manifest(version_dir, s, labels, data_info, params, result)
         modeldir.write_manifest(version_dir, manifest)  # load_classifier reads base_model from it
         (version_dir / TRAIN_KEYS_FILE).write_text(
@@ -450,7 +465,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _finetune(
-    s: _Settings, train: Sequence[Any], val: Sequence[Any], labels: Sequence[str], out_dir: Path, progress: bool
+    s: _Settings, train: Sequence[Any], val: Sequence[Any], labels: Sequence[str], out_dir: Path | None,
+    progress: bool,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     from mailtriage.model import modeldir
     from mailtriage.core.labels import LabelSet

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup, set_seed
 
 from mailtriage.model import modeldir
+from mailtriage_trainer import distributed
 from mailtriage.errors import TrainingDataError
 from mailtriage.core.labels import LabelSet
 from mailtriage.core.training import TrainParams  # noqa: F401 - the one parameter type, re-exported
@@ -63,22 +64,26 @@ def finetune(
     train: Sequence[tuple[str, str]],
     val: Sequence[tuple[str, str]],
     labels: LabelSet,
-    out_dir: Path,
+    out_dir: Path | None,
     params: TrainParams,
     progress: bool = True,
+    parallel: bool = True,
 ) -> FinetuneResult:
     """Train a LoRA adapter + head on (text, label) pairs and save the best epoch into ``out_dir``.
 
     ``out_dir`` then holds the adapter (``save_pretrained``), the tokenizer, labels.json and a
     manifest.json with the base model, the parameters and this result; a caller adds to the manifest
-    with ``modeldir.read_manifest`` / ``write_manifest``.
+    with ``modeldir.read_manifest`` / ``write_manifest``. Under torchrun with more than one process
+    (``mailtriage_trainer.distributed``; ``parallel``) every process calls this and shares each
+    batch; only rank 0 saves, the others pass ``out_dir=None``.
     """
     _check_data(train, val, labels)
     threads_before = torch.get_num_threads()
     if params.num_threads:
         torch.set_num_threads(params.num_threads)
     try:
-        return _finetune(base, train, val, labels, Path(out_dir), params, progress)
+        return _finetune(base, train, val, labels, Path(out_dir) if out_dir is not None else None, params,
+                         progress, parallel and distributed.active())
     finally:
         torch.set_num_threads(threads_before)
 
@@ -88,14 +93,16 @@ def _finetune(
     train: Sequence[tuple[str, str]],
     val: Sequence[tuple[str, str]],
     labels: LabelSet,
-    out_dir: Path,
+    out_dir: Path | None,
     params: TrainParams,
     progress: bool,
+    parallel: bool,
 ) -> FinetuneResult:
     """Set up, run the epochs, save the best: the three steps below."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    run = _setup(base, train, val, labels, params)
+    run = _setup(base, train, val, labels, params, parallel)
     loop = _epochs(run, params, progress)
     result = FinetuneResult(
         best_epoch=loop.best_epoch,
@@ -108,8 +115,9 @@ def _finetune(
         device=run.device,
         stopped_early=loop.stopped_early,
     )
-    _save(run, loop.best_state, labels, out_dir)
-    _write_training_manifest(out_dir, base, params, result, len(train), len(val))
+    if out_dir is not None:
+        _save(run, loop.best_state, labels, out_dir)
+        _write_training_manifest(out_dir, base, params, result, len(train), len(val))
     log.info(
         "finetune_done",
         out_dir=str(out_dir),
@@ -139,6 +147,7 @@ class _Run:
     val_y: torch.Tensor
     batches_per_epoch: int
     total_steps: int
+    parallel: bool = False               # batches shared with the other torchrun processes
 
 
 @dataclass
@@ -158,6 +167,7 @@ def _setup(
     val: Sequence[tuple[str, str]],
     labels: LabelSet,
     params: TrainParams,
+    parallel: bool = False,
 ) -> _Run:
     """Seed, load the base with LoRA and a fresh head, tokenize, build optimizer and schedule."""
     set_seed(params.seed)  # python, numpy and torch: the head and LoRA init and the batch order repeat
@@ -181,6 +191,9 @@ def _setup(
         if p.requires_grad:
             p.data = p.data.float()  # trainable weights in fp32 even on a bf16 base (autocast mixes them)
     model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if parallel:
+        distributed.sync_parameters(trainable)
 
     label2id = labels.label2id
     train_ids = tokenize(tokenizer, [t for t, _ in train], params.max_length, params.truncation)
@@ -190,7 +203,6 @@ def _setup(
 
     weight = _class_weights(train_y, len(labels.labels)) if params.class_weighting else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     # The head starts from random weights and has to move much further than the LoRA matrices;
     # its own (higher) rate gets it to confident, separated scores within a few epochs.
     head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
@@ -214,9 +226,10 @@ def _setup(
         labels=len(labels.labels),
         trainable_params=sum(p.numel() for p in trainable),
         optimizer_steps=total_steps,
+        processes=distributed.world_size() if parallel else 1,
     )
     return _Run(device, tokenizer, model, trainable, optimizer, scheduler, loss_fn, train_ids, train_y,
-                val_ids, val_y, batches_per_epoch, total_steps)
+                val_ids, val_y, batches_per_epoch, total_steps, parallel)
 
 
 def _epochs(run: _Run, params: TrainParams, progress: bool) -> _Loop:
@@ -226,7 +239,8 @@ def _epochs(run: _Run, params: TrainParams, progress: bool) -> _Loop:
         total=run.total_steps,
         unit="step",
         desc="fine-tuning",
-        disable=not (progress and sys.stderr.isatty()),  # under systemd the per-epoch log lines suffice
+        # under systemd the per-epoch log lines suffice; under torchrun rank 0 draws the one bar
+        disable=not (progress and sys.stderr.isatty() and distributed.is_main()),
     )
     history: list[dict[str, float]] = []
     best: dict[str, float] | None = None
@@ -244,21 +258,26 @@ def _epochs(run: _Run, params: TrainParams, progress: bool) -> _Loop:
             running, seen = 0.0, 0
             for b in range(run.batches_per_epoch):
                 chunk = order[b * params.batch_size : (b + 1) * params.batch_size]
-                batch = collate(run.tokenizer, [run.train_ids[i] for i in chunk], device)
+                # Under torchrun this process takes its share of the batch, weighted by its size.
+                mine, share = distributed.my_share(chunk) if run.parallel else (chunk, 1.0)
+                batch = collate(run.tokenizer, [run.train_ids[i] for i in mine], device)
                 with autocast(device):
                     logits = model(**batch).logits
-                loss = run.loss_fn(logits.float(), run.train_y[chunk].to(device))
-                (loss / params.grad_accum).backward()
-                running += loss.item() * len(chunk)
-                seen += len(chunk)
+                loss = run.loss_fn(logits.float(), run.train_y[mine].to(device))
+                (loss * share / params.grad_accum).backward()
+                if share:
+                    running += loss.item() * len(mine)
+                    seen += len(mine)
                 if (b + 1) % params.grad_accum == 0 or b + 1 == run.batches_per_epoch:
+                    if run.parallel:
+                        distributed.sum_gradients(run.trainable)
                     torch.nn.utils.clip_grad_norm_(run.trainable, params.max_grad_norm)
                     run.optimizer.step()
                     run.scheduler.step()
                     run.optimizer.zero_grad(set_to_none=True)
                     steps += 1
                     bar.update(1)
-                    bar.set_postfix(epoch=epoch, loss=f"{running / seen:.3f}")
+                    bar.set_postfix(epoch=epoch, loss=f"{running / max(seen, 1):.3f}")
 
             val_loss, val_acc, val_f1 = _evaluate(model, run.tokenizer, run.val_ids, run.val_y, params.batch_size, device)
             row = {

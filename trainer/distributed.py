@@ -79,6 +79,17 @@ def my_share(chunk: list[int]) -> tuple[list[int], float]:
     return (mine, len(mine) / len(chunk)) if mine else (chunk[:1], 0.0)
 
 
+def rank0_decides(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every process. Early stopping must stop all processes at the same epoch
+    (one left waiting in a gradient sum would hang): validation scores computed on each process may
+    differ in the last bits on a GPU, so the decision is rank 0's, not each process's own."""
+    if not active():
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def sum_gradients(params: Sequence[torch.Tensor]) -> None:
     """Sum the gradients across processes: each process weighted its loss by its share of the batch,
     so the sum is the gradient of the whole batch's mean loss, as in one process."""

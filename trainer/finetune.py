@@ -298,9 +298,12 @@ def _epochs(run: _Run, params: TrainParams, progress: bool) -> _Loop:
                 best_state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
             else:
                 stale += 1
-                if stale >= params.patience:
-                    stopped_early = epoch < params.epochs
-                    break
+            stop = stale >= params.patience
+            if run.parallel:
+                stop = distributed.rank0_decides(stop)
+            if stop:
+                stopped_early = epoch < params.epochs
+                break
     finally:
         bar.close()
     return _Loop(history, best_epoch, best_state, steps, stopped_early)

@@ -84,7 +84,6 @@ def torch_threads() -> int:
 
 def run_try(name: str, try_name: str, n_train: int, n_dev: int, epochs: int | None,
             seed: int = SEED) -> dict[str, Any]:
-    import numpy as np
 
     from mailtriage.core.labels import LabelSet
     from mailtriage.core.training import TrainParams
@@ -92,7 +91,7 @@ def run_try(name: str, try_name: str, n_train: int, n_dev: int, epochs: int | No
     from mailtriage.model.transformers import load_classifier
     from mailtriage_trainer import dataset, sources
     from mailtriage_trainer.cli import VALIDATION_FRACTION
-    from mailtriage_trainer.evaluate import Baseline, choose_weight, fit_temperature, score_probs, softmax
+    from mailtriage_trainer.evaluate import Baseline, fit_serving, score_probs, softmax
     from mailtriage_trainer.finetune import finetune
 
     plan = PLANS[name]
@@ -126,16 +125,15 @@ def run_try(name: str, try_name: str, n_train: int, n_dev: int, epochs: int | No
         val_logits = clf.logits([e.text for e in val]).numpy()
         dev_logits = clf.logits([e.text for e in dev]).numpy()
         del clf
-        # As the trainer's _evaluate_all: temperatures and ensemble weight from the validation slice.
+        # As the trainer does: temperatures and ensemble weight from the validation slice (fit_serving).
         y_val, y_dev = [e.label for e in val], [e.label for e in dev]
-        temperature = fit_temperature(val_logits, y_val, labels)
         val_base = Baseline(labels, seed=SEED).fit([e.text for e in train], [e.label for e in train])
-        val_base_raw = val_base.predict_proba([e.text for e in val])
-        base_t = fit_temperature(np.log(np.clip(val_base_raw, 1e-12, 1.0)), y_val, labels)
-        weight = choose_weight(y_val, softmax(val_logits, temperature), temper(val_base_raw, base_t), labels)
+        fitted = fit_serving(y_val, val_logits, val_base.predict_proba([e.text for e in val]), labels)
+        temperature, weight = fitted.temperature, fitted.ensemble_weight
         base = Baseline(labels, seed=SEED).fit([e.text for e in pool], [e.label for e in pool])
         model_p = softmax(dev_logits, temperature)
-        base_p = temper(base.predict_proba([e.text for e in dev]), base_t)
+        base_p = temper(base.predict_proba([e.text for e in dev]), fitted.baseline_temperature)
+        ens_p = ensemble_probs(model_p, base_p, weight, fitted.ensemble_temperature)
 
         def short(p: Any) -> dict[str, Any]:
             m = score_probs(y_dev, p, labels)
@@ -146,11 +144,11 @@ def run_try(name: str, try_name: str, n_train: int, n_dev: int, epochs: int | No
             "n_train": len(train), "n_val": len(val), "n_dev": len(dev), "classes": len(labels),
             "per_class": {"train_pool": n_train, "dev": n_dev},
             "dev": {"model": short(model_p), "baseline": short(base_p),
-                    "ensemble": short(ensemble_probs(model_p, base_p, weight))},
+                    "ensemble": short(ens_p)},
             "ensemble_weight": weight, "temperature": temperature,
             # Per dev text (same order in every try of a data set): for paired comparisons between tries.
             "dev_predictions": {"truth": y_dev, "model": [labels[i] for i in model_p.argmax(1)],
-                                "ensemble": [labels[i] for i in ensemble_probs(model_p, base_p, weight).argmax(1)]},
+                                "ensemble": [labels[i] for i in ens_p.argmax(1)]},
             "finetune": {k: v for k, v in dataclasses.asdict(result).items() if k != "history"},
             "history": result.history,
             "train_seconds": round(train_s, 1),

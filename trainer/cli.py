@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from mailtriage.core.training import TrainParams
+from mailtriage.core.training import TRUNCATION_CHOICES, TrainParams
 from mailtriage.errors import ConfigError, MailtriageError, ModelDirBusyError, ModelError
 from mailtriage.cli.logs import configure_logging
 
@@ -124,7 +124,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, metavar="R")
     p.add_argument("--patience", type=int, metavar="N", help="stop after N epochs without a better validation score")
     p.add_argument("--seed", type=int)
-    p.add_argument("--truncation", choices=["head", "head_tail"],
+    p.add_argument("--truncation", choices=TRUNCATION_CHOICES,
                    help="what a message over --max-length tokens keeps (default: training.truncation)")
     p.add_argument("--holdout-fraction", type=float, metavar="F")
     p.add_argument("--min-examples", type=int, metavar="N", help="per class (default: training.min_examples_per_class)")
@@ -522,8 +522,7 @@ def _evaluate_all(
     from mailtriage.model.ensemble import BASELINE_TEMPERATURE, ENSEMBLE_TEMPERATURE, temper
     from mailtriage.model.transformers import load_classifier
     from mailtriage_trainer.evaluate import (
-        DEFAULT_THRESHOLDS, Baseline, choose_weight, ensemble_probs, expected_calibration_error,
-        fit_temperature, score_probs, softmax,
+        DEFAULT_THRESHOLDS, Baseline, ensemble_probs, expected_calibration_error, fit_serving, score_probs, softmax,
     )
 
     thresholds = (*DEFAULT_THRESHOLDS, s.threshold)
@@ -537,29 +536,20 @@ def _evaluate_all(
     val_logits = clf.logits([e.text for e in val]).numpy()
     del clf
     y_val = [e.label for e in val]
-    # Temperature scaling on validation mail; the holdout only measures what it did.
-    temperature = fit_temperature(val_logits, y_val, labels) if s.calibrate else 1.0
+    # Temperatures (model, baseline, ensemble) and the ensemble weight come from validation mail only;
+    # the holdout only measures what they did. The baseline's temperature is fitted with a baseline
+    # that never saw that mail (TF-IDF + LR is far from calibrated: on BANKING77 10-shot its mean
+    # confidence was 0.48 at 74% accuracy, so a 0.6 threshold sent two thirds of the mail to unsure).
+    val_baseline = Baseline(labels, seed=s.seed).fit([e.text for e in train], [e.label for e in train])
+    fitted = fit_serving(y_val, val_logits, val_baseline.predict_proba([e.text for e in val]), labels, s.calibrate)
+    temperature, base_temperature = fitted.temperature, fitted.baseline_temperature
+    weight, ens_temperature = fitted.ensemble_weight, fitted.ensemble_temperature
     model_p = softmax(hold_logits, temperature)
-    model_val_p = softmax(val_logits, temperature)
     calibration = {
         "temperature": temperature, "fitted_on": len(val),
         "ece_before": expected_calibration_error(y, softmax(hold_logits), labels),
         "ece_after": expected_calibration_error(y, model_p, labels),
     }
-    # The baseline's confidences get their own temperature, fitted on validation mail with a baseline
-    # that never saw it (TF-IDF + LR is far from calibrated: on BANKING77 10-shot its mean confidence
-    # was 0.48 at 74% accuracy, so a 0.6 threshold sent two thirds of the mail to unsure).
-    val_baseline = Baseline(labels, seed=s.seed).fit([e.text for e in train], [e.label for e in train])
-    val_base_raw = val_baseline.predict_proba([e.text for e in val])
-    base_temperature = (fit_temperature(np.log(np.clip(val_base_raw, 1e-12, 1.0)), y_val, labels)
-                        if s.calibrate else 1.0)
-    val_base_p = temper(val_base_raw, base_temperature)
-    weight = choose_weight(y_val, model_val_p, val_base_p, labels)
-    # The mix of two calibrated parts is under-confident where they disagree: a third temperature,
-    # fitted on the same validation mail (its log-probabilities are logits up to a constant per row).
-    val_mix = ensemble_probs(model_val_p, val_base_p, weight)
-    ens_temperature = (fit_temperature(np.log(np.clip(val_mix, 1e-12, 1.0)), y_val, labels)
-                       if s.calibrate else 1.0)
     baseline = Baseline(labels, seed=s.seed).fit([e.text for e in train_all], [e.label for e in train_all])
     base_raw = baseline.predict_proba(texts)
     base_p = temper(base_raw, base_temperature)

@@ -7,19 +7,23 @@ identical. The steps are the single-process run's (same batches, same mean loss)
 draws differ, so the weights are not bit-identical to one process's. Only process 0 (rank 0) saves, evaluates, gates and promotes; the others exit after the
 fine-tune. Backend: NCCL on CUDA, gloo on CPU.
 
-Without a launcher (``WORLD_SIZE`` unset or 1) every function here is a no-op.
+Without a launcher (``WORLD_SIZE`` unset or 1) every function here is a no-op. torch is imported
+inside the functions that use it: the CLI reads ``world_size`` for every command, and ``list`` and
+``promote`` need no torch (importing it costs them about a second).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import structlog
-import torch
-import torch.distributed as dist
 
 from mailtriage.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 log = structlog.get_logger(__name__)
 
@@ -42,6 +46,8 @@ def is_main() -> bool:
 
 def active() -> bool:
     """True inside a process group of more than one process (set up by ``start``)."""
+    import torch.distributed as dist
+
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -49,6 +55,9 @@ def start(device: str) -> None:
     """Join the launcher's process group when there is more than one process (idempotent)."""
     if world_size() == 1 or active():
         return
+    import torch
+    import torch.distributed as dist
+
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if device == "cuda" else "gloo"
@@ -57,6 +66,8 @@ def start(device: str) -> None:
 
 
 def stop() -> None:
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -64,6 +75,8 @@ def stop() -> None:
 def sync_parameters(params: Sequence[torch.Tensor]) -> None:
     """Make every process start from rank 0's trainable weights (the same seed gives the same ones;
     this makes it a guarantee rather than an assumption)."""
+    import torch.distributed as dist
+
     if active():
         for p in params:
             dist.broadcast(p.data, src=0)
@@ -73,6 +86,8 @@ def my_share(chunk: list[int]) -> tuple[list[int], float]:
     """This process's part of one batch (every world_size-th row) and its weight in the batch's
     mean loss. A process with no rows this time (a last, short batch) computes one row at weight 0,
     so every process still joins the gradient sum."""
+    import torch.distributed as dist
+
     if not active():
         return chunk, 1.0
     mine = chunk[dist.get_rank() :: dist.get_world_size()]
@@ -83,6 +98,9 @@ def rank0_decides(flag: bool) -> bool:
     """Rank 0's ``flag`` on every process. Early stopping must stop all processes at the same epoch
     (one left waiting in a gradient sum would hang): validation scores computed on each process may
     differ in the last bits on a GPU, so the decision is rank 0's, not each process's own."""
+    import torch
+    import torch.distributed as dist
+
     if not active():
         return flag
     t = torch.tensor([int(flag)])
@@ -93,6 +111,9 @@ def rank0_decides(flag: bool) -> bool:
 def sum_gradients(params: Sequence[torch.Tensor]) -> None:
     """Sum the gradients across processes: each process weighted its loss by its share of the batch,
     so the sum is the gradient of the whole batch's mean loss, as in one process."""
+    import torch
+    import torch.distributed as dist
+
     if not active():
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]

@@ -8,6 +8,7 @@ combining rule lives in ``mailtriage.model.ensemble``, which the daemon serves w
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from mailtriage.core.classifier import Classifier
 from mailtriage.model.ensemble import (
-    SERVE_BASELINE, SERVE_ENSEMBLE, SERVE_MODEL, baseline_probs, save_baseline,
+    SERVE_BASELINE, SERVE_ENSEMBLE, SERVE_MODEL, baseline_probs, save_baseline, temper,
 )
 from mailtriage.model.ensemble import ensemble_probs as ensemble_probs  # re-exported: callers score with it here
 from mailtriage.errors import TrainingDataError
@@ -290,6 +291,36 @@ def fit_temperature(logits: np.ndarray, y: Sequence[str], labels: Sequence[str])
     best = float(min(grid, key=nll))
     fine = best * np.exp(np.linspace(-0.06, 0.06, 25))
     return round(float(min(fine, key=nll)), 4)
+
+
+@dataclass(frozen=True)
+class ServingFit:
+    """What a version's serving takes from the validation slice (never from the holdout)."""
+
+    temperature: float            # the model's logits
+    baseline_temperature: float   # the TF-IDF baseline's probabilities
+    ensemble_weight: float        # the model's share of the mix
+    ensemble_temperature: float   # the mix's own: two calibrated parts averaged are under-confident
+
+
+def fit_serving(y_val: Sequence[str], val_logits: np.ndarray, val_base_raw: np.ndarray, labels: Sequence[str],
+                calibrate: bool = True) -> ServingFit:
+    """Temperatures and ensemble weight from validation mail: ``val_logits`` of the fine-tuned model
+    and ``val_base_raw`` of a baseline that did not train on that mail; each temperature is 1 when
+    ``calibrate`` is off. The trainer and ``benchmarks.recipe`` fit a version the same way here."""
+    def fit(logits: np.ndarray) -> float:
+        return fit_temperature(logits, y_val, labels) if calibrate else 1.0
+
+    def log_probs(p: np.ndarray) -> np.ndarray:  # log-probabilities are logits up to a constant per row
+        return np.log(np.clip(p, 1e-12, 1.0))
+
+    temperature = fit(val_logits)
+    model_p = softmax(val_logits, temperature)
+    base_temperature = fit(log_probs(val_base_raw))
+    base_p = temper(val_base_raw, base_temperature)
+    weight = choose_weight(y_val, model_p, base_p, labels)
+    return ServingFit(temperature, base_temperature, weight,
+                      fit(log_probs(ensemble_probs(model_p, base_p, weight))))
 
 
 def expected_calibration_error(y: Sequence[str], probs: np.ndarray, labels: Sequence[str], bins: int = 15) -> float:

@@ -67,15 +67,14 @@ def finetune(
     out_dir: Path | None,
     params: TrainParams,
     progress: bool = True,
-    parallel: bool = True,
 ) -> FinetuneResult:
     """Train a LoRA adapter + head on (text, label) pairs and save the best epoch into ``out_dir``.
 
     ``out_dir`` then holds the adapter (``save_pretrained``), the tokenizer, labels.json and a
     manifest.json with the base model, the parameters and this result; a caller adds to the manifest
-    with ``modeldir.read_manifest`` / ``write_manifest``. Under torchrun with more than one process
-    (``mailtriage_trainer.distributed``; ``parallel``) every process calls this and shares each
-    batch; only rank 0 saves, the others pass ``out_dir=None``.
+    with ``modeldir.read_manifest`` / ``write_manifest``. Inside a torchrun process group of more than
+    one process (``mailtriage_trainer.distributed``) every process calls this and shares each batch;
+    only rank 0 saves, the others pass ``out_dir=None``.
     """
     _check_data(train, val, labels)
     threads_before = torch.get_num_threads()
@@ -83,7 +82,7 @@ def finetune(
         torch.set_num_threads(params.num_threads)
     try:
         return _finetune(base, train, val, labels, Path(out_dir) if out_dir is not None else None, params,
-                         progress, parallel and distributed.active())
+                         progress, distributed.active())
     finally:
         torch.set_num_threads(threads_before)
 

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from mailtriage.errors import ConfigError
 
 
+# What a text longer than max_length keeps (mailtriage.model.transformers.tokenize cuts it).
+TRUNCATION_CHOICES = ("head", "head_tail")
+
+
 @dataclass
 class TrainParams:
     epochs: int = 8
@@ -53,7 +57,7 @@ class TrainParams:
         if self.weight_decay < 0 or self.max_grad_norm <= 0:
             raise ConfigError(f"training parameters weight_decay = {self.weight_decay!r} (>= 0) and "
                               f"max_grad_norm = {self.max_grad_norm!r} (> 0) are out of range")
-        if self.truncation not in ("head", "head_tail"):
+        if self.truncation not in TRUNCATION_CHOICES:
             raise ConfigError(f"training parameter truncation = {self.truncation!r}: expected \"head\" (the "
                               "first max_length tokens) or \"head_tail\" (the first quarter and the end)")
         if self.num_threads is not None and self.num_threads < 1:

@@ -34,6 +34,7 @@ from mailtriage.model import modeldir
 from mailtriage.core.classifier import Prediction
 from mailtriage.errors import ModelError
 from mailtriage.core.labels import LabelSet
+from mailtriage.core.training import TRUNCATION_CHOICES
 
 log = structlog.get_logger(__name__)
 
@@ -170,7 +171,6 @@ def default_modules_to_save(model: torch.nn.Module) -> list[str]:
     return ["pooler"] if any(name.rsplit(".", 1)[-1] == "pooler" for name, _ in model.named_modules()) else []
 
 
-TRUNCATION_CHOICES = ("head", "head_tail")
 # head_tail keeps this share of the token budget from the start and the rest from the end: Sun et al.
 # 2019 ("How to Fine-Tune BERT for Text Classification?") found head 128 + tail 382 of 512 tokens
 # best on long documents (IMDb, Sogou), better than the head alone.

@@ -60,7 +60,7 @@ def plot(runs: Sequence[dict[str, Any]], out: Path) -> None:
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, fontsize=7, loc="lower center", ncol=3, frameon=False)
     fig.suptitle("mailtriage held-out test sets: all-MiniLM-L6-v2 LoRA vs TF-IDF vs the version as served "
-                 "(benchmarks/RESULTS.md §6)", fontsize=9)
+                 "(benchmarks/RESULTS.md §1)", fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(out, format="png")
     plt.close(fig)

@@ -88,22 +88,6 @@ class ModelConfig:
         _positive("model.max_length", self.max_length)
 
 
-_WARNED_EXPOSED: set[str] = set()
-
-
-def secret_file_exposure(path: str | os.PathLike[str]) -> str | None:
-    """Why a secret file is readable by others ("world-readable", "group-readable"), or None."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None
-    if mode & 0o007:
-        return "world-readable" if mode & 0o004 else "accessible to other users"
-    if mode & 0o070:
-        return "group-readable" if mode & 0o040 else "accessible to its group"
-    return None
-
-
 @dataclass(frozen=True)
 class AccountConfig:
     name: str
@@ -186,68 +170,6 @@ class AccountConfig:
                 f"{where}.keyword_prefix = {self.keyword_prefix!r} is not a valid IMAP atom prefix "
                 "(letters, digits, '_' and '-' are safe)"
             )
-
-    def secret(self) -> str:
-        """The password or OAuth token, read now (so a rotated secret is picked up on reconnect)."""
-        where = f"accounts[{self.name!r}]"
-        if self.password_file or self.oauth_token_file:
-            path = Path(self.password_file or self.oauth_token_file or "")
-            try:
-                text = path.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ConfigError(f"{where}: cannot read secret file {str(path)!r}: {exc.strerror}") from exc
-            problem = secret_file_exposure(path)
-            if problem and str(path) not in _WARNED_EXPOSED:
-                _WARNED_EXPOSED.add(str(path))
-                import structlog
-
-                structlog.get_logger(__name__).warning(
-                    "secret_file_exposed", account=self.name, path=str(path), problem=problem,
-                    fix=f"chmod 600 {path}",
-                )
-            return text
-        if self.password_env:
-            value = os.environ.get(self.password_env)
-            if not value:
-                raise ConfigError(f"{where}: environment variable {self.password_env} is not set or empty")
-            return value
-        if self.password_credential:
-            cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-            if not cred_dir:
-                raise ConfigError(
-                    f"{where}: password_credential = {self.password_credential!r} but $CREDENTIALS_DIRECTORY "
-                    "is not set; add LoadCredential=... to the systemd unit or use password_file"
-                )
-            path = Path(cred_dir) / self.password_credential
-            try:
-                return path.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ConfigError(f"{where}: cannot read credential {str(path)!r}: {exc.strerror}") from exc
-        if self.oauth_token_command:
-            import subprocess
-
-            # The command line may carry a client secret: no message here (nor a chained exception,
-            # whose text repeats it) may contain it, nor its output.
-            failure: str | None = None
-            try:
-                out = subprocess.run(
-                    self.oauth_token_command, shell=True, check=True, capture_output=True, text=True, timeout=60
-                )
-            except subprocess.CalledProcessError as exc:
-                failure = f"exited with status {exc.returncode}"
-            except subprocess.TimeoutExpired:
-                failure = "did not finish within 60 s"
-            except (subprocess.SubprocessError, OSError) as exc:
-                failure = f"could not be run ({type(exc).__name__})"
-            if failure is not None:
-                raise ConfigError(
-                    f"{where}: oauth_token_command {failure} (the command and its output are not shown: they "
-                    "may hold a secret). Run it by hand as the service user to see why"
-                ) from None
-            return out.stdout.strip()
-        if self.oauth_provider:
-            raise ConfigError(f"{where}: oauth_provider tokens come from mailtriage.imap.oauth.access_token")
-        raise ConfigError(f"{where}: no secret configured")  # unreachable after validation
 
 
 @dataclass(frozen=True)

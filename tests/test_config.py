@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from mailtriage.config import load_config, parse_config
+from mailtriage.credentials import read_secret
 from mailtriage.errors import ConfigError
 
 pytestmark = pytest.mark.pure
@@ -99,25 +100,25 @@ def test_secret_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     pw = tmp_path / "pw"
     pw.write_text("s3cret\n")
     cfg = parse_config({"categories": CATS, "accounts": [{**ACCOUNT, "password_file": str(pw)}]})
-    assert cfg.accounts[0].secret() == "s3cret"
+    assert read_secret(cfg.accounts[0]) == "s3cret"
 
     monkeypatch.setenv("MT_PW", "from-env")
     acc = {k: v for k, v in ACCOUNT.items() if k != "password_file"}
     cfg = parse_config({"categories": CATS, "accounts": [{**acc, "password_env": "MT_PW"}]})
-    assert cfg.accounts[0].secret() == "from-env"
+    assert read_secret(cfg.accounts[0]) == "from-env"
 
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     (tmp_path / "imap-password").write_text("from-systemd")
     cfg = parse_config({"categories": CATS, "accounts": [{**acc, "password_credential": "imap-password"}]})
-    assert cfg.accounts[0].secret() == "from-systemd"
+    assert read_secret(cfg.accounts[0]) == "from-systemd"
 
     cfg = parse_config({"categories": CATS, "accounts": [{**acc, "password_file": str(tmp_path / "missing")}]})
     with pytest.raises(ConfigError, match=r"cannot read secret file"):
-        cfg.accounts[0].secret()
+        read_secret(cfg.accounts[0])
     monkeypatch.delenv("MT_PW")
     cfg = parse_config({"categories": CATS, "accounts": [{**acc, "password_env": "MT_PW"}]})
     with pytest.raises(ConfigError, match=r"MT_PW is not set"):
-        cfg.accounts[0].secret()
+        read_secret(cfg.accounts[0])
 
 
 def test_failing_oauth_token_command_never_echoes_the_command(tmp_path: Path) -> None:
@@ -130,17 +131,17 @@ def test_failing_oauth_token_command_never_echoes_the_command(tmp_path: Path) ->
     ):
         cfg = parse_config({"categories": CATS, "accounts": [{**acc, "auth": "xoauth2", "oauth_token_command": command}]})
         with pytest.raises(ConfigError) as info:
-            cfg.accounts[0].secret()
+            read_secret(cfg.accounts[0])
         import traceback
 
         text = "".join(traceback.format_exception(info.value))
         assert why in str(info.value) and "TOPSECRET42" not in text, text
     ok = parse_config({"categories": CATS, "accounts": [{**acc, "auth": "xoauth2", "oauth_token_command": "echo tok"}]})
-    assert ok.accounts[0].secret() == "tok"
+    assert read_secret(ok.accounts[0]) == "tok"
 
 
 def test_exposed_secret_file_is_read_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from mailtriage.config import secret_file_exposure
+    from mailtriage.credentials import secret_file_exposure
 
     pw = tmp_path / "pw"
     pw.write_text("s3cret\n")
@@ -148,7 +149,7 @@ def test_exposed_secret_file_is_read_with_a_warning(tmp_path: Path, capsys: pyte
         pw.chmod(mode)
         assert secret_file_exposure(pw) == expected, oct(mode)
     cfg = parse_config({"categories": CATS, "accounts": [{**ACCOUNT, "password_file": str(pw)}]})
-    assert cfg.accounts[0].secret() == "s3cret"
+    assert read_secret(cfg.accounts[0]) == "s3cret"
 
 
 @pytest.mark.parametrize(

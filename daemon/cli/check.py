@@ -15,7 +15,8 @@ from typing import Any, TextIO
 
 import structlog
 
-from mailtriage.config import AccountConfig, Config, secret_file_exposure
+from mailtriage.config import AccountConfig, Config
+from mailtriage.credentials import secret_file_exposure
 from mailtriage.imap import preflight
 from mailtriage.imap.preflight import FAIL, OK, WARN, Finding
 

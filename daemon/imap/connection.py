@@ -16,6 +16,7 @@ from imapclient import IMAPClient
 from imapclient import exceptions as imap_exc
 
 from mailtriage.config import AccountConfig
+from mailtriage.credentials import read_secret
 from mailtriage.errors import MailboxError
 
 log = structlog.get_logger(__name__)
@@ -142,7 +143,7 @@ def _login(client: IMAPClient, account: AccountConfig) -> None:
 
         secret = oauth.access_token(account)  # refreshed here when it expires within REFRESH_MARGIN_S
     else:
-        secret = account.secret()
+        secret = read_secret(account)
     source = (
         f"the token store {account.oauth_token_store!r} (`mailtriage auth {account.name}`)" if account.oauth_provider
         else f"password_file {account.password_file!r}" if account.password_file

@@ -13,6 +13,8 @@ import pytest
 
 from mailtriage_trainer import smollm2
 
+pytestmark = pytest.mark.pure
+
 
 def test_default_dir_is_under_the_user_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -22,14 +22,16 @@ Exit codes (a cron job or systemd timer can tell them apart):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, get_args
 
-from mailtriage.core.training import TRUNCATION_CHOICES
+from mailtriage.config import Device
+from mailtriage.core.training import SERVE_SETTINGS, TRUNCATION_CHOICES
 from mailtriage.errors import ConfigError, MailtriageError, ModelDirBusyError, ModelError
 from mailtriage.cli.logs import configure_logging
 from mailtriage_trainer import pipeline
@@ -40,6 +42,8 @@ EXIT_PROMOTED = 0
 EXIT_ERROR = 2
 EXIT_NOT_PROMOTED = 3
 EXIT_BUSY = 4  # == mailtriage.model.modeldir.EXIT_BUSY
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_Table = TypeVar("_Table")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,11 +91,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="a directory with one sub-folder per category of raw messages, a Maildir, a "
                         "directory of <label>.mbox, an mbox with X-Mailtriage-Label headers, a .tar.gz of "
                         "a folder tree, or .csv/.jsonl with text,label columns")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="default: model.device or auto")
+    p.add_argument("--device", choices=get_args(Device), help="default: model.device or auto")
     p.add_argument("--max-length", type=int, metavar="N", help="tokens per message (default: model.max_length)")
     p.add_argument("--threshold", type=float, metavar="T",
                    help="confidence threshold to report coverage for (default: model.threshold or 0.6)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -118,7 +122,7 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="what a message over --max-length tokens keeps (default: training.truncation)")
     p.add_argument("--holdout-fraction", type=float, metavar="F")
     p.add_argument("--min-examples", type=int, metavar="N", help="per class (default: training.min_examples_per_class)")
-    p.add_argument("--serve", choices=["auto", "model", "baseline", "ensemble"],
+    p.add_argument("--serve", choices=SERVE_SETTINGS,
                    help="what the version serves (default: training.serve or auto = best held-out macro-F1)")
     p.add_argument("--refit-all", action=argparse.BooleanOptionalAction, default=None,
                    help="after the gate promoted the version, retrain what it serves on all labelled mail "
@@ -157,7 +161,7 @@ def build_list_parser() -> argparse.ArgumentParser:
                    "when it exists)")
     p.add_argument("--model-dir", metavar="DIR", help="versioned model directory (default: training.model_dir)")
     p.add_argument("--json", action="store_true", help="one JSON array on stdout")
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
     return p
 
 
@@ -171,7 +175,7 @@ def build_promote_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help=f"read training.model_dir and [categories] from it "
                    f"(default {DEFAULT_CONFIG} when it exists)")
     p.add_argument("--model-dir", metavar="DIR", help="versioned model directory (default: training.model_dir)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     return p
 
 
@@ -257,42 +261,43 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace, cfg: Any) -> Settings:
+    """The run's settings: the flags given, put over the config's [training] and [model] tables (or
+    their defaults) and checked by those tables' own rules, so a flag refuses what its key refuses."""
     from mailtriage.config import ModelConfig, TrainingConfig
 
-    tc = cfg.training if cfg is not None else TrainingConfig()
-    mc = cfg.model if cfg is not None else ModelConfig()
-
-    def pick(flag: Any, default: Any) -> Any:
-        return default if flag is None else flag
-
+    tc = _overlay(
+        cfg.training if cfg is not None else TrainingConfig(),
+        holdout_fraction=args.holdout_fraction, min_examples_per_class=args.min_examples, seed=args.seed,
+        epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size, lora_r=args.lora_r,
+        truncation=args.truncation, serve=args.serve, refit_all=args.refit_all, calibrate=args.calibrate,
+        target_accuracy=args.target_accuracy,
+    )
+    # max_length and device are the fine-tune's (TrainParams checks them); the threshold is [model]'s.
+    mc = _overlay(cfg.model if cfg is not None else ModelConfig(), threshold=args.threshold)
     model_dir = args.model_dir or (tc.model_dir if cfg is not None else None)
-    s = Settings(
+    return Settings(
         data=args.data,
         base=args.base or tc.base_model,
         model_dir=Path(model_dir).expanduser() if model_dir else None,
-        threshold=pick(args.threshold, mc.threshold),
-        holdout_fraction=pick(args.holdout_fraction, tc.holdout_fraction),
-        min_examples=pick(args.min_examples, tc.min_examples_per_class),
-        params=tc.params(
-            seed=args.seed, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
-            lora_r=args.lora_r, max_length=pick(args.max_length, mc.max_length), device=pick(args.device, mc.device),
-            patience=args.patience, truncation=getattr(args, "truncation", None),
-        ),
-        serve=pick(getattr(args, "serve", None), tc.serve),
-        refit_all=pick(getattr(args, "refit_all", None), tc.refit_all),
-        calibrate=pick(getattr(args, "calibrate", None), tc.calibrate),
-        target_accuracy=pick(getattr(args, "target_accuracy", None), tc.target_accuracy),
+        threshold=mc.threshold,
+        holdout_fraction=tc.holdout_fraction,
+        min_examples=tc.min_examples_per_class,
+        params=tc.params(max_length=_pick(args.max_length, mc.max_length), device=_pick(args.device, mc.device),
+                         patience=args.patience),
+        serve=tc.serve,
+        refit_all=tc.refit_all,
+        calibrate=tc.calibrate,
+        target_accuracy=tc.target_accuracy,
     )
-    if s.target_accuracy and not 0.5 <= s.target_accuracy < 1.0:
-        raise ConfigError(f"--target-accuracy {s.target_accuracy!r}: expected 0 (off) or a share between 0.5 and 1, "
-                          "e.g. 0.98")
-    if not 0.0 <= s.threshold <= 1.0:
-        raise ConfigError(f"--threshold {s.threshold!r} is outside 0..1")
-    if not 0.0 < s.holdout_fraction < 1.0:
-        raise ConfigError(f"--holdout-fraction {s.holdout_fraction!r}: expected a number between 0 and 1 (0.2 is usual)")
-    if s.min_examples <= 0:
-        raise ConfigError(f"--min-examples {s.min_examples!r}: must be a positive number")
-    return s
+
+
+def _pick(flag: Any, default: Any) -> Any:
+    return default if flag is None else flag
+
+
+def _overlay(table: _Table, **flags: Any) -> _Table:
+    """``table`` with the flags that were given in place of its values; its ``__post_init__`` checks them."""
+    return dataclasses.replace(table, **{k: v for k, v in flags.items() if v is not None})
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -1,4 +1,7 @@
-"""`mailtriage-train`: harvest, dedupe, split, fine-tune, evaluate, gate, promote; and `eval`.
+"""`mailtriage-train`: the command line of the trainer (argparse, flags -> settings, printing).
+
+The training run itself is pipeline.py (harvest, dedupe, split, fine-tune, evaluate, gate, promote);
+the gate's rule is gate.py. Here: `train`, `eval`, `list` and `promote`.
 
 Usage:
     mailtriage-train [train] [--config FILE] [--data SOURCE] [--base MODEL] [--model-dir DIR]

@@ -16,25 +16,23 @@ pytestmark = pytest.mark.pure
 
 parse = build_train_parser().parse_args
 
-# (flag, value, the [training] / [model] key it overrides): each value is one the key refuses.
-REFUSED = [
-    ("--holdout-fraction", "0.9", "holdout_fraction"),
-    ("--holdout-fraction", "0.6", "holdout_fraction"),
-    ("--holdout-fraction", "0.01", "holdout_fraction"),
-    ("--min-examples", "0", "min_examples_per_class"),
-    ("--target-accuracy", "0.4", "target_accuracy"),
-    ("--target-accuracy", "1.0", "target_accuracy"),
-    ("--threshold", "1.5", "threshold"),
-    ("--epochs", "0", "epochs"),
-    ("--learning-rate", "2", "learning_rate"),
-]
-ACCEPTED = [
-    ("--holdout-fraction", "0.05", "holdout_fraction"),
-    ("--holdout-fraction", "0.5", "holdout_fraction"),
-    ("--min-examples", "1", "min_examples_per_class"),
-    ("--target-accuracy", "0", "target_accuracy"),
-    ("--target-accuracy", "0.98", "target_accuracy"),
-    ("--threshold", "0", "threshold"),
+# (flag, value, the [training] / [model] key it overrides, whether the key refuses the value)
+CASES = [
+    ("--holdout-fraction", "0.9", "holdout_fraction", True),
+    ("--holdout-fraction", "0.6", "holdout_fraction", True),
+    ("--holdout-fraction", "0.01", "holdout_fraction", True),
+    ("--holdout-fraction", "0.05", "holdout_fraction", False),
+    ("--holdout-fraction", "0.5", "holdout_fraction", False),
+    ("--min-examples", "0", "min_examples_per_class", True),
+    ("--min-examples", "1", "min_examples_per_class", False),
+    ("--target-accuracy", "0.4", "target_accuracy", True),
+    ("--target-accuracy", "1.0", "target_accuracy", True),
+    ("--target-accuracy", "0", "target_accuracy", False),
+    ("--target-accuracy", "0.98", "target_accuracy", False),
+    ("--threshold", "1.5", "threshold", True),
+    ("--threshold", "0", "threshold", False),
+    ("--epochs", "0", "epochs", True),
+    ("--learning-rate", "2", "learning_rate", True),
 ]
 
 
@@ -48,17 +46,15 @@ def _key_refuses(key: str, value: str) -> bool:
     return False
 
 
-@pytest.mark.parametrize(("flag", "value", "key"), REFUSED)
-def test_a_flag_refuses_what_its_config_key_refuses(flag: str, value: str, key: str) -> None:
-    assert _key_refuses(key, value)
-    with pytest.raises(ConfigError, match=flag):
-        _settings(parse(["--data", "x", flag, value]), None)
-
-
-@pytest.mark.parametrize(("flag", "value", "key"), ACCEPTED)
-def test_a_flag_accepts_what_its_config_key_accepts(flag: str, value: str, key: str) -> None:
-    assert not _key_refuses(key, value)
-    _settings(parse(["--data", "x", flag, value]), None)
+@pytest.mark.parametrize(("flag", "value", "key", "refused"), CASES)
+def test_a_flag_refuses_what_its_config_key_refuses(flag: str, value: str, key: str, refused: bool) -> None:
+    assert _key_refuses(key, value) == refused
+    args = parse(["--data", "x", flag, value])
+    if refused:
+        with pytest.raises(ConfigError, match=flag):
+            _settings(args, None)
+    else:
+        _settings(args, None)
 
 
 def test_a_refused_flag_exits_2_before_any_data_is_read(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -77,10 +73,10 @@ def test_flags_override_the_config_and_keep_what_they_do_not_name(tmp_path: Path
                       '[training]\nholdout_fraction = 0.3\nserve = "ensemble"\nepochs = 3\n')
     cfg = load_config(config)
     s = _settings(parse(["--data", "x"]), cfg)
-    assert (s.holdout_fraction, s.serve, s.threshold, s.params.epochs, s.max_length) == (0.3, "ensemble", 0.7, 3, 128)
+    assert (s.holdout_fraction, s.serve, s.threshold, s.params.epochs, s.params.max_length) == (0.3, "ensemble", 0.7, 3, 128)
     s = _settings(parse(["--data", "x", "--holdout-fraction", "0.1", "--serve", "model", "--threshold", "0.5",
                          "--epochs", "2", "--max-length", "64"]), cfg)
-    assert (s.holdout_fraction, s.serve, s.threshold, s.params.epochs, s.max_length) == (0.1, "model", 0.5, 2, 64)
+    assert (s.holdout_fraction, s.serve, s.threshold, s.params.epochs, s.params.max_length) == (0.1, "model", 0.5, 2, 64)
     with pytest.raises(ConfigError, match="--max-length"):
         _settings(parse(["--data", "x", "--max-length", "0"]), cfg)
 

@@ -117,11 +117,9 @@ def _unseen_rows(current: Path, holdout: Sequence[Any]) -> tuple[list[int], str]
 
 def score_version(path: Path, s: Settings, labels: Sequence[str], examples: Sequence[Any], progress: bool) -> dict[str, Any]:
     """A saved version's metrics on ``examples``, loaded as the daemon serves it."""
-    from mailtriage.model.transformers import load_classifier
     from mailtriage_trainer.evaluate import DEFAULT_THRESHOLDS, classifier_probs, score_probs
 
-    clf = load_classifier(path, device=s.device, batch_size=s.batch_size, max_length=s.max_length,
-                          expected_labels=labels)
-    probs = classifier_probs(clf, [e.text for e in examples], labels, batch_size=max(s.batch_size, 32),
+    clf = s.load(path, labels)
+    probs = classifier_probs(clf, [e.text for e in examples], labels, batch_size=max(s.params.batch_size, 32),
                              progress=progress)
     return score_probs([e.label for e in examples], probs, labels, (*DEFAULT_THRESHOLDS, s.threshold))

@@ -48,22 +48,12 @@ class Settings:
     calibrate: bool = True
     target_accuracy: float = 0.0
 
-    # Read often: shorthands into params.
-    @property
-    def seed(self) -> int:
-        return self.params.seed
+    def load(self, version_dir: Path, labels: Sequence[str]) -> Any:
+        """A saved version, loaded the way the daemon serves it, on this run's device and lengths."""
+        from mailtriage.model.transformers import load_classifier
 
-    @property
-    def batch_size(self) -> int:
-        return self.params.batch_size
-
-    @property
-    def max_length(self) -> int:
-        return self.params.max_length
-
-    @property
-    def device(self) -> str:
-        return self.params.device
+        return load_classifier(version_dir, device=self.params.device, batch_size=self.params.batch_size,
+                               max_length=self.params.max_length, expected_labels=labels)
 
     def check_can_train(self) -> None:
         """A dry run needs neither; a real run must know what to start from and where to write."""
@@ -120,8 +110,8 @@ def prepare(s: Settings, cfg: Any, account: str | None) -> Data:
     examples, dropped = dataset.dedupe(examples)
     labels = list(cfg.labels) if cfg is not None else sources.labels_of(examples)
     dataset.check_min_examples(examples, s.min_examples, labels)
-    train_all, holdout = dataset.split(examples, s.holdout_fraction, s.seed)
-    train, val = dataset.split(train_all, VALIDATION_FRACTION, s.seed, name="validation")
+    train_all, holdout = dataset.split(examples, s.holdout_fraction, s.params.seed)
+    train, val = dataset.split(train_all, VALIDATION_FRACTION, s.params.seed, name="validation")
     info: dict[str, Any] = {
         "source": source_name,
         "loaded": loaded,
@@ -296,7 +286,6 @@ def evaluate_all(
     slice only, so nothing about the holdout leaks into it.
     """
     from mailtriage.model.ensemble import BASELINE_TEMPERATURE, ENSEMBLE_TEMPERATURE, temper
-    from mailtriage.model.transformers import load_classifier
     from mailtriage_trainer.evaluate import (
         DEFAULT_THRESHOLDS, Baseline, ensemble_probs, expected_calibration_error, fit_serving, score_probs, softmax,
     )
@@ -305,8 +294,7 @@ def evaluate_all(
     texts = [e.text for e in holdout]
     y = [e.label for e in holdout]
     # Load the saved adapter the way the daemon will: this also proves the version directory is complete.
-    clf = load_classifier(version_dir, device=s.device, batch_size=s.batch_size, max_length=s.max_length,
-                          expected_labels=labels)
+    clf = s.load(version_dir, labels)
     # Raw logits (the version has no temperature yet), in the classifier's label order = labels.
     hold_logits = clf.logits(texts).numpy() if texts else np.zeros((0, len(labels)))
     val_logits = clf.logits([e.text for e in val]).numpy()
@@ -316,7 +304,7 @@ def evaluate_all(
     # the holdout only measures what they did. The baseline's temperature is fitted with a baseline
     # that never saw that mail (TF-IDF + LR is far from calibrated: on BANKING77 10-shot its mean
     # confidence was 0.48 at 74% accuracy, so a 0.6 threshold sent two thirds of the mail to unsure).
-    val_baseline = Baseline(labels, seed=s.seed).fit([e.text for e in train], [e.label for e in train])
+    val_baseline = Baseline(labels, seed=s.params.seed).fit([e.text for e in train], [e.label for e in train])
     fitted = fit_serving(y_val, val_logits, val_baseline.predict_proba([e.text for e in val]), labels, s.calibrate)
     temperature, base_temperature = fitted.temperature, fitted.baseline_temperature
     weight, ens_temperature = fitted.ensemble_weight, fitted.ensemble_temperature
@@ -326,7 +314,7 @@ def evaluate_all(
         "ece_before": expected_calibration_error(y, softmax(hold_logits), labels),
         "ece_after": expected_calibration_error(y, model_p, labels),
     }
-    baseline = Baseline(labels, seed=s.seed).fit([e.text for e in train_all], [e.label for e in train_all])
+    baseline = Baseline(labels, seed=s.params.seed).fit([e.text for e in train_all], [e.label for e in train_all])
     base_raw = baseline.predict_proba(texts)
     base_p = temper(base_raw, base_temperature)
     calibration["baseline"] = {
@@ -396,7 +384,7 @@ def _refit_all(
         info["parts"].append("model")
         info["model_epochs"] = epochs
     if serve != SERVE_MODEL:
-        Baseline(labels, seed=s.seed).fit([e.text for e in everything], [e.label for e in everything]).save(version_dir)
+        Baseline(labels, seed=s.params.seed).fit([e.text for e in everything], [e.label for e in everything]).save(version_dir)
         info["parts"].append("baseline")
     log.info("refit_all_done", **info)
     return info

@@ -155,7 +155,8 @@ def machine() -> dict[str, Any]:
 
 # The code a number depends on: other engineers change these files while benchmarks run, so every
 # JSON records which version (sha1 prefix and mtime) of each it measured.
-FINGERPRINTED = ("trainer/finetune.py", "trainer/cli.py", "trainer/evaluate.py", "trainer/dataset.py",
+FINGERPRINTED = ("trainer/finetune.py", "trainer/cli.py", "trainer/pipeline.py", "trainer/gate.py",
+                 "trainer/evaluate.py", "trainer/dataset.py",
                  "daemon/model/transformers.py", "daemon/model/ensemble.py", "daemon/core/mailtext.py", "daemon/core/training.py",
                  "daemon/imap/watcher.py", "daemon/service/app.py", "daemon/imap/actions.py", "daemon/store/state.py")
 

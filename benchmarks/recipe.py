@@ -90,7 +90,7 @@ def run_try(name: str, try_name: str, n_train: int, n_dev: int, epochs: int | No
     from mailtriage.model.ensemble import ensemble_probs, temper
     from mailtriage.model.transformers import load_classifier
     from mailtriage_trainer import dataset, sources
-    from mailtriage_trainer.cli import VALIDATION_FRACTION
+    from mailtriage_trainer.pipeline import VALIDATION_FRACTION
     from mailtriage_trainer.evaluate import Baseline, fit_serving, score_probs, softmax
     from mailtriage_trainer.finetune import finetune
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mailtriage.core.training import TrainParams
+from mailtriage.core.training import SERVE_SETTINGS, TrainParams
 from mailtriage.errors import ConfigError
 
 Action = Literal["move", "keyword", "header"]
@@ -82,7 +82,8 @@ class ModelConfig:
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(
                 f"model.threshold = {self.threshold!r} is outside 0..1: it is the softmax "
-                "confidence below which mail goes to the unsure folder (0.6 is a sound start)"
+                "confidence below which mail goes to the unsure folder (0.6 is a sound start; --threshold "
+                "takes the same values)"
             )
         _positive("model.batch_size", self.batch_size)
         _positive("model.max_length", self.max_length)
@@ -216,12 +217,13 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.calibrate, bool):
             raise ConfigError(f"training.calibrate = {self.calibrate!r}: expected true or false")
+        # The trainer puts its flags over this table, so one message serves the key and the flag.
         if self.target_accuracy and not 0.5 <= self.target_accuracy < 1.0:
-            raise ConfigError(f"training.target_accuracy = {self.target_accuracy!r}: expected 0 (off) or a share "
-                              "between 0.5 and 1, e.g. 0.98 for 98% of automatically filed mail right")
-        if self.serve not in ("auto", "model", "baseline", "ensemble"):
-            raise ConfigError(f"training.serve = {self.serve!r}: expected \"auto\" (the best on held-out mail), "
-                              "\"model\", \"baseline\" or \"ensemble\"")
+            raise ConfigError(f"training.target_accuracy = {self.target_accuracy!r} (or --target-accuracy): expected "
+                              "0 (off) or a share between 0.5 and 1, e.g. 0.98 for 98% of automatically filed mail right")
+        if self.serve not in SERVE_SETTINGS:
+            raise ConfigError(f"training.serve = {self.serve!r} (or --serve): expected \"auto\" (the best on held-out "
+                              "mail), \"model\", \"baseline\" or \"ensemble\"")
         if not isinstance(self.refit_all, bool):
             raise ConfigError(f"training.refit_all = {self.refit_all!r}: expected true or false")
         if self.schedule and len(self.schedule.split()) != 5:
@@ -230,8 +232,9 @@ class TrainingConfig:
                 "(minute hour day month weekday, e.g. \"0 3 * * 0\" for Sundays 03:00); \"\" disables it"
             )
         if not 0.05 <= self.holdout_fraction <= 0.5:
-            raise ConfigError(f"training.holdout_fraction = {self.holdout_fraction!r}: allowed 0.05..0.5")
-        _positive("training.min_examples_per_class", self.min_examples_per_class)
+            raise ConfigError(f"training.holdout_fraction = {self.holdout_fraction!r} (or --holdout-fraction): "
+                              "allowed 0.05..0.5 (0.2 is usual)")
+        _positive("training.min_examples_per_class (or --min-examples)", self.min_examples_per_class)
         self.params()  # epochs, learning_rate, batch_size, lora_r, seed, truncation: TrainParams' one validator
 
     def params(self, **overrides: Any) -> TrainParams:

@@ -4,6 +4,8 @@
 - smtp/ never imports imap/: the two edges share only core/ (header tagging is core.tagging).
 - torch (and transformers/peft) are imported only in model/, the trainer and testing/.
 - the daemon never imports the trainer; the product never imports tests/.
+- the trainer's command line, run, gate and report load neither torch nor scikit-learn on import
+  (`mailtriage-train list`, `promote` and `--help` start fast; the steps import them when they run).
 Checked statically with `ast`, so an import hidden inside a function counts too.
 """
 
@@ -83,6 +85,14 @@ def test_daemon_never_imports_trainer_or_tests() -> None:
 
 
 @pure
+def test_trainer_never_imports_tests() -> None:
+    files = sorted(TRAINER.rglob("*.py"))
+    bad = {str(p.relative_to(ROOT)): _hits(_imports(p), ("tests",)) for p in files}
+    assert {"trainer/pipeline.py", "trainer/gate.py", "trainer/cli.py"} <= set(bad), "trainer files not found"
+    assert not {k: v for k, v in bad.items() if v}, f"use mailtriage.testing instead: {bad}"
+
+
+@pure
 def test_demo_and_benchmarks_never_import_tests() -> None:
     files = sorted((ROOT / "demo").rglob("*.py")) + sorted((ROOT / "benchmarks").rglob("*.py"))
     bad = {str(p.relative_to(ROOT)): _hits(_imports(p), ("tests",)) for p in files}
@@ -103,3 +113,12 @@ def test_importing_the_relay_and_watcher_does_not_load_torch() -> None:
     code = "import sys, mailtriage.smtp.relay, mailtriage.imap.watcher, mailtriage.store.stats; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.component
+def test_importing_the_trainer_cli_pipeline_and_gate_loads_no_torch_or_sklearn() -> None:
+    code = ("import sys, mailtriage_trainer.cli, mailtriage_trainer.pipeline, mailtriage_trainer.gate, "
+            "mailtriage_trainer.report, mailtriage_trainer.evaluate; "
+            "print(sorted(m for m in ('torch', 'transformers', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

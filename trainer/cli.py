@@ -1,4 +1,7 @@
-"""`mailtriage-train`: harvest, dedupe, split, fine-tune, evaluate, gate, promote; and `eval`.
+"""`mailtriage-train`: the command line of the trainer (argparse, flags -> settings, printing).
+
+The training run itself is pipeline.py (harvest, dedupe, split, fine-tune, evaluate, gate, promote);
+the gate's rule is gate.py. Here: `train`, `eval`, `list` and `promote`.
 
 Usage:
     mailtriage-train [train] [--config FILE] [--data SOURCE] [--base MODEL] [--model-dir DIR]
@@ -23,33 +26,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
-import shutil
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, get_args
 
-import numpy as np
-import structlog
-
-from mailtriage.core.training import TRUNCATION_CHOICES, TrainParams
+from mailtriage.config import Device
+from mailtriage.core.training import SERVE_SETTINGS, TRUNCATION_CHOICES
 from mailtriage.errors import ConfigError, MailtriageError, ModelDirBusyError, ModelError
 from mailtriage.cli.logs import configure_logging
-
-log = structlog.get_logger(__name__)
+from mailtriage_trainer import pipeline
+from mailtriage_trainer.pipeline import Settings
 
 DEFAULT_CONFIG = "/etc/mailtriage/config.toml"
 EXIT_PROMOTED = 0
 EXIT_ERROR = 2
 EXIT_NOT_PROMOTED = 3
 EXIT_BUSY = 4  # == mailtriage.model.modeldir.EXIT_BUSY
-# Share of the training split set aside for early stopping; the holdout stays untouched until the end.
-VALIDATION_FRACTION = 0.1
-TRAIN_KEYS_FILE = "train_keys.txt"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_Table = TypeVar("_Table")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,11 +94,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="a directory with one sub-folder per category of raw messages, a Maildir, a "
                         "directory of <label>.mbox, an mbox with X-Mailtriage-Label headers, a .tar.gz of "
                         "a folder tree, or .csv/.jsonl with text,label columns")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="default: model.device or auto")
+    p.add_argument("--device", choices=get_args(Device), help="default: model.device or auto")
     p.add_argument("--max-length", type=int, metavar="N", help="tokens per message (default: model.max_length)")
     p.add_argument("--threshold", type=float, metavar="T",
                    help="confidence threshold to report coverage for (default: model.threshold or 0.6)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -128,7 +125,7 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="what a message over --max-length tokens keeps (default: training.truncation)")
     p.add_argument("--holdout-fraction", type=float, metavar="F")
     p.add_argument("--min-examples", type=int, metavar="N", help="per class (default: training.min_examples_per_class)")
-    p.add_argument("--serve", choices=["auto", "model", "baseline", "ensemble"],
+    p.add_argument("--serve", choices=SERVE_SETTINGS,
                    help="what the version serves (default: training.serve or auto = best held-out macro-F1)")
     p.add_argument("--refit-all", action=argparse.BooleanOptionalAction, default=None,
                    help="after the gate promoted the version, retrain what it serves on all labelled mail "
@@ -167,7 +164,7 @@ def build_list_parser() -> argparse.ArgumentParser:
                    "when it exists)")
     p.add_argument("--model-dir", metavar="DIR", help="versioned model directory (default: training.model_dir)")
     p.add_argument("--json", action="store_true", help="one JSON array on stdout")
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
     return p
 
 
@@ -181,7 +178,7 @@ def build_promote_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help=f"read training.model_dir and [categories] from it "
                    f"(default {DEFAULT_CONFIG} when it exists)")
     p.add_argument("--model-dir", metavar="DIR", help="versioned model directory (default: training.model_dir)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     return p
 
 
@@ -266,446 +263,60 @@ def cmd_promote(args: argparse.Namespace) -> int:
 # ---- train ---------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _Settings:
-    """One run of `mailtriage-train`: what to train on and how to gate it; the fine-tune's own
-    parameters are ``params`` (the one ``TrainParams`` type, validated there)."""
-
-    data: str | None
-    base: str
-    model_dir: Path | None
-    threshold: float
-    holdout_fraction: float
-    min_examples: int
-    params: TrainParams
-    serve: str = "auto"
-    refit_all: bool = False
-    calibrate: bool = True
-    target_accuracy: float = 0.0
-
-    # Read often: shorthands into params.
-    @property
-    def seed(self) -> int:
-        return self.params.seed
-
-    @property
-    def batch_size(self) -> int:
-        return self.params.batch_size
-
-    @property
-    def max_length(self) -> int:
-        return self.params.max_length
-
-    @property
-    def device(self) -> str:
-        return self.params.device
-
-
-def _settings(args: argparse.Namespace, cfg: Any) -> _Settings:
+def _settings(args: argparse.Namespace, cfg: Any) -> Settings:
+    """The run's settings: the flags given, put over the config's [training] and [model] tables (or
+    their defaults) and checked by those tables' own rules, so a flag refuses what its key refuses."""
     from mailtriage.config import ModelConfig, TrainingConfig
 
-    tc = cfg.training if cfg is not None else TrainingConfig()
-    mc = cfg.model if cfg is not None else ModelConfig()
-
-    def pick(flag: Any, default: Any) -> Any:
-        return default if flag is None else flag
-
+    tc = _overlay(
+        cfg.training if cfg is not None else TrainingConfig(),
+        holdout_fraction=args.holdout_fraction, min_examples_per_class=args.min_examples, seed=args.seed,
+        epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size, lora_r=args.lora_r,
+        truncation=args.truncation, serve=args.serve, refit_all=args.refit_all, calibrate=args.calibrate,
+        target_accuracy=args.target_accuracy,
+    )
+    # max_length and device are the fine-tune's (TrainParams checks them); the threshold is [model]'s.
+    mc = _overlay(cfg.model if cfg is not None else ModelConfig(), threshold=args.threshold)
     model_dir = args.model_dir or (tc.model_dir if cfg is not None else None)
-    s = _Settings(
+    return Settings(
         data=args.data,
         base=args.base or tc.base_model,
         model_dir=Path(model_dir).expanduser() if model_dir else None,
-        threshold=pick(args.threshold, mc.threshold),
-        holdout_fraction=pick(args.holdout_fraction, tc.holdout_fraction),
-        min_examples=pick(args.min_examples, tc.min_examples_per_class),
-        params=tc.params(
-            seed=args.seed, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
-            lora_r=args.lora_r, max_length=pick(args.max_length, mc.max_length), device=pick(args.device, mc.device),
-            patience=args.patience, truncation=getattr(args, "truncation", None),
-        ),
-        serve=pick(getattr(args, "serve", None), tc.serve),
-        refit_all=pick(getattr(args, "refit_all", None), tc.refit_all),
-        calibrate=pick(getattr(args, "calibrate", None), tc.calibrate),
-        target_accuracy=pick(getattr(args, "target_accuracy", None), tc.target_accuracy),
+        threshold=mc.threshold,
+        holdout_fraction=tc.holdout_fraction,
+        min_examples=tc.min_examples_per_class,
+        params=tc.params(max_length=_pick(args.max_length, mc.max_length), device=_pick(args.device, mc.device),
+                         patience=args.patience),
+        serve=tc.serve,
+        refit_all=tc.refit_all,
+        calibrate=tc.calibrate,
+        target_accuracy=tc.target_accuracy,
     )
-    if s.target_accuracy and not 0.5 <= s.target_accuracy < 1.0:
-        raise ConfigError(f"--target-accuracy {s.target_accuracy!r}: expected 0 (off) or a share between 0.5 and 1, "
-                          "e.g. 0.98")
-    if not 0.0 <= s.threshold <= 1.0:
-        raise ConfigError(f"--threshold {s.threshold!r} is outside 0..1")
-    if not 0.0 < s.holdout_fraction < 1.0:
-        raise ConfigError(f"--holdout-fraction {s.holdout_fraction!r}: expected a number between 0 and 1 (0.2 is usual)")
-    if s.min_examples <= 0:
-        raise ConfigError(f"--min-examples {s.min_examples!r}: must be a positive number")
-    return s
+
+
+def _pick(flag: Any, default: Any) -> Any:
+    return default if flag is None else flag
+
+
+def _overlay(table: _Table, **flags: Any) -> _Table:
+    """``table`` with the flags that were given in place of its values; its ``__post_init__`` checks them."""
+    return dataclasses.replace(table, **{k: v for k, v in flags.items() if v is not None})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mailtriage.model import modeldir
-    from mailtriage_trainer import dataset, sources
-
     cfg = _load_optional_config(args.config)
     s = _settings(args, cfg)
     if not args.dry_run:
-        if not s.base:
-            raise ConfigError("no base model: pass --base MODEL (a local model folder, or all-MiniLM-L6-v2) "
-                              "or set training.base_model in the config")
-        if s.model_dir is None:
-            raise ConfigError("no model directory: pass --model-dir DIR or --config with training.model_dir")
-    progress = sys.stderr.isatty()
-
-    # 1. harvest
-    from collections import Counter
-
-    skipped: Counter[str] = Counter()
-    if s.data:
-        examples = sources.load_source(s.data, categories=cfg.categories if cfg else None, progress=None,
-                                       skipped=skipped)
-        source_name = str(s.data)
-    elif cfg is not None:
-        examples = sources.load_imap(cfg, account=args.account, progress=None, skipped=skipped)
-        source_name = "imap:" + (args.account or (cfg.accounts[0].name if cfg.accounts else "?"))
-    else:
-        raise ConfigError("no training data: pass --data SOURCE, or --config with [categories] and "
-                          "[[accounts]] to harvest the category folders over IMAP")
-    loaded = len(examples)
-
-    # 2. hygiene and split
-    examples, dropped = dataset.dedupe(examples)
-    labels = list(cfg.labels) if cfg is not None else sources.labels_of(examples)
-    dataset.check_min_examples(examples, s.min_examples, labels)
-    train_all, holdout = dataset.split(examples, s.holdout_fraction, s.seed)
-    train, val = dataset.split(train_all, VALIDATION_FRACTION, s.seed, name="validation")
-    data_info: dict[str, Any] = {
-        "source": source_name,
-        "loaded": loaded,
-        "skipped": dict(skipped),
-        "duplicates_dropped": dropped,
-        "split": "time-ordered (newest per class held out)" if dataset.is_time_ordered(examples)
-                 else "stratified random",
-        "all": dataset.summary(examples, labels),
-        "train": dataset.summary(train, labels),
-        "validation": dataset.summary(val, labels),
-        "holdout": dataset.summary(holdout, labels),
-    }
+        s.check_can_train()
+    data = pipeline.prepare(s, cfg, account=args.account)
     if args.dry_run:
-        print(json.dumps({"labels": labels, "data": data_info}, indent=2))
+        print(json.dumps({"labels": data.labels, "data": data.info}, indent=2))
         return 0
-    assert s.model_dir is not None
-    from mailtriage_trainer import distributed
-
-    if distributed.world_size() > 1:
-        from mailtriage.model.transformers import pick_device
-
-        distributed.start(pick_device(s.params.device))
-        if not distributed.is_main():
-            # The other processes only share the fine-tune's batches; rank 0 alone writes the version,
-            # scores, gates and promotes it.
-            try:
-                _finetune(s, train, val, labels, None, progress=False)
-            finally:
-                distributed.stop()
-            return 0
-
-    with modeldir.exclusive(s.model_dir):
-        version_dir = modeldir.new_version_dir(s.model_dir)
-        log.info("training_started", version=version_dir.name, base_model=s.base, train=len(train),
-                 validation=len(val), holdout=len(holdout), labels=len(labels))
-        try:
-            params, result = _finetune(s, train, val, labels, version_dir, progress)
-        except BaseException:
-            # An adapter that never finished is no version; leave no half directory behind.
-            shutil.rmtree(version_dir, ignore_errors=True)
-            raise
-        finally:
-            distributed.stop()  # the fine-tune is the one part shared with other processes
-        manifest = _base_manifest(version_dir, s, labels, data_info, params, result)
-        modeldir.write_manifest(version_dir, manifest)  # load_classifier reads base_model from it
-        (version_dir / TRAIN_KEYS_FILE).write_text(
-            "".join(_key_digest(e.key) + "\n" for e in sorted(train_all, key=lambda e: e.key)), encoding="utf-8")
-
-        # 3. evaluate on the holdout: model, baseline, ensemble (its weight chosen on validation); serve
-        # the best of the three unless the config or --serve names one
-        from mailtriage.model.ensemble import SERVE_MODEL
-        from mailtriage_trainer.evaluate import choose_serve, serve_reason
-
-        scores, probs, baseline = _evaluate_all(s, version_dir, labels, train, val, train_all, holdout, progress)
-        parts = (scores["model_metrics"], scores["baseline_metrics"], scores["ensemble_metrics"])
-        serve = choose_serve(*parts) if s.serve == "auto" else s.serve
-        reason = serve_reason(serve, *parts, scores["ensemble_weight"], configured=s.serve != "auto")
-        if serve != SERVE_MODEL:
-            baseline.save(version_dir)
-        # "metrics" is the version as served (what load_classifier gives), so the gate, eval --model and
-        # the next run's gate all score the same thing; each part keeps its own row.
-        manifest.update(scores, serve=serve, serve_reason=reason, metrics=scores[f"{serve}_metrics"])
-        if s.target_accuracy:
-            from mailtriage_trainer.evaluate import threshold_for_accuracy
-
-            manifest["target"] = threshold_for_accuracy([e.label for e in holdout], probs[serve], labels,
-                                                        s.target_accuracy)
-            log.info("target_threshold", **manifest["target"])
-        log.info("serve_chosen", serve=serve, macro_f1=round(manifest["metrics"]["macro_f1"], 4))
-
-        # 4. the gate
-        gate = _gate(s, cfg, labels, holdout, probs[serve], manifest["metrics"], args.force, progress)
-        manifest["gate"] = gate
-        modeldir.write_manifest(version_dir, manifest)
-        from mailtriage_trainer.report import write_report
-
-        if gate["promoted"] and s.refit_all:
-            manifest["refit"] = _refit_all(s, version_dir, labels, serve, params, result, train_all, holdout,
-                                           val, progress)
-            modeldir.write_manifest(version_dir, manifest)
-        report = write_report(version_dir, manifest)
-        if gate["promoted"]:
-            modeldir.promote(s.model_dir, version_dir)
-
-    _print_summary(version_dir, manifest, report)
-    return EXIT_PROMOTED if gate["promoted"] else EXIT_NOT_PROMOTED
-
-
-def _finetune(
-    s: _Settings, train: Sequence[Any], val: Sequence[Any], labels: Sequence[str], out_dir: Path | None,
-    progress: bool,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    from mailtriage.model import modeldir
-    from mailtriage.core.labels import LabelSet
-    from mailtriage_trainer.finetune import finetune
-
-    params = s.params
-    result = finetune(
-        modeldir.resolve_base_model(s.base),
-        [(e.text, e.label) for e in train],
-        [(e.text, e.label) for e in val],
-        LabelSet(tuple(labels)),
-        out_dir,
-        params,
-        progress=progress,
-    )
-    return dataclasses.asdict(params), dataclasses.asdict(result)
-
-
-def _base_manifest(
-    version_dir: Path, s: _Settings, labels: Sequence[str], data: dict[str, Any],
-    params: dict[str, Any], training: dict[str, Any],
-) -> dict[str, Any]:
-    from mailtriage.model import modeldir
-    from mailtriage.core.mailtext import MAILTEXT_VERSION
-
-    manifest: dict[str, Any] = {}
-    if (version_dir / modeldir.MANIFEST_FILE).is_file():  # finetune may have recorded its own facts
-        manifest = modeldir.read_manifest(version_dir)
-    manifest.update({
-        "version": version_dir.name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "base_model": modeldir.base_model_name(s.base),
-        "mailtext_version": MAILTEXT_VERSION,
-        "labels": list(labels),
-        "threshold": s.threshold,
-        "data": data,
-        "params": params,
-        "training": training,
-    })
-    return manifest
-
-
-def _evaluate_all(
-    s: _Settings, version_dir: Path, labels: Sequence[str], train: Sequence[Any], val: Sequence[Any],
-    train_all: Sequence[Any], holdout: Sequence[Any], progress: bool,
-) -> tuple[dict[str, Any], dict[str, Any], Any]:
-    """(manifest entries model_metrics, baseline_metrics, ensemble_metrics, ensemble_weight; holdout
-    probabilities of "model", "baseline" and "ensemble"; the baseline fitted on train + validation).
-
-    The ensemble weight is chosen on the validation slice with a baseline fitted on the training
-    slice only, so nothing about the holdout leaks into it.
-    """
-    from mailtriage.model.ensemble import BASELINE_TEMPERATURE, ENSEMBLE_TEMPERATURE, temper
-    from mailtriage.model.transformers import load_classifier
-    from mailtriage_trainer.evaluate import (
-        DEFAULT_THRESHOLDS, Baseline, ensemble_probs, expected_calibration_error, fit_serving, score_probs, softmax,
-    )
-
-    thresholds = (*DEFAULT_THRESHOLDS, s.threshold)
-    texts = [e.text for e in holdout]
-    y = [e.label for e in holdout]
-    # Load the saved adapter the way the daemon will: this also proves the version directory is complete.
-    clf = load_classifier(version_dir, device=s.device, batch_size=s.batch_size, max_length=s.max_length,
-                          expected_labels=labels)
-    # Raw logits (the version has no temperature yet), in the classifier's label order = labels.
-    hold_logits = clf.logits(texts).numpy() if texts else np.zeros((0, len(labels)))
-    val_logits = clf.logits([e.text for e in val]).numpy()
-    del clf
-    y_val = [e.label for e in val]
-    # Temperatures (model, baseline, ensemble) and the ensemble weight come from validation mail only;
-    # the holdout only measures what they did. The baseline's temperature is fitted with a baseline
-    # that never saw that mail (TF-IDF + LR is far from calibrated: on BANKING77 10-shot its mean
-    # confidence was 0.48 at 74% accuracy, so a 0.6 threshold sent two thirds of the mail to unsure).
-    val_baseline = Baseline(labels, seed=s.seed).fit([e.text for e in train], [e.label for e in train])
-    fitted = fit_serving(y_val, val_logits, val_baseline.predict_proba([e.text for e in val]), labels, s.calibrate)
-    temperature, base_temperature = fitted.temperature, fitted.baseline_temperature
-    weight, ens_temperature = fitted.ensemble_weight, fitted.ensemble_temperature
-    model_p = softmax(hold_logits, temperature)
-    calibration = {
-        "temperature": temperature, "fitted_on": len(val),
-        "ece_before": expected_calibration_error(y, softmax(hold_logits), labels),
-        "ece_after": expected_calibration_error(y, model_p, labels),
-    }
-    baseline = Baseline(labels, seed=s.seed).fit([e.text for e in train_all], [e.label for e in train_all])
-    base_raw = baseline.predict_proba(texts)
-    base_p = temper(base_raw, base_temperature)
-    calibration["baseline"] = {
-        "temperature": base_temperature, "fitted_on": len(val),
-        "ece_before": expected_calibration_error(y, base_raw, labels),
-        "ece_after": expected_calibration_error(y, base_p, labels),
-    }
-    probs = {"model": model_p, "baseline": base_p,
-             "ensemble": ensemble_probs(model_p, base_p, weight, ens_temperature)}
-    calibration["ensemble"] = {
-        "temperature": ens_temperature, "fitted_on": len(val),
-        "ece_before": expected_calibration_error(y, ensemble_probs(model_p, base_p, weight), labels),
-        "ece_after": expected_calibration_error(y, probs["ensemble"], labels),
-    }
-    out: dict[str, Any] = {
-        "model_metrics": score_probs(y, model_p, labels, thresholds),
-        "baseline_metrics": score_probs(y, base_p, labels, thresholds),
-        "ensemble_metrics": score_probs(y, probs["ensemble"], labels, thresholds),
-        "ensemble_weight": weight,
-        "temperature": temperature,
-        BASELINE_TEMPERATURE: base_temperature,
-        ENSEMBLE_TEMPERATURE: ens_temperature,
-        "calibration": calibration,
-    }
-    log.info("holdout_evaluated", holdout=len(holdout), ensemble_weight=weight, temperature=temperature,
-             baseline_temperature=base_temperature, ensemble_temperature=ens_temperature,
-             ece_before=round(calibration["ece_before"], 4), ece_after=round(calibration["ece_after"], 4),
-             **{name: round(out[f"{name}_metrics"]["macro_f1"], 4) for name in ("model", "baseline", "ensemble")})
-    return out, probs, baseline
-
-
-def _refit_all(
-    s: _Settings, version_dir: Path, labels: Sequence[str], serve: str, params: dict[str, Any],
-    result: dict[str, Any], train_all: Sequence[Any], holdout: Sequence[Any], val: Sequence[Any], progress: bool,
-) -> dict[str, Any]:
-    """After the gate decided: retrain what the version serves on all labelled mail (train + holdout).
-
-    The held-out metrics in the manifest stay those of the gated fit (the refit has no unseen mail
-    left to be scored on). The model is retrained for the best epoch count the gated fit found, with no
-    early stopping; the baseline is refitted on everything. The gated adapter is replaced only once
-    the refit has finished.
-    """
-    from mailtriage.model import modeldir
-    from mailtriage.model.ensemble import SERVE_MODEL, SERVE_BASELINE
-    from mailtriage_trainer.evaluate import Baseline
-
-    everything = [*train_all, *holdout]
-    info: dict[str, Any] = {"examples": len(everything), "parts": []}
-    if serve != SERVE_BASELINE:
-        from mailtriage_trainer.finetune import finetune
-        from mailtriage.core.labels import LabelSet
-
-        epochs = int(result.get("best_epoch") or params["epochs"])
-        refit_params = TrainParams(**{**params, "epochs": epochs, "patience": epochs + 1})
-        tmp = version_dir / ".refit"
-        shutil.rmtree(tmp, ignore_errors=True)
-        # Validation rows are part of the training data here; they only feed the loop's log.
-        finetune(modeldir.resolve_base_model(s.base), [(e.text, e.label) for e in everything],
-                 [(e.text, e.label) for e in val], LabelSet(tuple(labels)), tmp, refit_params, progress=progress)
-        for f in tmp.iterdir():
-            if f.name != modeldir.MANIFEST_FILE:
-                os.replace(f, version_dir / f.name)
-        shutil.rmtree(tmp, ignore_errors=True)
-        info["parts"].append("model")
-        info["model_epochs"] = epochs
-    if serve != SERVE_MODEL:
-        Baseline(labels, seed=s.seed).fit([e.text for e in everything], [e.label for e in everything]).save(version_dir)
-        info["parts"].append("baseline")
-    log.info("refit_all_done", **info)
-    return info
-
-
-def _gate(
-    s: _Settings, cfg: Any, labels: Sequence[str], holdout: Sequence[Any], served_probs: Any,
-    new_metrics: dict[str, Any], force: bool, progress: bool,
-) -> dict[str, Any]:
-    """Promote only if the new macro-F1 >= the current version's on the same held-out mail.
-
-    Both sides are scored as served: ``served_probs`` / ``new_metrics`` are the new version's served
-    output, and the current version goes through load_classifier, which applies its ensemble if any.
-    """
-    from mailtriage.model import modeldir
-    from mailtriage.core.labels import LabelSet
-
-    assert s.model_dir is not None
-    current = modeldir.current_version(s.model_dir)
-    gate: dict[str, Any] = {"current_version": current.name if current else None, "new_macro_f1": new_metrics["macro_f1"]}
-
-    def decide(promoted: bool, reason: str, decision: str | None = None) -> dict[str, Any]:
-        if not promoted and force:
-            promoted, decision, reason = True, "forced", reason + " Promoted anyway because of --force."
-        gate.update(promoted=promoted, decision=decision or ("promoted" if promoted else "refused"), reason=reason)
-        log.info("gate_decided", **{k: v for k, v in gate.items() if k != "current_metrics"})
-        return gate
-
-    if current is None:
-        return decide(True, "No version was promoted before; this one becomes current.")
-    try:
-        current_labels = LabelSet.load(current).labels
-    except ModelError as exc:
-        return decide(True, f"The current version {current.name} cannot be read ({exc}); replacing it.")
-    if set(current_labels) != set(labels):
-        change = (f"labels {sorted(current_labels)} -> {sorted(labels)}")
-        if cfg is not None:
-            # The config names the categories the daemon serves; an old label set cannot be served anyway.
-            return decide(True, f"The current version {current.name} has another label set ({change}) that no "
-                                "longer matches the config; the two are not comparable, so the new one replaces it.")
-        return decide(False, f"The current version {current.name} has another label set ({change}); without a "
-                             "config saying which set is right, the gate keeps the current one. Pass --force to "
-                             "replace it, or --config so the configured categories decide.")
-
-    # Compare on held-out mail the current version never trained on, when it says what it trained on.
-    # A current version trained on some of this holdout would score itself too well (a random split
-    # moves mail between train and holdout from one run to the next).
-    rows = list(range(len(holdout)))
-    note = ""
-    keys_file = current / TRAIN_KEYS_FILE
-    if keys_file.is_file():
-        seen = set(keys_file.read_text(encoding="utf-8").split())
-        unseen = [i for i in rows if _key_digest(holdout[i].key) not in seen]
-        if len(unseen) < len(rows) and {holdout[i].label for i in unseen} == {e.label for e in holdout}:
-            rows = unseen
-            note = (f" Compared on the {len(rows)} of {len(holdout)} held-out messages that "
-                    f"{current.name} did not train on.")
-    subset = [holdout[i] for i in rows]
-    try:
-        current_metrics = _score_version(current, s, labels, subset, progress)
-    except ModelError as exc:
-        return decide(True, f"The current version {current.name} cannot be loaded ({exc}); replacing it.")
-    new_f1 = new_metrics["macro_f1"]
-    if len(rows) != len(holdout):
-        from mailtriage_trainer.evaluate import score_probs
-
-        new_f1 = score_probs([e.label for e in subset], served_probs[rows], labels, ())["macro_f1"]
-    cur_f1 = current_metrics["macro_f1"]
-    gate.update(current_macro_f1=cur_f1, new_macro_f1_compared=new_f1, compared_on=len(subset),
-                current_metrics=current_metrics)
-    # A tiny tolerance so a re-run that reproduces the same model is not refused on float noise.
-    if new_f1 >= cur_f1 - 1e-9:
-        return decide(True, f"Macro-F1 {new_f1:.4f} >= current version {current.name}'s {cur_f1:.4f} on the "
-                            f"same held-out mail.{note}")
-    return decide(False, f"Macro-F1 {new_f1:.4f} < current version {current.name}'s {cur_f1:.4f} on the same "
-                         f"held-out mail, so {current.name} stays current.{note} This version and its "
-                         "report are kept; promote it with --force if that is intended.")
-
-
-def _score_version(path: Path, s: _Settings, labels: Sequence[str], examples: Sequence[Any], progress: bool) -> dict[str, Any]:
-    from mailtriage.model.transformers import load_classifier
-    from mailtriage_trainer.evaluate import DEFAULT_THRESHOLDS, classifier_probs, score_probs
-
-    clf = load_classifier(path, device=s.device, batch_size=s.batch_size, max_length=s.max_length,
-                          expected_labels=labels)
-    probs = classifier_probs(clf, [e.text for e in examples], labels, batch_size=max(s.batch_size, 32),
-                             progress=progress)
-    return score_probs([e.label for e in examples], probs, labels, (*DEFAULT_THRESHOLDS, s.threshold))
+    outcome = pipeline.run(s, cfg, data, force=args.force, progress=sys.stderr.isatty())
+    if outcome is None:  # one of several torchrun processes; rank 0 reports
+        return 0
+    _print_summary(outcome.version_dir, outcome.manifest, outcome.report)
+    return EXIT_PROMOTED if outcome.promoted else EXIT_NOT_PROMOTED
 
 
 def _print_summary(version_dir: Path, manifest: dict[str, Any], report: Path) -> None:
@@ -724,10 +335,6 @@ def _print_summary(version_dir: Path, manifest: dict[str, Any], report: Path) ->
     else:
         print(f"NOT PROMOTED: {gate['reason']}")
     print(f"report: {report}")
-
-
-def _key_digest(key: str) -> str:
-    return hashlib.sha1(key.encode("utf-8", "replace")).hexdigest()[:20]
 
 
 # ---- eval ----------------------------------------------------------------------------------

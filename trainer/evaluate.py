@@ -34,37 +34,37 @@ def metrics(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str])
 
     ``confusion[i][j]`` counts examples of ``labels[i]`` predicted as ``labels[j]``. Macro-F1
     averages over labels that occur in ``y_true`` or ``y_pred`` (as scikit-learn does without an
-    explicit label list), so a class absent from a small eval set neither helps nor hurts.
+    explicit label list), so a class absent from a small eval set neither helps nor hurts. A
+    precision, recall or F1 whose denominator is 0 is 0.
     """
     if len(y_true) != len(y_pred):
         raise ValueError(f"{len(y_true)} true labels but {len(y_pred)} predictions")
     labels = list(labels)
-    index = {label: i for i, label in enumerate(labels)}
-    unknown = sorted({y for y in (*y_true, *y_pred) if y not in index})
+    known = set(labels)
+    unknown = sorted({y for y in (*y_true, *y_pred) if y not in known})
     if unknown:
         raise TrainingDataError(f"labels {unknown} are not among the model's labels {labels}")
-    k = len(labels)
-    confusion = np.zeros((k, k), dtype=np.int64)
-    for t, p in zip(y_true, y_pred, strict=True):
-        confusion[index[t], index[p]] += 1
-    per_class: dict[str, dict[str, float | int]] = {}
-    f1s = []
-    for i, label in enumerate(labels):
-        tp = int(confusion[i, i])
-        support = int(confusion[i].sum())
-        predicted = int(confusion[:, i].sum())
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
-        if support or predicted:
-            f1s.append(f1)
     n = len(y_true)
+    if not n:  # scikit-learn refuses empty input; nothing was measured
+        return {"n": 0, "accuracy": 0.0, "macro_f1": 0.0, "labels": labels,
+                "per_class": {label: {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0} for label in labels},
+                "confusion": np.zeros((len(labels), len(labels)), dtype=np.int64).tolist()}
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+    confusion = confusion_matrix(y_true, y_pred, labels=labels)
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    # In label order, so the mean adds the same numbers in the same order whatever the labels are called.
+    seen = {*y_true, *y_pred}
+    present = [label for label in labels if label in seen]
     return {
         "n": n,
-        "accuracy": float(np.trace(confusion)) / n if n else 0.0,
-        "macro_f1": float(np.mean(f1s)) if f1s else 0.0,
-        "per_class": per_class,
+        "accuracy": float(np.trace(confusion)) / n,
+        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "per_class": {
+            label: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                    "support": int(support[i])}
+            for i, label in enumerate(labels)
+        },
         "labels": labels,
         "confusion": confusion.tolist(),
     }
@@ -373,19 +373,11 @@ def threshold_for_accuracy(y: Sequence[str], probs: np.ndarray, labels: Sequence
 def ood_auroc(in_scope_conf: Sequence[float], oos_conf: Sequence[float]) -> float:
     """AUROC of telling in-scope from out-of-scope mail by confidence alone (higher = in scope):
     the chance that a random in-scope message is more confident than a random OOS one (ties 1/2)."""
+    from sklearn.metrics import roc_auc_score
+
     a = np.asarray(in_scope_conf, dtype=np.float64)
     b = np.asarray(oos_conf, dtype=np.float64)
     if not len(a) or not len(b):
         return float("nan")
-    allv = np.concatenate([a, b])
-    ranks = np.empty(len(allv))
-    order = np.argsort(allv, kind="mergesort")
-    sorted_v = allv[order]
-    i = 0
-    while i < len(allv):
-        j = i
-        while j + 1 < len(allv) and sorted_v[j + 1] == sorted_v[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[: len(a)].sum() - len(a) * (len(a) + 1) / 2) / (len(a) * len(b)))
+    in_scope = np.concatenate([np.ones(len(a)), np.zeros(len(b))])
+    return float(roc_auc_score(in_scope, np.concatenate([a, b])))

@@ -15,6 +15,15 @@ from mailtriage.errors import ConfigError
 # What a text longer than max_length keeps (mailtriage.model.transformers.tokenize cuts it).
 TRUNCATION_CHOICES = ("head", "head_tail")
 
+# What a version serves (its manifest's "serve"; mailtriage.model.ensemble serves each), and what
+# [training] serve / --serve accept: one of those, or "auto" = the best of them on held-out mail.
+SERVE_MODEL = "model"
+SERVE_BASELINE = "baseline"
+SERVE_ENSEMBLE = "ensemble"
+SERVE_CHOICES = (SERVE_MODEL, SERVE_BASELINE, SERVE_ENSEMBLE)
+SERVE_AUTO = "auto"
+SERVE_SETTINGS = (SERVE_AUTO, *SERVE_CHOICES)
+
 
 @dataclass
 class TrainParams:
@@ -48,7 +57,8 @@ class TrainParams:
                                   f"([training] {name} in the config, or --{name.replace('_', '-')})")
         if not 0 < self.learning_rate < 1:
             raise ConfigError(f"training parameter learning_rate = {self.learning_rate!r}: allowed 0 < lr < 1 "
-                              "(1e-3 suits LoRA, 5e-5 a full fine-tune)")
+                              "(1e-3 suits LoRA, 5e-5 a full fine-tune; [training] learning_rate in the config, "
+                              "or --learning-rate)")
         if self.head_lr_scale <= 0:
             raise ConfigError(f"training parameter head_lr_scale = {self.head_lr_scale!r}: must be > 0 (10 is a sound start)")
         for name in ("lora_dropout", "warmup"):

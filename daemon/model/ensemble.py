@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from mailtriage.core.classifier import Prediction
+# What a version may serve is defined with the training parameters (the config validates them there).
+from mailtriage.core.training import SERVE_BASELINE, SERVE_CHOICES, SERVE_ENSEMBLE, SERVE_MODEL  # noqa: F401
 from mailtriage.errors import ModelError
 
 BASELINE_FILE = "baseline.joblib"
@@ -23,10 +25,6 @@ BASELINE_TEMPERATURE = "baseline_temperature"
 # them where the two disagree (BANKING77 10-shot: ensemble ECE 0.138 against the model's 0.046), so
 # the mix gets a third temperature, fitted on validation mail like the other two.
 ENSEMBLE_TEMPERATURE = "ensemble_temperature"
-SERVE_MODEL = "model"
-SERVE_BASELINE = "baseline"
-SERVE_ENSEMBLE = "ensemble"
-SERVE_CHOICES = (SERVE_MODEL, SERVE_BASELINE, SERVE_ENSEMBLE)
 # Weight of the model in the ensemble when a manifest names none (versions before weights were tuned).
 DEFAULT_ENSEMBLE_WEIGHT = 0.5
 

@@ -198,23 +198,17 @@ def _model_dir_of(args: argparse.Namespace) -> tuple[Path, Any]:
 
 
 def _version_row(version_dir: Path, current: Path | None) -> dict[str, Any]:
-    from mailtriage.model import modeldir
+    from mailtriage.model.manifest import Manifest
 
+    row: dict[str, Any] = {"version": version_dir.name,
+                           "current": current is not None and version_dir.resolve() == current}
     try:
-        manifest = modeldir.read_manifest(version_dir)
-    except ModelError:
-        manifest = {}
-    metrics = manifest.get("metrics") or {}
-    gate = manifest.get("gate") or {}
-    return {
-        "version": version_dir.name,
-        "current": current is not None and version_dir.resolve() == current,
-        "macro_f1": metrics.get("macro_f1"),
-        "accuracy": metrics.get("accuracy"),
-        "serve": manifest.get("serve"),
-        "gate": gate.get("decision") or (None if not gate else ("promoted" if gate.get("promoted") else "kept")),
-        "base_model": manifest.get("base_model"),
-    }
+        m = Manifest.load(version_dir)
+    except ModelError as exc:  # listed anyway: the row says the version cannot be served as it is
+        log.warning("manifest_unusable", version=version_dir.name, error=str(exc))
+        return {**row, "macro_f1": None, "accuracy": None, "serve": None, "gate": None, "base_model": None}
+    return {**row, "macro_f1": m.macro_f1, "accuracy": m.accuracy, "serve": m.serve,
+            "gate": m.gate_decision, "base_model": m.base_model}
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -201,7 +201,9 @@ def _labelled(path: Path) -> Path:
 
 @pytest.mark.pure
 @pytest.mark.parametrize("how", ["absolute", "relative", "via-a-linked-version"])
-def test_current_pointing_outside_model_dir_is_refused(tmp_path: Path, how: str) -> None:
+def test_current_pointing_outside_model_dir_is_refused(
+    tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     models = tmp_path / "models"
     inside = _labelled(models / "20260101-000000")
     outside = _labelled(tmp_path / "elsewhere" / "evil")
@@ -218,9 +220,18 @@ def test_current_pointing_outside_model_dir_is_refused(tmp_path: Path, how: str)
             modeldir.resolve(given)
     with pytest.raises(ModelError, match="outside the model directory"):
         modeldir.current_version(models)
-    # A version named directly is the admin's explicit choice, and promote repairs the link.
+    # A version named directly is the admin's explicit choice.
     assert modeldir.resolve(outside) == outside.resolve()
-    modeldir.promote(models, inside)
+    # `list` still shows what can be promoted, and `promote` repairs the link.
+    from mailtriage_trainer.cli import main
+
+    monkeypatch.delenv("MAILTRIAGE_CONFIG", raising=False)
+    monkeypatch.setattr("mailtriage_trainer.cli.DEFAULT_CONFIG", "/nonexistent/mailtriage.toml")
+    assert main(["list", "--model-dir", str(models)]) == 0
+    out, err = capsys.readouterr()
+    assert inside.name in out and "outside the model directory" in err
+    assert main(["promote", inside.name, "--model-dir", str(models)]) == 0
+    assert "a link outside" in capsys.readouterr().out
     assert modeldir.resolve(models) == modeldir.resolve(link) == inside.resolve()
 
 

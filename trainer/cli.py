@@ -215,7 +215,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     from mailtriage.model import modeldir
 
     model_dir, _cfg = _model_dir_of(args)
-    current = modeldir.current_version(model_dir)
+    try:
+        current = modeldir.current_version(model_dir)
+    except ModelError as exc:  # a `current` outside the model directory: list the versions to promote one
+        print(f"warning: {exc}", file=sys.stderr)
+        current = None
     rows = [_version_row(v, current) for v in modeldir.versions(model_dir)]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -250,9 +254,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if cfg is not None:  # the daemon would refuse the reload; say so now
         LabelSet.load(version_dir).check_matches(cfg.labels, where=f"version {name!r}")
     with modeldir.exclusive(model_dir):
-        before = modeldir.current_version(model_dir)
+        try:
+            before = modeldir.current_version(model_dir)
+            was = before.name if before is not None else "nothing"
+        except ModelError:  # a `current` outside the model directory: promoting repairs it
+            was = f"a link outside {str(model_dir)!r}"
         modeldir.promote(model_dir, version_dir)
-    was = before.name if before is not None else "nothing"
     print(f"current -> {name} (was {was}); the daemon reloads it at its next reload check")
     return 0
 

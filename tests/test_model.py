@@ -460,6 +460,27 @@ def test_ensemble_without_a_usable_baseline_is_a_model_error(tiny_model_dir: Pat
         load_classifier(version, device="cpu")
 
 
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("temperature", 1e-300, r'"temperature": 1e-300; expected a finite number in 0.01..100'),
+    ("temperature", "abc", r'"temperature": \'abc\' \(str\); expected a number'),
+    ("ensemble_weight", float("nan"), r'"ensemble_weight": nan; expected a finite number in 0..1'),
+    ("ensemble_temperature", float("inf"), r'"ensemble_temperature": inf; expected a finite number'),
+])
+def test_hostile_manifest_values_are_refused_at_load(
+    tiny_model_dir: Path, tmp_path: Path, key: str, value: object, message: str
+) -> None:
+    """Before, 1e-300 made every confidence NaN (filed into the first category), NaN loaded and then
+    failed every classification, and "abc" was a traceback."""
+    from mailtriage.model.transformers import load_classifier
+
+    version = _copy_version(tiny_model_dir, tmp_path, "model")
+    manifest = modeldir.read_manifest(version)
+    manifest[key] = value
+    modeldir.write_manifest(version, manifest)
+    with pytest.raises(ModelError, match=message):
+        load_classifier(version, device="cpu")
+
+
 def test_bert_pooler_is_trained_with_the_head_decoders_have_none(tiny_encoder_base: Path, tiny_decoder_base: Path) -> None:
     import torch
 

@@ -110,7 +110,8 @@ def test_the_rules_can_fail(tmp_path: Path) -> None:
 
 @pytest.mark.component
 def test_importing_the_relay_and_watcher_does_not_load_torch() -> None:
-    code = "import sys, mailtriage.smtp.relay, mailtriage.imap.watcher, mailtriage.store.stats; print('torch' in sys.modules)"
+    code = ("import sys, mailtriage.smtp.relay, mailtriage.imap.watcher, mailtriage.store.stats, "
+            "mailtriage.model.manifest; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

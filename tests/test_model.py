@@ -191,7 +191,7 @@ def test_reload_gives_identical_logits(classifier, tiny_model_dir: Path) -> None
 
     again = load_classifier(tiny_model_dir / "current", device="cpu", batch_size=classifier.batch_size)
     assert again.version == classifier.version == modeldir.resolve(tiny_model_dir).name
-    assert again.manifest["base_model"] == classifier.manifest["base_model"]
+    assert again.manifest.base_model == classifier.manifest.base_model
     assert torch.equal(again.logits(TEXTS), classifier.logits(TEXTS))
 
 
@@ -348,7 +348,7 @@ def _copy_version(tiny_model_dir: Path, dest: Path, serve: str | None) -> Path:
 
 
 def test_old_manifest_serves_the_model_alone(classifier) -> None:  # type: ignore[no-untyped-def]
-    assert "serve" not in classifier.manifest
+    assert "serve" not in classifier.manifest.raw and classifier.manifest.serve == "model"
     assert classifier.serve == "model" and classifier.baseline is None
 
 
@@ -430,13 +430,13 @@ def test_served_baseline_applies_the_manifest_baseline_temperature(
     if serve == "ensemble":
         manifest[ensemble.ENSEMBLE_TEMPERATURE] = -1
         modeldir.write_manifest(version, manifest)
-        with pytest.raises(ModelError, match="ensemble_temperature.*expected a number > 0"):
+        with pytest.raises(ModelError, match="ensemble_temperature.*expected a finite number in 0.01..100"):
             load_classifier(version, device="cpu")
         manifest[ensemble.ENSEMBLE_TEMPERATURE] = 0.5
 
     manifest[ensemble.BASELINE_TEMPERATURE] = 0
     modeldir.write_manifest(version, manifest)
-    with pytest.raises(ModelError, match="baseline_temperature.*expected a number > 0"):
+    with pytest.raises(ModelError, match="baseline_temperature.*expected a finite number in 0.01..100"):
         load_classifier(version, device="cpu")
 
 
@@ -444,10 +444,10 @@ def test_ensemble_without_a_usable_baseline_is_a_model_error(tiny_model_dir: Pat
     from mailtriage.model.transformers import load_classifier
 
     version = _copy_version(tiny_model_dir, tmp_path, "ensemble")
-    with pytest.raises(ModelError, match="no baseline.joblib.*retrain"):
+    with pytest.raises(ModelError, match="no baseline.npz.*retrain"):
         load_classifier(version, device="cpu")
-    (version / "baseline.joblib").write_bytes(b"not a pickle")
-    with pytest.raises(ModelError, match="baseline.joblib.*could not be loaded"):
+    (version / "baseline.npz").write_bytes(b"not a zip of arrays")
+    with pytest.raises(ModelError, match="baseline.npz.*not a usable TF-IDF baseline"):
         load_classifier(version, device="cpu")
     manifest = modeldir.read_manifest(version)
     manifest["serve"] = "best-guess"
@@ -456,7 +456,28 @@ def test_ensemble_without_a_usable_baseline_is_a_model_error(tiny_model_dir: Pat
         load_classifier(version, device="cpu")
     manifest.update(serve="ensemble", temperature=0)
     modeldir.write_manifest(version, manifest)
-    with pytest.raises(ModelError, match="temperature.*expected a number > 0"):
+    with pytest.raises(ModelError, match="temperature.*expected a finite number in 0.01..100"):
+        load_classifier(version, device="cpu")
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("temperature", 1e-300, r'"temperature": 1e-300; expected a finite number in 0.01..100'),
+    ("temperature", "abc", r'"temperature": \'abc\' \(str\); expected a number'),
+    ("ensemble_weight", float("nan"), r'"ensemble_weight": nan; expected a finite number in 0..1'),
+    ("ensemble_temperature", float("inf"), r'"ensemble_temperature": inf; expected a finite number'),
+])
+def test_hostile_manifest_values_are_refused_at_load(
+    tiny_model_dir: Path, tmp_path: Path, key: str, value: object, message: str
+) -> None:
+    """Before, 1e-300 made every confidence NaN (filed into the first category), NaN loaded and then
+    failed every classification, and "abc" was a traceback."""
+    from mailtriage.model.transformers import load_classifier
+
+    version = _copy_version(tiny_model_dir, tmp_path, "model")
+    manifest = modeldir.read_manifest(version)
+    manifest[key] = value
+    modeldir.write_manifest(version, manifest)
+    with pytest.raises(ModelError, match=message):
         load_classifier(version, device="cpu")
 
 

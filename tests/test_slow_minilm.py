@@ -64,7 +64,7 @@ def test_minilm_learns_banking_intents(tmp_path: Path, record_property: pytest.R
         f"{result.steps} steps in {train_seconds:.1f} s, peak RSS {result.peak_rss_mb:.0f} MB, "
         f"{sum(p.confidence >= 0.6 for p in predictions)} of {len(predictions)} with confidence >= 0.6"
     )
-    assert classifier.manifest["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert classifier.manifest.base_model == "sentence-transformers/all-MiniLM-L6-v2"
     assert accuracy >= 0.8, result.history
     # Routing sends anything under the threshold (0.6 by default) to the unsure folder: a model that is
     # right but timid would file nothing. (Before the head got its own higher rate: 0 of 200 >= 0.6.)

@@ -125,7 +125,7 @@ def test_ensemble_is_served_and_gated_as_served(
     first = modeldir.current_version(models)
     assert first is not None
     manifest = modeldir.read_manifest(first)
-    assert manifest["serve"] == "ensemble" and (first / "baseline.joblib").is_file()
+    assert manifest["serve"] == "ensemble" and (first / "baseline.npz").is_file()
     assert manifest["metrics"] == manifest["ensemble_metrics"]
     served_f1, model_f1 = manifest["metrics"]["macro_f1"], manifest["model_metrics"]["macro_f1"]
     assert served_f1 > model_f1 + 0.3, (served_f1, model_f1)
@@ -139,7 +139,7 @@ def test_ensemble_is_served_and_gated_as_served(
     assert "serving the model" in capsys.readouterr().out
     second = next(p for p in models.iterdir() if p.is_dir() and not p.is_symlink() and p != first)
     again = modeldir.read_manifest(second)
-    assert again["serve"] == "model" and not (second / "baseline.joblib").exists()
+    assert again["serve"] == "model" and not (second / "baseline.npz").exists()
     assert again["metrics"] == again["model_metrics"]
     assert again["model_metrics"]["macro_f1"] == pytest.approx(model_f1)
     assert again["gate"]["current_macro_f1"] == pytest.approx(served_f1)
@@ -273,7 +273,7 @@ def test_refit_all_retrains_the_served_parts_on_all_mail_after_the_gate(
     assert m["refit"]["parts"] == ["model", "baseline"]
     assert m["refit"]["examples"] == m["data"]["all"]["n"]
     assert not (version / ".refit").exists()
-    assert (version / "adapter_config.json").is_file() and (version / "baseline.joblib").is_file()
+    assert (version / "adapter_config.json").is_file() and (version / "baseline.npz").is_file()
     from mailtriage.model.ensemble import load_baseline
 
     # The refitted baseline has seen the holdout too: it now classifies every toy message right.

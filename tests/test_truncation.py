@@ -79,15 +79,17 @@ def test_truncation_is_validated_and_read_from_the_config(tmp_path: Path) -> Non
 
 @pytest.mark.pure
 def test_trained_truncation_from_both_manifest_shapes() -> None:
-    from mailtriage.model.transformers import trained_truncation
+    from mailtriage.model.manifest import Manifest
 
-    where = Path("v")
-    assert trained_truncation({}, where) == "head"  # versions from before the option
-    assert trained_truncation({"params": {"truncation": "head_tail"}}, where) == "head_tail"  # mailtriage-train
-    assert trained_truncation({"training": {"params": {"truncation": "head_tail"}}}, where) == "head_tail"  # finetune()
-    assert trained_truncation({"params": {"seed": 1}}, where) == "head"
+    def trained_truncation(data: dict[str, object]) -> str:
+        return Manifest.from_dict(data, where="manifest.json of 'v'").truncation
+
+    assert trained_truncation({}) == "head"  # versions from before the option
+    assert trained_truncation({"params": {"truncation": "head_tail"}}) == "head_tail"  # mailtriage-train
+    assert trained_truncation({"training": {"params": {"truncation": "head_tail"}}}) == "head_tail"  # finetune()
+    assert trained_truncation({"params": {"seed": 1}}) == "head"
     with pytest.raises(ModelError, match="params.truncation = 'tail'.*retrain"):
-        trained_truncation({"params": {"truncation": "tail"}}, where)
+        trained_truncation({"params": {"truncation": "tail"}})
 
 
 def test_a_version_trained_with_head_tail_serves_with_head_tail(tiny_encoder_base: Path, tmp_path: Path) -> None:

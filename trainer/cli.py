@@ -195,30 +195,28 @@ def _model_dir_of(args: argparse.Namespace) -> tuple[Path, Any]:
 
 
 def _version_row(version_dir: Path, current: Path | None) -> dict[str, Any]:
-    from mailtriage.model import modeldir
+    from mailtriage.model.manifest import Manifest
 
+    row: dict[str, Any] = {"version": version_dir.name,
+                           "current": current is not None and version_dir.resolve() == current}
     try:
-        manifest = modeldir.read_manifest(version_dir)
-    except ModelError:
-        manifest = {}
-    metrics = manifest.get("metrics") or {}
-    gate = manifest.get("gate") or {}
-    return {
-        "version": version_dir.name,
-        "current": current is not None and version_dir.resolve() == current,
-        "macro_f1": metrics.get("macro_f1"),
-        "accuracy": metrics.get("accuracy"),
-        "serve": manifest.get("serve"),
-        "gate": gate.get("decision") or (None if not gate else ("promoted" if gate.get("promoted") else "kept")),
-        "base_model": manifest.get("base_model"),
-    }
+        m = Manifest.load(version_dir)
+    except ModelError as exc:  # listed anyway: the row says the version cannot be served as it is
+        log.warning("manifest_unusable", version=version_dir.name, error=str(exc))
+        return {**row, "macro_f1": None, "accuracy": None, "serve": None, "gate": None, "base_model": None}
+    return {**row, "macro_f1": m.macro_f1, "accuracy": m.accuracy, "serve": m.serve,
+            "gate": m.gate_decision, "base_model": m.base_model}
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     from mailtriage.model import modeldir
 
     model_dir, _cfg = _model_dir_of(args)
-    current = modeldir.current_version(model_dir)
+    try:
+        current = modeldir.current_version(model_dir)
+    except ModelError as exc:  # a `current` outside the model directory: list the versions to promote one
+        print(f"warning: {exc}", file=sys.stderr)
+        current = None
     rows = [_version_row(v, current) for v in modeldir.versions(model_dir)]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -253,9 +251,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if cfg is not None:  # the daemon would refuse the reload; say so now
         LabelSet.load(version_dir).check_matches(cfg.labels, where=f"version {name!r}")
     with modeldir.exclusive(model_dir):
-        before = modeldir.current_version(model_dir)
+        try:
+            before = modeldir.current_version(model_dir)
+            was = before.name if before is not None else "nothing"
+        except ModelError:  # a `current` outside the model directory: promoting repairs it
+            was = f"a link outside {str(model_dir)!r}"
         modeldir.promote(model_dir, version_dir)
-    was = before.name if before is not None else "nothing"
     print(f"current -> {name} (was {was}); the daemon reloads it at its next reload check")
     return 0
 

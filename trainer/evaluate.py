@@ -195,11 +195,8 @@ class Baseline:
         return baseline_probs(self._pipeline, texts, self.labels)
 
     def save(self, version_dir: Path) -> Path:
-        """Save the fitted pipeline (not this class, which the daemon cannot import) for ensemble serving.
-
-        A joblib file is a pickle: this one is of our own making and is loaded only from the model
-        directory the admin controls (see ``mailtriage.model.ensemble.load_baseline``).
-        """
+        """Save the fitted pipeline (not this class, which the daemon cannot import) for ensemble serving,
+        as numbers and words only (``mailtriage.model.ensemble.save_baseline``): no pickle."""
         if self._pipeline is None:
             raise RuntimeError("Baseline.fit must run before save")
         return save_baseline(self._pipeline, version_dir)

@@ -52,6 +52,7 @@ def cmd_text(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     from mailtriage.core.classifier import Classifier
     from mailtriage.core.mailtext import mail_text
+    from mailtriage.core.routing import is_unsure
 
     cfg = _load_optional(args)
     threshold = args.threshold if args.threshold is not None else (cfg.model.threshold if cfg else 0.6)
@@ -86,7 +87,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
                 "file": name,
                 "label": pred.label,
                 "confidence": round(pred.confidence, 4),
-                "unsure": pred.confidence < threshold,
+                "unsure": is_unsure(pred.confidence, threshold),
             }
             print(json.dumps(row), flush=True)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,11 @@ class LabelSet:
         return {label: i for i, label in enumerate(self.labels)}
 
     def save(self, directory: str | Path) -> None:
-        Path(directory, LABELS_FILE).write_text(json.dumps({"labels": list(self.labels)}, indent=2) + "\n")
+        """Write labels.json 0600 whatever the umask (a model directory is private to its service user)."""
+        fd = os.open(Path(directory, LABELS_FILE), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with open(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps({"labels": list(self.labels)}, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> LabelSet:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -16,7 +17,13 @@ class Decision:
     folder: str           # destination folder: the category's, or the unsure folder
 
 
+def is_unsure(confidence: float, threshold: float) -> bool:
+    """Below the threshold, or not a finite number: NaN compares False with everything, so a plain
+    ``confidence < threshold`` would file a NaN (from broken arithmetic or a broken model) as sure."""
+    return not (math.isfinite(confidence) and confidence >= threshold)
+
+
 def decide(prediction: Prediction, threshold: float, categories: Mapping[str, str], unsure_folder: str) -> Decision:
-    unsure = prediction.confidence < threshold
+    unsure = is_unsure(prediction.confidence, threshold)
     folder = unsure_folder if unsure else categories[prediction.label]
     return Decision(prediction.label, prediction.confidence, unsure, folder)

@@ -1,15 +1,15 @@
 """The one combining rule for the fine-tuned model and the TF-IDF baseline, and the baseline's file.
 
 The trainer scores the ensemble with these functions and the daemon serves it with them, so what the
-report measured is what the daemon does. numpy only at import; joblib/scikit-learn load on demand.
+report measured is what the daemon does. numpy only at import; scikit-learn loads on demand.
 """
 
 from __future__ import annotations
 
-import os
+import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,7 +18,12 @@ from mailtriage.core.classifier import Prediction
 from mailtriage.core.training import SERVE_BASELINE, SERVE_CHOICES, SERVE_ENSEMBLE, SERVE_MODEL  # noqa: F401
 from mailtriage.errors import ModelError
 
-BASELINE_FILE = "baseline.joblib"
+if TYPE_CHECKING:  # manifest.py imports this module's constants
+    from mailtriage.model.manifest import Manifest
+
+BASELINE_FILE = "baseline.npz"
+# What releases before baseline.npz wrote: a pickle, refused unread (see load_baseline).
+LEGACY_BASELINE_FILE = "baseline.joblib"
 # manifest.json key: the TF-IDF baseline's confidences are temperature-scaled like the model's.
 BASELINE_TEMPERATURE = "baseline_temperature"
 # manifest.json key: the ensemble's own temperature. Averaging two calibrated distributions flattens
@@ -70,20 +75,6 @@ class TemperedPipeline:
         return self.pipeline.predict(list(texts))  # a temperature never changes the arg-max
 
 
-def _baseline_temperature(version_dir: Path) -> float:
-    import json
-
-    try:
-        manifest = json.loads((Path(version_dir) / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return 1.0  # load_classifier reports a missing or broken manifest itself
-    value = manifest.get(BASELINE_TEMPERATURE, 1.0) if isinstance(manifest, dict) else 1.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ModelError(f"manifest.json of {str(version_dir)!r} has \"{BASELINE_TEMPERATURE}\": {value!r}; expected "
-                         "a number > 0 (1 leaves the baseline's confidences as fitted)")
-    return float(value)
-
-
 def baseline_probs(pipeline: Any, texts: Sequence[str], labels: Sequence[str]) -> np.ndarray:
     """``pipeline.predict_proba`` with its columns (``classes_``, sorted by scikit-learn) put in
     ``labels`` order; a label absent from the baseline's training data keeps probability 0."""
@@ -96,52 +87,220 @@ def baseline_probs(pipeline: Any, texts: Sequence[str], labels: Sequence[str]) -
     return out
 
 
-def save_baseline(pipeline: Any, version_dir: Path) -> Path:
-    """Write the fitted scikit-learn pipeline next to the adapter (temp file + rename: never half a file)."""
-    import joblib  # ships with scikit-learn
+# ---- the baseline's file: numbers and words only ----------------------------------------------------
+#
+# A model directory must never be able to run code in the daemon, so the baseline is not pickled
+# (joblib): what a fitted TF-IDF + logistic regression needs to predict is its vectorizers' settings
+# and vocabularies, their idf weights, and the linear map (coefficients, intercepts, classes). These
+# go into one .npz holding plain arrays (read with allow_pickle=False) and one JSON document as bytes.
+# The loader rebuilds scikit-learn's vectorizers from an allow-list of settings and computes the
+# logistic regression itself, so nothing in the file names a class or a function to call; a version
+# also survives scikit-learn upgrades that change pickled internals.
 
+BASELINE_FORMAT = "mailtriage-tfidf-logreg/1"
+_SPEC = "spec"
+# The vectorizer settings that shape transform(); those that only matter while fitting (min_df,
+# max_features...) are not needed to serve. Values are checked against these types and choices.
+_VECTORIZER_SETTINGS: dict[str, tuple[type | tuple[type, ...], tuple[Any, ...] | None]] = {
+    "analyzer": (str, ("word", "char", "char_wb")),
+    "binary": (bool, None),
+    "decode_error": (str, ("strict", "ignore", "replace")),
+    "encoding": (str, None),
+    "input": (str, ("content",)),
+    "lowercase": (bool, None),
+    "ngram_range": (list, None),
+    "norm": ((str, type(None)), ("l1", "l2", None)),
+    "smooth_idf": (bool, None),
+    "stop_words": ((str, list, type(None)), None),
+    "strip_accents": ((str, type(None)), ("ascii", "unicode", None)),
+    "sublinear_tf": (bool, None),
+    "token_pattern": ((str, type(None)), None),
+    "use_idf": (bool, (True,)),
+    "dtype": (str, ("float64", "float32")),
+}
+
+
+def save_baseline(pipeline: Any, version_dir: Path) -> Path:
+    """Write the fitted scikit-learn pipeline (``FeatureUnion`` of ``TfidfVectorizer`` s, then a
+    ``LogisticRegression``) as ``baseline.npz`` next to the adapter: temp file + rename, mode 0600."""
+    from mailtriage.model import modeldir
+
+    spec, arrays = _export(pipeline)
+    payload = json.dumps(spec, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     path = Path(version_dir) / BASELINE_FILE
-    tmp = path.with_name(f".{BASELINE_FILE}.{os.getpid()}")
-    # compress=3: the TF-IDF vocabularies are mostly strings and shrink several-fold for ~no load time.
-    joblib.dump(pipeline, tmp, compress=3)
-    os.replace(tmp, path)
+
+    def write(fh: Any) -> None:
+        np.savez_compressed(fh, **arrays, **{_SPEC: np.frombuffer(payload, dtype=np.uint8)})
+
+    modeldir.write_private(path, write)
     return path
 
 
-def load_baseline(version_dir: Path, labels: Sequence[str]) -> Any:
-    """The pipeline saved by ``save_baseline``, checked to predict only ``labels``, its confidences
-    scaled by the manifest's ``baseline_temperature`` (versions before it: 1, as they were served).
+def _export(pipeline: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    steps = dict(getattr(pipeline, "named_steps", {}))
+    features, clf = steps.get("features"), steps.get("clf")
+    parts = getattr(features, "transformer_list", None)
+    if parts is None or clf is None or getattr(features, "transformer_weights", None) is not None:
+        raise ModelError(f"cannot save a {type(pipeline).__name__} as the baseline: expected a fitted Pipeline "
+                         "of ('features', FeatureUnion of TfidfVectorizer) and ('clf', LogisticRegression)")
+    spec: dict[str, Any] = {"format": BASELINE_FORMAT, "classes": [str(c) for c in clf.classes_], "parts": []}
+    arrays: dict[str, np.ndarray] = {}
+    for i, (name, vectorizer) in enumerate(parts):
+        params = vectorizer.get_params()
+        if params.get("preprocessor") is not None or params.get("tokenizer") is not None or not isinstance(
+                params.get("analyzer"), str):
+            raise ModelError(f"baseline part {name!r} uses a custom function (preprocessor, tokenizer or analyzer); "
+                             "only settings can be saved, not code")
+        settings = {key: params[key] for key in _VECTORIZER_SETTINGS}
+        settings["ngram_range"] = [int(n) for n in settings["ngram_range"]]
+        settings["dtype"] = np.dtype(settings["dtype"]).name
+        if isinstance(settings["stop_words"], (list, tuple, frozenset, set)):
+            settings["stop_words"] = sorted(settings["stop_words"])
+        terms = [""] * len(vectorizer.vocabulary_)
+        for term, column in vectorizer.vocabulary_.items():
+            terms[int(column)] = term
+        spec["parts"].append({"name": str(name), "settings": settings, "vocabulary": terms})
+        arrays[f"idf_{i}"] = np.asarray(vectorizer.idf_, dtype=np.float64)
+    arrays["coef"] = np.asarray(clf.coef_, dtype=np.float64)
+    arrays["intercept"] = np.asarray(clf.intercept_, dtype=np.float64)
+    return spec, arrays
 
-    joblib files are pickles, and unpickling runs code: this is a file of our own making, and it is
-    loaded only from the model directory the admin controls (the same trust as the adapter weights).
+
+def load_baseline(version_dir: Path, labels: Sequence[str], temperature: float | None = None) -> Any:
+    """The baseline saved by ``save_baseline``, checked to predict only ``labels``, its confidences
+    scaled by ``temperature`` (None: the manifest's ``baseline_temperature``; versions before it: 1).
+
+    Only ``baseline.npz`` is read, with ``allow_pickle=False``: no code runs from the model directory.
+    A version that has only the pickled ``baseline.joblib`` of older releases is refused, unread.
     """
     path = Path(version_dir) / BASELINE_FILE
     if not path.is_file():
+        if (Path(version_dir) / LEGACY_BASELINE_FILE).exists():
+            raise ModelError(
+                f"{str(version_dir)!r} keeps its TF-IDF baseline in {LEGACY_BASELINE_FILE}, a Python pickle from an "
+                f"older mailtriage; pickles are no longer loaded from a model directory because loading one can run "
+                f"any code. Retrain with mailtriage-train (it writes {BASELINE_FILE}; the gate replaces a current "
+                "version it cannot load), or set \"serve\": \"model\" in its manifest.json to serve the fine-tuned "
+                "model alone meanwhile"
+            )
         raise ModelError(
             f"{str(version_dir)!r} says to serve the TF-IDF baseline (manifest.json \"serve\") but has no "
             f"{BASELINE_FILE}; the version is incomplete: retrain with mailtriage-train, or set \"serve\": \"model\" "
             "in its manifest.json to serve the fine-tuned model alone"
         )
-    try:
-        import joblib
-
-        pipeline = joblib.load(path)
-    except Exception as exc:  # noqa: BLE001 - unpickling fails in many ways; each means "unusable file"
-        raise ModelError(
-            f"{str(path)!r} could not be loaded ({type(exc).__name__}: {exc}); expected the TF-IDF baseline "
-            "written by mailtriage-train with this scikit-learn version: retrain, or set \"serve\": \"model\" in "
-            "manifest.json"
-        ) from exc
-    classes = getattr(pipeline, "classes_", None)
-    if not hasattr(pipeline, "predict_proba") or classes is None:
-        raise ModelError(f"{str(path)!r} holds a {type(pipeline).__name__}, not a fitted classifier with "
-                         "predict_proba; retrain with mailtriage-train")
-    unknown = sorted({str(c) for c in classes} - set(labels))
+    baseline = _import(path)
+    unknown = sorted(set(baseline.classes_) - set(labels))
     if unknown:
         raise ModelError(f"{str(path)!r} predicts labels {unknown} that labels.json does not have ({list(labels)}); "
                          "the baseline belongs to another version: retrain with mailtriage-train")
-    temperature = _baseline_temperature(version_dir)
-    return pipeline if temperature == 1.0 else TemperedPipeline(pipeline, temperature)
+    if temperature is None:
+        from mailtriage.model.manifest import Manifest
+
+        manifest = Manifest.load_or_default(version_dir)
+        temperature = manifest.baseline_temperature if manifest is not None else 1.0
+    return baseline if temperature == 1.0 else TemperedPipeline(baseline, temperature)
+
+
+def _import(path: Path) -> TfidfLogistic:
+    def broken(what: str) -> ModelError:
+        return ModelError(f"{str(path)!r} is not a usable TF-IDF baseline ({what}); expected the {BASELINE_FORMAT} "
+                          "file written by mailtriage-train: retrain, or set \"serve\": \"model\" in manifest.json")
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except Exception as exc:  # noqa: BLE001 - a damaged zip or array fails in many ways; each means "unusable"
+        raise broken(f"{type(exc).__name__}: {exc}") from exc
+    try:
+        spec = json.loads(arrays.pop(_SPEC).astype(np.uint8).tobytes().decode("utf-8"))
+    except (KeyError, ValueError) as exc:
+        raise broken(f"no readable {_SPEC!r} entry: {exc}") from exc
+    if not isinstance(spec, dict) or spec.get("format") != BASELINE_FORMAT:
+        raise broken(f"format {spec.get('format') if isinstance(spec, dict) else spec!r}")
+    classes = spec.get("classes")
+    parts = spec.get("parts")
+    if (not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes)
+            or len(set(classes)) != len(classes)):
+        raise broken(f"classes {classes!r}, expected 2 or more distinct label names")
+    if not isinstance(parts, list) or not parts:
+        raise broken("no feature parts")
+    vectorizers = []
+    width = 0
+    for i, part in enumerate(parts):
+        idf = arrays.get(f"idf_{i}")
+        vectorizers.append(_vectorizer(part, idf, broken))
+        width += len(part["vocabulary"])
+    coef, intercept = arrays.get("coef"), arrays.get("intercept")
+    rows = 1 if len(classes) == 2 else len(classes)
+    for name, array, shape in (("coef", coef, (rows, width)), ("intercept", intercept, (rows,))):
+        if array is None or array.dtype != np.float64 or array.shape != shape or not np.isfinite(array).all():
+            raise broken(f"{name} is {None if array is None else f'{array.dtype} {array.shape}'}, expected finite "
+                         f"float64 of shape {shape}")
+    return TfidfLogistic(vectorizers, coef, intercept, classes)
+
+
+def _vectorizer(part: Any, idf: np.ndarray | None, broken: Any) -> Any:
+    """A scikit-learn TfidfVectorizer rebuilt from allow-listed settings, a vocabulary and idf weights."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    settings = part.get("settings") if isinstance(part, dict) else None
+    terms = part.get("vocabulary") if isinstance(part, dict) else None
+    if not isinstance(settings, dict) or set(settings) != set(_VECTORIZER_SETTINGS):
+        raise broken(f"vectorizer settings {sorted(settings) if isinstance(settings, dict) else settings!r}, expected "
+                     f"exactly {sorted(_VECTORIZER_SETTINGS)}")
+    for key, (types, choices) in _VECTORIZER_SETTINGS.items():
+        value = settings[key]
+        if not isinstance(value, types) or (choices is not None and value not in choices):
+            raise broken(f"vectorizer setting {key} = {value!r}")
+    low_high = settings["ngram_range"]
+    if (len(low_high) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in low_high)
+            or not 1 <= low_high[0] <= low_high[1] <= 16):
+        raise broken(f"ngram_range {low_high!r}")
+    stop = settings["stop_words"]
+    if isinstance(stop, str) and stop != "english" or isinstance(stop, list) and not all(isinstance(w, str) for w in stop):
+        raise broken(f"stop_words {stop!r}")
+    if not isinstance(terms, list) or not terms or not all(isinstance(t, str) for t in terms) or len(set(terms)) != len(terms):
+        raise broken("a vocabulary that is not a list of distinct strings")
+    if idf is None or idf.dtype != np.float64 or idf.shape != (len(terms),) or not np.isfinite(idf).all():
+        raise broken(f"idf weights that do not fit the {len(terms)}-term vocabulary")
+    kwargs = dict(settings, ngram_range=tuple(low_high), dtype=np.dtype(settings["dtype"]).type)
+    vectorizer = TfidfVectorizer(**kwargs, vocabulary={t: i for i, t in enumerate(terms)})
+    vectorizer.idf_ = idf
+    return vectorizer
+
+
+class TfidfLogistic:
+    """The baseline as served: TF-IDF features (scikit-learn's vectorizers with the saved vocabulary and
+    idf) into the saved logistic regression, computed as scikit-learn computes ``predict_proba``
+    (binary: the logistic of one score; otherwise the softmax of one score per class)."""
+
+    def __init__(self, vectorizers: Sequence[Any], coef: np.ndarray, intercept: np.ndarray,
+                 classes: Sequence[str]) -> None:
+        self.vectorizers = list(vectorizers)
+        self.coef = coef
+        self.intercept = intercept
+        self.classes_ = np.asarray(classes, dtype=object)
+
+    def decision_function(self, texts: Sequence[str]) -> np.ndarray:
+        from scipy import sparse
+
+        features = sparse.hstack([v.transform(list(texts)) for v in self.vectorizers]).tocsr()
+        return np.asarray(features @ self.coef.T) + self.intercept
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        scores = self.decision_function(texts)
+        if self.coef.shape[0] == 1:
+            from scipy.special import expit
+
+            p = expit(scores[:, 0])
+            return np.vstack([1 - p, p]).T
+        scores -= scores.max(axis=1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=1, keepdims=True)
+        return scores
+
+    def predict(self, texts: Sequence[str]) -> np.ndarray:
+        return self.classes_[self.predict_proba(texts).argmax(axis=1)]
 
 
 class BaselineClassifier:
@@ -153,7 +312,7 @@ class BaselineClassifier:
 
     serve = SERVE_BASELINE
 
-    def __init__(self, pipeline: Any, labels: Sequence[str], *, path: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, pipeline: Any, labels: Sequence[str], *, path: Path, manifest: Manifest) -> None:
         self.pipeline = pipeline
         self.labels: tuple[str, ...] = tuple(labels)
         self.path = path

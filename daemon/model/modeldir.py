@@ -3,6 +3,10 @@
 Pure file-system bookkeeping (no torch), shared by the trainer (creates and promotes versions) and the
 daemon (resolves what to load and notices when ``current`` changes). ``current`` is a relative symlink
 switched with ``os.replace``, so a reader sees either the old version or the new one, never neither.
+
+Trust: the daemon loads only data from a version (JSON, safetensors, a pickle-free .npz), ``current``
+must point at a direct sub-folder of MODEL_DIR, and what is written here is private to the service
+user (folders 0700, files 0600) whatever the umask, as it may hold words from customers' mail.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,8 @@ LOCK_FILE = ".train.lock"
 EXIT_BUSY = 4
 MANIFEST_FILE = "manifest.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 # Short names a user may pass as a base model; the manifest records the short name so an adapter
 # trained on one host loads on another whose copy of the same base lives at a different path.
@@ -45,8 +51,9 @@ def exclusive(model_dir: Path) -> Iterator[None]:
     import fcntl
 
     model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    with open(model_dir / LOCK_FILE, "a+") as fh:
+    make_private_dir(model_dir)
+    fd = os.open(model_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_APPEND, FILE_MODE)
+    with open(fd, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
@@ -63,7 +70,73 @@ def exclusive(model_dir: Path) -> Iterator[None]:
         try:
             yield
         finally:
+            # What the run wrote through other libraries (peft, tokenizers, the report) came with the
+            # umask's modes; it is private before the next run or promote can start.
+            secure_versions(model_dir)
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents) as 0700 whatever the umask; an existing folder is left
+    as the admin made it."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    if not path.parent.exists():
+        make_private_dir(path.parent)
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        return
+    os.chmod(path, DIR_MODE)  # mkdir's mode is masked by the umask; chmod is not
+
+
+def secure_tree(top: Path) -> None:
+    """Folders 0700 and files 0600 under ``top`` (and ``top`` itself), links left alone: peft,
+    tokenizers and reports write with the process umask, which may be 0."""
+    top = Path(top)
+    for root, dirs, files in os.walk(top):
+        for name in [*dirs, *files]:
+            _chmod(Path(root, name))
+    _chmod(top)
+
+
+def secure_versions(model_dir: Path) -> None:
+    """``secure_tree`` on every version folder of ``model_dir`` (not MODEL_DIR itself: the admin's)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return
+    for entry in model_dir.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            secure_tree(entry)
+
+
+def _chmod(path: Path) -> None:
+    import stat
+
+    try:
+        st = path.lstat()
+        want = DIR_MODE if stat.S_ISDIR(st.st_mode) else FILE_MODE if stat.S_ISREG(st.st_mode) else None
+        if want is not None and stat.S_IMODE(st.st_mode) != want:
+            os.chmod(path, want)
+    except OSError as exc:  # a file another user owns: say so, keep going
+        log.warning("model_dir_chmod_failed", path=str(path), error=str(exc))
+
+
+def write_private(path: Path, write: Callable[[Any], None]) -> None:
+    """Write ``path`` atomically as a 0600 file: ``write(fh)`` fills a temp file opened in binary
+    mode, which then replaces ``path`` (a reader never sees half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)  # os.open's mode is masked by the umask
+        with open(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def versions(model_dir: Path) -> list[Path]:
@@ -84,14 +157,15 @@ def new_version_dir(model_dir: Path) -> Path:
     makes the choice race-free. Names sort in creation order.
     """
     model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(model_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     for n in range(1000):
         candidate = model_dir / (stamp if n == 0 else f"{stamp}-{n}")
         try:
-            candidate.mkdir()
+            candidate.mkdir(DIR_MODE)
         except FileExistsError:
             continue
+        os.chmod(candidate, DIR_MODE)  # private from the start: files inside come with the umask's modes
         return candidate
     raise ModelError(f"could not create a new version directory under {str(model_dir)!r}: 1000 names taken")
 
@@ -110,6 +184,7 @@ def promote(model_dir: Path, version_dir: Path) -> None:
             f"refusing to promote {str(version_dir)!r}: a promoted version must be a direct sub-folder of "
             f"the model directory {str(model_dir)!r} (create it with new_version_dir)"
         )
+    secure_tree(version_dir)
     link = model_dir / CURRENT
     if link.exists() and not link.is_symlink():
         raise ModelError(
@@ -128,11 +203,24 @@ def promote(model_dir: Path, version_dir: Path) -> None:
 
 
 def current_version(model_dir: Path) -> Path | None:
-    """The real directory ``model_dir/current`` points at, or None when nothing is promoted yet."""
+    """The real directory ``model_dir/current`` points at, or None when nothing is promoted yet.
+
+    ModelError when it resolves outside ``model_dir``: ``promote`` only ever links a direct
+    sub-folder, so anything else was put there by hand or by someone else, and what it points at has
+    not passed the trainer's gate.
+    """
     link = Path(model_dir) / CURRENT
     if not link.is_dir():  # follows the link; False for a missing or dangling one
         return None
-    return link.resolve()
+    target = link.resolve()
+    if target.parent != Path(model_dir).resolve():
+        shown = os.readlink(link) if link.is_symlink() else str(link)
+        raise ModelError(
+            f"{str(link)!r} points at {shown!r}, which resolves to {str(target)!r}, outside the model directory "
+            f"{str(Path(model_dir).resolve())!r}; only a version folder directly inside it may be current. Promote "
+            "a version with `mailtriage-train promote VERSION`, or move the version into the model directory"
+        )
+    return target
 
 
 def resolve(path: Path) -> Path:
@@ -150,6 +238,11 @@ def resolve(path: Path) -> Path:
         )
     if not path.is_dir():
         raise ModelError(f"model path {str(path)!r} is a file; expected a model directory or one of its versions")
+    if path.name == CURRENT and path.is_symlink():
+        # MODEL_DIR/current given directly: the same confinement as through MODEL_DIR.
+        target = current_version(path.parent)
+        if target is not None and (target / LABELS_FILE).is_file():
+            return target
     if (path / LABELS_FILE).is_file():
         return path.resolve()
     if (path / CURRENT).is_symlink() or (path / CURRENT).exists():
@@ -185,11 +278,9 @@ def read_manifest(version_dir: Path) -> dict[str, Any]:
 
 
 def write_manifest(version_dir: Path, manifest: dict[str, Any]) -> None:
-    """Write manifest.json atomically, so a reader never sees half a file."""
-    path = Path(version_dir) / MANIFEST_FILE
-    tmp = path.with_name(f".{MANIFEST_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write manifest.json atomically (a reader never sees half a file), mode 0600."""
+    text = json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n"
+    write_private(Path(version_dir) / MANIFEST_FILE, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def base_model_name(base: str | Path) -> str:

@@ -3,7 +3,7 @@
 A model version is a base model (named in manifest.json) plus a LoRA adapter whose saved
 ``modules_to_save`` carry the trained classification head, so the head has exactly the labels in
 labels.json and nothing else. When the trainer found that averaging with its TF-IDF baseline scores
-higher on held-out mail, the manifest says ``"serve": "ensemble"`` and ``baseline.joblib`` is loaded
+higher on held-out mail, the manifest says ``"serve": "ensemble"`` and ``baseline.npz`` is loaded
 too. The trainer reuses the loading helpers here, so training and serving build the model the same way.
 """
 
@@ -31,6 +31,7 @@ from transformers.utils import logging as hf_logging
 from mailtriage.model import ensemble
 
 from mailtriage.model import modeldir
+from mailtriage.model.manifest import Manifest
 from mailtriage.core.classifier import Prediction
 from mailtriage.errors import ModelError
 from mailtriage.core.labels import LabelSet
@@ -233,7 +234,7 @@ class TransformersClassifier:
         labels: LabelSet,
         *,
         path: Path,
-        manifest: dict[str, Any],
+        manifest: Manifest,
         device: str,
         batch_size: int = 16,
         max_length: int = 256,
@@ -301,6 +302,8 @@ class TransformersClassifier:
 
 
 QUANTIZE_CHOICES = ("none", "int8")
+# peft's file name for adapter weights as safetensors (plain tensors; no code can hide in it).
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 RUNTIME_CHOICES = ("torch", "onnxruntime")
 
 
@@ -354,62 +357,25 @@ def load_classifier(
     if runtime not in RUNTIME_CHOICES:
         raise ModelError(f"runtime = {runtime!r} is unknown; use one of {', '.join(RUNTIME_CHOICES)}")
     set_cpu_threads(threads)
-    version_dir = modeldir.resolve(Path(path))
-    labels = LabelSet.load(version_dir)
-    if expected_labels is not None:
-        labels.check_matches(expected_labels, where=f"model version {str(version_dir)!r}")
-    if not (version_dir / modeldir.ADAPTER_CONFIG_FILE).is_file():
-        raise ModelError(
-            f"{str(version_dir)!r} has labels.json but no {modeldir.ADAPTER_CONFIG_FILE}: the adapter is "
-            "missing (training interrupted?); promote a complete version or retrain"
-        )
-    manifest: dict[str, Any] = {}
-    if (version_dir / modeldir.MANIFEST_FILE).is_file():
-        manifest = modeldir.read_manifest(version_dir)
-    else:
-        log.warning("model_manifest_missing", path=str(version_dir))
-    base = manifest.get("base_model") or _adapter_base(version_dir)
-    _check_mailtext_version(manifest, version_dir)
-    # Manifests from before ensemble serving have no "serve": they serve the model, as they always did.
-    serve = manifest.get("serve", ensemble.SERVE_MODEL)
-    if serve not in ensemble.SERVE_CHOICES:
-        raise ModelError(f"manifest.json of {str(version_dir)!r} has \"serve\": {serve!r}; expected one of "
-                         f"{list(ensemble.SERVE_CHOICES)}")
-    weight = float(manifest.get("ensemble_weight", ensemble.DEFAULT_ENSEMBLE_WEIGHT))
-    temperature = float(manifest.get("temperature", 1.0))
-    # Versions before the ensemble had its own temperature: 1, as they were served.
-    ensemble_temperature = float(manifest.get(ensemble.ENSEMBLE_TEMPERATURE, 1.0))
-    for key, value in (("temperature", temperature), (ensemble.ENSEMBLE_TEMPERATURE, ensemble_temperature)):
-        if not value > 0:
-            raise ModelError(f"manifest.json of {str(version_dir)!r} has \"{key}\": {value!r}; expected a "
-                             "number > 0 (1 leaves the confidences as trained)")
-    truncation = trained_truncation(manifest, version_dir)
+    version_dir, labels, manifest = open_version(path, expected_labels)
     # Before the model: a broken baseline fails in a second rather than after loading the weights.
-    baseline = ensemble.load_baseline(version_dir, labels.labels) if serve != ensemble.SERVE_MODEL else None
-    if serve == ensemble.SERVE_BASELINE:
-        log.info("model_loaded", version=version_dir.name, labels=list(labels.labels), serve=serve)
+    baseline = (ensemble.load_baseline(version_dir, labels.labels, manifest.baseline_temperature)
+                if manifest.serve != ensemble.SERVE_MODEL else None)
+    if manifest.serve == ensemble.SERVE_BASELINE:
+        log.info("model_loaded", version=version_dir.name, labels=list(labels.labels), serve=manifest.serve)
         return ensemble.BaselineClassifier(baseline, labels.labels, path=version_dir, manifest=manifest)
 
+    base = manifest.base_model or _adapter_base(version_dir)
     resolved_device = pick_device(device)
-    dtype = pick_dtype(resolved_device)
-    tokenizer = load_tokenizer(version_dir if (version_dir / "tokenizer_config.json").is_file() else base)
-    model = load_base_model(base, labels, tokenizer, dtype)
-    try:
-        with quiet_transformers():
-            model = PeftModel.from_pretrained(model, str(version_dir), is_trainable=False)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ModelError(
-            f"the adapter in {str(version_dir)!r} does not fit base model {str(base)!r} with "
-            f"{len(labels.labels)} labels: {exc}"
-        ) from exc
-    model.to(resolved_device)
-    model.eval()
     if (quantize == "int8" or runtime == "onnxruntime") and resolved_device != "cpu":
         raise ModelError(
             f"quantize = {quantize!r} / runtime = {runtime!r} are CPU speed-ups, but the model runs on "
             f"{resolved_device!r}; set device = \"cpu\", or quantize = \"none\" and runtime = \"torch\" "
             "(on a GPU bf16 is used already)"
         )
+    dtype = pick_dtype(resolved_device)
+    tokenizer = load_tokenizer(version_dir if (version_dir / "tokenizer_config.json").is_file() else base)
+    model = _load_adapted(version_dir, base, labels, tokenizer, dtype, resolved_device)
     if runtime == "onnxruntime":
         from mailtriage.model import onnxrt
 
@@ -423,7 +389,7 @@ def load_classifier(
         labels=list(labels.labels),
         device=resolved_device,
         dtype=str(dtype).removeprefix("torch."),
-        serve=serve,
+        serve=manifest.serve,
         quantize=quantize,
         runtime=runtime,
         threads=torch.get_num_threads(),
@@ -438,23 +404,56 @@ def load_classifier(
         batch_size=batch_size,
         max_length=max_length,
         baseline=baseline,
-        ensemble_weight=weight,
-        temperature=temperature,
-        ensemble_temperature=ensemble_temperature,
-        truncation=truncation,
+        ensemble_weight=manifest.ensemble_weight,
+        temperature=manifest.temperature,
+        ensemble_temperature=manifest.ensemble_temperature,
+        truncation=manifest.truncation,
     )
 
 
-def trained_truncation(manifest: dict[str, Any], version_dir: Path) -> str:
-    """The truncation the version was trained with (``params.truncation`` in a mailtriage-train
-    manifest, ``training.params.truncation`` in a bare ``finetune`` one), so serving cuts long mail the
-    same way; versions from before the option cut the head."""
-    params = manifest.get("params") or manifest.get("training", {}).get("params") or {}
-    truncation = params.get("truncation", "head")
-    if truncation not in TRUNCATION_CHOICES:
-        raise ModelError(f"manifest.json of {str(version_dir)!r} has params.truncation = {truncation!r}; "
-                         f"this mailtriage knows {list(TRUNCATION_CHOICES)}: run the release that trained it, or retrain")
-    return str(truncation)
+def open_version(path: str | Path, expected_labels: Sequence[str] | None = None) -> tuple[Path, LabelSet, Manifest]:
+    """Everything about a version but its weights, checked: (version dir, labels, manifest).
+
+    A version without manifest.json (made by hand) gets the defaults older versions were served with.
+    """
+    version_dir = modeldir.resolve(Path(path))
+    labels = LabelSet.load(version_dir)
+    if expected_labels is not None:
+        labels.check_matches(expected_labels, where=f"model version {str(version_dir)!r}")
+    if not (version_dir / modeldir.ADAPTER_CONFIG_FILE).is_file():
+        raise ModelError(
+            f"{str(version_dir)!r} has labels.json but no {modeldir.ADAPTER_CONFIG_FILE}: the adapter is "
+            "missing (training interrupted?); promote a complete version or retrain"
+        )
+    manifest = Manifest.load_or_default(version_dir)
+    if manifest is None:
+        log.warning("model_manifest_missing", path=str(version_dir))
+        manifest = Manifest()
+    _check_mailtext_version(manifest, version_dir)
+    return version_dir, labels, manifest
+
+
+def _load_adapted(version_dir: Path, base: str, labels: LabelSet, tokenizer: PreTrainedTokenizerBase,
+                  dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """The base model with the version's LoRA adapter and head, in eval mode on ``device``."""
+    if not (version_dir / ADAPTER_WEIGHTS_FILE).is_file():
+        # peft would fall back to adapter_model.bin, a pickle: never loaded from a model directory.
+        raise ModelError(
+            f"{str(version_dir)!r} has no {ADAPTER_WEIGHTS_FILE}; mailtriage loads adapter weights only as "
+            "safetensors (an adapter_model.bin is a pickle, which can run code). Retrain with mailtriage-train"
+        )
+    model = load_base_model(base, labels, tokenizer, dtype)
+    try:
+        with quiet_transformers():
+            model = PeftModel.from_pretrained(model, str(version_dir), is_trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelError(
+            f"the adapter in {str(version_dir)!r} does not fit base model {str(base)!r} with "
+            f"{len(labels.labels)} labels: {exc}"
+        ) from exc
+    model.to(device)
+    model.eval()
+    return model
 
 
 def _adapter_base(version_dir: Path) -> str:
@@ -471,12 +470,12 @@ def _adapter_base(version_dir: Path) -> str:
     return str(base)
 
 
-def _check_mailtext_version(manifest: dict[str, Any], version_dir: Path) -> None:
+def _check_mailtext_version(manifest: Manifest, version_dir: Path) -> None:
     """Refuse an adapter trained on another mail-text version: it learned from differently prepared
     text, so its held-out numbers say nothing about what it would do here (train/serve skew)."""
     from mailtriage.core.mailtext import MAILTEXT_VERSION
 
-    trained_with = manifest.get("mailtext_version")
+    trained_with = manifest.mailtext_version
     if trained_with is None:
         log.warning("model_mailtext_version_unknown", path=str(version_dir), running=MAILTEXT_VERSION)
         return

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from mailtriage.config import Config
+from mailtriage.errors import ModelError
 
 _CREATED_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _VERSION_FORMAT = "%Y%m%d-%H%M%S"
@@ -26,16 +27,17 @@ def model_created_at(config: Config) -> tuple[str | None, float | None]:
     directory's mtime. (None, None) when no model is there.
     """
     from mailtriage.model import modeldir
+    from mailtriage.model.manifest import Manifest
 
     try:
         version_dir = modeldir.resolve(Path(config.model.path))
     except Exception:  # noqa: BLE001 - stats still works without a model
         return None, None
     try:
-        created = modeldir.read_manifest(version_dir).get("created")
-        if isinstance(created, str):
+        created = Manifest.load(version_dir).created
+        if created is not None:
             return version_dir.name, float(calendar.timegm(time.strptime(created, _CREATED_FORMAT)))
-    except Exception:  # noqa: BLE001 - fall back below
+    except (ModelError, ValueError):  # no manifest, an invalid one, or an unparsable time: fall back below
         pass
     try:
         return version_dir.name, float(calendar.timegm(time.strptime(version_dir.name[:15], _VERSION_FORMAT)))

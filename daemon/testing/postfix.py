@@ -176,6 +176,7 @@ class Delivered:
     mail_from: str
     rcpt_tos: tuple[str, ...]
     content: bytes
+    received_at: float  # time.monotonic() when the sink accepted it (for latency measurements)
 
 
 class SmtpSink:
@@ -202,7 +203,8 @@ class SmtpSink:
             async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
                 content = envelope.original_content if envelope.original_content is not None else envelope.content
                 with sink._changed:
-                    sink.received.append(Delivered(envelope.mail_from, tuple(envelope.rcpt_tos), bytes(content)))
+                    sink.received.append(Delivered(envelope.mail_from, tuple(envelope.rcpt_tos), bytes(content),
+                                                   time.monotonic()))
                     sink._changed.notify_all()
                 return "250 2.0.0 Ok: delivered"
 

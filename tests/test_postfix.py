@@ -295,6 +295,35 @@ def test_without_no_address_mappings_the_alias_expands_twice(pipeline: StartPipe
     assert copies_per_recipient(delivered)["other@example.com"] == 2
 
 
+def test_filtering_only_the_support_address_expands_every_alias_once(pipeline: StartPipeline) -> None:
+    # README's variant: FILTER on one recipient instead of content_filter, no_address_mappings moved
+    # to the reinjection listener; mail that is not filtered must still have its aliases expanded.
+    def selective(name: str, text: str) -> str:
+        if name == "main.cf":
+            edited = text.replace(
+                "content_filter = mailtriage:[127.0.0.1]:10025",
+                "smtpd_recipient_restrictions = check_recipient_access inline:{ { support@example.com = "
+                "FILTER mailtriage:[127.0.0.1]:10025 } }, permit_mynetworks, reject_unauth_destination",
+            )
+            edited = re.sub(r"(?m)^receive_override_options = no_address_mappings\n", "", edited)
+        else:
+            edited = text.replace("no_header_body_checks,no_milters\n", "no_header_body_checks,no_milters,no_address_mappings\n")
+        assert edited != text, f"the recipe's {name} changed: update this variant and README.md's prose"
+        return edited
+
+    aliases = {**ALIASES, "support@example.com": ["support@example.com", "helpdesk@example.com"]}
+    p = pipeline(virtual_aliases=aliases, recipe_edit=selective)
+    p.send(mail("invoice for the team", to="team@example.com"), to=["team@example.com"])
+    p.send(mail("invoice for support"), to=["support@example.com"])
+    delivered = p.settled(2)
+    assert copies_per_recipient(delivered) == {
+        "team@example.com": 1, "other@example.com": 1, "support@example.com": 1, "helpdesk@example.com": 1,
+    }
+    for d in delivered:
+        tagged = fields_named(d.content, CATEGORY)
+        assert tagged == ([b"billing"] if "support@example.com" in d.rcpt_tos else []), d.rcpt_tos
+
+
 # -- mailtriage down: Postfix keeps the mail --------------------------------------------------
 
 

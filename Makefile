@@ -9,11 +9,18 @@ PYTEST_ARGS ?=
 
 # Dovecot is the real IMAP server the tests and the demo start on 127.0.0.1; Pigeonhole
 # (dovecot-sieve, which brings sievec) runs the IMAPSieve "learn on move" hook in tests/test_learn.py;
-# systemd-analyze verifies and scores the units in tests/test_systemd.py.
+# systemd-analyze verifies and scores the units in tests/test_systemd.py. Postfix runs the README's
+# content-filter recipe in tests/test_postfix.py (its own throwaway instance; openssl makes the DKIM
+# test key). "No configuration" writes no /etc/postfix/main.cf, so no system Postfix starts on
+# port 25; --no-remove makes apt stop rather than replace another MTA (exim4) already installed.
 deps:
 	@{ command -v dovecot || test -x /usr/sbin/dovecot; } >/dev/null 2>&1 && command -v sievec >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dovecot-imapd dovecot-sieve >/dev/null; \
 	  else echo "Dovecot or Pigeonhole is missing: run 'sudo apt-get install -y dovecot-imapd dovecot-sieve'" >&2; exit 1; fi; }
+	@{ command -v postfix || test -x /usr/sbin/postfix; } >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections \
+	    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-remove postfix openssl >/dev/null; \
+	  else echo "Postfix or openssl is missing: run 'sudo apt-get install -y postfix openssl' and answer 'No configuration'" >&2; exit 1; fi; }
 	@command -v systemd-analyze >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; \
 	  else echo "systemd-analyze is missing (tests verify the units): run 'sudo apt-get install -y systemd'" >&2; exit 1; fi; }

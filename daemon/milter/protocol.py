@@ -445,7 +445,7 @@ def reply_code(text: str) -> bytes:
     One line of printable ASCII with a 4xx/5xx code and a matching enhanced status; '%' doubled
     because Sendmail reads the text as a format string (Postfix undoes the doubling)."""
     raw = text.encode("ascii", "replace")
-    if not _REPLY_TEXT.match(raw) or raw[0] != raw[4]:
+    if not text.isascii() or not _REPLY_TEXT.match(raw) or raw[0] != raw[4]:
         raise ValueError(f"not a one-line 4xx/5xx reply with a matching status code: {text!r}")
     return packet(SMFIR_REPLYCODE, raw.replace(b"%", b"%%") + b"\0")
 

@@ -322,3 +322,35 @@ def test_serve_starts_the_milter_and_records_decisions_for_stats(tmp_path: Path)
     out = io.StringIO()
     print_stats(config, out=out)
     assert "by intake: IMAP watcher 0, SMTP content filter 0, milter 1" in out.getvalue()
+
+
+# -- `mailtriage check` ------------------------------------------------------------------------------------
+
+
+def _check_lines(config: Config) -> tuple[int, list[str]]:
+    from mailtriage.cli.check import run_check
+
+    out = io.StringIO()
+    rc = run_check(config, out=out, check_model=False)
+    return rc, [line for line in out.getvalue().splitlines() if "milter" in line]
+
+
+def test_check_milter_port_free_taken_by_our_milter_or_by_something_else(
+    start_milter: StartMilter, tmp_path: Path
+) -> None:
+    def config(port: int) -> Config:
+        return Config(categories=CATEGORIES, state_path=str(tmp_path / "state.sqlite3"),
+                      training=TrainingConfig(schedule=""), milter=MilterConfig(enabled=True, listen_port=port))
+
+    rc, lines = _check_lines(config(_free_port()))
+    assert rc == 0 and "free to listen on" in lines[0] and "smtpd_milters = inet:127.0.0.1:" in lines[0]
+
+    running = start_milter()
+    rc, lines = _check_lines(config(running.port))
+    assert rc == 0 and "in use by a milter that negotiates" in lines[0]
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        rc, lines = _check_lines(config(other.getsockname()[1]))
+    assert rc == 1 and "does not speak the milter protocol" in lines[0]

@@ -400,3 +400,25 @@ def test_apply_edits_like_postfix_cleanup() -> None:
         p.Modification(p.SMFIR_CHGHEADER, 1, b"b", b"changed"),
     ])
     assert result.apply(raw) == b"X-Top: t\r\nA: 1\r\nB: changed\r\nX-End: e\r\n\r\nbody\r\n"
+
+
+# -- boundaries ---------------------------------------------------------------------------------------------
+
+
+def test_milter_imports_no_other_edge_no_aiosmtpd_no_torch() -> None:
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "daemon" / "milter"
+    files = sorted(root.glob("*.py"))
+    assert {f.name for f in files} >= {"protocol.py", "session.py", "server.py"}
+    banned = ("mailtriage.imap", "mailtriage.smtp", "mailtriage.model", "aiosmtpd", "torch", "transformers")
+    found = {}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            bad = [n for n in names if any(n == b or n.startswith(b + ".") for b in banned)]
+            if bad:
+                found[path.name] = bad
+    assert found == {}

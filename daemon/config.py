@@ -196,6 +196,37 @@ class SmtpConfig:
                 raise ConfigError(f"smtp.{key} = {port!r} is not a TCP port (1..65535)")
 
 
+# Postfix waits milter_content_timeout (300 s) for the answer at end of message; ours must come first.
+_POSTFIX_CONTENT_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class MilterConfig:
+    enabled: bool = False
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 10027
+    # "tempfail": a 451 when the model or the daemon is in trouble (the sender retries);
+    # "accept": the message goes on untagged (forged X-Mailtriage-* fields still removed).
+    on_error: Literal["tempfail", "accept"] = "tempfail"
+    max_message_size: int = 10 * 1024 * 1024  # held per message; a longer one is classified on its prefix
+    classify_timeout: float = 60.0
+    idle_timeout: float = 600.0
+    max_connections: int = 200
+
+    def __post_init__(self) -> None:
+        _positive("milter.max_message_size", self.max_message_size)
+        _positive("milter.max_connections", self.max_connections)
+        _positive("milter.idle_timeout", self.idle_timeout)
+        if not 0 < self.classify_timeout < _POSTFIX_CONTENT_TIMEOUT:
+            raise ConfigError(
+                f"milter.classify_timeout = {self.classify_timeout!r} seconds: allowed 0 < classify_timeout < 300, "
+                "below Postfix's milter_content_timeout (300 s), or Postfix gives up first and applies "
+                "milter_default_action"
+            )
+        if not 0 < self.listen_port < 65536:
+            raise ConfigError(f"milter.listen_port = {self.listen_port!r} is not a TCP port (1..65535)")
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     base_model: str = "all-MiniLM-L6-v2"
@@ -264,6 +295,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     accounts: tuple[AccountConfig, ...] = ()
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    milter: MilterConfig = field(default_factory=MilterConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def __post_init__(self) -> None:
@@ -295,6 +327,17 @@ class Config:
             raise ConfigError(
                 "[[accounts]] name = \"smtp\" is reserved: the state database records the SMTP content "
                 "filter's decisions under that name; give the account another name"
+            )
+        if "milter" in names:
+            raise ConfigError(
+                "[[accounts]] name = \"milter\" is reserved: the state database records the milter's "
+                "decisions under that name; give the account another name"
+            )
+        if (self.smtp.enabled and self.milter.enabled and self.smtp.listen_port == self.milter.listen_port
+                and self.smtp.listen_host == self.milter.listen_host):
+            raise ConfigError(
+                f"milter.listen_port = {self.milter.listen_port} is also smtp.listen_port: the SMTP filter and "
+                "the milter each need their own port"
             )
         _check_roles(self)
         _positive("retry_attempts", self.retry_attempts)

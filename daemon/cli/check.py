@@ -131,6 +131,40 @@ def _check_model(report: _Report, config: Config) -> None:
     report.add(OK, f"model {where!r}", f"version {clf.version} loads; labels match [categories]")
 
 
+def _check_milter(report: _Report, config: Config) -> None:
+    """[milter] listen address: free to bind, or already served by a milter (the running daemon)."""
+    import errno
+    import socket
+
+    from mailtriage.milter import protocol as p
+
+    host, port = config.milter.listen_host, config.milter.listen_port
+    subject = f"milter {host}:{port}"
+    fix = "pick a free [milter] listen_port and the same port in Postfix's smtpd_milters (inet:HOST:PORT)"
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+        report.add(OK, subject, "free to listen on; Postfix: smtpd_milters = inet:"
+                   f"{host}:{port}, milter_default_action = {config.milter.on_error}, milter_protocol = 6")
+        return
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            report.add(FAIL, subject, f"cannot listen: {exc.strerror or exc}", fix)
+            return
+    try:  # taken: by a milter that negotiates (mailtriage serve already running) or by something else?
+        with socket.create_connection((host, port), timeout=3) as sock:
+            sock.sendall(p.optneg(p.OptNeg(p.VERSION, p.ACTIONS, p.WANTED_STEPS)))
+            answer = sock.recv(4 + 13)
+        packets, _rest = p.split_packets(answer)
+        if packets and packets[0][0] == p.SMFIC_OPTNEG:
+            report.add(OK, subject, "in use by a milter that negotiates (mailtriage serve is running?)")
+            return
+    except (OSError, p.ProtocolError):
+        pass
+    report.add(FAIL, subject, "in use by something that does not speak the milter protocol", fix)
+
+
 def run_check(
     config: Config,
     create_folders: bool = False,
@@ -149,6 +183,8 @@ def run_check(
         report.add(WARN, "accounts", "none configured: `serve` has no mailbox to watch", "add an [[accounts]] table")
     for account in config.accounts:
         _check_account(report, account, config, create_folders, connect)
+    if config.milter.enabled:
+        _check_milter(report, config)
     _check_state(report, config)
     if config.training.schedule:
         _check_writable_dir(

@@ -1,7 +1,8 @@
 """The X-Mailtriage-* header tagging both action paths share: pure, bytes in, bytes out.
 
-Used by the SMTP content filter (``mailtriage.smtp.relay``) and the IMAP header rewrite
-(``mailtriage.imap.actions``). Header bytes stay bytes: no re-serialisation through ``email``, so
+Used by the SMTP content filter (``mailtriage.smtp.relay``), the IMAP header rewrite
+(``mailtriage.imap.actions``) and the milter (``mailtriage.milter``, which sends the same fields as
+milter header edits). Header bytes stay bytes: no re-serialisation through ``email``, so
 a tagged copy is the original with CRLF line endings, minus forged X-Mailtriage-* lines, plus two.
 """
 
@@ -15,6 +16,7 @@ from mailtriage.core.routing import Decision
 CATEGORY_HEADER = "X-Mailtriage-Category"
 CONFIDENCE_HEADER = "X-Mailtriage-Confidence"
 UNSURE = "unsure"
+_PREFIX = b"x-mailtriage-"
 
 _HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
 _EOL = re.compile(rb"\r\n|\r|\n")
@@ -68,12 +70,17 @@ def strip_mailtriage_headers(raw: bytes) -> bytes:
                 kept.append(line)
             continue
         m = _HEADER_NAME.match(line)
-        dropping = bool(m and m.group(1).lower().startswith(b"x-mailtriage-"))
+        dropping = bool(m and is_mailtriage_header(m.group(1)))
         if not dropping:
             kept.append(line)
     if not kept:  # nothing left of the header: the message starts with its blank line
         return rest[2:]
     return b"\r\n".join(kept) + rest
+
+
+def is_mailtriage_header(name: bytes) -> bool:
+    """Whether a field name is one of ours (any X-Mailtriage-*, any case): only the daemon writes them."""
+    return name.lower().startswith(_PREFIX)
 
 
 def category_value(decision: Decision) -> str:
@@ -82,12 +89,16 @@ def category_value(decision: Decision) -> str:
     return UNSURE if decision.unsure else decision.label
 
 
+def tag_fields(decision: Decision) -> list[tuple[str, str]]:
+    """Our fields in the order they stand on top of a tagged message: (name, value), values ASCII."""
+    return [(CATEGORY_HEADER, safe_atom(category_value(decision))), (CONFIDENCE_HEADER, f"{decision.confidence:.4f}")]
+
+
 def add_headers(raw: bytes, decision: Decision) -> bytes:
     """The message (CRLF line endings) with X-Mailtriage-Category/-Confidence on top, each ending in
     CRLF, and any sender-supplied ones removed."""
     clean = strip_mailtriage_headers(raw)
-    value = safe_atom(category_value(decision))
-    top = f"{CATEGORY_HEADER}: {value}\r\n{CONFIDENCE_HEADER}: {decision.confidence:.4f}\r\n".encode()
+    top = "".join(f"{name}: {value}\r\n" for name, value in tag_fields(decision)).encode()
     return top + clean  # with no header of its own, clean starts with the blank line
 
 

@@ -7,7 +7,8 @@ Threads and what they own:
   (re)load runs there, so the GPU sees one job at a time and a hot reload swaps between batches;
 - the event loop: the scheduled jobs (``mailtriage.service.jobs``: retrain subprocess, correction
   scan, hot-reload check), systemd notifications, signal handling and, with ``[smtp] enabled``,
-  the SMTP content filter (``mailtriage.smtp.relay``, started as an ``on_start`` hook).
+  the SMTP content filter (``mailtriage.smtp.relay``), with ``[milter] enabled`` the milter
+  (``mailtriage.milter.server``), each started as an ``on_start`` hook.
 This module is the lifecycle: start in order, watch, stop in reverse order.
 """
 
@@ -49,11 +50,16 @@ StartHook = Callable[["Service"], Awaitable[Callable[[], Awaitable[None]] | None
 
 
 def _default_hooks(config: Config) -> list[StartHook]:
-    if not config.smtp.enabled:
-        return []
-    from mailtriage.smtp.relay import start_smtp_filter  # aiosmtpd is only imported when it is used
+    hooks: list[StartHook] = []
+    if config.smtp.enabled:
+        from mailtriage.smtp.relay import start_smtp_filter  # aiosmtpd is only imported when it is used
 
-    return [start_smtp_filter]
+        hooks.append(start_smtp_filter)
+    if config.milter.enabled:
+        from mailtriage.milter.server import start_milter
+
+        hooks.append(start_milter)
+    return hooks
 
 
 class Service:
@@ -79,10 +85,11 @@ class Service:
         retrain_command: Sequence[str] | None = None,
         on_start: Sequence[StartHook] | None = None,
     ) -> None:
-        if not config.accounts and not config.smtp.enabled:
+        if not config.accounts and not config.smtp.enabled and not config.milter.enabled:
             raise ConfigError(
-                "mailtriage serve has nothing to do: the config has no [[accounts]] and [smtp] enabled = false; "
-                "add an [[accounts]] table with the IMAP host, username and mailboxes to watch"
+                "mailtriage serve has nothing to do: the config has no [[accounts]], [smtp] enabled = false and "
+                "[milter] enabled = false; add an [[accounts]] table with the IMAP host, username and mailboxes "
+                "to watch, or enable an intake"
             )
         self.config = config
         self.config_path = config_path

@@ -21,7 +21,7 @@ import structlog
 from mailtriage.service import metrics
 from mailtriage.config import AccountConfig, Config
 from mailtriage.core.mailtext import message_key
-from mailtriage.store.state import SMTP_INTAKE, StateDB
+from mailtriage.store.state import MILTER_INTAKE, SMTP_INTAKE, StateDB
 
 log = structlog.get_logger(__name__)
 
@@ -150,9 +150,9 @@ def scan_account(
 
 
 def _filed(state: StateDB, account: AccountConfig) -> list[FiledMessage]:
-    """The account's own decisions, then the SMTP filter's: relayed mail is delivered into the
-    mailboxes, so moving it is a correction too (the account's own decision wins for a key)."""
-    rows = [*state.filed(account=account.name), *state.filed(account=SMTP_INTAKE)]
+    """The account's own decisions, then the SMTP filter's and the milter's: their mail is delivered
+    into the mailboxes, so moving it is a correction too (the account's own decision wins for a key)."""
+    rows = [*state.filed(account=account.name), *state.filed(account=SMTP_INTAKE), *state.filed(account=MILTER_INTAKE)]
     return [FiledMessage(row.key, row.label, row.unsure) for row in rows]
 
 

@@ -114,10 +114,14 @@ CREATE TABLE IF NOT EXISTS corrections (
 );
 """
 
-# Decisions of the SMTP content filter live in the same table under this account name, so
-# `stats` and the correction scan cover both intakes. Each relayed message gets the next uid.
+# Decisions of the SMTP content filter and of the milter live in the same table under these
+# account names, so `stats` and the correction scan cover every intake. Each message gets the
+# next uid of its intake.
 SMTP_INTAKE = "smtp"
 SMTP_MAILBOX = "(relayed)"
+MILTER_INTAKE = "milter"
+MILTER_MAILBOX = "(milter)"
+_INTAKE_MAILBOX = {SMTP_INTAKE: SMTP_MAILBOX, MILTER_INTAKE: MILTER_MAILBOX}
 
 STATUSES = ("pending", "done", "failed", "skipped")
 OUTCOMES = ("filed", "unsure", "dry_run", "failed", "quarantined")
@@ -472,17 +476,21 @@ class StateDB:
             ),
         )
 
-    def record_relayed(self, key: str, decision: Decision, model_version: str | None) -> None:
-        """One message the SMTP content filter tagged and the next hop accepted (action 'header';
-        ``folder`` is where its category header sends it). One statement: atomic next uid."""
+    def record_relayed(
+        self, key: str, decision: Decision, model_version: str | None, *, intake: str = SMTP_INTAKE
+    ) -> None:
+        """One message the SMTP content filter tagged and the next hop accepted, or the milter
+        (``intake=MILTER_INTAKE``) tagged (action 'header'; ``folder`` is where its category header
+        sends it). One statement: atomic next uid."""
+        mailbox = _INTAKE_MAILBOX[intake]
         now = time.time()
         self._exec(
             """INSERT INTO messages (account, mailbox, uidvalidity, uid, key, label, confidence, unsure, folder,
                    action, model_version, dry_run, status, decided_at, updated_at)
                SELECT ?, ?, 0, COALESCE(MAX(uid), 0) + 1, ?, ?, ?, ?, ?, 'header', ?, 0, 'done', ?, ?
                FROM messages WHERE account = ? AND mailbox = ?""",
-            (SMTP_INTAKE, SMTP_MAILBOX, key, decision.label, decision.confidence, int(decision.unsure),
-             decision.folder, model_version, now, now, SMTP_INTAKE, SMTP_MAILBOX),
+            (intake, mailbox, key, decision.label, decision.confidence, int(decision.unsure),
+             decision.folder, model_version, now, now, intake, mailbox),
         )
 
     def set_status(
@@ -629,7 +637,8 @@ class StateDB:
     def filed(self, account: str | None = None) -> list[FiledRow]:
         """Messages the daemon really moved or tagged (not dry runs), the latest decision per key.
 
-        ``account``: that account's decisions; the correction scan also asks for ``SMTP_INTAKE``'s."""
+        ``account``: that account's decisions; the correction scan also asks for ``SMTP_INTAKE``'s and
+        ``MILTER_INTAKE``'s."""
         sql = """
             SELECT key, label, unsure, folder, account, MAX(decided_at) AS decided_at, model_version
             FROM messages WHERE status='done' AND dry_run=0 AND action != 'none' {where}
@@ -689,13 +698,13 @@ class StateDB:
             per = decisions.setdefault(r["label"], dict.fromkeys(OUTCOMES, 0))
             per[outcome] += r["n"]
             totals[outcome] += r["n"]
-        intakes = {"imap": 0, "smtp": 0}
+        intakes = {"imap": 0, "smtp": 0, "milter": 0}
         for r in self._exec(
-            "SELECT account = ? AS smtp, COUNT(*) AS n FROM messages WHERE status IN ('done','failed') "
-            "AND decided_at >= ? GROUP BY smtp",
-            (SMTP_INTAKE, since),
+            "SELECT CASE account WHEN ? THEN 'smtp' WHEN ? THEN 'milter' ELSE 'imap' END AS intake, COUNT(*) AS n "
+            "FROM messages WHERE status IN ('done','failed') AND decided_at >= ? GROUP BY intake",
+            (SMTP_INTAKE, MILTER_INTAKE, since),
         ).fetchall():
-            intakes["smtp" if r["smtp"] else "imap"] += r["n"]
+            intakes[r["intake"]] += r["n"]
         corr_rows = self._exec(
             "SELECT predicted, actual, was_unsure, COUNT(*) AS n FROM corrections WHERE corrected_at >= ? "
             "GROUP BY predicted, actual, was_unsure",

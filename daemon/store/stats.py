@@ -118,7 +118,8 @@ def render(stats: dict[str, Any], config: Config, out: TextIO) -> None:
           f"dry run {totals['dry_run']}, failed {totals['failed']}, quarantined {totals.get('quarantined', 0)})",
           file=out)
     intakes = stats.get("intakes") or {}
-    print(f"  by intake: IMAP watcher {intakes.get('imap', 0)}, SMTP content filter {intakes.get('smtp', 0)}", file=out)
+    print(f"  by intake: IMAP watcher {intakes.get('imap', 0)}, SMTP content filter {intakes.get('smtp', 0)}, "
+          f"milter {intakes.get('milter', 0)}", file=out)
     labels = list(config.labels) + sorted(str(k) for k in stats["decisions"] if k not in config.categories)
     rows = [["category", "filed", "unsure", "dry run", "failed", "corrected", "live accuracy"]]
     for label in labels:

@@ -33,11 +33,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar, get_args
 
+import structlog
+
 from mailtriage.config import Device
 from mailtriage.core.training import SERVE_SETTINGS, TRUNCATION_CHOICES
 from mailtriage.errors import ConfigError, MailtriageError, ModelDirBusyError, ModelError
 from mailtriage.cli.logs import configure_logging
 from mailtriage_trainer import pipeline
+
+log = structlog.get_logger(__name__)
 from mailtriage_trainer.pipeline import Settings
 
 DEFAULT_CONFIG = "/etc/mailtriage/config.toml"

@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from enum import StrEnum
 from typing import Any
 
 from mailtriage.errors import StateError
@@ -119,7 +120,26 @@ CREATE TABLE IF NOT EXISTS corrections (
 SMTP_INTAKE = "smtp"
 SMTP_MAILBOX = "(relayed)"
 
-STATUSES = ("pending", "done", "failed", "skipped")
+
+
+class Status(StrEnum):
+    """``messages.status``: where a message stands in its lifecycle."""
+
+    PENDING = "pending"  # claimed, the action may be under way (a crash leaves it for recovery)
+    DONE = "done"        # decided and in its one place
+    FAILED = "failed"    # refused or undecidable; in the source, retried at ``retry_at`` if set
+    SKIPPED = "skipped"  # the same message was already decided under another UID
+
+
+class Claim(StrEnum):
+    """What ``StateDB.claim`` answers."""
+
+    CLAIMED = "claimed"      # the caller acts, then sets the status
+    TAKEN = "taken"          # this UID already has a row: another worker has it, or it is handled
+    DUPLICATE = "duplicate"  # the same message is done or pending elsewhere: recorded skipped
+
+
+STATUSES = tuple(Status)
 OUTCOMES = ("filed", "unsure", "dry_run", "failed", "quarantined")
 
 
@@ -140,7 +160,7 @@ class MessageRow:
     action: str
     model_version: str | None
     dry_run: bool
-    status: str
+    status: Status
     dest_uidvalidity: int | None
     dest_uidnext: int | None
     error: str | None
@@ -374,7 +394,7 @@ class StateDB:
         fingerprint: str | None = None,
         dest_uidvalidity: int | None = None,
         dest_uidnext: int | None = None,
-    ) -> str:
+    ) -> Claim:
         """Take one message for acting, atomically: record it 'pending' unless someone has it.
 
         Returns 'claimed' (the caller acts, then sets the status), 'taken' (this UID already has a
@@ -393,7 +413,7 @@ class StateDB:
             ).fetchone()
             if taken is not None and not taken["dry_run"]:
                 conn.execute("COMMIT")
-                return "taken"
+                return Claim.TAKEN
             if taken is not None:  # a dry run only looked at it: now it is filed for real
                 conn.execute("DELETE FROM messages WHERE account=? AND mailbox=? AND uidvalidity=? AND uid=?", where)
             same = conn.execute(
@@ -408,7 +428,7 @@ class StateDB:
                     (account, mailbox, uidvalidity, uid, key, content, now, now),
                 )
                 conn.execute("COMMIT")
-                return "duplicate"
+                return Claim.DUPLICATE
             conn.execute(
                 """INSERT INTO messages (account, mailbox, uidvalidity, uid, key, content, fingerprint, label,
                     confidence, unsure, folder, action, model_version, dry_run, status, dest_uidvalidity,
@@ -419,7 +439,7 @@ class StateDB:
                  dest_uidvalidity, dest_uidnext, now, now),
             )
             conn.execute("COMMIT")
-            return "claimed"
+            return Claim.CLAIMED
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -748,7 +768,7 @@ def _message_row(r: sqlite3.Row) -> MessageRow:
         action=r["action"],
         model_version=r["model_version"],
         dry_run=bool(r["dry_run"]),
-        status=r["status"],
+        status=Status(r["status"]),
         dest_uidvalidity=r["dest_uidvalidity"],
         dest_uidnext=r["dest_uidnext"],
         error=r["error"],

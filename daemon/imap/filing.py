@@ -29,7 +29,7 @@ from mailtriage.core import backoff, mailtext, pipeline, tagging
 from mailtriage.core.mailtext import content_fingerprint, mail_text, message_key
 from mailtriage.core.pipeline import ClassifyFn, Routed
 from mailtriage.core.routing import Decision
-from mailtriage.errors import LabelMismatchError, MailboxError
+from mailtriage.errors import InferenceUnavailable, LabelMismatchError, MailboxError
 from mailtriage.imap import actions
 from mailtriage.service import metrics
 from mailtriage.store.state import Claim, MessageRow, StateDB, Status
@@ -65,6 +65,10 @@ class Link:
     uidvalidity: int
     has_move: bool
     has_uidplus: bool
+
+
+def _same(a: BaseException, b: BaseException) -> bool:
+    return type(a) is type(b) and str(a) == str(b)
 
 
 def byte_groups(uids: Sequence[int], sizes: Mapping[int, int], cap: int, budget: int) -> list[list[int]]:
@@ -173,14 +177,25 @@ class Filing:
         if not fresh:
             return 0
         texts = [mail_text(item.raw) for item in fresh]  # never raises, bounded time
+        deferred: list[Fetched] = []
         try:
             decided = list(zip(fresh, pipeline.classify_and_route(texts, self.classify, self.rules)))
-        except LabelMismatchError:
-            raise  # the adapter does not fit the config: no message is at fault
+        except (LabelMismatchError, InferenceUnavailable):
+            # The adapter does not fit the config, or the server is down or overloaded: no message is
+            # at fault, so none is isolated; the batch waits (the cursor stays) and the watcher backs off.
+            raise
         except Exception as exc:  # noqa: BLE001 - one poison message must not stall the mailbox
-            decided = self._classify_one_by_one(fresh, texts, uidvalidity, exc)
+            decided, deferred = self._classify_one_by_one(fresh, texts, uidvalidity, exc)
         for item, routed in decided:
             self._decide_and_act(item, routed, uidvalidity)
+        if deferred:
+            # Raised after the others were filed, before the cursor passes the deferred ones: the
+            # next pass fetches them again, with no attempt counted against them.
+            raise InferenceUnavailable(
+                f"classification failed while the model was not healthy; {len(deferred)} message(s) of "
+                f"{self.account.name}/{self.mailbox} (uid {', '.join(str(i.uid) for i in deferred)}) wait for the "
+                "next pass, they are not quarantined"
+            )
         return len(decided)
 
     def _dedupe(self, fetched: list[Fetched], uidvalidity: int) -> list[Fetched]:
@@ -201,24 +216,38 @@ class Filing:
 
     def _classify_one_by_one(
         self, fresh: list[Fetched], texts: list[str], uidvalidity: int, batch_error: Exception
-    ) -> list[tuple[Fetched, Routed]]:
-        """The batch failed: classify each message alone. One that still fails is a poison message:
-        recorded 'failed' and moved to the quarantine folder, so the others are filed. When every one fails, a
-        canary text tells a broken model (raise: the watcher backs off and retries) from poison."""
+    ) -> tuple[list[tuple[Fetched, Routed]], list[Fetched]]:
+        """The batch failed: classify each message alone. Returns (decided, deferred).
+
+        Only a message that fails while the model is healthy is poison: recorded 'failed' and moved
+        to the quarantine folder, so the others are filed. A message is deferred instead (left for
+        the next pass, no attempt counted) when its failure is the server's (InferenceUnavailable),
+        or when the batch and every message alone failed the same way (the model, not the mail).
+        When every one fails, a canary text tells a broken model (raise: the watcher backs off and
+        retries) from poison."""
         self.log.warning("classify_batch_failed", error=str(batch_error), messages=len(fresh))
         decided: list[tuple[Fetched, Routed]] = []
         poison: list[tuple[Fetched, Exception]] = []
+        deferred: list[Fetched] = []
         for item, text in zip(fresh, texts):
             try:
                 (routed,) = pipeline.classify_and_route([text], self.classify, self.rules)
             except LabelMismatchError:
                 raise
+            except InferenceUnavailable as exc:
+                deferred.append(item)
+                self.log.warning("message_deferred", uid=item.uid, message_id=item.key, error=str(exc))
             except Exception as exc:  # noqa: BLE001
                 poison.append((item, exc))
             else:
                 decided.append((item, routed))
         if poison and not decided:
             self.classify([CANARY_TEXT])  # raises when the model itself is broken
+        if len(poison) > 1 and not decided and not deferred and all(_same(exc, batch_error) for _, exc in poison):
+            # Several different messages failing exactly like the batch did is the model's trouble,
+            # even if the canary got through a moment later: retry them, quarantine none.
+            self.log.warning("classify_failed_alike_deferred", messages=len(poison), error=str(batch_error))
+            return decided, [item for item, _ in poison]
         for item, exc in poison:
             error = f"classify failed on this message: {type(exc).__name__}: {exc}"
             self.state.record_failure(self.account.name, self.mailbox, uidvalidity, item.uid, item.key, error)
@@ -230,7 +259,7 @@ class Filing:
                 # Never asked of the model again, so never stranded in the watched mailbox either:
                 # staff see it in the quarantine folder (default: the unsure folder).
                 self._quarantine(row)
-        return decided
+        return decided, deferred
 
     # ---- claim and act -----------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from imapclient import IMAPClient
 from mailtriage.config import AccountConfig, Config, mailbox_id
 from mailtriage.core import backoff
 from mailtriage.core.pipeline import ClassifyFn
-from mailtriage.errors import MailboxError
+from mailtriage.errors import InferenceUnavailable, MailboxError
 from mailtriage.imap import actions, connection, preflight
 from mailtriage.imap.filing import CLASSIFY_FETCH_BYTES, Filing, Link
 from mailtriage.store.state import StateDB
@@ -196,6 +196,8 @@ class MailboxWatcher:
                     self.log.warning("imap_connection_lost", error=str(exc), error_type=type(exc).__name__)
                 except MailboxError as exc:
                     self.log.error("imap_error", error=str(exc))
+                except InferenceUnavailable as exc:  # the mail waits in the mailbox; nothing is at fault
+                    self.log.warning("inference_unavailable", error=str(exc))
                 except Exception as exc:  # noqa: BLE001 - e.g. the model failed: retry later, never die
                     self.log.error("watcher_error", error=str(exc), error_type=type(exc).__name__, exc_info=True)
                 self.close()

@@ -1,0 +1,140 @@
+"""Filing (imap/filing.py) against a real Dovecot: what may and may not be taken for poison, where a
+refused quarantine leaves a message, and who may file a mailbox reached under several names."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from mailtriage.config import Config
+from mailtriage.errors import InferenceUnavailable
+from mailtriage.imap.watcher import MailboxWatcher
+from mailtriage.model.remote import HttpClassifier
+from mailtriage.store.state import StateDB
+from tests.test_watcher import (  # noqa: F401 - fixtures
+    CATEGORIES, UNSURE_FOLDER, config, contents, count_where, fake_classifier, make_account, msg, user,
+)
+
+pytestmark = pytest.mark.component
+
+
+class FlakyInference:
+    """A TEI-shaped inference server on a real socket: answers 503 to the first ``failures``
+    requests, then scores 0.9 for the category whose name is in the text."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.requests = 0
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.requests += 1
+                if stub.requests <= stub.failures:
+                    return self._send(503, b'{"error": "overloaded"}')
+                out = []
+                for (text,) in body["inputs"]:
+                    hit = next((c for c in CATEGORIES if c in text.lower()), "billing")
+                    out.append([{"label": c, "score": 0.9 if c == hit else 0.05} for c in CATEGORIES])
+                self._send(200, json.dumps(out).encode())
+
+            def _send(self, code: int, payload: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def flaky() -> Iterator[FlakyInference]:
+    stub = FlakyInference(failures=2)
+    try:
+        yield stub
+    finally:
+        stub.close()
+
+
+def _passes(w: MailboxWatcher, until: Any, most: int = 6) -> int:
+    """Backlog passes as the watcher's loop makes them (an unavailable model ends a pass) until
+    ``until()`` holds; returns how many passes it took."""
+    for n in range(1, most + 1):
+        try:
+            w.process_backlog()
+        except InferenceUnavailable:
+            pass
+        if until():
+            return n
+    return most
+
+
+def test_an_overloaded_inference_server_never_quarantines_a_good_message(
+    dovecot: Any, user: Any, make_account: Any, config: Config, flaky: FlakyInference
+) -> None:
+    """The server answers 503 to the batch and to the message alone, then recovers: the message
+    used to be recorded as poison and moved to the quarantine folder at once."""
+    name, password, client = user
+    from mailtriage.testing.dovecot import load_messages
+
+    load_messages(client, "INBOX", [msg(1, "Refunds please")])
+    clf = HttpClassifier(flaky.url, tuple(CATEGORIES), api="tei", timeout=5)
+    w = MailboxWatcher(make_account(dovecot, name, password), "INBOX", config, StateDB(config.state_path),
+                       lambda texts: (clf.classify(texts), clf.version), idle_slice=0.2, backoff_start=0.1)
+    try:
+        _passes(w, lambda: count_where(client)["INBOX"] == 0)
+    finally:
+        w.close()
+    assert count_where(client) == {"INBOX": 0, "Support/Billing": 0, "Support/Login": 0, "Support/Refunds": 1,
+                                   UNSURE_FOLDER: 0}
+    (row,) = w.state.rows("acct")
+    assert (row.status, row.label, row.quarantined) == ("done", "refunds", False)
+    assert flaky.requests >= 3
+
+
+def test_messages_that_fail_exactly_like_their_batch_are_deferred_not_quarantined(
+    dovecot: Any, user: Any, make_account: Any, config: Config
+) -> None:
+    """The model hiccups for a moment (the batch and each message alone fail with the same error),
+    then answers the canary: neither message is poison, both are filed on the next pass."""
+    from mailtriage.testing.dovecot import load_messages
+
+    name, password, client = user
+    load_messages(client, "INBOX", [msg(1, "Invoice 1"), msg(2, "Refund please")])
+    rules, calls = fake_classifier(), [0]
+
+    def hiccup(texts: Any) -> Any:
+        calls[0] += 1
+        if calls[0] <= 3:  # the batch, then each message alone
+            raise RuntimeError("device busy")
+        return rules(texts)
+
+    w = MailboxWatcher(make_account(dovecot, name, password), "INBOX", config, StateDB(config.state_path), hiccup,
+                       idle_slice=0.2, backoff_start=0.1)
+    try:
+        with pytest.raises(InferenceUnavailable, match="2 message"):
+            w.process_backlog()
+        assert w.state.rows("acct") == [] and count_where(client)["INBOX"] == 2
+        assert w.process_backlog() == 2
+    finally:
+        w.close()
+    assert count_where(client)["Support/Billing"] == 1 and count_where(client)["Support/Refunds"] == 1
+    assert not any(r.quarantined for r in w.state.rows("acct"))

@@ -138,3 +138,67 @@ def test_messages_that_fail_exactly_like_their_batch_are_deferred_not_quarantine
         w.close()
     assert count_where(client)["Support/Billing"] == 1 and count_where(client)["Support/Refunds"] == 1
     assert not any(r.quarantined for r in w.state.rows("acct"))
+
+
+# ---- a refused quarantine ---------------------------------------------------------------------
+
+
+def _until(w: MailboxWatcher, pred: Any, timeout: float = 10.0) -> bool:
+    """Backlog passes until ``pred()`` holds or the deadline passes (retries are due by the clock)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        w.process_backlog()
+        if pred():
+            return True
+        time.sleep(0.05)  # polling: the loop ends on pred() or the deadline
+    return pred()
+
+
+def test_a_refused_quarantine_is_retried_and_stats_say_where_the_message_is(
+    dovecot: Any, user: Any, make_account: Any, config: Config
+) -> None:
+    """The category folder and the quarantine (unsure) folder both refuse: the message used to stay
+    in INBOX for good, never retried, while `stats` counted it 'quarantined'."""
+    import dataclasses
+    import io
+
+    from mailtriage.store.stats import print_stats
+    from mailtriage.testing.dovecot import load_messages
+
+    name, password, client = user
+    load_messages(client, "INBOX", [msg(1, "Invoice stranded")])
+    config = dataclasses.replace(config, retry_backoff=0.1, retry_attempts=2)
+    w = MailboxWatcher(make_account(dovecot, name, password), "INBOX", config, StateDB(config.state_path),
+                       fake_classifier(), idle_slice=0.2, backoff_start=0.1)
+    try:
+        w.connect()
+        client.delete_folder("Support/Billing")
+        client.delete_folder(UNSURE_FOLDER)
+        assert _until(w, lambda: any(r.quarantined and r.status == "failed" for r in w.state.rows("acct")))
+        (row,) = w.state.rows("acct")
+        assert row.retry_at is not None, "a refused quarantine must be tried again"
+        stats = w.state.stats()
+        assert stats["totals"]["quarantined"] == 0 and stats["totals"]["quarantine_pending"] == 1
+        assert stats["in_source"] == {"retrying": 0, "quarantine_pending": 1}
+        out = io.StringIO()
+        print_stats(dataclasses.replace(config, accounts=()), out=out)
+        assert "quarantined 0" in out.getvalue() and "still in the watched mailbox" in out.getvalue()
+        assert count_where_safe(client) == {"INBOX": 1}
+
+        client.create_folder(UNSURE_FOLDER)  # the server accepts the quarantine again
+        assert _until(w, lambda: len(contents(client, UNSURE_FOLDER)) == 1)
+    finally:
+        w.close()
+    assert not contents(client, "INBOX")
+    (row,) = w.state.rows("acct")
+    assert row.status == "done" and row.quarantined and row.folder == UNSURE_FOLDER
+    assert w.state.stats()["totals"]["quarantined"] == 1 and w.state.stats()["in_source"]["quarantine_pending"] == 0
+
+
+def count_where_safe(client: Any) -> dict[str, int]:
+    """Messages per folder, for the folders that exist."""
+    existing = {f[2] for f in client.list_folders()}
+    return {f: n for f in ["INBOX", *CATEGORIES.values(), UNSURE_FOLDER] if f in existing
+            for n in [len(contents(client, f))] if n}

@@ -348,14 +348,21 @@ class Filing:
     def failed_attempt(self, uid: int, uidvalidity: int, error: str) -> None:
         """One more refused attempt at this message's action: it stays 'failed' in the source and is
         tried again after a backoff (retry_backoff, doubling, <= RETRY_MAX_S); once retry_attempts
-        have failed, the next pass moves it to the quarantine folder. A refused quarantine is final."""
+        have failed, the next pass moves it to the quarantine folder. A refused quarantine is
+        retried the same way, for as long as it takes: a message is never left in the watched
+        mailbox for good."""
         acct, mbox = self.account.name, self.mailbox
         row = self.state.get(acct, mbox, uidvalidity, uid)
         attempts = (row.attempts if row else 0) + 1
         if row is not None and row.quarantined:
-            self.state.fail_attempt(acct, mbox, uidvalidity, uid, error, None)
+            # Counted from the first refused quarantine, so it starts again at retry_backoff.
+            wait = backoff.delay(max(attempts - self.config.retry_attempts - 1, 0), self.config.retry_backoff,
+                                 RETRY_MAX_S)
+            self.state.fail_attempt(acct, mbox, uidvalidity, uid, error, time.time() + wait)
             self.log.error("quarantine_failed", uid=uid, message_id=row.key, folder=row.folder, error=error,
-                           fix="the message stays in the watched mailbox; check the quarantine folder and the server")
+                           attempts=attempts, retry_in_s=round(wait, 1),
+                           fix="the message stays in the watched mailbox until the quarantine folder accepts it; "
+                           "check that folder and its rights on the server")
             return
         wait = 0.0 if attempts >= self.config.retry_attempts else backoff.delay(
             attempts - 1, self.config.retry_backoff, RETRY_MAX_S
@@ -371,7 +378,7 @@ class Filing:
                 return
             if not self.state.take_retry(acct, mbox, uidvalidity, row.uid):
                 continue  # another worker took it
-            if row.attempts >= self.config.retry_attempts:
+            if row.quarantined or row.attempts >= self.config.retry_attempts:
                 self._quarantine(row)
                 continue
             status = self.recover(row)  # locate, then finish or redo the action

@@ -1,7 +1,7 @@
 """The daemon's memory in one SQLite file (WAL): what was decided for which message, so restarts,
 crashes, UIDVALIDITY changes and duplicate deliveries never file a message twice or lose it.
 
-Schema (version 3, in ``PRAGMA user_version``; versions 1 and 2 are migrated on a writable open,
+Schema (version 4, in ``PRAGMA user_version``; versions 1 to 3 are migrated on a writable open,
 any other version is refused)::
 
     messages      one row per message the watcher saw, keyed like IMAP keys it
@@ -23,7 +23,8 @@ any other version is refused)::
                      crash-recovery scan only has to look at newer UIDs
       attempts, retry_at   a refused action (status failed): how many attempts failed, and when the
                      next one is due (NULL: never retried, e.g. the message vanished) (v3)
-      quarantined    1 when retries ran out and the message was moved to the quarantine folder (v3)
+      quarantined    1 when retries ran out and the message is (status done) or is to be (status
+                     failed, retried at retry_at) in the quarantine folder (v3)
       error, decided_at, updated_at (unix seconds)
     mailbox_state  (account, mailbox, dry_run) PRIMARY KEY -> uidvalidity, last_uid
                      the highest UID fully handled; a dry run keeps its own cursor so switching
@@ -53,7 +54,7 @@ from typing import Any
 from mailtriage.errors import StateError
 from mailtriage.core.routing import Decision
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # user_version -> statements that bring it to the next version (run in one transaction).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE messages ADD COLUMN content TEXT",),
@@ -63,6 +64,10 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE messages ADD COLUMN quarantined INTEGER NOT NULL DEFAULT 0",
         # Refused actions of older versions were never retried (stranded in INBOX): retry them now.
         "UPDATE messages SET retry_at = 0 WHERE status = 'failed' AND action IN ('move', 'keyword', 'header')",
+    ),
+    3: (
+        # A refused quarantine used to be final (the message stranded in the watched mailbox): retry it.
+        "UPDATE messages SET retry_at = 0 WHERE status = 'failed' AND quarantined = 1 AND retry_at IS NULL",
     ),
 }
 
@@ -140,7 +145,9 @@ class Claim(StrEnum):
 
 
 STATUSES = tuple(Status)
-OUTCOMES = ("filed", "unsure", "dry_run", "failed", "quarantined")
+# Where a decided message is: filed / unsure / quarantined (in that folder), dry_run (untouched), failed
+# and quarantine_pending (refused; still in the watched mailbox, retried after a backoff).
+OUTCOMES = ("filed", "unsure", "dry_run", "failed", "quarantined", "quarantine_pending")
 
 
 @dataclass(frozen=True)
@@ -681,24 +688,32 @@ class StateDB:
     def stats(self, window_days: int = 30, *, now: float | None = None) -> dict[str, Any]:
         """Decisions, corrections and live accuracy over the last ``window_days`` (``mailtriage stats``).
 
-        Outcomes: filed (acted on with a category), unsure (below threshold), dry_run, failed.
+        Outcomes (OUTCOMES): filed (acted on with a category), unsure (below threshold), dry_run, failed,
+        quarantined (in the quarantine folder), quarantine_pending (refused there; still in the source).
         Live accuracy of a category = 1 - corrections of messages filed as it / messages filed as it.
         """
         since = (time.time() if now is None else now) - window_days * 86400
         decisions: dict[str, dict[str, int]] = {}
         totals = dict.fromkeys(OUTCOMES, 0)
         columns = {r["name"] for r in self._exec("PRAGMA table_info(messages)").fetchall()}
-        quarantined = "quarantined" if "quarantined" in columns else "0"  # read-only on an older schema
+        old = "quarantined" not in columns  # read-only on an older schema
+        quarantined = "0" if old else "quarantined"
+        retry_expr = "0" if old else "retry_at IS NOT NULL"
         rows = self._exec(
-            f"""SELECT label, status, dry_run, unsure, {quarantined} AS quarantined, COUNT(*) AS n FROM messages
+            f"""SELECT label, status, dry_run, unsure, {quarantined} AS quarantined, {retry_expr} AS retrying,
+                   COUNT(*) AS n FROM messages
                WHERE status IN ('done','failed') AND decided_at >= ?
-               GROUP BY label, status, dry_run, unsure{", quarantined" if quarantined != "0" else ""}""",
+               GROUP BY label, status, dry_run, unsure, quarantined, retrying""",
             (since,),
         ).fetchall()
+        retrying = 0  # failed but due another attempt: still in the watched mailbox
         for r in rows:
-            if r["quarantined"]:
+            if r["quarantined"] and r["status"] == Status.DONE:
                 outcome = "quarantined"
-            elif r["status"] == "failed":
+            elif r["quarantined"] and r["retrying"]:
+                outcome = "quarantine_pending"  # the quarantine folder refused it: still in the source
+            elif r["status"] == Status.FAILED:
+                retrying += r["n"] if r["retrying"] else 0
                 outcome = "failed"
             elif r["dry_run"]:
                 outcome = "dry_run"
@@ -742,6 +757,8 @@ class StateDB:
             "since": since,
             "decisions": decisions,
             "totals": {**totals, "all": sum(totals.values())},
+            # Decided messages not yet in their place: in the watched mailbox, tried again after a backoff.
+            "in_source": {"retrying": retrying, "quarantine_pending": totals["quarantine_pending"]},
             "intakes": intakes,
             "corrections": {
                 "total": sum(p["n"] for p in pairs),

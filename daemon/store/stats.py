@@ -115,6 +115,12 @@ def render(stats: dict[str, Any], config: Config, out: TextIO) -> None:
     print(f"Decisions: {totals['all']} (filed {totals['filed']}, unsure {totals['unsure']}, "
           f"dry run {totals['dry_run']}, failed {totals['failed']}, quarantined {totals.get('quarantined', 0)})",
           file=out)
+    in_source = stats.get("in_source") or {}
+    if in_source.get("retrying") or in_source.get("quarantine_pending"):
+        # Say where these messages are: in no category or quarantine folder yet.
+        print(f"  still in the watched mailbox: {in_source.get('retrying', 0)} refused, retried after a backoff "
+              f"(then quarantined); quarantine pending {in_source.get('quarantine_pending', 0)} (the quarantine "
+              "folder refused them too: retried after a backoff; check that folder on the server)", file=out)
     intakes = stats.get("intakes") or {}
     print(f"  by intake: IMAP watcher {intakes.get('imap', 0)}, SMTP content filter {intakes.get('smtp', 0)}", file=out)
     labels = list(config.labels) + sorted(str(k) for k in stats["decisions"] if k not in config.categories)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from mailtriage.config import Config
-from mailtriage.errors import InferenceUnavailable
+from mailtriage.errors import InferenceUnavailable, MailboxError
 from mailtriage.imap.watcher import MailboxWatcher
 from mailtriage.model.remote import HttpClassifier
 from mailtriage.store.state import StateDB
@@ -202,3 +202,106 @@ def count_where_safe(client: Any) -> dict[str, int]:
     existing = {f[2] for f in client.list_folders()}
     return {f: n for f in ["INBOX", *CATEGORIES.values(), UNSURE_FOLDER] if f in existing
             for n in [len(contents(client, f))] if n}
+
+
+# ---- one mailbox reached under two names ---------------------------------------------------------
+
+
+def test_two_accounts_reaching_one_mailbox_file_each_message_once(
+    dovecot: Any, user: Any, make_account: Any, config: Config
+) -> None:
+    """127.0.0.1 and localhost are one server (two daemons on one state database, so the config
+    check cannot see both): the mailbox lock is the login's, not the account name's. Header action:
+    both used to file, 20 messages became 40 copies."""
+    import dataclasses
+
+    from mailtriage.testing.dovecot import load_messages
+
+    name, password, client = user
+    load_messages(client, "INBOX", [msg(n, s) for n, s in enumerate(["Invoice a", "Refund b", "Password c"])])
+    a = MailboxWatcher(make_account(dovecot, name, password, action="header"), "INBOX", config,
+                       StateDB(config.state_path), fake_classifier(), idle_slice=0.2, backoff_start=0.1)
+    other = dataclasses.replace(make_account(dovecot, name, password, action="header"), name="acct2", host="localhost")
+    b = MailboxWatcher(other, "INBOX", config, StateDB(config.state_path), fake_classifier(), idle_slice=0.2,
+                       backoff_start=0.1)
+    try:
+        a.connect()
+        with pytest.raises(MailboxError, match="another mailtriage worker is filing acct2/INBOX"):
+            b.process_backlog()
+        assert a.process_backlog() == 3
+        a.close()
+        assert b.process_backlog() == 0  # its turn now: nothing left to file
+    finally:
+        a.close()
+        b.close()
+    assert count_where(client) == {"INBOX": 0, "Support/Billing": 1, "Support/Login": 1, "Support/Refunds": 1,
+                                   UNSURE_FOLDER: 0}
+
+
+def test_a_renamed_account_in_a_second_daemon_does_not_refile(
+    dovecot: Any, user: Any, make_account: Any, config: Config
+) -> None:
+    """Keyword action (mail stays in INBOX): the account is renamed and the daemon restarted on the
+    same state database. Its new name had no rows and no cursor, so every message was decided and
+    tagged again — with a changed model, a second category keyword."""
+    import dataclasses
+
+    from mailtriage.testing.dovecot import load_messages
+    from mailtriage.testing.fakes import KeywordClassifier
+
+    name, password, client = user
+    load_messages(client, "INBOX", [msg(1, "Invoice one"), msg(2, "Refund two")])
+    first = make_account(dovecot, name, password, action="keyword")
+    w = MailboxWatcher(first, "INBOX", config, StateDB(config.state_path), fake_classifier(), idle_slice=0.2)
+    try:
+        assert w.process_backlog() == 2
+    finally:
+        w.close()
+    everything_login = KeywordClassifier(tuple(CATEGORIES), {"invoice": "login", "refund": "login"}, version="v2",
+                                         default="login")
+    renamed = dataclasses.replace(first, name="support-desk", host="localhost")
+    w2 = MailboxWatcher(renamed, "INBOX", config, StateDB(config.state_path), everything_login, idle_slice=0.2)
+    try:
+        assert w2.process_backlog() == 0
+    finally:
+        w2.close()
+    flags = [f for d in contents(client, "INBOX").values() for f in d["flags"] if f.startswith(b"mt_")]
+    assert len(flags) == 2 and not any(f.endswith(b"login") for f in flags), flags
+    assert {r.account for r in w2.state.rows() if r.status == "done"} == {"acct"}
+
+
+def test_a_renamed_account_finishes_what_the_old_name_left_pending(
+    dovecot: Any, user: Any, make_account: Any, config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash under the old name leaves a 'pending' row; the renamed account's recovery takes it
+    over and files the message once (its claim alone would skip it forever)."""
+    import dataclasses
+
+    from mailtriage.imap import actions
+    from mailtriage.testing.dovecot import load_messages
+
+    name, password, client = user
+    load_messages(client, "INBOX", [msg(1, "Invoice crash")])
+    first = make_account(dovecot, name, password)
+    w = MailboxWatcher(first, "INBOX", config, StateDB(config.state_path), fake_classifier(), idle_slice=0.2)
+    real_move = actions.move
+
+    class Crash(Exception):
+        pass
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        monkeypatch.setattr(actions, "move", real_move)
+        raise Crash("the process dies here")
+
+    monkeypatch.setattr(actions, "move", crash)
+    with pytest.raises(Crash):
+        w.process_backlog()
+    w.close()
+    renamed = dataclasses.replace(first, name="support-desk")
+    w2 = MailboxWatcher(renamed, "INBOX", config, StateDB(config.state_path), fake_classifier(), idle_slice=0.2)
+    try:
+        w2.process_backlog()
+    finally:
+        w2.close()
+    assert count_where(client)["Support/Billing"] == 1 and count_where(client)["INBOX"] == 0
+    assert [(r.account, r.status) for r in w2.state.rows()] == [("support-desk", "done")]

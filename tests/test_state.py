@@ -135,7 +135,10 @@ def test_a_quarantine_a_version_3_database_gave_up_on_is_retried(tmp_path: Path)
     db.set_quarantine("acct", "INBOX", 7, 1, "Quarantine", None, None)
     db.fail_attempt("acct", "INBOX", 7, 1, "quarantine refused", None)  # what version 3 did: never again
     db.close()
-    with sqlite3.connect(path) as conn:
+    with sqlite3.connect(path) as conn:  # what version 3 wrote: no origin column
+        conn.execute("DROP INDEX messages_origin_key")
+        conn.execute("DROP INDEX messages_origin_uid")
+        conn.execute("ALTER TABLE messages DROP COLUMN origin")
         conn.execute("PRAGMA user_version=3")
     assert StateDB(path, readonly=True).stats()["totals"]["quarantined"] == 0  # not in that folder
     migrated = StateDB(path)
@@ -150,7 +153,9 @@ def test_a_version_1_database_is_migrated_and_stats_reads_it_unchanged(tmp_path:
     _record(db, 1, "<a@x>")
     db.close()
     with sqlite3.connect(path) as conn:  # what version 1 wrote: none of the later columns
-        for column in ("content", "attempts", "retry_at", "quarantined"):
+        conn.execute("DROP INDEX messages_origin_key")
+        conn.execute("DROP INDEX messages_origin_uid")
+        for column in ("content", "attempts", "retry_at", "quarantined", "origin"):
             conn.execute(f"ALTER TABLE messages DROP COLUMN {column}")
         conn.execute("UPDATE messages SET status='failed'")  # a refused action version 1 gave up on
         conn.execute("PRAGMA user_version=1")

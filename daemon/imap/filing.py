@@ -25,7 +25,7 @@ import structlog
 from imapclient import IMAPClient
 
 from mailtriage.config import AccountConfig, Config
-from mailtriage.core import backoff, mailtext, pipeline, tagging
+from mailtriage.core import backoff, identity, mailtext, pipeline, tagging
 from mailtriage.core.mailtext import content_fingerprint, mail_text, message_key
 from mailtriage.core.pipeline import ClassifyFn, Routed
 from mailtriage.core.routing import Decision
@@ -110,6 +110,9 @@ class Filing:
         self.dry_run = account.dry_run
         self.action = account.action
         self.link: Link | None = None
+        # The login the account reaches, whatever it is called: claims and dedupe count every
+        # account name with this origin, so a second spelling of the server never refiles a message.
+        self.origin = identity.login_id(account.username, account.host)
         self.log = log.bind(account=account.name, mailbox=mailbox)
 
     def _link(self) -> Link:
@@ -128,7 +131,8 @@ class Filing:
             self._retry_due(uidvalidity)
         last = self.state.last_uid(self.account.name, self.mailbox, uidvalidity, dry_run=self.dry_run)
         found = sorted(u for u in link.client.search(["UID", f"{last + 1}:*", "UNDELETED"]) if u > last)
-        handled = self.state.handled_uids(self.account.name, self.mailbox, uidvalidity, found, dry_run=self.dry_run)
+        handled = self.state.handled_uids(self.account.name, self.mailbox, uidvalidity, found, dry_run=self.dry_run,
+                                          origin=self.origin)
         todo = [u for u in found if u not in handled]
         self._queue_depth(len(todo))
         if todo:
@@ -205,9 +209,10 @@ class Filing:
             # Same message (Message-ID and content) under another UID: a re-delivery, or renumbered by
             # a UIDVALIDITY change. Another message reusing the Message-ID has other content: filed.
             same = (item.key, item.content)
-            if same in keys or self.state.is_done(self.account.name, item.key, item.content, dry_run=self.dry_run):
+            if same in keys or self.state.is_done(self.account.name, item.key, item.content, dry_run=self.dry_run,
+                                                  origin=self.origin):
                 self.state.record_skip(self.account.name, self.mailbox, uidvalidity, item.uid, item.key,
-                                       "already decided", item.content)
+                                       "already decided", item.content, origin=self.origin)
                 self.log.info("message_skipped_already_decided", uid=item.uid, message_id=item.key)
                 continue
             keys.add(same)
@@ -250,7 +255,8 @@ class Filing:
             return decided, [item for item, _ in poison]
         for item, exc in poison:
             error = f"classify failed on this message: {type(exc).__name__}: {exc}"
-            self.state.record_failure(self.account.name, self.mailbox, uidvalidity, item.uid, item.key, error)
+            self.state.record_failure(self.account.name, self.mailbox, uidvalidity, item.uid, item.key, error,
+                                      origin=self.origin)
             metrics.MESSAGES.labels(category="", outcome="failed").inc()
             self.log.error("message_poison", uid=item.uid, message_id=item.key, error=error,
                            outcome="failed", folder=self.mailbox)
@@ -290,6 +296,7 @@ class Filing:
         claim = self.state.claim(
             acct, mbox, uidvalidity, item.uid, item.key, decision, self.action, model_version, content=item.content,
             folder=placed, fingerprint=fingerprint, dest_uidvalidity=dest_validity, dest_uidnext=dest_next,
+            origin=self.origin,
         )
         if claim != Claim.CLAIMED:
             event = "message_skipped_already_decided" if claim == Claim.DUPLICATE else "message_claimed_elsewhere"
@@ -407,7 +414,14 @@ class Filing:
 
     def recover_pending(self) -> int:
         """Finish or settle every pending row of this mailbox; each message ends in one place.
-        Returns how many rows there were (the caller re-selects the source after any)."""
+        Returns how many rows there were (the caller re-selects the source after any).
+
+        Rows another name of this account's login left unfinished (it was renamed) are taken over
+        first; the caller holds the mailbox's lock, keyed by that login, so nobody else has them."""
+        adopted = self.state.adopt(self.account.name, self.mailbox, self.origin)
+        if adopted:
+            self.log.warning("rows_adopted", rows=adopted, origin=self.origin,
+                             why="another account name reached the same login and left these unfinished")
         rows = self.state.pending(self.account.name, self.mailbox)
         for row in rows:
             self.recover(row)

@@ -100,12 +100,15 @@ class MailboxWatcher:
             release()
 
     def _take_lock(self) -> None:
-        release = self.state.lock_mailbox(self.account.name, mailbox_id(self.mailbox))
+        # Keyed by the login the account reaches, not its name: a renamed account, or another
+        # spelling of the same server, is the same mailbox and must wait its turn too.
+        release = self.state.lock_mailbox(self.filing.origin, mailbox_id(self.mailbox))
         if release is None:
             raise MailboxError(
-                f"another mailtriage worker is filing {self.account.name}/{self.mailbox} (it holds the lock in "
-                f"{self.state.path}.locks); this one retries after a backoff. Two `mailtriage serve` on one "
-                "state database and mailbox: stop one"
+                f"another mailtriage worker is filing {self.account.name}/{self.mailbox} (login "
+                f"{self.filing.origin!r}; it holds the lock in {self.state.path}.locks); this one retries after a "
+                "backoff. Two `mailtriage serve` on one state database and mailbox, or two accounts reaching "
+                "one login: stop one"
             )
         self._release_lock = release
 

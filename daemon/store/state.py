@@ -25,6 +25,10 @@ any other version is refused)::
                      next one is due (NULL: never retried, e.g. the message vanished) (v3)
       quarantined    1 when retries ran out and the message is (status done) or is to be (status
                      failed, retried at retry_at) in the quarantine folder (v3)
+      origin         the login the row's account reaches (core.identity.login_id): rows of every
+                     account name with one origin are one mailbox's, so an account renamed, or a
+                     second one reaching the same login, never files a message again (v4; NULL on
+                     older rows, which match by account alone)
       error, decided_at, updated_at (unix seconds)
     mailbox_state  (account, mailbox, dry_run) PRIMARY KEY -> uidvalidity, last_uid
                      the highest UID fully handled; a dry run keeps its own cursor so switching
@@ -66,6 +70,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "UPDATE messages SET retry_at = 0 WHERE status = 'failed' AND action IN ('move', 'keyword', 'header')",
     ),
     3: (
+        "ALTER TABLE messages ADD COLUMN origin TEXT",
         # A refused quarantine used to be final (the message stranded in the watched mailbox): retry it.
         "UPDATE messages SET retry_at = 0 WHERE status = 'failed' AND quarantined = 1 AND retry_at IS NULL",
     ),
@@ -93,6 +98,7 @@ CREATE TABLE IF NOT EXISTS messages (
     attempts INTEGER NOT NULL DEFAULT 0,
     retry_at REAL,
     quarantined INTEGER NOT NULL DEFAULT 0,
+    origin TEXT,
     error TEXT,
     decided_at REAL NOT NULL,
     updated_at REAL NOT NULL,
@@ -101,6 +107,8 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_key ON messages (account, key);
 CREATE INDEX IF NOT EXISTS messages_status ON messages (account, mailbox, status);
 CREATE INDEX IF NOT EXISTS messages_decided ON messages (decided_at);
+CREATE INDEX IF NOT EXISTS messages_origin_key ON messages (origin, key);
+CREATE INDEX IF NOT EXISTS messages_origin_uid ON messages (origin, mailbox, uidvalidity, uid);
 CREATE TABLE IF NOT EXISTS mailbox_state (
     account TEXT NOT NULL,
     mailbox TEXT NOT NULL,
@@ -356,7 +364,9 @@ class StateDB:
 
     # ---- per-message progress ----------------------------------------------------------------
 
-    def is_done(self, account: str, key: str, content: str | None = None, *, dry_run: bool = False) -> bool:
+    def is_done(
+        self, account: str, key: str, content: str | None = None, *, dry_run: bool = False, origin: str | None = None
+    ) -> bool:
         """Was this message (by key and content fingerprint) already decided in this account?
 
         ``content`` None matches any row of the key; a row without one (schema version 1) matches
@@ -364,23 +374,27 @@ class StateDB:
         turning dry_run off files what the dry run merely looked at.
         """
         row = self._exec(
-            "SELECT 1 FROM messages WHERE account=? AND key=? AND status='done' AND (dry_run=0 OR ?=1) "
+            "SELECT 1 FROM messages WHERE (account=? OR origin=?) AND key=? AND status='done' AND (dry_run=0 OR ?=1) "
             "AND (? IS NULL OR content IS NULL OR content=?) LIMIT 1",
-            (account, key, int(dry_run), content, content),
+            (account, origin, key, int(dry_run), content, content),
         ).fetchone()
         return row is not None
 
-    def handled_uids(self, account: str, mailbox: str, uidvalidity: int, uids: Iterable[int], *, dry_run: bool = False) -> set[int]:
-        """The subset of ``uids`` already done, failed or skipped under this UIDVALIDITY."""
+    def handled_uids(
+        self, account: str, mailbox: str, uidvalidity: int, uids: Iterable[int], *, dry_run: bool = False,
+        origin: str | None = None,
+    ) -> set[int]:
+        """The subset of ``uids`` already done, failed or skipped under this UIDVALIDITY (by this
+        account, or by any account of the same ``origin``)."""
         wanted = list(uids)
         found: set[int] = set()
         for start in range(0, len(wanted), 500):  # stay under SQLite's bound-parameter limit
             chunk = wanted[start : start + 500]
             marks = ",".join("?" * len(chunk))
             rows = self._exec(
-                f"SELECT uid FROM messages WHERE account=? AND mailbox=? AND uidvalidity=? "
+                f"SELECT uid FROM messages WHERE (account=? OR origin=?) AND mailbox=? AND uidvalidity=? "
                 f"AND status IN ('done','failed','skipped') AND (dry_run=0 OR ?=1) AND uid IN ({marks})",
-                (account, mailbox, uidvalidity, int(dry_run), *chunk),
+                (account, origin, mailbox, uidvalidity, int(dry_run), *chunk),
             ).fetchall()
             found.update(r["uid"] for r in rows)
         return found
@@ -401,6 +415,7 @@ class StateDB:
         fingerprint: str | None = None,
         dest_uidvalidity: int | None = None,
         dest_uidnext: int | None = None,
+        origin: str | None = None,
     ) -> Claim:
         """Take one message for acting, atomically: record it 'pending' unless someone has it.
 
@@ -408,7 +423,8 @@ class StateDB:
         row: another worker is acting on it or it is handled) or 'duplicate' (the same message, key
         and content, is done or pending under another UID or mailbox of the account: recorded
         'skipped'). One IMMEDIATE transaction, so of two workers (threads or processes sharing the
-        database) exactly one gets 'claimed'.
+        database) exactly one gets 'claimed'. With ``origin``, rows of every account reaching the same
+        login count too: the mailbox is the server's, not the account name's.
         """
         now = time.time()
         conn = self._conn()
@@ -416,7 +432,9 @@ class StateDB:
         try:
             where = (account, mailbox, uidvalidity, uid)
             taken = conn.execute(
-                "SELECT dry_run FROM messages WHERE account=? AND mailbox=? AND uidvalidity=? AND uid=?", where
+                "SELECT dry_run FROM messages WHERE mailbox=? AND uidvalidity=? AND uid=? AND (account=? OR origin=?) "
+                "ORDER BY dry_run LIMIT 1",
+                (mailbox, uidvalidity, uid, account, origin),
             ).fetchone()
             if taken is not None and not taken["dry_run"]:
                 conn.execute("COMMIT")
@@ -424,26 +442,26 @@ class StateDB:
             if taken is not None:  # a dry run only looked at it: now it is filed for real
                 conn.execute("DELETE FROM messages WHERE account=? AND mailbox=? AND uidvalidity=? AND uid=?", where)
             same = conn.execute(
-                "SELECT 1 FROM messages WHERE account=? AND key=? AND status IN ('done','pending') AND dry_run=0 "
-                "AND (content IS NULL OR ? IS NULL OR content=?) LIMIT 1",
-                (account, key, content, content),
+                "SELECT 1 FROM messages WHERE (account=? OR origin=?) AND key=? AND status IN ('done','pending') "
+                "AND dry_run=0 AND (content IS NULL OR ? IS NULL OR content=?) LIMIT 1",
+                (account, origin, key, content, content),
             ).fetchone()
             if same is not None:
                 conn.execute(
                     """INSERT INTO messages (account, mailbox, uidvalidity, uid, key, content, action, status, error,
-                        decided_at, updated_at) VALUES (?,?,?,?,?,?,'none','skipped','already decided',?,?)""",
-                    (account, mailbox, uidvalidity, uid, key, content, now, now),
+                        origin, decided_at, updated_at) VALUES (?,?,?,?,?,?,'none','skipped','already decided',?,?,?)""",
+                    (account, mailbox, uidvalidity, uid, key, content, origin, now, now),
                 )
                 conn.execute("COMMIT")
                 return Claim.DUPLICATE
             conn.execute(
                 """INSERT INTO messages (account, mailbox, uidvalidity, uid, key, content, fingerprint, label,
                     confidence, unsure, folder, action, model_version, dry_run, status, dest_uidvalidity,
-                    dest_uidnext, decided_at, updated_at)
-                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0,'pending',?,?,?,?)""",
+                    dest_uidnext, origin, decided_at, updated_at)
+                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0,'pending',?,?,?,?,?)""",
                 (account, mailbox, uidvalidity, uid, key, content, fingerprint, decision.label, decision.confidence,
                  int(decision.unsure), folder if folder is not None else decision.folder, action, model_version,
-                 dest_uidvalidity, dest_uidnext, now, now),
+                 dest_uidvalidity, dest_uidnext, origin, now, now),
             )
             conn.execute("COMMIT")
             return Claim.CLAIMED
@@ -523,24 +541,27 @@ class StateDB:
         )
 
     def record_skip(
-        self, account: str, mailbox: str, uidvalidity: int, uid: int, key: str, reason: str, content: str | None = None
+        self, account: str, mailbox: str, uidvalidity: int, uid: int, key: str, reason: str, content: str | None = None,
+        *, origin: str | None = None,
     ) -> None:
         """Remember a UID whose message was already decided under another UID (never overwrites)."""
         now = time.time()
         self._exec(
             """INSERT OR IGNORE INTO messages (account, mailbox, uidvalidity, uid, key, content, action, status, error,
-                decided_at, updated_at) VALUES (?,?,?,?,?,?,'none','skipped',?,?,?)""",
-            (account, mailbox, uidvalidity, uid, key, content, reason, now, now),
+                origin, decided_at, updated_at) VALUES (?,?,?,?,?,?,'none','skipped',?,?,?,?)""",
+            (account, mailbox, uidvalidity, uid, key, content, reason, origin, now, now),
         )
 
-    def record_failure(self, account: str, mailbox: str, uidvalidity: int, uid: int, key: str, error: str) -> None:
+    def record_failure(
+        self, account: str, mailbox: str, uidvalidity: int, uid: int, key: str, error: str, *, origin: str | None = None
+    ) -> None:
         """Remember a message that could not be decided (a poison message: classify kept failing on
         it): status 'failed', nothing done to it, so the rest of the mailbox keeps flowing."""
         now = time.time()
         self._exec(
             """INSERT OR IGNORE INTO messages (account, mailbox, uidvalidity, uid, key, action, status, error,
-                decided_at, updated_at) VALUES (?,?,?,?,?,'none','failed',?,?,?)""",
-            (account, mailbox, uidvalidity, uid, key, error, now, now),
+                origin, decided_at, updated_at) VALUES (?,?,?,?,?,'none','failed',?,?,?,?)""",
+            (account, mailbox, uidvalidity, uid, key, error, origin, now, now),
         )
 
     # ---- retries of refused actions (issue 8 item 2) ----------------------------------------
@@ -605,6 +626,17 @@ class StateDB:
             (account, mailbox),
         ).fetchall()
         return [_message_row(r) for r in rows]
+
+    def adopt(self, account: str, mailbox: str, origin: str) -> int:
+        """Rows of this mailbox that another account name of the same ``origin`` left unfinished
+        (pending, or failed and due a retry) become this account's, so its recovery and retries
+        finish them. Call it holding the mailbox's lock: no other worker has them then."""
+        cur = self._exec(
+            "UPDATE OR IGNORE messages SET account=?, updated_at=? WHERE origin=? AND mailbox=? AND account!=? "
+            "AND (status='pending' OR (status='failed' AND retry_at IS NOT NULL))",
+            (account, time.time(), origin, mailbox, account),
+        )
+        return cur.rowcount
 
     def get(self, account: str, mailbox: str, uidvalidity: int, uid: int) -> MessageRow | None:
         row = self._exec(

@@ -54,7 +54,7 @@ def _hits(names: set[str], prefixes: tuple[str, ...]) -> list[str]:
 def test_core_imports_no_edge_or_model() -> None:
     edges = tuple(f"mailtriage.{room}" for room in ("imap", "smtp", "store", "service", "cli", "model", "testing"))
     bad = {str(p.relative_to(ROOT)): _hits(_imports(p), edges) for p in _daemon_files() if _room(p) == "core"}
-    for name in ("tagging", "pipeline", "backoff"):
+    for name in ("tagging", "pipeline", "backoff", "identity"):
         assert f"daemon/core/{name}.py" in bad, f"core/ files not found: the rule checks nothing ({sorted(bad)})"
     assert not {k: v for k, v in bad.items() if v}, f"core/ must stay pure: {bad}"
 

@@ -564,7 +564,7 @@ class StateDB:
             (account, mailbox, uidvalidity, uid, key, error, origin, now, now),
         )
 
-    # ---- retries of refused actions (issue 8 item 2) ----------------------------------------
+    # ---- retries of refused actions, then quarantine ----------------------------------------
 
     def fail_attempt(
         self, account: str, mailbox: str, uidvalidity: int, uid: int, error: str, retry_at: float | None

@@ -71,7 +71,7 @@ def collect_stats(config: Config, window_days: int = 30) -> dict[str, Any]:
 
     exists = Path(config.state_path).exists()
     # A missing database means "nothing decided yet": report zeros. Never create or write files here:
-    # stats runs as staff on a read-only copy or beside a running daemon (issue 8 item 13).
+    # stats runs as staff on a read-only copy or beside a running daemon.
     state = StateDB(config.state_path, readonly=True) if exists else StateDB(":memory:")
     try:
         stats = state.stats(window_days)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mailtriage.core.identity import login_id
 from mailtriage.core.training import SERVE_SETTINGS, TrainParams
 from mailtriage.errors import ConfigError
 
@@ -374,19 +375,20 @@ def _check_roles(config: Config) -> None:
             f"{filed['INBOX']} = \"INBOX\": mail is filed out of the watched mailbox, never into INBOX "
             "(the watcher would classify its own output again). Name a separate folder, e.g. \"Support/Unsure\""
         )
-    watchers: dict[tuple[str, str, int, str], str] = {}
+    watchers: dict[tuple[str, str], str] = {}
     for account in config.accounts:
         where = f"accounts[{account.name!r}]"
         for mailbox in account.mailboxes:
             mid = mailbox_id(mailbox)
-            # The same login on the same server sees the same mailbox, whatever the account is called.
-            who = (account.username, account.host.lower().rstrip("."), account.port, mid)
+            # The same login on the same server sees the same mailbox, whatever the account is called,
+            # however the host is spelled (localhost / 127.0.0.1 / 127.1) and on either port.
+            who = (login_id(account.username, account.host), mid)
             if who in watchers:
                 other = watchers[who]
                 raise ConfigError(
-                    f"{where}.mailboxes: {mailbox!r} is watched twice ({other} and {where}, both "
-                    f"{account.username!r} on {account.host}:{account.port}); two watchers on one mailbox "
-                    "race and file messages twice. List each mailbox once"
+                    f"{where}.mailboxes: {mailbox!r} is watched twice ({other} and {where}, both reach login "
+                    f"{who[0]!r}: {account.username!r} on {account.host}:{account.port}); two watchers on one "
+                    "mailbox race and file messages twice. List each mailbox once, in one account"
                 )
             watchers[who] = where
             if mid in filed and account.action in ("move", "header"):

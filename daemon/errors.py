@@ -42,6 +42,10 @@ class InferenceError(ModelError):
     """
 
 
+class InferenceUnavailable(InferenceError):
+    """The inference server is down, slow or overloaded: retry later; the message is not at fault."""
+
+
 class MailboxError(MailtriageError):
     """An IMAP operation failed or a server lacks a capability or folder we need.
 

@@ -6,6 +6,8 @@
 - the daemon never imports the trainer; the product never imports tests/.
 - the trainer's command line, run, gate and report load neither torch nor scikit-learn on import
   (`mailtriage-train list`, `promote` and `--help` start fast; the steps import them when they run).
+- the seam to the model (``ClassifyFn``) is defined once, in core/pipeline.py; the per-message
+  lifecycle (claim, retry, quarantine) is driven from imap/filing.py only.
 Checked statically with `ast`, so an import hidden inside a function counts too.
 """
 
@@ -54,7 +56,8 @@ def _hits(names: set[str], prefixes: tuple[str, ...]) -> list[str]:
 def test_core_imports_no_edge_or_model() -> None:
     edges = tuple(f"mailtriage.{room}" for room in ("imap", "smtp", "store", "service", "cli", "model", "testing"))
     bad = {str(p.relative_to(ROOT)): _hits(_imports(p), edges) for p in _daemon_files() if _room(p) == "core"}
-    assert "daemon/core/tagging.py" in bad, f"core/ files not found: the rule checks nothing ({sorted(bad)})"
+    for name in ("tagging", "pipeline", "backoff", "identity"):
+        assert f"daemon/core/{name}.py" in bad, f"core/ files not found: the rule checks nothing ({sorted(bad)})"
     assert not {k: v for k, v in bad.items() if v}, f"core/ must stay pure: {bad}"
 
 
@@ -99,6 +102,45 @@ def test_demo_and_benchmarks_never_import_tests() -> None:
     assert not {k: v for k, v in bad.items() if v}, f"use mailtriage.testing instead: {bad}"
 
 
+def _assigned_names(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def _called_methods(path: Path) -> set[str]:
+    return {
+        node.func.attr
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+    }
+
+
+@pure
+def test_the_classify_seam_is_defined_once() -> None:
+    where = [str(p.relative_to(ROOT)) for p in _daemon_files() if "ClassifyFn" in _assigned_names(p)]
+    assert where == ["daemon/core/pipeline.py"], f"ClassifyFn must be defined once, in core/pipeline.py: {where}"
+
+
+# The StateDB calls that move a watched message through its lifecycle.
+LIFECYCLE = {"claim", "fail_attempt", "take_retry", "set_quarantine", "record_failure", "due_retries", "pending"}
+
+
+@pure
+def test_the_filing_lifecycle_lives_in_one_module() -> None:
+    users = {
+        str(p.relative_to(ROOT)): sorted(_called_methods(p) & LIFECYCLE)
+        for p in _daemon_files()
+        if _room(p) not in ("store", "testing")
+    }
+    assert users.get("daemon/imap/filing.py"), "imap/filing.py drives no lifecycle call: the rule checks nothing"
+    others = {k: v for k, v in users.items() if v and k != "daemon/imap/filing.py"}
+    assert not others, f"the per-message lifecycle belongs in imap/filing.py: {others}"
+    assert not (DAEMON / "imap" / "recovery.py").exists(), "crash recovery is part of imap/filing.py"
+
+
 @pure
 def test_the_rules_can_fail(tmp_path: Path) -> None:
     # The checker itself sees an import hidden in a function body.
@@ -106,12 +148,14 @@ def test_the_rules_can_fail(tmp_path: Path) -> None:
     probe.write_text("def f():\n    import torch.nn\n    from mailtriage.imap import watcher\n")
     assert _hits(_imports(probe), HEAVY) == ["torch.nn"]
     assert _hits(_imports(probe), ("mailtriage.imap",)) == ["mailtriage.imap", "mailtriage.imap.watcher"]
+    probe.write_text("ClassifyFn = int\ndef g(state):\n    state.claim(1)\n")
+    assert "ClassifyFn" in _assigned_names(probe) and _called_methods(probe) & LIFECYCLE == {"claim"}
 
 
 @pytest.mark.component
 def test_importing_the_relay_and_watcher_does_not_load_torch() -> None:
-    code = ("import sys, mailtriage.smtp.relay, mailtriage.imap.watcher, mailtriage.store.stats, "
-            "mailtriage.model.manifest; print('torch' in sys.modules)")
+    code = ("import sys, mailtriage.smtp.relay, mailtriage.imap.watcher, mailtriage.imap.filing, mailtriage.core.pipeline, "
+            "mailtriage.store.stats, mailtriage.model.manifest, mailtriage.milter.server; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -126,6 +126,25 @@ def test_the_mailbox_lock_is_exclusive_and_dies_with_its_process(tmp_path: Path)
     other()
 
 
+def test_a_quarantine_a_version_3_database_gave_up_on_is_retried(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "v3.sqlite3"
+    db = StateDB(path)
+    _claim(db, 1, "<q@x>")
+    db.set_quarantine("acct", "INBOX", 7, 1, "Quarantine", None, None)
+    db.fail_attempt("acct", "INBOX", 7, 1, "quarantine refused", None)  # what version 3 did: never again
+    db.close()
+    with sqlite3.connect(path) as conn:  # what version 3 wrote: no origin column
+        conn.execute("DROP INDEX messages_origin_key")
+        conn.execute("DROP INDEX messages_origin_uid")
+        conn.execute("ALTER TABLE messages DROP COLUMN origin")
+        conn.execute("PRAGMA user_version=3")
+    assert StateDB(path, readonly=True).stats()["totals"]["quarantined"] == 0  # not in that folder
+    migrated = StateDB(path)
+    assert [(r.uid, r.quarantined) for r in migrated.due_retries("acct", "INBOX", 7)] == [(1, True)]
+
+
 def test_a_version_1_database_is_migrated_and_stats_reads_it_unchanged(tmp_path: Path) -> None:
     import sqlite3
 
@@ -134,7 +153,9 @@ def test_a_version_1_database_is_migrated_and_stats_reads_it_unchanged(tmp_path:
     _record(db, 1, "<a@x>")
     db.close()
     with sqlite3.connect(path) as conn:  # what version 1 wrote: none of the later columns
-        for column in ("content", "attempts", "retry_at", "quarantined"):
+        conn.execute("DROP INDEX messages_origin_key")
+        conn.execute("DROP INDEX messages_origin_uid")
+        for column in ("content", "attempts", "retry_at", "quarantined", "origin"):
             conn.execute(f"ALTER TABLE messages DROP COLUMN {column}")
         conn.execute("UPDATE messages SET status='failed'")  # a refused action version 1 gave up on
         conn.execute("PRAGMA user_version=1")
@@ -142,7 +163,7 @@ def test_a_version_1_database_is_migrated_and_stats_reads_it_unchanged(tmp_path:
     assert StateDB(path, readonly=True).stats()["totals"]["failed"] == 1
     assert path.read_bytes() == before
     migrated = StateDB(path)
-    assert migrated._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert migrated._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     assert [r.uid for r in migrated.due_retries("acct", "INBOX", 7)] == [1]  # no longer stranded
     migrated.set_status("acct", "INBOX", 7, 1, "done")
     assert migrated.is_done("acct", "<a@x>", "any content")  # an old row matches by key alone
@@ -232,9 +253,11 @@ def test_stats_outcomes_and_live_accuracy(db: StateDB) -> None:
     db.record_correction("<b1@x>", "acct", "billing", "login", False)
     db.record_correction("<u@x>", "acct", "login", "refunds", True)
     s = db.stats(30)
-    assert s["decisions"]["billing"] == {"filed": 4, "unsure": 0, "dry_run": 1, "failed": 1, "quarantined": 0}
+    assert s["decisions"]["billing"] == {"filed": 4, "unsure": 0, "dry_run": 1, "failed": 1, "quarantined": 0,
+                                          "quarantine_pending": 0}
     assert s["decisions"]["login"]["unsure"] == 1
-    assert s["totals"] == {"filed": 4, "unsure": 1, "dry_run": 1, "failed": 1, "quarantined": 0, "all": 7}
+    assert s["totals"] == {"filed": 4, "unsure": 1, "dry_run": 1, "failed": 1, "quarantined": 0, "quarantine_pending": 0,
+                           "all": 7}
     assert s["corrections"]["total"] == 2 and s["corrections"]["from_unsure"] == 1
     assert s["accuracy"]["billing"] == {"filed": 4, "corrected": 1, "accuracy": 0.75}
     assert s["overall_accuracy"] == 0.75

@@ -205,7 +205,7 @@ def test_header_action_leaves_a_message_over_max_message_bytes_whole_in_place(
 
 
 def test_byte_groups_bound_each_fetch() -> None:
-    from mailtriage.imap.watcher import byte_groups
+    from mailtriage.imap.filing import byte_groups
 
     sizes = {1: 10, 2: 600, 3: 600, 4: 5000, 5: 10, 6: 10}
     # cap 1000 per message (a partial fetch), budget 1000 per FETCH: 4 counts as 1000, alone.
@@ -350,14 +350,14 @@ def test_the_same_message_in_two_mailboxes_is_filed_once_by_concurrent_watchers(
     a, _ = watcher_for(account, config)
     b = MailboxWatcher(account, "Other", config, StateDB(config.state_path), fake_classifier(), idle_slice=0.2)
     acting, b_done = threading.Event(), threading.Event()
-    real_act = a._act
+    real_act = a.filing.act
 
     def slow_act(*args: Any, **kwargs: Any) -> None:
         acting.set()
         b_done.wait(10)  # B runs its whole backlog while A holds its claim
         real_act(*args, **kwargs)
 
-    a._act = slow_act  # type: ignore[method-assign]
+    a.filing.act = slow_act  # type: ignore[method-assign]
     thread = threading.Thread(target=a.process_backlog)
     thread.start()
     try:
@@ -640,7 +640,7 @@ def test_dovecot_restart_mid_backlog_the_watcher_reconnects_and_finishes(
     load_messages(feed, "INBOX", [msg(n, s) for n in range(30) for s in ["Invoice due"]])
     connection.close(feed)
     w, _ = watcher_for(make_account(server, "support", "secret", fetch_batch=3), config)
-    real_batch, batches, restarted = w._process_batch, [0], threading.Event()
+    real_batch, batches, restarted = w.filing.process_batch, [0], threading.Event()
 
     def batch(*args: Any, **kwargs: Any) -> int:
         batches[0] += 1
@@ -649,7 +649,7 @@ def test_dovecot_restart_mid_backlog_the_watcher_reconnects_and_finishes(
             restarted.set()
         return real_batch(*args, **kwargs)
 
-    w._process_batch = batch  # type: ignore[method-assign]
+    w.filing.process_batch = batch  # type: ignore[method-assign]
     stop = threading.Event()
     thread = threading.Thread(target=w.run, args=(stop,))
     with structlog.testing.capture_logs() as logs:

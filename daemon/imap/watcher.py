@@ -1,5 +1,5 @@
-"""One watched (account, mailbox): catch up, then IDLE (or poll), and file every new message
-exactly once — state is written before acting, so a crash at any point is finished on restart.
+"""One watched (account, mailbox): the connection, the mailbox's lock, catching up, then IDLE (or
+poll), reconnecting with backoff. What happens to each message is imap/filing.py's.
 
 Runs in its own thread; its IMAPClient is created and used only there. Inference is the service's
 ``classify`` callable, which serialises all watchers on one model worker.
@@ -9,68 +9,26 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from collections.abc import Callable
 
 import structlog
 from imapclient import IMAPClient
 
-from mailtriage.imap import actions
-from mailtriage.core import tagging
-
-from mailtriage.imap import connection, preflight, recovery
-
-from mailtriage.service import metrics
-from mailtriage.core.classifier import Prediction
 from mailtriage.config import AccountConfig, Config, mailbox_id
-from mailtriage.errors import MailboxError, ModelError
-from mailtriage.core import mailtext
-from mailtriage.core.mailtext import content_fingerprint, mail_text, message_key
-from mailtriage.core.routing import Decision, decide
-from mailtriage.store.state import MessageRow, StateDB
-
+from mailtriage.core import backoff
+from mailtriage.core.pipeline import ClassifyFn
+from mailtriage.errors import InferenceUnavailable, MailboxError
+from mailtriage.imap import actions, connection, preflight
+from mailtriage.imap.filing import CLASSIFY_FETCH_BYTES, Filing, Link
+from mailtriage.store.state import StateDB
 
 log = structlog.get_logger(__name__)
 
-ClassifyFn = Callable[[Sequence[str]], tuple[list[Prediction], str]]
 ConnectFn = Callable[[AccountConfig], IMAPClient]
 
-# Exactly the prefix mail_text reads of any message (its one rule), so a partial fetch gives the same
-# text as the whole message; the header action still fetches the whole message, to copy it byte for byte.
-CLASSIFY_FETCH_BYTES = mailtext.MAX_INPUT_BYTES
-CANARY_TEXT = "mailtriage: a plain test message about an invoice"  # tells a broken model from poison
 IDLE_SLICE_S = 1.0  # idle_check timeout: how quickly a stop request is noticed
-RETRY_MAX_S = 3600.0  # longest wait between two attempts at a refused action
-_FLAGS, _DATE = b"FLAGS", b"INTERNALDATE"
 
-
-@dataclass
-class _Fetched:
-    uid: int
-    raw: bytes
-    flags: tuple[bytes, ...]
-    internaldate: datetime | None
-    key: str
-    fetched_at: float
-    content: str = ""  # mailtext.content_fingerprint: with key, "the same message"
-
-
-def byte_groups(uids: Sequence[int], sizes: Mapping[int, int], cap: int, budget: int) -> list[list[int]]:
-    """Split ``uids`` (in order) into FETCH groups whose messages, each counted up to ``cap``
-    bytes, add up to at most ``budget``; a group holds at least one message."""
-    groups: list[list[int]] = []
-    used = budget + 1
-    for uid in uids:
-        cost = min(sizes.get(uid, cap), cap)
-        if groups and used + cost <= budget:
-            groups[-1].append(uid)
-            used += cost
-        else:
-            groups.append([uid])
-            used = cost
-    return groups
+__all__ = ["CLASSIFY_FETCH_BYTES", "ClassifyFn", "ConnectFn", "MailboxWatcher"]
 
 
 class MailboxWatcher:
@@ -104,6 +62,7 @@ class MailboxWatcher:
         self._stop = threading.Event()
         self._has_move = self._has_uidplus = self._has_idle = False
         self._release_lock: Callable[[], None] | None = None  # held while this worker files the mailbox
+        self.filing = Filing(account, mailbox, config, state, classify, stopping=lambda: self._stop.is_set())
         self.log = log.bind(account=account.name, mailbox=mailbox)
 
     # ---- connection ------------------------------------------------------------------------
@@ -134,18 +93,22 @@ class MailboxWatcher:
 
     def close(self) -> None:
         client, self.client = self.client, None
+        self.filing.link = None
         connection.close(client)
         release, self._release_lock = self._release_lock, None
         if release is not None:
             release()
 
     def _take_lock(self) -> None:
-        release = self.state.lock_mailbox(self.account.name, mailbox_id(self.mailbox))
+        # Keyed by the login the account reaches, not its name: a renamed account, or another
+        # spelling of the same server, is the same mailbox and must wait its turn too.
+        release = self.state.lock_mailbox(self.filing.origin, mailbox_id(self.mailbox))
         if release is None:
             raise MailboxError(
-                f"another mailtriage worker is filing {self.account.name}/{self.mailbox} (it holds the lock in "
-                f"{self.state.path}.locks); this one retries after a backoff. Two `mailtriage serve` on one "
-                "state database and mailbox: stop one"
+                f"another mailtriage worker is filing {self.account.name}/{self.mailbox} (login "
+                f"{self.filing.origin!r}; it holds the lock in {self.state.path}.locks); this one retries after a "
+                "backoff. Two `mailtriage serve` on one state database and mailbox, or two accounts reaching "
+                "one login: stop one"
             )
         self._release_lock = release
 
@@ -183,18 +146,18 @@ class MailboxWatcher:
         if self.action == "keyword" and not self.dry_run:
             preflight.raise_failures([preflight.keyword_finding(info, self.account, self.mailbox)])
         self.uidvalidity = uidvalidity
+        self.filing.link = Link(client, uidvalidity, self._has_move, self._has_uidplus)
         return uidvalidity
 
-    # ---- crash recovery (imap/recovery.py) ----------------------------------------------------
+    # ---- the work (imap/filing.py) ---------------------------------------------------------
 
     def recover_pending(self) -> int:
         """Finish or settle actions a crash interrupted; each ends in exactly one place."""
-        return recovery.recover_pending(self)
-
-    def _locate(self, row: MessageRow) -> tuple[bool, int | None]:
-        return recovery.locate(self, row)
-
-    # ---- the work ----------------------------------------------------------------------------
+        self._client()
+        count = self.filing.recover_pending()
+        if count:
+            self.select()  # recovery examined other folders: the watched one is selected again
+        return count
 
     def process_backlog(self) -> int:
         """Decide and act on every message above the cursor, in batches; returns how many were decided.
@@ -211,281 +174,9 @@ class MailboxWatcher:
 
     def _backlog_pass(self) -> int:
         client = self._client()
-        uidvalidity = self.select()
+        self.select()
         connection.took_new_mail(client)  # what the SELECT itself said is already known
-        if not self.dry_run:
-            self._retry_due(uidvalidity)
-        last = self.state.last_uid(self.account.name, self.mailbox, uidvalidity, dry_run=self.dry_run)
-        found = sorted(u for u in client.search(["UID", f"{last + 1}:*", "UNDELETED"]) if u > last)
-        handled = self.state.handled_uids(self.account.name, self.mailbox, uidvalidity, found, dry_run=self.dry_run)
-        todo = [u for u in found if u not in handled]
-        self._queue_depth(len(todo))
-        if todo:
-            self.log.info("backlog", messages=len(todo), last_uid=last)
-        count = 0
-        batch_size = self.account.fetch_batch
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            count += self._process_batch(batch, uidvalidity)
-            self.state.set_last_uid(self.account.name, self.mailbox, uidvalidity, batch[-1], dry_run=self.dry_run)
-            self._queue_depth(len(todo) - start - len(batch))
-            if self._stop.is_set():
-                break
-        if found and not todo:
-            self.state.set_last_uid(self.account.name, self.mailbox, uidvalidity, found[-1], dry_run=self.dry_run)
-        return count
-
-    def _fetch(self, uids: list[int]) -> list[_Fetched]:
-        client = self._client()
-        cap = self.account.max_message_bytes
-        if self.action == "header" and not self.dry_run:
-            body_item, body_key = "BODY.PEEK[]", b"BODY[]"
-        else:
-            cap = min(cap, CLASSIFY_FETCH_BYTES)
-            body_item, body_key = f"BODY.PEEK[]<0.{cap}>", b"BODY[]<0>"
-        started = time.monotonic()
-        sizes = {uid: int(d.get(b"RFC822.SIZE", 0)) for uid, d in client.fetch(uids, ["RFC822.SIZE"]).items()}
-        out = []
-        # A batch of big messages is fetched a few at a time: at most max_message_bytes per FETCH.
-        for group in byte_groups([u for u in uids if u in sizes], sizes, cap, self.account.max_message_bytes):
-            data = client.fetch(group, [body_item, "FLAGS", "INTERNALDATE"])
-            for uid in group:
-                d = data.get(uid)
-                if d is None:  # expunged between SEARCH and FETCH: nothing to do
-                    continue
-                raw = d.get(body_key)
-                if raw is None:
-                    raw = d.get(b"BODY[]", b"")
-                out.append(_Fetched(uid, raw, tuple(d.get(_FLAGS, ())), d.get(_DATE), message_key(raw), started,
-                                    content_fingerprint(raw)))
-        return out
-
-    def _process_batch(self, uids: list[int], uidvalidity: int) -> int:
-        fetched = self._fetch(uids)
-        fresh: list[_Fetched] = []
-        keys: set[tuple[str, str]] = set()
-        for item in fetched:
-            # Same message (Message-ID and content) under another UID: a re-delivery, or renumbered by
-            # a UIDVALIDITY change. Another message reusing the Message-ID has other content: filed.
-            same = (item.key, item.content)
-            if same in keys or self.state.is_done(self.account.name, item.key, item.content, dry_run=self.dry_run):
-                self.state.record_skip(self.account.name, self.mailbox, uidvalidity, item.uid, item.key,
-                                       "already decided", item.content)
-                self.log.info("message_skipped_already_decided", uid=item.uid, message_id=item.key)
-                continue
-            keys.add(same)
-            fresh.append(item)
-        if not fresh:
-            return 0
-        texts = [mail_text(item.raw) for item in fresh]  # never raises, bounded time
-        try:
-            predictions, model_version = self._classify(texts)
-            decided = list(zip(fresh, predictions))
-        except Exception as exc:  # noqa: BLE001 - one poison message must not stall the mailbox
-            decided, model_version = self._classify_one_by_one(fresh, texts, uidvalidity, exc)
-        for item, pred in decided:
-            if pred.label not in self.config.categories:
-                raise ModelError(
-                    f"the model predicted {pred.label!r}, which is not a configured category "
-                    f"{list(self.config.categories)}; the adapter does not match [categories]"
-                )
-            decision = decide(pred, self.config.model.threshold, self.config.categories, self.config.unsure_folder)
-            self._decide_and_act(item, decision, model_version, uidvalidity)
-        return len(decided)
-
-    def _classify(self, texts: list[str]) -> tuple[list[Prediction], str]:
-        predictions, model_version = self.classify(texts)
-        if len(predictions) != len(texts):
-            raise ModelError(f"classify returned {len(predictions)} predictions for {len(texts)} texts")
-        return predictions, model_version
-
-    def _classify_one_by_one(
-        self, fresh: list[_Fetched], texts: list[str], uidvalidity: int, batch_error: Exception
-    ) -> tuple[list[tuple[_Fetched, Prediction]], str]:
-        """The batch failed: classify each message alone. One that still fails is a poison message:
-        recorded 'failed' and moved to the quarantine folder, so the others are filed. When every one fails, a
-        canary text tells a broken model (raise: the watcher backs off and retries) from poison."""
-        self.log.warning("classify_batch_failed", error=str(batch_error), messages=len(fresh))
-        decided: list[tuple[_Fetched, Prediction]] = []
-        poison: list[tuple[_Fetched, Exception]] = []
-        version = ""
-        for item, text in zip(fresh, texts):
-            try:
-                (pred,), version = self._classify([text])
-            except Exception as exc:  # noqa: BLE001
-                poison.append((item, exc))
-            else:
-                decided.append((item, pred))
-        if poison and not decided:
-            self._classify([CANARY_TEXT])  # raises when the model itself is broken
-        for item, exc in poison:
-            error = f"classify failed on this message: {type(exc).__name__}: {exc}"
-            self.state.record_failure(self.account.name, self.mailbox, uidvalidity, item.uid, item.key, error)
-            metrics.MESSAGES.labels(category="", outcome="failed").inc()
-            self.log.error("message_poison", uid=item.uid, message_id=item.key, error=error,
-                           outcome="failed", folder=self.mailbox)
-            row = self.state.get(self.account.name, self.mailbox, uidvalidity, item.uid)
-            if not self.dry_run and row is not None and row.status == "failed" and not row.quarantined:
-                # Never asked of the model again, so never stranded in the watched mailbox either:
-                # staff see it in the quarantine folder (default: the unsure folder).
-                self._quarantine(row)
-        return decided, version
-
-    def _placed_folder(self, decision: Decision) -> str:
-        return self.mailbox if self.action == "keyword" else decision.folder
-
-    def _decide_and_act(self, item: _Fetched, decision: Decision, model_version: str, uidvalidity: int) -> None:
-        acct, mbox = self.account.name, self.mailbox
-        placed = self._placed_folder(decision)
-        if self.dry_run:
-            self.state.record_decision(
-                acct, mbox, uidvalidity, item.uid, item.key, decision, self.action, model_version, True, "done",
-                folder=placed, content=item.content,
-            )
-            return self._done(item, decision, "dry_run", placed)
-        client = self._client()
-        fingerprint = tagging.header_fingerprint(item.raw)
-        dest_validity = dest_next = None
-        status_error = None
-        try:
-            if self.action in ("move", "header"):
-                dest_validity, dest_next = actions.folder_uidnext(client, decision.folder)
-        except MailboxError as exc:
-            status_error = str(exc)
-        # Claimed ('pending') before acting, in one transaction: after a crash recover_pending finds
-        # the message and finishes; of two workers on one message only one gets it.
-        claim = self.state.claim(
-            acct, mbox, uidvalidity, item.uid, item.key, decision, self.action, model_version, content=item.content,
-            folder=placed, fingerprint=fingerprint, dest_uidvalidity=dest_validity, dest_uidnext=dest_next,
-        )
-        if claim != "claimed":
-            event = "message_skipped_already_decided" if claim == "duplicate" else "message_claimed_elsewhere"
-            self.log.info(event, uid=item.uid, message_id=item.key)
-            return
-        if status_error is not None:
-            self.failed_attempt(item.uid, uidvalidity, status_error)
-            return self._done(item, decision, "failed", placed, error=status_error)
-        try:
-            self._act(self.action, item.uid, decision, item, uidvalidity, dest_next)
-        except MailboxError as exc:
-            status = self._status_after_failure(item.uid, uidvalidity)
-            if status == "failed":  # safely in the source only: try again later
-                self.failed_attempt(item.uid, uidvalidity, str(exc))
-            else:
-                self.state.set_status(acct, mbox, uidvalidity, item.uid, status, str(exc))
-            return self._done(item, decision, "failed", placed, error=str(exc), status=status)
-        self.state.set_status(acct, mbox, uidvalidity, item.uid, "done")
-        self._done(item, decision, "unsure" if decision.unsure else "filed", placed)
-
-    def _act(
-        self, action: str, uid: int, decision: Decision, item: _Fetched | None, uidvalidity: int,
-        dest_next: int | None = None,
-    ) -> None:
-        client = self._client()
-        if action == "move":
-            actions.move(client, uid, decision.folder, self._has_move, self._has_uidplus)
-        elif action == "keyword":
-            actions.set_keyword(client, uid, decision, self.account.keyword_prefix)
-        else:
-            assert item is not None, "the header action needs the fetched message"
-            actions.rewrite_header(
-                client, uid, item.raw, item.flags, item.internaldate, decision, self.mailbox,
-                source_uidvalidity=uidvalidity, has_uidplus=self._has_uidplus, dest_uidnext=dest_next,
-                max_bytes=self.account.max_message_bytes,
-            )
-
-    # ---- retries of refused actions (issue 8 item 2) ------------------------------------------
-
-    def failed_attempt(self, uid: int, uidvalidity: int, error: str) -> None:
-        """One more refused attempt at this message's action: it stays 'failed' in the source and is
-        tried again after a backoff (retry_backoff, doubling, <= RETRY_MAX_S); once retry_attempts
-        have failed, the next pass moves it to the quarantine folder. A refused quarantine is final."""
-        acct, mbox = self.account.name, self.mailbox
-        row = self.state.get(acct, mbox, uidvalidity, uid)
-        attempts = (row.attempts if row else 0) + 1
-        if row is not None and row.quarantined:
-            self.state.fail_attempt(acct, mbox, uidvalidity, uid, error, None)
-            self.log.error("quarantine_failed", uid=uid, message_id=row.key, folder=row.folder, error=error,
-                           fix="the message stays in the watched mailbox; check the quarantine folder and the server")
-            return
-        wait = 0.0 if attempts >= self.config.retry_attempts else min(
-            RETRY_MAX_S, self.config.retry_backoff * 2 ** (attempts - 1)
-        )
-        self.state.fail_attempt(acct, mbox, uidvalidity, uid, error, time.time() + wait)
-        self.log.warning("action_retry_scheduled", uid=uid, attempts=attempts, retry_in_s=round(wait, 1),
-                         then="quarantine" if attempts >= self.config.retry_attempts else "retry", error=error)
-
-    def _retry_due(self, uidvalidity: int) -> None:
-        acct, mbox = self.account.name, self.mailbox
-        for row in self.state.due_retries(acct, mbox, uidvalidity):
-            if self._stop.is_set():
-                return
-            if not self.state.take_retry(acct, mbox, uidvalidity, row.uid):
-                continue  # another worker took it
-            if row.attempts >= self.config.retry_attempts:
-                self._quarantine(row)
-                continue
-            status = recovery.recover(self, row)  # locate, then finish or redo the action
-            metrics.RETRIES.labels(result=status).inc()
-
-    def _quarantine(self, row: MessageRow) -> None:
-        acct, mbox = self.account.name, self.mailbox
-        folder = self.config.quarantine()
-        try:
-            dest_validity, dest_next = actions.folder_uidnext(self._client(), folder)
-        except MailboxError as exc:
-            self.state.set_quarantine(acct, mbox, row.uidvalidity, row.uid, folder, None, None)
-            metrics.RETRIES.labels(result="failed").inc()
-            return self.failed_attempt(row.uid, row.uidvalidity, f"quarantine into {folder!r}: {exc}")
-        self.state.set_quarantine(acct, mbox, row.uidvalidity, row.uid, folder, dest_validity, dest_next)
-        moved = self.state.get(acct, mbox, row.uidvalidity, row.uid)
-        assert moved is not None
-        status = recovery.recover(self, moved)
-        metrics.RETRIES.labels(result="quarantined" if status == "done" else status).inc()
-        if status == "done":
-            metrics.MESSAGES.labels(category=row.label or "", outcome="quarantined").inc()
-            self.log.warning("message_quarantined", uid=row.uid, message_id=row.key, folder=folder,
-                             attempts=row.attempts, error=row.error, outcome="quarantined")
-
-    def _status_after_failure(self, uid: int, uidvalidity: int) -> str:
-        """After a refused action: 'failed' when the message is safely in the source only; still
-        'pending' when a copy may exist too (the next connect finishes the removal)."""
-        client = self._client()
-        actions.select_source(client, self.mailbox, uidvalidity)
-        row = self.state.get(self.account.name, self.mailbox, uidvalidity, uid)
-        if row is None or row.action == "keyword":
-            return "failed"
-        try:
-            in_source, copy = self._locate(row)
-        except MailboxError:
-            return "pending"  # cannot tell where it is: the next connect looks again
-        if copy is not None and in_source:
-            return "pending"
-        return "done" if copy is not None else "failed"
-
-    def _done(self, item: _Fetched, decision: Decision, outcome: str, folder: str, **extra: Any) -> None:
-        latency = time.monotonic() - item.fetched_at
-        metrics.MESSAGES.labels(category=decision.label, outcome=outcome).inc()
-        if outcome != "failed":
-            metrics.LATENCY.observe(latency)
-        event = "message_failed" if outcome == "failed" else "message_decided"
-        (self.log.error if outcome == "failed" else self.log.info)(
-            event,
-            message_id=item.key,
-            uid=item.uid,
-            label=decision.label,
-            confidence=round(decision.confidence, 4),
-            unsure=decision.unsure,
-            action="none" if self.dry_run else self.action,
-            outcome=outcome,
-            folder=folder,
-            dry_run=self.dry_run,
-            latency_ms=round(latency * 1000, 1),
-            **extra,
-        )
-
-    def _queue_depth(self, n: int) -> None:
-        metrics.QUEUE_DEPTH.labels(account=self.account.name, mailbox=self.mailbox).set(n)
+        return self.filing.backlog_pass()
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -508,12 +199,14 @@ class MailboxWatcher:
                     self.log.warning("imap_connection_lost", error=str(exc), error_type=type(exc).__name__)
                 except MailboxError as exc:
                     self.log.error("imap_error", error=str(exc))
+                except InferenceUnavailable as exc:  # the mail waits in the mailbox; nothing is at fault
+                    self.log.warning("inference_unavailable", error=str(exc))
                 except Exception as exc:  # noqa: BLE001 - e.g. the model failed: retry later, never die
                     self.log.error("watcher_error", error=str(exc), error_type=type(exc).__name__, exc_info=True)
                 self.close()
                 if stop.is_set():
                     break
-                delay = min(float(self.account.reconnect_max), self.backoff_start * 2**attempt)
+                delay = backoff.delay(attempt, self.backoff_start, float(self.account.reconnect_max))
                 attempt += 1
                 self.log.info("imap_reconnect_scheduled", delay_s=delay, attempt=attempt)
                 stop.wait(delay)
@@ -556,6 +249,7 @@ class MailboxWatcher:
             except BaseException:
                 connection.close(client)
                 self.client = None
+                self.filing.link = None
                 raise
             client.idle_done()
             if stop.is_set():

@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mailtriage.core.classifier import Prediction
-from mailtriage.errors import InferenceError, LabelMismatchError
+from mailtriage.errors import InferenceError, InferenceUnavailable, LabelMismatchError
 
 APIS = ("tei", "vllm")
 
@@ -156,13 +156,14 @@ class HttpClassifier:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read(300).decode("utf-8", "replace") if exc.fp is not None else ""
-            raise InferenceError(
+            # 5xx and 429: the server's trouble, not the message's (never taken for poison).
+            raise (InferenceUnavailable if exc.code >= 500 or exc.code == 429 else InferenceError)(
                 f"{endpoint} answered HTTP {exc.code} {exc.reason}: {detail.strip() or '(no body)'}; "
                 "the message is retried later"
             ) from exc
         except (urllib.error.URLError, OSError) as exc:  # refused, DNS, timeout, reset
             reason = getattr(exc, "reason", exc)
-            raise InferenceError(
+            raise InferenceUnavailable(
                 f"cannot reach the inference server at {endpoint}: {reason}; is it running? "
                 f"([model] url = {self.url!r}); the message is retried later"
             ) from exc

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 
 from mailtriage.config import AccountConfig, Config
+from mailtriage.core import backoff as core_backoff
 from mailtriage.core.classifier import Prediction
 from mailtriage.errors import ConfigError
 from mailtriage.service import metrics, sdnotify
@@ -156,7 +157,7 @@ class Service:
     def _run_watcher(self, account: AccountConfig, mailbox: str) -> None:
         # A watcher reconnects by itself; this loop only catches what escapes it, so one broken
         # mailbox never stops the others and never ends the service.
-        backoff = 1.0
+        backoff, attempt = 1.0, 0
         bound = log.bind(account=account.name, mailbox=mailbox)
         while not self._stop.is_set():
             try:
@@ -167,7 +168,8 @@ class Service:
             except Exception as exc:  # noqa: BLE001
                 bound.error("watcher_crashed", error=str(exc), error_type=type(exc).__name__, restart_in=backoff, exc_info=True)
             self._stop.wait(backoff)
-            backoff = min(backoff * 2, float(account.reconnect_max))
+            attempt += 1
+            backoff = core_backoff.delay(attempt, 1.0, float(account.reconnect_max))
         bound.info("watcher_stopped")
 
     def _start_watchers(self) -> None:

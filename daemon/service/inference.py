@@ -16,12 +16,14 @@ import structlog
 
 from mailtriage.config import Config
 from mailtriage.core.classifier import Classifier, Prediction
+from mailtriage.core.pipeline import ClassifyFn
 from mailtriage.model import backend as model_backend
 from mailtriage.service import metrics
 
 log = structlog.get_logger(__name__)
 
-ClassifyFn = Callable[[Sequence[str]], tuple[list[Prediction], str]]
+__all__ = ["ClassifyFn", "Inference", "ModelLoader"]
+
 ModelLoader = Callable[[Path], Classifier]
 
 

@@ -1,7 +1,7 @@
 """The daemon's memory in one SQLite file (WAL): what was decided for which message, so restarts,
 crashes, UIDVALIDITY changes and duplicate deliveries never file a message twice or lose it.
 
-Schema (version 3, in ``PRAGMA user_version``; versions 1 and 2 are migrated on a writable open,
+Schema (version 4, in ``PRAGMA user_version``; versions 1 to 3 are migrated on a writable open,
 any other version is refused)::
 
     messages      one row per message the watcher saw, keyed like IMAP keys it
@@ -23,7 +23,12 @@ any other version is refused)::
                      crash-recovery scan only has to look at newer UIDs
       attempts, retry_at   a refused action (status failed): how many attempts failed, and when the
                      next one is due (NULL: never retried, e.g. the message vanished) (v3)
-      quarantined    1 when retries ran out and the message was moved to the quarantine folder (v3)
+      quarantined    1 when retries ran out and the message is (status done) or is to be (status
+                     failed, retried at retry_at) in the quarantine folder (v3)
+      origin         the login the row's account reaches (core.identity.login_id): rows of every
+                     account name with one origin are one mailbox's, so an account renamed, or a
+                     second one reaching the same login, never files a message again (v4; NULL on
+                     older rows, which match by account alone)
       error, decided_at, updated_at (unix seconds)
     mailbox_state  (account, mailbox, dry_run) PRIMARY KEY -> uidvalidity, last_uid
                      the highest UID fully handled; a dry run keeps its own cursor so switching
@@ -47,12 +52,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from enum import StrEnum
 from typing import Any
 
 from mailtriage.errors import StateError
 from mailtriage.core.routing import Decision
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # user_version -> statements that bring it to the next version (run in one transaction).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE messages ADD COLUMN content TEXT",),
@@ -62,6 +68,11 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE messages ADD COLUMN quarantined INTEGER NOT NULL DEFAULT 0",
         # Refused actions of older versions were never retried (stranded in INBOX): retry them now.
         "UPDATE messages SET retry_at = 0 WHERE status = 'failed' AND action IN ('move', 'keyword', 'header')",
+    ),
+    3: (
+        "ALTER TABLE messages ADD COLUMN origin TEXT",
+        # A refused quarantine used to be final (the message stranded in the watched mailbox): retry it.
+        "UPDATE messages SET retry_at = 0 WHERE status = 'failed' AND quarantined = 1 AND retry_at IS NULL",
     ),
 }
 
@@ -87,6 +98,7 @@ CREATE TABLE IF NOT EXISTS messages (
     attempts INTEGER NOT NULL DEFAULT 0,
     retry_at REAL,
     quarantined INTEGER NOT NULL DEFAULT 0,
+    origin TEXT,
     error TEXT,
     decided_at REAL NOT NULL,
     updated_at REAL NOT NULL,
@@ -95,6 +107,8 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_key ON messages (account, key);
 CREATE INDEX IF NOT EXISTS messages_status ON messages (account, mailbox, status);
 CREATE INDEX IF NOT EXISTS messages_decided ON messages (decided_at);
+CREATE INDEX IF NOT EXISTS messages_origin_key ON messages (origin, key);
+CREATE INDEX IF NOT EXISTS messages_origin_uid ON messages (origin, mailbox, uidvalidity, uid);
 CREATE TABLE IF NOT EXISTS mailbox_state (
     account TEXT NOT NULL,
     mailbox TEXT NOT NULL,
@@ -123,8 +137,29 @@ MILTER_INTAKE = "milter"
 MILTER_MAILBOX = "(milter)"
 _INTAKE_MAILBOX = {SMTP_INTAKE: SMTP_MAILBOX, MILTER_INTAKE: MILTER_MAILBOX}
 
-STATUSES = ("pending", "done", "failed", "skipped")
-OUTCOMES = ("filed", "unsure", "dry_run", "failed", "quarantined")
+
+
+class Status(StrEnum):
+    """``messages.status``: where a message stands in its lifecycle."""
+
+    PENDING = "pending"  # claimed, the action may be under way (a crash leaves it for recovery)
+    DONE = "done"        # decided and in its one place
+    FAILED = "failed"    # refused or undecidable; in the source, retried at ``retry_at`` if set
+    SKIPPED = "skipped"  # the same message was already decided under another UID
+
+
+class Claim(StrEnum):
+    """What ``StateDB.claim`` answers."""
+
+    CLAIMED = "claimed"      # the caller acts, then sets the status
+    TAKEN = "taken"          # this UID already has a row: another worker has it, or it is handled
+    DUPLICATE = "duplicate"  # the same message is done or pending elsewhere: recorded skipped
+
+
+STATUSES = tuple(Status)
+# Where a decided message is: filed / unsure / quarantined (in that folder), dry_run (untouched), failed
+# and quarantine_pending (refused; still in the watched mailbox, retried after a backoff).
+OUTCOMES = ("filed", "unsure", "dry_run", "failed", "quarantined", "quarantine_pending")
 
 
 @dataclass(frozen=True)
@@ -144,7 +179,7 @@ class MessageRow:
     action: str
     model_version: str | None
     dry_run: bool
-    status: str
+    status: Status
     dest_uidvalidity: int | None
     dest_uidnext: int | None
     error: str | None
@@ -333,7 +368,9 @@ class StateDB:
 
     # ---- per-message progress ----------------------------------------------------------------
 
-    def is_done(self, account: str, key: str, content: str | None = None, *, dry_run: bool = False) -> bool:
+    def is_done(
+        self, account: str, key: str, content: str | None = None, *, dry_run: bool = False, origin: str | None = None
+    ) -> bool:
         """Was this message (by key and content fingerprint) already decided in this account?
 
         ``content`` None matches any row of the key; a row without one (schema version 1) matches
@@ -341,23 +378,27 @@ class StateDB:
         turning dry_run off files what the dry run merely looked at.
         """
         row = self._exec(
-            "SELECT 1 FROM messages WHERE account=? AND key=? AND status='done' AND (dry_run=0 OR ?=1) "
+            "SELECT 1 FROM messages WHERE (account=? OR origin=?) AND key=? AND status='done' AND (dry_run=0 OR ?=1) "
             "AND (? IS NULL OR content IS NULL OR content=?) LIMIT 1",
-            (account, key, int(dry_run), content, content),
+            (account, origin, key, int(dry_run), content, content),
         ).fetchone()
         return row is not None
 
-    def handled_uids(self, account: str, mailbox: str, uidvalidity: int, uids: Iterable[int], *, dry_run: bool = False) -> set[int]:
-        """The subset of ``uids`` already done, failed or skipped under this UIDVALIDITY."""
+    def handled_uids(
+        self, account: str, mailbox: str, uidvalidity: int, uids: Iterable[int], *, dry_run: bool = False,
+        origin: str | None = None,
+    ) -> set[int]:
+        """The subset of ``uids`` already done, failed or skipped under this UIDVALIDITY (by this
+        account, or by any account of the same ``origin``)."""
         wanted = list(uids)
         found: set[int] = set()
         for start in range(0, len(wanted), 500):  # stay under SQLite's bound-parameter limit
             chunk = wanted[start : start + 500]
             marks = ",".join("?" * len(chunk))
             rows = self._exec(
-                f"SELECT uid FROM messages WHERE account=? AND mailbox=? AND uidvalidity=? "
+                f"SELECT uid FROM messages WHERE (account=? OR origin=?) AND mailbox=? AND uidvalidity=? "
                 f"AND status IN ('done','failed','skipped') AND (dry_run=0 OR ?=1) AND uid IN ({marks})",
-                (account, mailbox, uidvalidity, int(dry_run), *chunk),
+                (account, origin, mailbox, uidvalidity, int(dry_run), *chunk),
             ).fetchall()
             found.update(r["uid"] for r in rows)
         return found
@@ -378,14 +419,16 @@ class StateDB:
         fingerprint: str | None = None,
         dest_uidvalidity: int | None = None,
         dest_uidnext: int | None = None,
-    ) -> str:
+        origin: str | None = None,
+    ) -> Claim:
         """Take one message for acting, atomically: record it 'pending' unless someone has it.
 
         Returns 'claimed' (the caller acts, then sets the status), 'taken' (this UID already has a
         row: another worker is acting on it or it is handled) or 'duplicate' (the same message, key
         and content, is done or pending under another UID or mailbox of the account: recorded
         'skipped'). One IMMEDIATE transaction, so of two workers (threads or processes sharing the
-        database) exactly one gets 'claimed'.
+        database) exactly one gets 'claimed'. With ``origin``, rows of every account reaching the same
+        login count too: the mailbox is the server's, not the account name's.
         """
         now = time.time()
         conn = self._conn()
@@ -393,37 +436,39 @@ class StateDB:
         try:
             where = (account, mailbox, uidvalidity, uid)
             taken = conn.execute(
-                "SELECT dry_run FROM messages WHERE account=? AND mailbox=? AND uidvalidity=? AND uid=?", where
+                "SELECT dry_run FROM messages WHERE mailbox=? AND uidvalidity=? AND uid=? AND (account=? OR origin=?) "
+                "ORDER BY dry_run LIMIT 1",
+                (mailbox, uidvalidity, uid, account, origin),
             ).fetchone()
             if taken is not None and not taken["dry_run"]:
                 conn.execute("COMMIT")
-                return "taken"
+                return Claim.TAKEN
             if taken is not None:  # a dry run only looked at it: now it is filed for real
                 conn.execute("DELETE FROM messages WHERE account=? AND mailbox=? AND uidvalidity=? AND uid=?", where)
             same = conn.execute(
-                "SELECT 1 FROM messages WHERE account=? AND key=? AND status IN ('done','pending') AND dry_run=0 "
-                "AND (content IS NULL OR ? IS NULL OR content=?) LIMIT 1",
-                (account, key, content, content),
+                "SELECT 1 FROM messages WHERE (account=? OR origin=?) AND key=? AND status IN ('done','pending') "
+                "AND dry_run=0 AND (content IS NULL OR ? IS NULL OR content=?) LIMIT 1",
+                (account, origin, key, content, content),
             ).fetchone()
             if same is not None:
                 conn.execute(
                     """INSERT INTO messages (account, mailbox, uidvalidity, uid, key, content, action, status, error,
-                        decided_at, updated_at) VALUES (?,?,?,?,?,?,'none','skipped','already decided',?,?)""",
-                    (account, mailbox, uidvalidity, uid, key, content, now, now),
+                        origin, decided_at, updated_at) VALUES (?,?,?,?,?,?,'none','skipped','already decided',?,?,?)""",
+                    (account, mailbox, uidvalidity, uid, key, content, origin, now, now),
                 )
                 conn.execute("COMMIT")
-                return "duplicate"
+                return Claim.DUPLICATE
             conn.execute(
                 """INSERT INTO messages (account, mailbox, uidvalidity, uid, key, content, fingerprint, label,
                     confidence, unsure, folder, action, model_version, dry_run, status, dest_uidvalidity,
-                    dest_uidnext, decided_at, updated_at)
-                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0,'pending',?,?,?,?)""",
+                    dest_uidnext, origin, decided_at, updated_at)
+                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0,'pending',?,?,?,?,?)""",
                 (account, mailbox, uidvalidity, uid, key, content, fingerprint, decision.label, decision.confidence,
                  int(decision.unsure), folder if folder is not None else decision.folder, action, model_version,
-                 dest_uidvalidity, dest_uidnext, now, now),
+                 dest_uidvalidity, dest_uidnext, origin, now, now),
             )
             conn.execute("COMMIT")
-            return "claimed"
+            return Claim.CLAIMED
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -504,27 +549,30 @@ class StateDB:
         )
 
     def record_skip(
-        self, account: str, mailbox: str, uidvalidity: int, uid: int, key: str, reason: str, content: str | None = None
+        self, account: str, mailbox: str, uidvalidity: int, uid: int, key: str, reason: str, content: str | None = None,
+        *, origin: str | None = None,
     ) -> None:
         """Remember a UID whose message was already decided under another UID (never overwrites)."""
         now = time.time()
         self._exec(
             """INSERT OR IGNORE INTO messages (account, mailbox, uidvalidity, uid, key, content, action, status, error,
-                decided_at, updated_at) VALUES (?,?,?,?,?,?,'none','skipped',?,?,?)""",
-            (account, mailbox, uidvalidity, uid, key, content, reason, now, now),
+                origin, decided_at, updated_at) VALUES (?,?,?,?,?,?,'none','skipped',?,?,?,?)""",
+            (account, mailbox, uidvalidity, uid, key, content, reason, origin, now, now),
         )
 
-    def record_failure(self, account: str, mailbox: str, uidvalidity: int, uid: int, key: str, error: str) -> None:
+    def record_failure(
+        self, account: str, mailbox: str, uidvalidity: int, uid: int, key: str, error: str, *, origin: str | None = None
+    ) -> None:
         """Remember a message that could not be decided (a poison message: classify kept failing on
         it): status 'failed', nothing done to it, so the rest of the mailbox keeps flowing."""
         now = time.time()
         self._exec(
             """INSERT OR IGNORE INTO messages (account, mailbox, uidvalidity, uid, key, action, status, error,
-                decided_at, updated_at) VALUES (?,?,?,?,?,'none','failed',?,?,?)""",
-            (account, mailbox, uidvalidity, uid, key, error, now, now),
+                origin, decided_at, updated_at) VALUES (?,?,?,?,?,'none','failed',?,?,?,?)""",
+            (account, mailbox, uidvalidity, uid, key, error, origin, now, now),
         )
 
-    # ---- retries of refused actions (issue 8 item 2) ----------------------------------------
+    # ---- retries of refused actions, then quarantine ----------------------------------------
 
     def fail_attempt(
         self, account: str, mailbox: str, uidvalidity: int, uid: int, error: str, retry_at: float | None
@@ -586,6 +634,17 @@ class StateDB:
             (account, mailbox),
         ).fetchall()
         return [_message_row(r) for r in rows]
+
+    def adopt(self, account: str, mailbox: str, origin: str) -> int:
+        """Rows of this mailbox that another account name of the same ``origin`` left unfinished
+        (pending, or failed and due a retry) become this account's, so its recovery and retries
+        finish them. Call it holding the mailbox's lock: no other worker has them then."""
+        cur = self._exec(
+            "UPDATE OR IGNORE messages SET account=?, updated_at=? WHERE origin=? AND mailbox=? AND account!=? "
+            "AND (status='pending' OR (status='failed' AND retry_at IS NOT NULL))",
+            (account, time.time(), origin, mailbox, account),
+        )
+        return cur.rowcount
 
     def get(self, account: str, mailbox: str, uidvalidity: int, uid: int) -> MessageRow | None:
         row = self._exec(
@@ -670,24 +729,32 @@ class StateDB:
     def stats(self, window_days: int = 30, *, now: float | None = None) -> dict[str, Any]:
         """Decisions, corrections and live accuracy over the last ``window_days`` (``mailtriage stats``).
 
-        Outcomes: filed (acted on with a category), unsure (below threshold), dry_run, failed.
+        Outcomes (OUTCOMES): filed (acted on with a category), unsure (below threshold), dry_run, failed,
+        quarantined (in the quarantine folder), quarantine_pending (refused there; still in the source).
         Live accuracy of a category = 1 - corrections of messages filed as it / messages filed as it.
         """
         since = (time.time() if now is None else now) - window_days * 86400
         decisions: dict[str, dict[str, int]] = {}
         totals = dict.fromkeys(OUTCOMES, 0)
         columns = {r["name"] for r in self._exec("PRAGMA table_info(messages)").fetchall()}
-        quarantined = "quarantined" if "quarantined" in columns else "0"  # read-only on an older schema
+        old = "quarantined" not in columns  # read-only on an older schema
+        quarantined = "0" if old else "quarantined"
+        retry_expr = "0" if old else "retry_at IS NOT NULL"
         rows = self._exec(
-            f"""SELECT label, status, dry_run, unsure, {quarantined} AS quarantined, COUNT(*) AS n FROM messages
+            f"""SELECT label, status, dry_run, unsure, {quarantined} AS quarantined, {retry_expr} AS retrying,
+                   COUNT(*) AS n FROM messages
                WHERE status IN ('done','failed') AND decided_at >= ?
-               GROUP BY label, status, dry_run, unsure{", quarantined" if quarantined != "0" else ""}""",
+               GROUP BY label, status, dry_run, unsure, quarantined, retrying""",
             (since,),
         ).fetchall()
+        retrying = 0  # failed but due another attempt: still in the watched mailbox
         for r in rows:
-            if r["quarantined"]:
+            if r["quarantined"] and r["status"] == Status.DONE:
                 outcome = "quarantined"
-            elif r["status"] == "failed":
+            elif r["quarantined"] and r["retrying"]:
+                outcome = "quarantine_pending"  # the quarantine folder refused it: still in the source
+            elif r["status"] == Status.FAILED:
+                retrying += r["n"] if r["retrying"] else 0
                 outcome = "failed"
             elif r["dry_run"]:
                 outcome = "dry_run"
@@ -731,6 +798,8 @@ class StateDB:
             "since": since,
             "decisions": decisions,
             "totals": {**totals, "all": sum(totals.values())},
+            # Decided messages not yet in their place: in the watched mailbox, tried again after a backoff.
+            "in_source": {"retrying": retrying, "quarantine_pending": totals["quarantine_pending"]},
             "intakes": intakes,
             "corrections": {
                 "total": sum(p["n"] for p in pairs),
@@ -757,7 +826,7 @@ def _message_row(r: sqlite3.Row) -> MessageRow:
         action=r["action"],
         model_version=r["model_version"],
         dry_run=bool(r["dry_run"]),
-        status=r["status"],
+        status=Status(r["status"]),
         dest_uidvalidity=r["dest_uidvalidity"],
         dest_uidnext=r["dest_uidnext"],
         error=r["error"],

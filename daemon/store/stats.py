@@ -73,7 +73,7 @@ def collect_stats(config: Config, window_days: int = 30) -> dict[str, Any]:
 
     exists = Path(config.state_path).exists()
     # A missing database means "nothing decided yet": report zeros. Never create or write files here:
-    # stats runs as staff on a read-only copy or beside a running daemon (issue 8 item 13).
+    # stats runs as staff on a read-only copy or beside a running daemon.
     state = StateDB(config.state_path, readonly=True) if exists else StateDB(":memory:")
     try:
         stats = state.stats(window_days)
@@ -117,6 +117,12 @@ def render(stats: dict[str, Any], config: Config, out: TextIO) -> None:
     print(f"Decisions: {totals['all']} (filed {totals['filed']}, unsure {totals['unsure']}, "
           f"dry run {totals['dry_run']}, failed {totals['failed']}, quarantined {totals.get('quarantined', 0)})",
           file=out)
+    in_source = stats.get("in_source") or {}
+    if in_source.get("retrying") or in_source.get("quarantine_pending"):
+        # Say where these messages are: in no category or quarantine folder yet.
+        print(f"  still in the watched mailbox: {in_source.get('retrying', 0)} refused, retried after a backoff "
+              f"(then quarantined); quarantine pending {in_source.get('quarantine_pending', 0)} (the quarantine "
+              "folder refused them too: retried after a backoff; check that folder on the server)", file=out)
     intakes = stats.get("intakes") or {}
     print(f"  by intake: IMAP watcher {intakes.get('imap', 0)}, SMTP content filter {intakes.get('smtp', 0)}, "
           f"milter {intakes.get('milter', 0)}", file=out)

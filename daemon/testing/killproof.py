@@ -75,7 +75,7 @@ def _worker(spec_path: str) -> int:
                              idle_slice=0.2, backoff_start=0.1)
     point, after = spec.get("kill_point"), int(spec.get("kill_after", 0))
     if point in ("after_act", "before_act"):
-        real_act, calls = watcher._act, [0]
+        real_act, calls = watcher.filing.act, [0]
 
         def act(*args: Any, **kwargs: Any) -> None:
             calls[0] += 1
@@ -85,7 +85,7 @@ def _worker(spec_path: str) -> int:
             if point == "after_act" and calls[0] > after:
                 os.kill(os.getpid(), signal.SIGKILL)  # acted, status not written
 
-        watcher._act = act  # type: ignore[method-assign]
+        watcher.filing.act = act  # type: ignore[method-assign]
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     watcher.run(stop)

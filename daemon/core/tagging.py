@@ -16,7 +16,11 @@ CATEGORY_HEADER = "X-Mailtriage-Category"
 CONFIDENCE_HEADER = "X-Mailtriage-Confidence"
 UNSURE = "unsure"
 
-_HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+# Bytes a header name may not hold (controls, space, DEL, 8-bit): removed before deciding whether a
+# field is ours, because readers disagree on them. Python's email parser ends the header at
+# "X-Mailtriage-Category\0: x" while Dovecot drops the NUL and reads a second category field.
+_NOT_NAME_BYTES = bytes(range(0x21)) + bytes(range(0x7F, 0x100))
+_OURS = b"x-mailtriage"
 _EOL = re.compile(rb"\r\n|\r|\n")
 _ATOM_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
@@ -67,13 +71,24 @@ def strip_mailtriage_headers(raw: bytes) -> bytes:
             if not dropping:
                 kept.append(line)
             continue
-        m = _HEADER_NAME.match(line)
-        dropping = bool(m and m.group(1).lower().startswith(b"x-mailtriage-"))
+        dropping = is_mailtriage_field(line)
         if not dropping:
             kept.append(line)
     if not kept:  # nothing left of the header: the message starts with its blank line
         return rest[2:]
     return b"\r\n".join(kept) + rest
+
+
+def is_mailtriage_field(line: bytes) -> bool:
+    """Whether a header line (not a continuation) could be read as an X-Mailtriage-* field by any reader.
+
+    The name is everything up to the first colon (the whole line when there is none), with every
+    byte that cannot be part of a field name removed; what then starts with ``x-mailtriage`` in
+    any case is ours to strip. Stripping a strange field too many is harmless; one too few lets a
+    sender pick the folder.
+    """
+    name = line.split(b":", 1)[0].translate(None, _NOT_NAME_BYTES)
+    return name[: len(_OURS)].lower() == _OURS
 
 
 def category_value(decision: Decision) -> str:

@@ -574,6 +574,29 @@ def test_smtp_limits_are_config_options() -> None:
         SmtpConfig(session_lifetime=0)
 
 
+@pytest.mark.pure
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [("idle_timeout = nan", r"smtp.idle_timeout = nan: must be a finite number of seconds above 0"),
+     ("idle_timeout = inf", r"smtp.idle_timeout = inf: must be a finite"),
+     ("session_lifetime = -inf", r"smtp.session_lifetime = -inf: must be a finite"),
+     ("session_lifetime = nan", r"smtp.session_lifetime = nan"),
+     ("idle_timeout = -5", r"smtp.idle_timeout = -5"),
+     ("relay_timeout = 600", r"smtp.relay_timeout = 600.*10 minutes"),
+     ("relay_timeout = nan", r"smtp.relay_timeout = nan"),
+     ("max_bytes_in_flight = 1000", r"smtp.max_bytes_in_flight = 1000: must hold at least one message"),
+     ("max_bytes_in_flight = -1", r"smtp.max_bytes_in_flight = -1")],
+)
+def test_smtp_durations_and_budget_must_be_sane(tmp_path: Path, line: str, why: str) -> None:
+    # TOML reads nan and inf; a NaN idle timeout never fired, inf never ended a session.
+    from mailtriage.config import load_config
+
+    path = tmp_path / "mailtriage.toml"
+    path.write_text('[categories]\nbilling = "Support/Billing"\nrefunds = "Support/Refunds"\n\n[smtp]\n' + line + "\n")
+    with pytest.raises(ConfigError, match=why):
+        load_config(path)
+
+
 # -- reply classes for broken addresses (issue 8 item 8) --------------------------------------
 
 

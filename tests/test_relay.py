@@ -524,8 +524,9 @@ def test_connections_beyond_the_limit_get_421_and_idle_ones_time_out(
             assert _read_reply(sock).startswith(b"421 4.7.0")
             assert sock.recv(1) == b""
             sock.close()
-        # The idle ones are disconnected after idle_timeout; then real mail gets through.
+        # The idle ones are told 421 and disconnected after idle_timeout; then real mail gets through.
         for sock in idle:
+            assert _read_reply(sock).startswith(b"421 4.4.2")
             assert sock.recv(4096) == b""
         deadline = time.monotonic() + 30
         while True:
@@ -645,3 +646,19 @@ def test_utf8_address_with_smtputf8_is_still_relayed(
                                mail_options=["SMTPUTF8"]) == {}
     [env] = hop.received
     assert env.mail_from == "kundé@example.com"
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 7, 64])
+def test_data_stream_in_pieces_is_what_smtplib_sends_at_once(chunk_size: int) -> None:
+    # The relay sends a large message in chunks, without smtplib's three whole copies; the bytes
+    # on the wire must be the same wherever a chunk or a piece boundary falls.
+    from mailtriage.smtp.relay import data_stream
+
+    message = b"X-A: 1\r\n\r\n.dot\r\n..two\r\nmid.dot\r\n.\r\n\r\n.x"
+    expected = smtplib._quote_periods(message) + b"\r\n.\r\n"  # noqa: SLF001 - the reference
+    for split in range(len(message) + 1):
+        parts = [message[:split], memoryview(message)[split:]]
+        assert b"".join(data_stream(parts, chunk_size)) == expected
+    assert b"".join(data_stream([b"a\r\n"], chunk_size)) == b"a\r\n.\r\n"
+    assert b"".join(data_stream([b""], chunk_size)) == b"\r\n.\r\n"

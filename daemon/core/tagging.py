@@ -45,25 +45,22 @@ def crlf(raw: bytes) -> bytes:
     return _EOL.sub(b"\r\n", raw)
 
 
+def _header_end(raw: bytes) -> int:
+    """Where the blank line that ends the header block starts (CRLF endings; 0: no header)."""
+    if raw.startswith(b"\r\n"):
+        return 0
+    idx = raw.find(b"\r\n\r\n")
+    return len(raw) if idx == -1 else idx
+
+
 def split_header(raw: bytes) -> tuple[bytes, bytes]:
     """(header block without its terminating blank line, rest from the blank line on) of a message
     with CRLF line endings (see ``crlf``). A message that starts with a blank line has no header."""
-    if raw.startswith(b"\r\n"):
-        return b"", raw
-    idx = raw.find(b"\r\n\r\n")
-    if idx == -1:
-        return raw, b""
-    return raw[:idx], raw[idx:]
+    end = _header_end(raw)
+    return raw[:end], raw[end:]
 
 
-def strip_mailtriage_headers(raw: bytes) -> bytes:
-    """The message with CRLF line endings and without any X-Mailtriage-* field (with its folded lines).
-
-    A sender could otherwise forge a category; only the daemon writes these headers. Folded lines
-    at the very top belong to no field: they are dropped too, or they would fold into the header
-    we put on top.
-    """
-    header, rest = split_header(crlf(raw))
+def _kept_lines(header: bytes) -> list[bytes]:
     kept: list[bytes] = []
     dropping = True  # a continuation before any field name is an orphan
     for line in header.split(b"\r\n"):
@@ -74,9 +71,28 @@ def strip_mailtriage_headers(raw: bytes) -> bytes:
         dropping = is_mailtriage_field(line)
         if not dropping:
             kept.append(line)
+    return kept
+
+
+def _stripped_parts(raw: bytes) -> tuple[bytes, memoryview]:
+    # (the header block kept, the rest of the CRLF message as a view: no copy of the body)
+    raw = crlf(raw)
+    end = _header_end(raw)
+    kept = _kept_lines(raw[:end])
     if not kept:  # nothing left of the header: the message starts with its blank line
-        return rest[2:]
-    return b"\r\n".join(kept) + rest
+        return b"", memoryview(raw)[end + 2 :]
+    return b"\r\n".join(kept), memoryview(raw)[end:]
+
+
+def strip_mailtriage_headers(raw: bytes) -> bytes:
+    """The message with CRLF line endings and without any X-Mailtriage-* field (with its folded lines).
+
+    A sender could otherwise forge a category; only the daemon writes these headers. Folded lines
+    at the very top belong to no field: they are dropped too, or they would fold into the header
+    we put on top.
+    """
+    head, rest = _stripped_parts(raw)
+    return head + rest
 
 
 def is_mailtriage_field(line: bytes) -> bool:
@@ -97,13 +113,20 @@ def category_value(decision: Decision) -> str:
     return UNSURE if decision.unsure else decision.label
 
 
+def tagged_parts(raw: bytes, decision: Decision) -> tuple[bytes, memoryview]:
+    """``add_headers`` in two pieces, (new header block, the rest of ``raw`` as a view), so that a
+    large message is sent on without a second copy of its body in memory."""
+    head, rest = _stripped_parts(raw)
+    value = safe_atom(category_value(decision))
+    top = f"{CATEGORY_HEADER}: {value}\r\n{CONFIDENCE_HEADER}: {decision.confidence:.4f}\r\n".encode()
+    return top + head, rest  # with no header of its own, rest starts with the blank line
+
+
 def add_headers(raw: bytes, decision: Decision) -> bytes:
     """The message (CRLF line endings) with X-Mailtriage-Category/-Confidence on top, each ending in
     CRLF, and any sender-supplied ones removed."""
-    clean = strip_mailtriage_headers(raw)
-    value = safe_atom(category_value(decision))
-    top = f"{CATEGORY_HEADER}: {value}\r\n{CONFIDENCE_HEADER}: {decision.confidence:.4f}\r\n".encode()
-    return top + clean  # with no header of its own, clean starts with the blank line
+    head, rest = tagged_parts(raw, decision)
+    return head + rest
 
 
 def header_fingerprint(raw_or_header: bytes) -> str:

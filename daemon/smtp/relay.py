@@ -369,7 +369,7 @@ class ContentFilter:
                 bound.error("smtp_classify_failed", error=str(exc) or type(exc).__name__,
                             error_type=type(exc).__name__, exc_info=not isinstance(exc, TimeoutError))
                 return TEMPFAIL.format(why="could not classify the message")
-            if server.transport is None:  # the client left: relaying now would make its retry a duplicate
+            if _client_gone(server):  # the client left: relaying now would make its retry a duplicate
                 bound.warning("smtp_client_gone_before_relay")
                 return TEMPFAIL.format(why="client gone")
             try:
@@ -398,7 +398,7 @@ class ContentFilter:
             model=version,
             next_hop=str(self.hop),
             next_hop_reply=queued,
-            client_gone=server.transport is None,
+            client_gone=_client_gone(server),
         )
         return f"250 2.0.0 OK relayed as {reply_text(category_value(decision))}"
 
@@ -406,6 +406,10 @@ class ContentFilter:
         # aiosmtpd would answer a permanent 500: a content filter must make the sender retry.
         _note_handler_error(error)
         return TEMPFAIL.format(why="internal error")
+
+
+def _client_gone(server: SMTP) -> bool:
+    return server.transport is None or bool(getattr(server, "gone", False))
 
 
 def _utf8_allowed(address: str, mail_options: Sequence[str]) -> bool:
@@ -539,6 +543,7 @@ class _FilterSMTP(SMTP):
         self._refused = False
         self._last_progress = self.loop.time()
         self._in_command = False  # a RCPT being checked with the next hop, a message arriving
+        self.gone = False  # the client hung up (EOF or connection lost)
 
     # -- who gets a place --------------------------------------------------------------------
 
@@ -772,7 +777,12 @@ class _FilterSMTP(SMTP):
         self._close_with(b"421 4.4.2 mailtriage: session lifetime over; closing", "smtp_session_lifetime_over",
                          lifetime=self._session_lifetime)
 
+    def eof_received(self) -> bool | None:
+        self.gone = True
+        return super().eof_received()
+
     def connection_lost(self, error: Exception | None) -> None:
+        self.gone = True
         if self._refused:
             return  # no session was ever started for it
         self._registry.discard(self)

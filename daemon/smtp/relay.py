@@ -730,7 +730,12 @@ class _FilterSMTP(SMTP):
                 if b"\r" in body or b"\n" in body:
                     line = _BARE_EOL.sub(b"\r\n", body) + b"\r\n"
                 if not self._budget.take(len(line)):
+                    # Out of room: give back what this message holds at once, so that the other
+                    # messages arriving now can finish instead of all failing together.
                     no_room = True
+                    self._budget.give(spool.size)
+                    spool.close()
+                    spool.size = 0
                     continue
                 spool.write(line)
         finally:

@@ -2,13 +2,16 @@
 
     .venv/bin/python -m benchmarks.smtp_flood                    # 1,100 idle clients, defaults below
     .venv/bin/python -m benchmarks.smtp_flood --clients 300 --idle-timeout 5
+    .venv/bin/python -m benchmarks.smtp_flood --clients 100 --noop-interval 20 --idle-timeout 300   # NOOP flood
 
 The relay runs as its own process, as `mailtriage serve` would (the SMTP filter with the keyword
 fake model, JSON logs), under the 1,024 open-file limit the finding was made with; a real aiosmtpd
 next hop counts the connections it is held. The benchmark opens the idle clients (every fifth
 stops after RCPT, mid-transaction), then sends real mail like an MTA (a retry every 0.5 s) and
 reports: clients served / refused with 421, the relay's open files, next-hop connections held
-while the clients idle, when the real mail got through, and what the relay logged.
+while the clients idle, when the real mail got through, and what the relay logged. With
+``--noop-interval`` the held clients send NOOP at that pace all along (a NOOP flood): they must
+not keep real mail out; the row then also counts the holders the relay closed to make room.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from email.message import EmailMessage
 from pathlib import Path
@@ -128,6 +132,7 @@ def main() -> None:
     ap.add_argument("--max-connections", type=int, default=100, help="[smtp] max_connections (default 100)")
     ap.add_argument("--idle-timeout", type=float, default=10.0, help="[smtp] idle_timeout for the run (default 300 in config)")
     ap.add_argument("--nofile", type=int, default=1024, help="the relay's open-file limit (default 1024)")
+    ap.add_argument("--noop-interval", type=float, default=0.0, help="held clients send NOOP every N s (0: silent)")
     ap.add_argument("--relay-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.relay_child:
@@ -181,17 +186,39 @@ def main() -> None:
                 other += 1
                 sock.close()
         flood_seconds = time.monotonic() - flood_started
+        noop_stop = threading.Event()
+        noop_stats = {"noops": 0, "closed_by_relay": 0}
+
+        def keep_talking() -> None:
+            # A NOOP from every held client, every interval: aiosmtpd restarted its idle timer on it.
+            alive = list(idle)
+            while alive and not noop_stop.wait(args.noop_interval):
+                for sock in list(alive):
+                    try:
+                        sock.sendall(b"NOOP\r\n")
+                        reply = sock.recv(4096)
+                        noop_stats["noops"] += 1
+                    except OSError:
+                        reply = b""
+                    if not reply.startswith(b"250"):
+                        noop_stats["closed_by_relay"] += 1
+                        alive.remove(sock)
+
+        talker = threading.Thread(target=keep_talking, daemon=True)
+        if args.noop_interval > 0:
+            talker.start()
         time.sleep(0.5)
         held_fds = _fds(child.pid)
         hop_held = hop.open
         ok, attempts, waited = _mta_send(port, _mail(0), pause=0.5, give_up=args.idle_timeout * 4 + 30)
         later = [_mta_send(port, _mail(n), pause=0.5, give_up=60)[0] for n in range(1, 11)]
+        noop_stop.set()
         result.update(
             served=served, refused_421=refused, other_banner=other, mid_transaction=mid_transaction,
             flood_seconds=round(flood_seconds, 2), relay_fds_before=fds_before, relay_fds_while_idle=held_fds,
             next_hop_connections_while_idle=hop_held, real_mail_delivered=ok, real_mail_attempts=attempts,
             real_mail_seconds_after_flood=round(waited, 1), next_ten_delivered=sum(later),
-            next_hop_received=hop.received,
+            next_hop_received=hop.received, noop_interval=args.noop_interval, **noop_stats,
         )
     finally:
         for sock in idle:
@@ -217,11 +244,12 @@ def main() -> None:
     write_json("smtp_flood", result)
     print(json.dumps(result, indent=2))
     print(md_table(
-        ["clients", "served", "421", "next-hop conns while idle", "relay fds idle", "real mail through after",
-         "log lines", "tracebacks"],
-        [[args.clients, result["served"], result["refused_421"], result["next_hop_connections_while_idle"],
-          result["relay_fds_while_idle"], f"{result['real_mail_seconds_after_flood']} s ({result['real_mail_attempts']} tries)",
-          result["relay_log_lines"], result["relay_log_tracebacks"]]],
+        ["clients", "NOOP every", "served", "421", "next-hop conns while idle", "relay fds idle",
+         "real mail through after", "next 10 delivered", "holders closed by relay", "log lines", "tracebacks"],
+        [[args.clients, f"{args.noop_interval:g} s" if args.noop_interval else "-", result["served"], result["refused_421"],
+          result["next_hop_connections_while_idle"], result["relay_fds_while_idle"],
+          f"{result['real_mail_seconds_after_flood']} s ({result['real_mail_attempts']} tries)", result["next_ten_delivered"],
+          result["closed_by_relay"] if args.noop_interval else "-", result["relay_log_lines"], result["relay_log_tracebacks"]]],
     ))
     good = result["real_mail_delivered"] and result["next_ten_delivered"] == 10 and tracebacks == 0
     raise SystemExit(0 if good else 1)

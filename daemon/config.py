@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tomllib
 import types
@@ -185,12 +186,26 @@ class SmtpConfig:
     max_connections: int = 100
     idle_timeout: float = 300.0
     session_lifetime: float = 1800.0
+    relay_timeout: float = 300.0
+    max_bytes_in_flight: int = 0  # 0: derived from max_message_size and the host's memory
 
     def __post_init__(self) -> None:
         _positive("smtp.max_message_size", self.max_message_size)
         _positive("smtp.max_connections", self.max_connections)
-        _positive("smtp.idle_timeout", self.idle_timeout)
-        _positive("smtp.session_lifetime", self.session_lifetime)
+        _positive_seconds("smtp.idle_timeout", self.idle_timeout)
+        _positive_seconds("smtp.session_lifetime", self.session_lifetime)
+        _positive_seconds("smtp.relay_timeout", self.relay_timeout)
+        if self.relay_timeout >= 600:
+            raise ConfigError(
+                f"smtp.relay_timeout = {self.relay_timeout!r}: the sender waits 10 minutes for the reply to "
+                "its message (RFC 5321 4.5.3.2.6) and retries after that, delivering a second copy; "
+                "use less than 600 (default 300)"
+            )
+        if self.max_bytes_in_flight < 0 or 0 < self.max_bytes_in_flight < self.max_message_size:
+            raise ConfigError(
+                f"smtp.max_bytes_in_flight = {self.max_bytes_in_flight!r}: must hold at least one message "
+                f"of max_message_size ({self.max_message_size}) bytes; use 0 for the default"
+            )
         for key in ("listen_port", "next_hop_port"):
             port = getattr(self, key)
             if not 0 < port < 65536:
@@ -401,6 +416,13 @@ def _check_roles(config: Config) -> None:
 def _positive(key: str, value: int) -> None:
     if value <= 0:
         raise ConfigError(f"{key} = {value!r}: must be a positive number")
+
+
+def _positive_seconds(key: str, value: float) -> None:
+    # TOML reads nan and inf: a NaN timeout compares False with everything (never fires, or
+    # always), inf never ends a session; neither is a duration.
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{key} = {value!r}: must be a finite number of seconds above 0")
 
 
 # ---- generic TOML table -> dataclass, with messages that name the key -----------------------

@@ -524,8 +524,9 @@ def test_connections_beyond_the_limit_get_421_and_idle_ones_time_out(
             assert _read_reply(sock).startswith(b"421 4.7.0")
             assert sock.recv(1) == b""
             sock.close()
-        # The idle ones are disconnected after idle_timeout; then real mail gets through.
+        # The idle ones are told 421 and disconnected after idle_timeout; then real mail gets through.
         for sock in idle:
+            assert _read_reply(sock).startswith(b"421 4.4.2")
             assert sock.recv(4096) == b""
         deadline = time.monotonic() + 30
         while True:
@@ -572,6 +573,29 @@ def test_smtp_limits_are_config_options() -> None:
         SmtpConfig(max_connections=0)
     with pytest.raises(ConfigError, match="smtp.session_lifetime"):
         SmtpConfig(session_lifetime=0)
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [("idle_timeout = nan", r"smtp.idle_timeout = nan: must be a finite number of seconds above 0"),
+     ("idle_timeout = inf", r"smtp.idle_timeout = inf: must be a finite"),
+     ("session_lifetime = -inf", r"smtp.session_lifetime = -inf: must be a finite"),
+     ("session_lifetime = nan", r"smtp.session_lifetime = nan"),
+     ("idle_timeout = -5", r"smtp.idle_timeout = -5"),
+     ("relay_timeout = 600", r"smtp.relay_timeout = 600.*10 minutes"),
+     ("relay_timeout = nan", r"smtp.relay_timeout = nan"),
+     ("max_bytes_in_flight = 1000", r"smtp.max_bytes_in_flight = 1000: must hold at least one message"),
+     ("max_bytes_in_flight = -1", r"smtp.max_bytes_in_flight = -1")],
+)
+def test_smtp_durations_and_budget_must_be_sane(tmp_path: Path, line: str, why: str) -> None:
+    # TOML reads nan and inf; a NaN idle timeout never fired, inf never ended a session.
+    from mailtriage.config import load_config
+
+    path = tmp_path / "mailtriage.toml"
+    path.write_text('[categories]\nbilling = "Support/Billing"\nrefunds = "Support/Refunds"\n\n[smtp]\n' + line + "\n")
+    with pytest.raises(ConfigError, match=why):
+        load_config(path)
 
 
 # -- reply classes for broken addresses (issue 8 item 8) --------------------------------------
@@ -622,3 +646,19 @@ def test_utf8_address_with_smtputf8_is_still_relayed(
                                mail_options=["SMTPUTF8"]) == {}
     [env] = hop.received
     assert env.mail_from == "kundé@example.com"
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 7, 64])
+def test_data_stream_in_pieces_is_what_smtplib_sends_at_once(chunk_size: int) -> None:
+    # The relay sends a large message in chunks, without smtplib's three whole copies; the bytes
+    # on the wire must be the same wherever a chunk or a piece boundary falls.
+    from mailtriage.smtp.relay import data_stream
+
+    message = b"X-A: 1\r\n\r\n.dot\r\n..two\r\nmid.dot\r\n.\r\n\r\n.x"
+    expected = smtplib._quote_periods(message) + b"\r\n.\r\n"  # noqa: SLF001 - the reference
+    for split in range(len(message) + 1):
+        parts = [message[:split], memoryview(message)[split:]]
+        assert b"".join(data_stream(parts, chunk_size)) == expected
+    assert b"".join(data_stream([b"a\r\n"], chunk_size)) == b"a\r\n.\r\n"
+    assert b"".join(data_stream([b""], chunk_size)) == b"\r\n.\r\n"

@@ -18,6 +18,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 
+from mailtriage.testing.smtp_fuzz import category_readings
 from tests.test_relay import (  # noqa: F401 - next_hop and start_relay are fixtures
     NextHopHandler,
     StartRelay,
@@ -67,6 +68,10 @@ FORGED = {
     "bare-cr-folded": b"From: a@example.com\r\nSubject: invoice\rX-Mailtriage-Category: refunds\r\n\tmore\r\n",
     "leading-whitespace": b" refunds\r\nFrom: a@example.com\r\nSubject: invoice\r\n",
     "one-header": b"Subject: invoice\r\n",
+    # Dovecot drops the NUL and reads a second category; Python's parser ends the header there.
+    "nul-in-name": b"From: a@example.com\r\nX-Mailtriage-Category\x00: refunds\r\nSubject: invoice\r\n",
+    "nul-first": b"\x00X-Mailtriage-Category: refunds\r\nFrom: a@example.com\r\nSubject: invoice\r\n",
+    "control-blank": b"From: a@example.com\r\nX-Mailtriage-Category\x0b : refunds\r\nSubject: invoice\r\n",
 }
 
 
@@ -88,6 +93,7 @@ def test_forged_headers_do_not_survive_odd_line_endings(
         assert msg.get_all("X-Mailtriage-Confidence") == ["0.9500"]
     assert content.startswith(b"X-Mailtriage-Category: billing\r\nX-Mailtriage-Confidence: 0.9500\r\n")
     assert b"refunds" not in content
+    assert category_readings(content) == []  # also as read up to the colon with NULs or controls dropped
     assert content.endswith(b"\r\n\r\nplease send the invoice\r\n")
 
 

@@ -97,3 +97,29 @@ def test_fingerprint_survives_our_headers_and_crlf() -> None:
     # The copy we APPEND is normalised (CRLF, orphan folds dropped): the original still matches it.
     odd = b" orphan fold\r\nFrom: a@x\rSubject: s\n\nbody"
     assert tagging.header_fingerprint(tagging.add_headers(odd, BILLING)) == tagging.header_fingerprint(odd)
+
+
+@pure
+@pytest.mark.parametrize(
+    "line",
+    [b"X-Mailtriage-Category\x00: refunds", b"\x00X-Mailtriage-Category: refunds", b"X-Mail\x00triage-Category: x",
+     b"X-Mailtriage-Category\x0b : refunds", b"X-MAILTRIAGE-CATEGORY\x7f: x", b"X-Mailtriage-Category \x00\t: x",
+     b"X-Mailtriage-Category\xc2\xa0: x", b"X-Mailtriage-Category"],
+    ids=["nul-before-colon", "nul-first", "nul-inside", "vt-space", "del", "blank-nul-tab", "nbsp", "no-colon"],
+)
+def test_names_with_nul_controls_or_blanks_are_stripped_too(line: bytes) -> None:
+    # Dovecot drops the NUL and reads a second X-Mailtriage-Category; Python's parser does not even
+    # see the field. Stripping on "is it a well-formed name" missed it; what any reader could take
+    # for ours is stripped.
+    raw = b"From: a@x\r\n" + line + b"\r\n\tfolded\r\nSubject: s\r\n\r\nbody\r\n"
+    out = tagging.add_headers(raw, BILLING)
+    assert out == b"X-Mailtriage-Category: billing\r\nX-Mailtriage-Confidence: 0.8765\r\nFrom: a@x\r\nSubject: s\r\n\r\nbody\r\n"
+
+
+@pure
+def test_every_byte_in_a_forged_name_leaves_no_category_but_ours() -> None:
+    from mailtriage.testing.smtp_fuzz import fuzz_header_names
+
+    report = fuzz_header_names()
+    assert report.inputs == 256 * 8
+    assert report.failures == []

@@ -16,9 +16,12 @@ from mailtriage.core.routing import Decision
 CATEGORY_HEADER = "X-Mailtriage-Category"
 CONFIDENCE_HEADER = "X-Mailtriage-Confidence"
 UNSURE = "unsure"
-_PREFIX = b"x-mailtriage-"
 
-_HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+# Bytes a header name may not hold (controls, space, DEL, 8-bit): removed before deciding whether a
+# field is ours, because readers disagree on them. Python's email parser ends the header at
+# "X-Mailtriage-Category\0: x" while Dovecot drops the NUL and reads a second category field.
+_NOT_NAME_BYTES = bytes(range(0x21)) + bytes(range(0x7F, 0x100))
+_OURS = b"x-mailtriage"
 _EOL = re.compile(rb"\r\n|\r|\n")
 _ATOM_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
@@ -43,15 +46,43 @@ def crlf(raw: bytes) -> bytes:
     return _EOL.sub(b"\r\n", raw)
 
 
+def _header_end(raw: bytes) -> int:
+    """Where the blank line that ends the header block starts (CRLF endings; 0: no header)."""
+    if raw.startswith(b"\r\n"):
+        return 0
+    idx = raw.find(b"\r\n\r\n")
+    return len(raw) if idx == -1 else idx
+
+
 def split_header(raw: bytes) -> tuple[bytes, bytes]:
     """(header block without its terminating blank line, rest from the blank line on) of a message
     with CRLF line endings (see ``crlf``). A message that starts with a blank line has no header."""
-    if raw.startswith(b"\r\n"):
-        return b"", raw
-    idx = raw.find(b"\r\n\r\n")
-    if idx == -1:
-        return raw, b""
-    return raw[:idx], raw[idx:]
+    end = _header_end(raw)
+    return raw[:end], raw[end:]
+
+
+def _kept_lines(header: bytes) -> list[bytes]:
+    kept: list[bytes] = []
+    dropping = True  # a continuation before any field name is an orphan
+    for line in header.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = is_mailtriage_field(line)
+        if not dropping:
+            kept.append(line)
+    return kept
+
+
+def _stripped_parts(raw: bytes) -> tuple[bytes, memoryview]:
+    # (the header block kept, the rest of the CRLF message as a view: no copy of the body)
+    raw = crlf(raw)
+    end = _header_end(raw)
+    kept = _kept_lines(raw[:end])
+    if not kept:  # nothing left of the header: the message starts with its blank line
+        return b"", memoryview(raw)[end + 2 :]
+    return b"\r\n".join(kept), memoryview(raw)[end:]
 
 
 def strip_mailtriage_headers(raw: bytes) -> bytes:
@@ -61,26 +92,26 @@ def strip_mailtriage_headers(raw: bytes) -> bytes:
     at the very top belong to no field: they are dropped too, or they would fold into the header
     we put on top.
     """
-    header, rest = split_header(crlf(raw))
-    kept: list[bytes] = []
-    dropping = True  # a continuation before any field name is an orphan
-    for line in header.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t"):
-            if not dropping:
-                kept.append(line)
-            continue
-        m = _HEADER_NAME.match(line)
-        dropping = bool(m and is_mailtriage_header(m.group(1)))
-        if not dropping:
-            kept.append(line)
-    if not kept:  # nothing left of the header: the message starts with its blank line
-        return rest[2:]
-    return b"\r\n".join(kept) + rest
+    head, rest = _stripped_parts(raw)
+    return head + rest
+
+
+def is_mailtriage_field(line: bytes) -> bool:
+    """Whether a header line (not a continuation) could be read as an X-Mailtriage-* field by any reader.
+
+    The name is everything up to the first colon (the whole line when there is none), with every
+    byte that cannot be part of a field name removed; what then starts with ``x-mailtriage`` in
+    any case is ours to strip. Stripping a strange field too many is harmless; one too few lets a
+    sender pick the folder.
+    """
+    name = line.split(b":", 1)[0].translate(None, _NOT_NAME_BYTES)
+    return name[: len(_OURS)].lower() == _OURS
 
 
 def is_mailtriage_header(name: bytes) -> bool:
-    """Whether a field name is one of ours (any X-Mailtriage-*, any case): only the daemon writes them."""
-    return name.lower().startswith(_PREFIX)
+    """Whether a field name is one of ours (any X-Mailtriage-*, any case, bytes no name may hold
+    ignored, as ``is_mailtriage_field`` reads them): only the daemon writes them."""
+    return is_mailtriage_field(name.split(b":", 1)[0])
 
 
 def category_value(decision: Decision) -> str:
@@ -94,12 +125,19 @@ def tag_fields(decision: Decision) -> list[tuple[str, str]]:
     return [(CATEGORY_HEADER, safe_atom(category_value(decision))), (CONFIDENCE_HEADER, f"{decision.confidence:.4f}")]
 
 
+def tagged_parts(raw: bytes, decision: Decision) -> tuple[bytes, memoryview]:
+    """``add_headers`` in two pieces, (new header block, the rest of ``raw`` as a view), so that a
+    large message is sent on without a second copy of its body in memory."""
+    head, rest = _stripped_parts(raw)
+    top = "".join(f"{name}: {value}\r\n" for name, value in tag_fields(decision)).encode()
+    return top + head, rest  # with no header of its own, rest starts with the blank line
+
+
 def add_headers(raw: bytes, decision: Decision) -> bytes:
     """The message (CRLF line endings) with X-Mailtriage-Category/-Confidence on top, each ending in
     CRLF, and any sender-supplied ones removed."""
-    clean = strip_mailtriage_headers(raw)
-    top = "".join(f"{name}: {value}\r\n" for name, value in tag_fields(decision)).encode()
-    return top + clean  # with no header of its own, clean starts with the blank line
+    head, rest = tagged_parts(raw, decision)
+    return head + rest
 
 
 def header_fingerprint(raw_or_header: bytes) -> str:

@@ -20,19 +20,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import smtplib
 import socket
+import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AnyStr
 
 import structlog
-from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
 from mailtriage.service import metrics
-from mailtriage.core.tagging import add_headers, category_value
+from mailtriage.core.tagging import category_value, tagged_parts
 from mailtriage.core.classifier import Prediction
 from mailtriage.config import Config
 from mailtriage.errors import ConfigError
@@ -51,16 +53,26 @@ RecordFn = Callable[[str, Decision, str], None]  # (message key, decision, model
 # bounding what one transaction holds in memory (aiosmtpd buffers the whole message).
 DATA_SIZE_LIMIT = 50 * 1024 * 1024
 NEXT_HOP_TIMEOUT = 60.0  # seconds per next-hop command; a wedged next hop becomes a 451
-# The reply to the message's final dot: RFC 5321 §4.5.3.2.6 asks for 10 minutes. A 451 after the next
-# hop has queued the message would make the sender retry and deliver it twice, so wait long here
-# (the upstream Postfix waits smtp_data_done_timeout, 1200 s in the README's master.cf).
+# The reply to the message's final dot. A 451 after the next hop has queued the message would make
+# the sender retry and deliver it twice, so wait long here; but all of classify + relay must end
+# before the sender's own wait for our reply (RFC 5321 §4.5.3.2.6: 10 minutes), which
+# RELAY_TIMEOUT (``[smtp] relay_timeout``) bounds as a whole.
 DATA_DONE_TIMEOUT = 600.0
+RELAY_TIMEOUT = 300.0
 CLOSE_GRACE = 10.0  # seconds a shutdown waits for messages being relayed before dropping them
+# A session that has made no mail progress (MAIL, RCPT, message bytes) for this long gives up its
+# place when the server is full and a new client connects: idle sessions cannot lock real mail out.
+EVICT_AFTER = 5.0
+# Messages up to this size are held in memory while they arrive; larger ones go to a temporary
+# file, read back as one bytes object once complete: no list of lines, no second copy.
+SPOOL_AT = 1024 * 1024
+_SEND_CHUNK = 1024 * 1024
 _HEADER_ALLOWANCE = 256  # bytes our two headers add at most; added to a forwarded SIZE=
 _MAX_REPLY_TEXT = 400
 _LINE_BREAK = re.compile(rb"[\r\n]")
 
 TEMPFAIL = "451 4.3.0 mailtriage: {why}; try again later"
+NO_ROOM = "452 4.3.1 mailtriage: too many message bytes in flight; try again later"
 NEEDS_SMTPUTF8 = "553 5.6.7 mailtriage: a non-ASCII address needs MAIL FROM:<...> SMTPUTF8"
 
 
@@ -119,18 +131,36 @@ class NextHop:
 
 
 class NextHopTransaction:
-    """One connection to the next hop over smtplib (blocking: call it from a worker thread)."""
+    """One connection to the next hop over smtplib (blocking: call it from a worker thread).
 
-    def __init__(self, hop: NextHop) -> None:
+    ``deadline`` (``time.monotonic()``) bounds the whole transaction: every wait is cut to what is
+    left of it, so the sender hears from us before its own timeout.
+    """
+
+    def __init__(self, hop: NextHop, deadline: float | None = None) -> None:
         self.hop = hop
+        self.deadline = deadline
         self._smtp: smtplib.SMTP | None = None
+
+    def _timeout(self, wanted: float, stage: str) -> float:
+        if self.deadline is None:
+            return wanted
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise NextHopFailure(None, "out of time for the next hop (smtp.relay_timeout)", stage)
+        return min(wanted, left)
 
     def mail(self, sender: str, options: Sequence[str]) -> None:
         try:
-            smtp = smtplib.SMTP(self.hop.host, self.hop.port, self.hop.local_hostname, timeout=self.hop.timeout)
+            smtp = smtplib.SMTP(
+                self.hop.host, self.hop.port, self.hop.local_hostname, timeout=self._timeout(self.hop.timeout, "MAIL")
+            )
             self._smtp = smtp
             smtp.ehlo_or_helo_if_needed()
+            self._set_timeout(self.hop.timeout, "MAIL")
             code, msg = smtp.mail(sender, forward_mail_options(options, smtp.has_extn))
+        except NextHopFailure:
+            raise
         except smtplib.SMTPResponseException as exc:
             raise NextHopFailure(exc.smtp_code, reply_text(exc.smtp_error), "MAIL") from exc
         except Exception as exc:  # noqa: BLE001 - refused, unreachable, or an address smtplib cannot encode
@@ -138,17 +168,38 @@ class NextHopTransaction:
         if code != 250:
             raise NextHopFailure(code, reply_text(msg), "MAIL")
 
+    def _set_timeout(self, wanted: float, stage: str) -> None:
+        if self._smtp is not None and self._smtp.sock is not None:
+            self._smtp.sock.settimeout(self._timeout(wanted, stage))
+
     def rcpt(self, recipient: str) -> None:
-        code, msg = self._call(lambda smtp: smtp.rcpt(recipient), "RCPT")
+        def rcpt(smtp: smtplib.SMTP) -> tuple[int, bytes]:
+            self._set_timeout(self.hop.timeout, "RCPT")
+            return smtp.rcpt(recipient)
+
+        code, msg = self._call(rcpt, "RCPT")
         if code not in (250, 251):
             raise NextHopFailure(code, reply_text(msg), "RCPT")
 
-    def data(self, message: bytes) -> str:
-        """Send the message; returns the next hop's 250 text (it usually names its queue id)."""
+    def data(self, message: bytes | Sequence[bytes | memoryview]) -> str:
+        """Send the message (bytes, or pieces sent one after the other with no copy of the whole);
+        returns the next hop's 250 text (it usually names its queue id)."""
+        parts = [message] if isinstance(message, (bytes, bytearray, memoryview)) else list(message)
+
         def send(smtp: smtplib.SMTP) -> tuple[int, bytes]:
-            if smtp.sock is not None:  # the final reply may take long (RFC 5321 §4.5.3.2.6: 10 min)
-                smtp.sock.settimeout(max(self.hop.timeout, self.hop.data_timeout))
-            return smtp.data(message)
+            self._set_timeout(self.hop.timeout, "DATA")
+            code, repl = smtp.docmd("DATA")
+            if code != 354:
+                raise smtplib.SMTPDataError(code, repl)
+            # sendall's timeout bounds the whole call (Python >= 3.5): a next hop that reads slowly
+            # cannot stretch the transaction past the deadline.
+            self._set_timeout(self.hop.data_timeout, "DATA")
+            for chunk in data_stream(parts):
+                smtp.send(chunk)
+            # The reply to the final dot may take long (RFC 5321 §4.5.3.2.6): up to data_timeout,
+            # within what is left of the deadline.
+            self._set_timeout(max(self.hop.timeout, self.hop.data_timeout), "DATA")
+            return smtp.getreply()
 
         code, msg = self._call(send, "DATA")
         if code != 250:
@@ -160,6 +211,8 @@ class NextHopTransaction:
             raise NextHopFailure(None, "the connection to the next hop is closed", stage)
         try:
             return op(self._smtp)
+        except NextHopFailure:
+            raise
         except smtplib.SMTPResponseException as exc:  # e.g. SMTPDataError: DATA refused
             raise NextHopFailure(exc.smtp_code, reply_text(exc.smtp_error), stage) from exc
         except Exception as exc:  # noqa: BLE001 - whatever it was, the next hop did not accept
@@ -170,9 +223,37 @@ class NextHopTransaction:
         if smtp is None:
             return
         try:
+            if smtp.sock is not None:
+                smtp.sock.settimeout(min(self.hop.timeout, 10.0))  # QUIT is a courtesy: never wait long
             smtp.quit()  # an unfinished transaction is abandoned: the next hop discards it
         except (OSError, smtplib.SMTPException):
             smtp.close()
+
+
+_LINE_START_DOT = re.compile(rb"(?m)^\.")
+
+
+def data_stream(parts: Sequence[bytes | memoryview], chunk_size: int = _SEND_CHUNK) -> Iterator[bytes]:
+    """The DATA bytes for a CRLF message given in pieces: dot-stuffed, ending in CRLF "." CRLF,
+    at most ``chunk_size`` bytes of the message copied at a time (smtplib's ``data`` makes three
+    copies of the whole message)."""
+    tail = b""  # the last two bytes so far: a chunk may end between CR and LF, or mid-line
+    for part in parts:
+        view = memoryview(part)
+        for i in range(0, len(view), chunk_size):
+            chunk = bytes(view[i : i + chunk_size])
+            yield _dot_stuffed(chunk, at_line_start=tail == b"" or tail.endswith(b"\n"))
+            tail = (tail + chunk[-2:])[-2:]
+    yield (b"" if tail == b"\r\n" else b"\r\n") + b".\r\n"
+
+
+
+def _dot_stuffed(chunk: bytes, at_line_start: bool) -> bytes:
+    # RFC 5321 §4.5.2 for one piece of a CRLF message; the piece may start mid-line.
+    out = _LINE_START_DOT.sub(b"..", chunk)
+    if not at_line_start and chunk[:1] == b".":
+        out = out[1:]
+    return out
 
 
 def check_recipient(hop: NextHop, sender: str, options: Sequence[str], recipient: str) -> None:
@@ -188,14 +269,21 @@ def check_recipient(hop: NextHop, sender: str, options: Sequence[str], recipient
         tx.close()
 
 
-def deliver(hop: NextHop, sender: str, options: Sequence[str], recipients: Sequence[str], message: bytes) -> str:
+def deliver(
+    hop: NextHop,
+    sender: str,
+    options: Sequence[str],
+    recipients: Sequence[str],
+    message: bytes | Sequence[bytes | memoryview],
+    deadline: float | None = None,
+) -> str:
     """Relay the complete message on a new connection (blocking); returns the next hop's 250 text.
 
     A recipient refused now, after the next hop accepted it at RCPT, aborts the transaction before
     DATA (nothing delivered to anyone) with a temporary failure: one reply to DATA cannot refuse
     one recipient, and the retry's RCPT check will carry the next hop's verdict for it.
     """
-    tx = NextHopTransaction(hop)
+    tx = NextHopTransaction(hop, deadline)
     try:
         tx.mail(sender, options)
         for recipient in recipients:
@@ -213,12 +301,16 @@ def deliver(hop: NextHop, sender: str, options: Sequence[str], recipients: Seque
 class ContentFilter:
     """aiosmtpd handler for ONE client connection: checks recipients, relays complete messages."""
 
-    def __init__(self, config: Config, classify: ClassifyAsync, hop: NextHop, record: RecordFn | None = None) -> None:
+    def __init__(
+        self, config: Config, classify: ClassifyAsync, hop: NextHop, record: RecordFn | None = None,
+        relay_timeout: float = RELAY_TIMEOUT,
+    ) -> None:
         self.config = config
         self.classify = classify
         self.hop = hop
         self.record = record  # StateDB.record_relayed: the decision into the state DB, for stats/corrections
-        self.busy = False  # relaying a message right now (shutdown waits for it)
+        self.relay_timeout = relay_timeout
+        self.busy = False  # classifying or relaying a message right now (no timeout ends the session)
 
     # -- envelope: nothing is held open at the next hop -----------------------------------
 
@@ -259,23 +351,30 @@ class ContentFilter:
             return "503 5.5.1 Error: need MAIL and RCPT"
         self.busy = True
         started = time.monotonic()
+        # Everything from here to our reply fits in relay_timeout, well inside the sender's own
+        # 10 minutes (RFC 5321 §4.5.3.2.6): a sender that gave up would retry and duplicate.
+        deadline = started + self.relay_timeout
         raw = _content_bytes(envelope)
         bound = log.bind(peer=_peer(session), recipients=len(recipients), size=len(raw))
         try:
             try:
                 text, key = await asyncio.to_thread(_prepare, raw)
                 bound = bound.bind(message=key)
-                predictions, version = await self.classify([text])
+                predictions, version = await asyncio.wait_for(self.classify([text]), deadline - time.monotonic())
                 decision = decide(
                     predictions[0], self.config.model.threshold, self.config.categories, self.config.unsure_folder
                 )
-                tagged = await asyncio.to_thread(add_headers, raw, decision)
+                tagged = await asyncio.to_thread(tagged_parts, raw, decision)
             except Exception as exc:  # noqa: BLE001 - the sender keeps the message and retries
-                bound.error("smtp_classify_failed", error=str(exc), error_type=type(exc).__name__, exc_info=True)
+                bound.error("smtp_classify_failed", error=str(exc) or type(exc).__name__,
+                            error_type=type(exc).__name__, exc_info=not isinstance(exc, TimeoutError))
                 return TEMPFAIL.format(why="could not classify the message")
+            if _client_gone(server):  # the client left: relaying now would make its retry a duplicate
+                bound.warning("smtp_client_gone_before_relay")
+                return TEMPFAIL.format(why="client gone")
             try:
                 queued = await asyncio.to_thread(
-                    deliver, self.hop, sender, list(envelope.mail_options), recipients, tagged
+                    deliver, self.hop, sender, list(envelope.mail_options), recipients, tagged, deadline
                 )
             except NextHopFailure as failure:
                 metrics.MESSAGES.labels(category=decision.label, outcome="failed").inc()
@@ -299,6 +398,7 @@ class ContentFilter:
             model=version,
             next_hop=str(self.hop),
             next_hop_reply=queued,
+            client_gone=_client_gone(server),
         )
         return f"250 2.0.0 OK relayed as {reply_text(category_value(decision))}"
 
@@ -306,6 +406,10 @@ class ContentFilter:
         # aiosmtpd would answer a permanent 500: a content filter must make the sender retry.
         _note_handler_error(error)
         return TEMPFAIL.format(why="internal error")
+
+
+def _client_gone(server: SMTP) -> bool:
+    return server.transport is None or bool(getattr(server, "gone", False))
 
 
 def _utf8_allowed(address: str, mail_options: Sequence[str]) -> bool:
@@ -335,13 +439,83 @@ def _peer(session: Session) -> str:
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
 
 
+class _Budget:
+    """Message bytes in flight across all sessions (received, being classified or relayed)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def spent(self, more: int = 0) -> bool:
+        return self.used + max(more, 1) > self.limit
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used = max(0, self.used - n)
+
+
+def default_bytes_in_flight(max_message_size: int, max_connections: int) -> int:
+    """``[smtp] max_bytes_in_flight = 0``: a quarter of the host's memory, at least one message of
+    the largest size, at most every connection with one. A message costs about its size once in
+    memory while it is classified and relayed (larger ones arrive into a temporary file)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 4 * 1024**3
+    return max(max_message_size, min(max_connections * max_message_size, memory // 4))
+
+
+class _Spool:
+    """One message as it arrives: in memory up to SPOOL_AT bytes, then in an unlinked temporary file."""
+
+    def __init__(self, spool_dir: str | None) -> None:
+        self._dir = spool_dir
+        self._mem = bytearray()
+        self._file: Any = None
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self._file is None and len(self._mem) + len(data) <= SPOOL_AT:
+            self._mem += data
+            return
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(dir=self._dir, buffering=256 * 1024)  # 0600, no name
+            self._file.write(self._mem)
+            self._mem = bytearray()
+        self._file.write(data)
+
+    def read(self) -> bytes:
+        """The whole message as one bytes object (read back from the file in one allocation)."""
+        if self._file is None:
+            return bytes(self._mem)
+        self._file.flush()
+        self._file.seek(0)
+        return bytes(self._file.read())
+
+    def close(self) -> None:
+        self._mem = bytearray()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class _FilterSMTP(SMTP):
     """aiosmtpd's protocol with the content filter's limits.
 
-    Bounds what idle or hostile clients can hold (issue 8 item 6): beyond ``max_connections`` a
-    connection is answered 421 and closed before any session exists; a session ends with 421
-    after ``session_lifetime`` seconds whatever it sends (NOOP resets only the idle timeout), but
-    a message being relayed at that moment is finished first.
+    Bounds what idle or hostile clients can hold: beyond ``max_connections`` a new connection takes
+    the place of the session that has made no mail progress for longest (at least EVICT_AFTER s;
+    it is told 421), else it is answered 421 and closed before any session exists. Only mail
+    progress (MAIL or RCPT accepted, message bytes arriving) restarts the idle timeout; NOOP,
+    RSET, HELO and the like do not. No timeout ends a session while its message is classified
+    or relayed; a session ends with 421 after ``session_lifetime`` seconds whatever it sends,
+    but a message being relayed at that moment is finished first. Message bytes in flight across
+    sessions are bounded by ``budget``: beyond it MAIL and DATA get 452.
     """
 
     def __init__(
@@ -351,45 +525,230 @@ class _FilterSMTP(SMTP):
         *,
         max_connections: int,
         session_lifetime: float,
+        budget: _Budget,
+        evict_after: float = EVICT_AFTER,
+        spool_dir: str | None = None,
+        on_orphan: Callable[[asyncio.Future[Any]], None] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self._registry = registry
         self._max_connections = max_connections
         self._session_lifetime = session_lifetime
+        self._budget = budget
+        self._evict_after = evict_after
+        self._spool_dir = spool_dir
+        self._on_orphan = on_orphan
         self._lifetime_handle: asyncio.TimerHandle | None = None
         self._refused = False
+        self._last_progress = self.loop.time()
+        self._in_command = False  # a RCPT being checked with the next hop, a message arriving
+        self.gone = False  # the client hung up (EOF or connection lost)
+
+    # -- who gets a place --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is None and len(self._registry) >= self._max_connections:
-            self._refused = True
-            _note_refused(len(self._registry))
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(b"421 4.7.0 mailtriage: too many connections; try again later\r\n")
-            transport.close()
-            return
+            victim = self._idlest()
+            if victim is None:
+                self._refused = True
+                _note_refused(len(self._registry))
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(b"421 4.7.0 mailtriage: too many connections; try again later\r\n")
+                transport.close()
+                return
+            victim._close_with(b"421 4.7.0 mailtriage: idle session closed to serve another client",
+                               "smtp_idle_evicted", held=len(self._registry))
         self._registry.add(self)
+        self._last_progress = self.loop.time()
         super().connection_made(transport)
         if self._lifetime_handle is None:
             self._lifetime_handle = self.loop.call_later(self._session_lifetime, self._lifetime_over)
 
+    def _idle_for(self, now: float) -> float:
+        if self.event_handler.busy or self._in_command or self.transport is None:
+            return -1.0
+        return now - self._last_progress
+
+    def _idlest(self) -> _FilterSMTP | None:
+        now = self.loop.time()
+        best = max(self._registry, key=lambda c: c._idle_for(now), default=None)
+        if best is None or best._idle_for(now) < self._evict_after:
+            return None
+        return best
+
+    def _close_with(self, reply: bytes, event: str, **fields: Any) -> None:
+        self._registry.discard(self)  # its place is free now, not when the close completes
+        transport = self.transport
+        if transport is None:
+            return
+        log.info(event, peer=_peer(self.session) if self.session else "?",
+                 idle_s=round(self.loop.time() - self._last_progress, 1), **fields)
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.write(reply + b"\r\n")
+        transport.close()
+
+    # -- idle means no mail progress ----------------------------------------------------------
+
+    def _progress(self) -> None:
+        self._last_progress = self.loop.time()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd restarts its idle timer before every command, NOOP included: 100 clients sending
+        # NOOP every 20 s held every place forever. The timer starts once; _timeout_cb measures
+        # from the last mail progress.
+        if self._timeout_handle is None:
+            self._timeout_handle = self.loop.call_later(duration or self._timeout_duration, self._timeout_cb)
+
+    def _timeout_cb(self) -> None:
+        if self.transport is None:
+            return
+        now = self.loop.time()
+        if self.event_handler.busy:
+            # Classifying or relaying: the sender waits for our reply; cutting it off would make
+            # it retry a message the next hop may have queued (a duplicate). relay_timeout bounds it.
+            wait = self._timeout_duration
+        else:
+            wait = self._last_progress + self._timeout_duration - now
+        if wait > 0:
+            self._timeout_handle = self.loop.call_later(wait, self._timeout_cb)
+            return
+        self._close_with(b"421 4.4.2 mailtriage: idle too long; closing", "smtp_idle_timeout")
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if self._budget.spent(_declared_size(arg)):
+            # RFC 1870: 452 for a temporary lack of room; the sender retries later.
+            await self.push(NO_ROOM)
+            return
+        assert self.envelope is not None
+        before = self.envelope.mail_from
+        await super().smtp_MAIL(arg)
+        if self.envelope is not None and before is None and self.envelope.mail_from is not None:
+            self._progress()
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        assert self.envelope is not None
+        before = len(self.envelope.rcpt_tos)
+        self._in_command = True
+        try:
+            await super().smtp_RCPT(arg)
+        finally:
+            self._in_command = False
+        if self.envelope is not None and len(self.envelope.rcpt_tos) > before:
+            self._progress()
+
+    # -- the message ------------------------------------------------------------------------
+
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
-        # Lines longer than RFC 5321's 1,000 octets are accepted in DATA (issue 8 item 8): the RFC
-        # (§4.5.3.1.6) binds senders, and §4.5.3.1 asks receivers to impose no such limit where
-        # they can; aiosmtpd answered a permanent "500 Line too long" and the sender bounced the
-        # mail. Only the message size limit holds: aiosmtpd's line limit doubles as its stream
-        # reader's buffer limit, so both are raised to it for DATA and restored for commands
-        # (a command line stays limited to 512 octets, RFC 5321 §4.5.3.1.4). A single line longer
-        # than the whole size limit still gets aiosmtpd's 500: that message can never fit.
-        data_limit = (self.data_size_limit or DATA_SIZE_LIMIT) + 1
-        reader: Any = self._reader
-        self.line_length_limit, reader._limit = data_limit, data_limit  # noqa: SLF001 - see above
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        if self._budget.spent():
+            await self.push(NO_ROOM)
+            return
+        self._in_command = True
+        spool = _Spool(self._spool_dir)
+        taken = 0
         try:
-            await super().smtp_DATA(arg)
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            verdict = await self._receive(spool)
+            taken = spool.size
+            if verdict is not None:
+                spool.close()
+                self._set_post_data_state()
+                await self.push(verdict)
+                return
+            raw = await asyncio.to_thread(spool.read)
+            spool.close()
+            self.envelope.content = self.envelope.original_content = raw
+            del raw
+            self._progress()
+            # The handler runs as a task of its own: a client that leaves now (connection lost
+            # cancels this coroutine) does not stop a relay already under way half-way, and what
+            # it delivers is still recorded and logged.
+            work = asyncio.ensure_future(self._call_handler_hook("DATA"))
+            try:
+                status = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                if not work.done():
+                    budget, held = self._budget, taken
+                    taken = 0
+                    work.add_done_callback(lambda _f: budget.give(held))
+                    if self._on_orphan is not None:
+                        self._on_orphan(work)
+                raise
         finally:
-            del self.line_length_limit  # back to the class attribute
+            spool.close()
+            self._budget.give(taken)
+            self._in_command = False
+        self._set_post_data_state()
+        self._progress()
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _receive(self, spool: _Spool) -> str | None:
+        """Read the message up to the lone dot into ``spool``: CRLF line endings (a bare CR or LF
+        becomes CRLF here, once), dot-stuffing undone. Returns the error reply, or None."""
+        # Lines longer than RFC 5321's 1,000 octets are accepted in DATA: the RFC (§4.5.3.1.6)
+        # binds senders, and §4.5.3.1 asks receivers to impose no such limit where they can. Only
+        # the message size limit holds; the stream reader's buffer limit is raised to it for DATA
+        # and restored for commands (a command line stays limited to 512 octets, §4.5.3.1.4).
+        limit = self.data_size_limit or DATA_SIZE_LIMIT
+        reader: Any = self._reader
+        reader._limit = limit + 1  # noqa: SLF001 - see above
+        too_long = too_much = no_room = False
+        size = 0
+        try:
+            while self.transport is not None:
+                try:
+                    line: bytes = await reader.readuntil(b"\r\n")
+                except asyncio.LimitOverrunError as exc:
+                    too_long = True  # longer than the whole size limit: that message can never fit
+                    await reader.read(exc.consumed)
+                    continue
+                self._progress()  # bytes are arriving: not idle, however long the message takes
+                if line == b".\r\n":
+                    break
+                if too_long:
+                    continue
+                size += len(line)
+                if size > limit:
+                    too_much = True
+                if too_much or no_room:
+                    continue
+                if line[:1] == b".":
+                    line = line[1:]
+                body = line[:-2]
+                if b"\r" in body or b"\n" in body:
+                    line = _BARE_EOL.sub(b"\r\n", body) + b"\r\n"
+                if not self._budget.take(len(line)):
+                    # Out of room: give back what this message holds at once, so that the other
+                    # messages arriving now can finish instead of all failing together.
+                    no_room = True
+                    self._budget.give(spool.size)
+                    spool.close()
+                    spool.size = 0
+                    continue
+                spool.write(line)
+        finally:
             reader._limit = SMTP.line_length_limit
+        if too_long:
+            return "500 Line too long (see RFC5321 4.5.3.1.6)"
+        if too_much:
+            return "552 Error: Too much mail data"
+        if no_room:
+            return NO_ROOM
+        return None
+
+    # -- replies and addresses ----------------------------------------------------------------
 
     async def push(self, status: AnyStr) -> None:
         # aiosmtpd echoes client text in some replies ("502 Could not VRFY ...", unknown commands).
@@ -404,7 +763,7 @@ class _FilterSMTP(SMTP):
         # for None. Its parser raises IndexError on "MAIL FROM:<" (a 451 and a traceback before):
         # that is a 501 now. An address with NUL or other control characters, or with bytes that
         # are not UTF-8 (surrogateescape leaves lone surrogates), gets the 553 instead of being
-        # forwarded or failing at the next hop with a 451 (issue 8 item 8).
+        # forwarded or failing at the next hop with a 451.
         try:
             address, rest = super()._getaddr(arg)
         except Exception:  # noqa: BLE001 - any parser failure is the client's syntax error
@@ -420,13 +779,15 @@ class _FilterSMTP(SMTP):
         if self.event_handler.busy:  # never cut a relay short: look again in a moment
             self._lifetime_handle = self.loop.call_later(1.0, self._lifetime_over)
             return
-        log.info("smtp_session_lifetime_over", peer=_peer(self.session), lifetime=self._session_lifetime)
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport):
-            transport.write(b"421 4.4.2 mailtriage: session lifetime over; closing\r\n")
-        transport.close()
+        self._close_with(b"421 4.4.2 mailtriage: session lifetime over; closing", "smtp_session_lifetime_over",
+                         lifetime=self._session_lifetime)
+
+    def eof_received(self) -> bool | None:
+        self.gone = True
+        return super().eof_received()
 
     def connection_lost(self, error: Exception | None) -> None:
+        self.gone = True
         if self._refused:
             return  # no session was ever started for it
         self._registry.discard(self)
@@ -434,6 +795,15 @@ class _FilterSMTP(SMTP):
             self._lifetime_handle.cancel()
             self._lifetime_handle = None
         super().connection_lost(error)
+
+
+_BARE_EOL = re.compile(rb"\r\n|\r|\n")
+_SIZE_PARAM = re.compile(r"\bSIZE=(\d{1,20})\b", re.IGNORECASE)
+
+
+def _declared_size(arg: str | None) -> int:
+    match = _SIZE_PARAM.search(arg or "")
+    return int(match.group(1)) if match else 0
 
 
 def _acceptable_address(address: str) -> bool:
@@ -484,6 +854,10 @@ class SmtpFilter:
         idle_timeout: float | None = None,
         session_lifetime: float | None = None,
         record: RecordFn | None = None,
+        relay_timeout: float | None = None,
+        max_bytes_in_flight: int | None = None,
+        evict_after: float = EVICT_AFTER,
+        spool_dir: str | None = None,
     ) -> None:
         smtp = config.smtp
         self.config = config
@@ -497,8 +871,16 @@ class SmtpFilter:
         self.max_connections = max_connections if max_connections is not None else smtp.max_connections
         self.idle_timeout = idle_timeout if idle_timeout is not None else smtp.idle_timeout
         self.session_lifetime = session_lifetime if session_lifetime is not None else smtp.session_lifetime
+        self.relay_timeout = relay_timeout if relay_timeout is not None else smtp.relay_timeout
+        budget = max_bytes_in_flight if max_bytes_in_flight is not None else smtp.max_bytes_in_flight
+        if not budget:
+            budget = default_bytes_in_flight(data_size_limit, self.max_connections)
+        self.budget = _Budget(budget)
+        self.evict_after = evict_after
+        self.spool_dir = spool_dir  # None: the system's temporary directory (TMPDIR)
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_FilterSMTP] = set()
+        self._orphans: set[asyncio.Future[Any]] = set()  # relays whose client left before the reply
 
     async def start(self) -> None:
         """Listen; raises ConfigError when the address cannot be bound. ``port`` 0 picks a free one."""
@@ -515,12 +897,20 @@ class SmtpFilter:
             self.next_hop = NextHop(smtp.next_hop_host, smtp.next_hop_port, local_hostname=self.hostname)
         hop, hostname = self.next_hop, self.hostname
 
+        def orphan(work: asyncio.Future[Any]) -> None:
+            self._orphans.add(work)
+            work.add_done_callback(self._orphans.discard)
+
         def factory() -> _FilterSMTP:
             return _FilterSMTP(
-                ContentFilter(self.config, self.classify, hop, self.record),
+                ContentFilter(self.config, self.classify, hop, self.record, relay_timeout=self.relay_timeout),
                 self._connections,
                 max_connections=self.max_connections,
                 session_lifetime=self.session_lifetime,
+                budget=self.budget,
+                evict_after=self.evict_after,
+                spool_dir=self.spool_dir,
+                on_orphan=orphan,
                 timeout=self.idle_timeout,
                 data_size_limit=self.data_size_limit,
                 enable_SMTPUTF8=True,
@@ -539,7 +929,8 @@ class SmtpFilter:
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("smtp_filter_started", listen=f"{self.host}:{self.port}", next_hop=str(hop),
                  data_size_limit=self.data_size_limit, max_connections=self.max_connections,
-                 idle_timeout=self.idle_timeout, session_lifetime=self.session_lifetime)
+                 idle_timeout=self.idle_timeout, session_lifetime=self.session_lifetime,
+                 relay_timeout=self.relay_timeout, max_bytes_in_flight=self.budget.limit)
 
     async def close(self, grace: float = CLOSE_GRACE) -> None:
         """Stop listening, let messages being relayed finish (up to ``grace`` s), drop the rest.
@@ -555,6 +946,14 @@ class SmtpFilter:
         for conn in list(self._connections):
             if conn.transport is not None:
                 conn.transport.close()
+        await asyncio.sleep(0)  # let connection_lost hand the relays under way over to _orphans
+        if self._orphans:
+            # Already sending to the next hop: let it answer (relay_timeout bounds it) so that what
+            # it queued is recorded and logged, not left to a thread nobody waits for.
+            left = max(0.0, deadline - time.monotonic())
+            _done, pending = await asyncio.wait(set(self._orphans), timeout=left)
+            if pending:
+                log.warning("smtp_relays_abandoned_at_shutdown", count=len(pending))
         await self._server.wait_closed()
         self._server = None
         await asyncio.sleep(0)  # let connection_lost callbacks run
@@ -567,6 +966,9 @@ async def start_smtp_filter(service: Service) -> Callable[[], Awaitable[None]]:
     server = SmtpFilter(
         service.config, service.classify_async, data_size_limit=service.config.smtp.max_message_size,
         record=state.record_relayed if state is not None else None,
+        # Large messages arrive into a file beside the state database: on disk, private to the
+        # service, unlike a /tmp that may be a tmpfs (memory).
+        spool_dir=os.path.dirname(os.path.abspath(service.config.state_path)),
     )
     await server.start()
     return server.close

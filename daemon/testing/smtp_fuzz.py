@@ -35,6 +35,8 @@ _FORGERY = [
     b"X-Mailtriage-Category: refunds", b"x-mailtriage-confidence: 1.0", b"X-MAILTRIAGE-Category : unsure",
     b" folded", b"\tfolded", b"\r\n", b"\n", b"\r", b"\r\n\r\n", b"\n\n", b"\r\r\n", b".", b"\r.\r\n",
     b"\n.\r\n", b"MAIL FROM:<evil@example.com>", b"\x00", b"\xff",
+    b"X-Mailtriage-Category\x00: refunds", b"\x00X-Mailtriage-Category: refunds", b"X-Mailtriage-Category\x7f: x",
+    b"X-Mailtriage-Category\x0b\x00 : refunds", b"X-Mailtriage-Category\xa0: refunds",
 ]
 
 
@@ -101,7 +103,76 @@ def tagged_problems(tagged: bytes) -> list[str]:
     fields = [k for k in msg.keys() if k.lower().startswith("x-mailtriage-")]
     if sorted(f.lower() for f in fields) != ["x-mailtriage-category", "x-mailtriage-confidence"]:
         problems.append(f"X-Mailtriage-* fields {fields}")
+    return problems + category_readings(tagged)
+
+
+# -- header names with every byte ----------------------------------------------------------------
+
+_NAME = b"X-Mailtriage-Category"
+# Where a byte goes into the forged name: before it, inside the prefix, inside the rest, just before
+# the colon, in place of a hyphen, after the colon.
+_NAME_SPOTS = (0, 2, 6, 14, len(_NAME))
+
+
+def forged_names() -> Iterator[tuple[str, bytes]]:
+    """(label, header line) for every byte 0-255 at every spot of a forged category field's name."""
+    for byte in range(256):
+        b = bytes([byte])
+        for at in _NAME_SPOTS:
+            yield f"byte {byte:#04x} at {at}", _NAME[:at] + b + _NAME[at:] + b": refunds"
+        yield f"byte {byte:#04x} for '-'", _NAME.replace(b"-", b, 1) + b": refunds"
+        yield f"byte {byte:#04x} doubled before ':'", _NAME + b + b + b": refunds"
+        yield f"byte {byte:#04x} after ':'", _NAME + b":" + b + b"refunds"
+
+
+def naive_fields(header: bytes, drop: bytes) -> list[tuple[bytes, bytes]]:
+    """(name, value) as a reader that takes the name up to the colon with the ``drop`` bytes removed
+    and blanks around it trimmed (Dovecot's reading drops NUL), with folded lines unfolded."""
+    fields: list[tuple[bytes, bytes]] = []
+    for line in header.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, value + line)
+        elif b":" in line:
+            name, value = line.split(b":", 1)
+            fields.append((name.translate(None, drop).strip(b" \t"), value.strip()))
+    return fields
+
+
+def category_readings(tagged: bytes) -> list[str]:
+    """What is wrong with a tagged message's X-Mailtriage-Category as each kind of reader sees it:
+    each must find exactly one, the one on the first line (ours)."""
+    problems = []
+    header, _rest = split_header(tagged)
+    ours = header.split(b"\r\n", 1)[0].partition(b": ")[2]
+    for policy in (email.policy.compat32, email.policy.default):
+        try:
+            msg = email.message_from_bytes(header + b"\r\n\r\n", policy=policy)
+            found = [str(v) for v in (msg.get_all(_NAME.decode()) or [])]
+        except RecursionError:  # the stdlib's modern header parser on some hostile values
+            continue
+        if found != [ours.decode("ascii", "replace")]:
+            problems.append(f"email parser ({type(policy).__name__}) reads categories {found}")
+    controls = bytes(range(0x20)) + b"\x7f"
+    for label, drop in (("NUL dropped", b"\x00"), ("controls dropped", controls)):
+        found_b = [v for n, v in naive_fields(header, drop) if n.lower() == _NAME.lower()]
+        if found_b != [ours]:
+            problems.append(f"name up to ':' ({label}) reads categories {found_b}")
     return problems
+
+
+def fuzz_header_names() -> FuzzReport:
+    """Every byte 0-255 in every spot of a forged X-Mailtriage-Category name, through ``add_headers``:
+    no reader may find a category but ours."""
+    report = FuzzReport()
+    for label, line in forged_names():
+        report.inputs += 1
+        raw = b"From: a@example.com\r\n" + line + b"\r\nSubject: s\r\n\r\nbody\r\n"
+        for first in (False, True):  # in the middle of the header block, and as its very first line
+            msg = line + b"\r\n" + raw if first else raw
+            for problem in category_readings(add_headers(msg, _DECISION)):
+                report.fail(f"{label}{' (first line)' if first else ''}: {problem}")
+    return report
 
 
 # -- the SMTP front ----------------------------------------------------------------------------

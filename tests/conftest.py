@@ -11,3 +11,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tests.dovecot_fixtures import dovecot, dovecot_factory, imap, imap_user  # noqa: E402, F401
 from tests.models import tiny_decoder_base, tiny_encoder_base, tiny_model_dir  # noqa: E402,F401  (tiny model fixtures)
+
+import pytest  # noqa: E402
+import structlog  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults_after_each_test():  # type: ignore[no-untyped-def]
+    """A command's main() configures structlog for the process (its level filter included); reset
+    it after each test so a later test's capture_logs() sees every event at every level."""
+    yield
+    structlog.reset_defaults()

@@ -4,6 +4,7 @@
 - smtp/ never imports imap/: the two edges share only core/ (header tagging is core.tagging).
 - torch (and transformers/peft) are imported only in model/, the trainer and testing/.
 - the daemon never imports the trainer; the product never imports tests/.
+- metrics.py (the metric definitions) is a leaf: it imports nothing of mailtriage.
 Checked statically with `ast`, so an import hidden inside a function counts too.
 """
 
@@ -87,6 +88,18 @@ def test_demo_and_benchmarks_never_import_tests() -> None:
     files = sorted((ROOT / "demo").rglob("*.py")) + sorted((ROOT / "benchmarks").rglob("*.py"))
     bad = {str(p.relative_to(ROOT)): _hits(_imports(p), ("tests",)) for p in files}
     assert not {k: v for k, v in bad.items() if v}, f"use mailtriage.testing instead: {bad}"
+
+
+@pure
+def test_metrics_is_a_leaf_that_the_edges_count_into() -> None:
+    # Counting a message must not pull in the service: imap/, smtp/ and store/ import the metric
+    # definitions, which import nothing of mailtriage.
+    leaf = DAEMON / "metrics.py"
+    assert not _hits(_imports(leaf), ("mailtriage",)), f"daemon/metrics.py must stay a leaf: {_imports(leaf)}"
+    counting = {_room(p) for p in _daemon_files() if "mailtriage.metrics" in _imports(p)}
+    assert {"imap", "smtp", "store", "service"} <= counting, counting
+    old = {str(p.relative_to(ROOT)) for p in _daemon_files() if _hits(_imports(p), ("mailtriage.service.metrics",))}
+    assert not old, f"import the metrics from mailtriage.metrics: {old}"
 
 
 @pure

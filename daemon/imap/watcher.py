@@ -22,7 +22,7 @@ from mailtriage.core import tagging
 
 from mailtriage.imap import connection, preflight, recovery
 
-from mailtriage.service import metrics
+from mailtriage import metrics
 from mailtriage.core.classifier import Prediction
 from mailtriage.config import AccountConfig, Config, mailbox_id
 from mailtriage.errors import MailboxError, ModelError

@@ -22,7 +22,7 @@ from mailtriage.config import AccountConfig, Config
 from mailtriage.core.cron import crontab_trigger
 from mailtriage.errors import ConfigError
 from mailtriage.model import modeldir
-from mailtriage.service import metrics
+from mailtriage import metrics
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.asyncio import AsyncIOScheduler

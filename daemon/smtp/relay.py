@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, AnyStr
 import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
-from mailtriage.service import metrics
+from mailtriage import metrics
 from mailtriage.core.tagging import add_headers, category_value
 from mailtriage.core.classifier import Prediction
 from mailtriage.config import Config

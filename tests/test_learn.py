@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shlex
 import shutil
 import sys
 import tempfile
@@ -77,8 +78,11 @@ def _hook_command() -> str:
     python3 of the same minor version runs it with the venv's site-packages (and its editable install).
     """
     real = Path(os.path.realpath(sys.executable))
+    # Dovecot starts the hook with an empty environment: hand on a PYTHONPATH that points this
+    # interpreter at the checkout under test.
+    env = f"env PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])} " if os.environ.get("PYTHONPATH") else ""
     if os.geteuid() != 0 or all(p.stat().st_mode & 0o001 for p in real.parents):
-        return f"{sys.executable} -m mailtriage.cli.main"
+        return f"{env}{sys.executable} -m mailtriage.cli.main"
     system = shutil.which("python3.11" if sys.version_info[:2] == (3, 11) else f"python{sys.version_info[0]}.{sys.version_info[1]}",
                           path="/usr/bin:/usr/local/bin")
     if system is None:
@@ -88,7 +92,7 @@ def _hook_command() -> str:
 
     site_dir = sysconfig.get_paths()["purelib"]
     code = f"import site, sys; site.addsitedir({site_dir!r}); from mailtriage.cli.main import main; sys.exit(main())"
-    return f"{system} -c \"{code}\""
+    return f"{env}{system} -c \"{code}\""
 
 
 def _decide(state: StateDB, uid: int, raw: bytes, label: str, unsure: bool,

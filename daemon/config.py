@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mailtriage.core.cron import crontab_trigger
 from mailtriage.core.identity import login_id
 from mailtriage.core.training import SERVE_SETTINGS, TrainParams
 from mailtriage.errors import ConfigError
@@ -273,11 +274,14 @@ class TrainingConfig:
                               "mail), \"model\", \"baseline\" or \"ensemble\"")
         if not isinstance(self.refit_all, bool):
             raise ConfigError(f"training.refit_all = {self.refit_all!r}: expected true or false")
-        if self.schedule and len(self.schedule.split()) != 5:
-            raise ConfigError(
-                f"training.schedule = {self.schedule!r} is not a 5-field cron expression "
-                "(minute hour day month weekday, e.g. \"0 3 * * 0\" for Sundays 03:00); \"\" disables it"
-            )
+        if self.schedule:
+            try:  # the scheduler's own parser, so `check` refuses what `serve` would
+                crontab_trigger(self.schedule, timezone="UTC")
+            except ValueError as exc:
+                raise ConfigError(
+                    f"training.schedule = {self.schedule!r} is not a 5-field cron expression ({exc}); write "
+                    "minute hour day month weekday, e.g. \"0 3 * * 0\" for Sundays 03:00; \"\" disables it"
+                ) from exc
         if not 0.05 <= self.holdout_fraction <= 0.5:
             raise ConfigError(f"training.holdout_fraction = {self.holdout_fraction!r} (or --holdout-fraction): "
                               "allowed 0.05..0.5 (0.2 is usual)")
@@ -355,6 +359,13 @@ class Config:
                 f"milter.listen_port = {self.milter.listen_port} is also smtp.listen_port: the SMTP filter and "
                 "the milter each need their own port"
             )
+        if not Path(self.state_path).is_absolute():
+            raise ConfigError(
+                f"state_path = {self.state_path!r} is relative: it would land wherever the service happens to "
+                "start (systemd starts it in /), and `check`, `stats` and `learn` would each open another file. "
+                "Give an absolute path, e.g. \"/var/lib/mailtriage/state.sqlite3\""
+            )
+        _check_folder_case(self)
         _check_roles(self)
         _positive("retry_attempts", self.retry_attempts)
         if not self.retry_backoff > 0:
@@ -375,6 +386,25 @@ class Config:
 def mailbox_id(name: str) -> str:
     """A mailbox name as the server compares it: INBOX is case-insensitive (RFC 3501 §5.1)."""
     return "INBOX" if name.upper() == "INBOX" else name
+
+
+def _check_folder_case(config: Config) -> None:
+    """Refuse folder names that differ only in case: Exchange and Gmail treat them as one folder, so
+    a category and the unsure folder (or a watched mailbox) would silently be the same mailbox."""
+    named = [(f"categories.{n}", f) for n, f in config.categories.items()]
+    named.append(("unsure_folder", config.unsure_folder))
+    if config.quarantine_folder:
+        named.append(("quarantine_folder", config.quarantine_folder))
+    for account in config.accounts or (None,):
+        seen: dict[str, tuple[str, str]] = {}
+        watched = [(f"accounts[{account.name!r}].mailboxes", m) for m in account.mailboxes] if account else []
+        for key, folder in named + watched:
+            first = seen.setdefault(mailbox_id(folder).casefold(), (key, folder))
+            if mailbox_id(first[1]) != mailbox_id(folder):
+                raise ConfigError(
+                    f"{key} = {folder!r} and {first[0]} = {first[1]!r} differ only in case: Exchange and Gmail "
+                    "treat them as one folder. Spell the same folder the same way everywhere, or pick distinct names"
+                )
 
 
 def _check_roles(config: Config) -> None:

@@ -8,6 +8,7 @@
   (`mailtriage-train list`, `promote` and `--help` start fast; the steps import them when they run).
 - the seam to the model (``ClassifyFn``) is defined once, in core/pipeline.py; the per-message
   lifecycle (claim, retry, quarantine) is driven from imap/filing.py only.
+- metrics.py (the metric definitions) is a leaf: it imports nothing of mailtriage.
 Checked statically with `ast`, so an import hidden inside a function counts too.
 """
 
@@ -139,6 +140,18 @@ def test_the_filing_lifecycle_lives_in_one_module() -> None:
     others = {k: v for k, v in users.items() if v and k != "daemon/imap/filing.py"}
     assert not others, f"the per-message lifecycle belongs in imap/filing.py: {others}"
     assert not (DAEMON / "imap" / "recovery.py").exists(), "crash recovery is part of imap/filing.py"
+
+
+@pure
+def test_metrics_is_a_leaf_that_the_edges_count_into() -> None:
+    # Counting a message must not pull in the service: imap/, smtp/ and store/ import the metric
+    # definitions, which import nothing of mailtriage.
+    leaf = DAEMON / "metrics.py"
+    assert not _hits(_imports(leaf), ("mailtriage",)), f"daemon/metrics.py must stay a leaf: {_imports(leaf)}"
+    counting = {_room(p) for p in _daemon_files() if "mailtriage.metrics" in _imports(p)}
+    assert {"imap", "smtp", "store", "service"} <= counting, counting
+    old = {str(p.relative_to(ROOT)) for p in _daemon_files() if _hits(_imports(p), ("mailtriage.service.metrics",))}
+    assert not old, f"import the metrics from mailtriage.metrics: {old}"
 
 
 @pure

@@ -216,3 +216,35 @@ def test_keyword_action_check_agrees_with_serve(dovecot: Any, imap_user: tuple[s
         MailboxWatcher(config.accounts[0], "INBOX", config, state, lambda texts: ([], "v")).check()  # no raise
     finally:
         state.close()
+
+
+def test_check_refuses_the_state_paths_serve_refuses(tmp_path: Path) -> None:
+    """A directory, a path under a file, and a file that is not a mailtriage database: `serve` cannot
+    open any of them, and `check` once said OK to the first."""
+    import dataclasses
+
+    from mailtriage.errors import StateError
+    from mailtriage.store.state import StateDB
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "notes.txt").write_text("not a database at all\n" * 10)
+    base = dataclasses.replace(_config(tmp_path, "127.0.0.1", 1, "u", "p"), accounts=())
+    for bad, said in ((tmp_path, "is a directory"), (tmp_path / "afile" / "s.db", "which is a file"),
+                      (tmp_path / "notes.txt", "not a database")):
+        rc, lines = _run(dataclasses.replace(base, state_path=str(bad)), check_model=False)
+        line = _line(lines, "state database")
+        assert rc == 1 and line.startswith("FAIL") and said in line, "\n".join(lines)
+        with pytest.raises(StateError, match=said):  # what `serve` meets at start-up
+            StateDB(bad)
+
+
+def test_check_command_refuses_a_schedule_serve_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mailtriage.cli.main import main
+
+    conf = tmp_path / "config.toml"
+    conf.write_text(
+        f'state_path = "{tmp_path / "state.sqlite3"}"\n[training]\nschedule = "61 25 * * 9"\n'
+        '[categories]\nbilling = "Support/Billing"\nlogin = "Support/Login"\n'
+    )
+    assert main(["check", "--config", str(conf)]) == 2
+    assert "training.schedule = '61 25 * * 9'" in capsys.readouterr().err

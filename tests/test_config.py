@@ -77,6 +77,13 @@ def _with(**overrides: object) -> dict[str, object]:
         (_with(training={"learning_rate": 2.0}), r"training parameter learning_rate = 2.0: allowed 0 < lr < 1"),
         (_with(training={"schedule": "every sunday"}), r"training.schedule = 'every sunday' is not a 5-field cron"),
         (_with(training={"holdout_fraction": 0.9}), r"holdout_fraction = 0.9"),
+        # the scheduler's own parser: out-of-range fields were accepted here and refused by `serve`
+        (_with(training={"schedule": "61 25 * * 9"}), r"training.schedule = '61 25 \* \* 9' is not a 5-field cron"),
+        (_with(training={"schedule": "0 3 * * 8"}), r"day-of-week field '8'"),
+        (_with(training={"schedule": "0 3 32 * *"}), r"training.schedule = '0 3 32 \* \*'.*maximum value \(31\)"),
+        # a relative state_path lands wherever the process starts
+        (_with(state_path="state.sqlite3"), r"state_path = 'state.sqlite3' is relative.*absolute path"),
+        (_with(state_path=""), r"state_path = '' is relative"),
         # retries of refused actions (issue 8 item 2)
         (_with(retry_attempts=0), r"retry_attempts = 0: must be a positive number"),
         (_with(retry_backoff=0), r"retry_backoff = 0(.0)?: must be a positive number of seconds"),
@@ -174,6 +181,31 @@ def test_exposed_secret_file_is_read_with_a_warning(tmp_path: Path, capsys: pyte
 def test_overlapping_mailboxes_and_roles_are_refused(data: dict[str, object], expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         parse_config(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (_with(categories={"billing": "Support/Billing", "other": "support/billing"}),
+         r"categories.other = 'support/billing' and categories.billing = 'Support/Billing' differ only in case"),
+        (_with(unsure_folder="support/billing"), r"unsure_folder = 'support/billing' and categories.billing"),
+        (_with(quarantine_folder="support/unsure"), r"quarantine_folder = 'support/unsure' and unsure_folder"),
+        (_with(accounts=[{**ACCOUNT, "mailboxes": ["INBOX", "support/refunds"]}]),
+         r"accounts\['support'\].mailboxes = 'support/refunds' and categories.refunds = 'Support/Refunds'"),
+        (_with(accounts=[{**ACCOUNT, "action": "keyword", "mailboxes": ["support/billing"]}]), r"differ only in case"),
+        (_with(accounts=[{**ACCOUNT, "mailboxes": ["Support/New", "support/new"]}]), r"differ only in case"),
+    ],
+)
+def test_folder_names_differing_only_in_case_are_refused(data: dict[str, object], expected: str) -> None:
+    """Exchange and Gmail compare folder names without case: these are one folder there."""
+    with pytest.raises(ConfigError, match=expected):
+        parse_config(data)
+
+
+def test_inbox_in_any_case_and_same_folder_in_other_accounts_are_fine() -> None:
+    other = {**ACCOUNT, "name": "other", "username": "v", "mailboxes": ["inbox", "Support/New"]}
+    cfg = parse_config(_with(accounts=[{**ACCOUNT, "mailboxes": ["INBOX", "Support/New"]}, other]))
+    assert [a.mailboxes for a in cfg.accounts] == [("INBOX", "Support/New"), ("inbox", "Support/New")]
 
 
 def test_distinct_mailboxes_and_keyword_watch_of_a_category_folder_are_fine() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mailtriage.service import metrics
+from mailtriage import metrics
 from mailtriage.config import AccountConfig, Config, ModelConfig
 from mailtriage.store.corrections import Correction, FiledMessage, KeyCache, match_corrections, scan_corrections
 

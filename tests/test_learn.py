@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shlex
 import shutil
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from mailtriage.config import parse_config
 from mailtriage.core.mailtext import message_key
 from mailtriage.core.routing import Decision
 from mailtriage.store.state import StateDB
-from mailtriage.testing.dovecot import load_messages
+from mailtriage.testing.dovecot import LEARN_HOOK_ARGS, load_messages
 
 CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
 
@@ -58,9 +59,9 @@ def _hand_over(path: Path) -> None:
             os.chown(p, nobody.pw_uid, nobody.pw_gid)
 
 
-def _write_config(dir_: Path, user: str) -> Path:
+def _write_config(dir_: Path, user: str, categories: dict[str, str] = CATEGORIES) -> Path:
     conf = dir_ / "config.toml"
-    cats = "\n".join(f'{k} = "{v}"' for k, v in CATEGORIES.items())
+    cats = "\n".join(f'{k} = "{v}"' for k, v in categories.items())
     conf.write_text(
         f'state_path = "{dir_ / "state.sqlite3"}"\n[categories]\n{cats}\n'
         f'[[accounts]]\nname = "support"\nhost = "127.0.0.1"\nusername = "{user}"\n'
@@ -77,8 +78,11 @@ def _hook_command() -> str:
     python3 of the same minor version runs it with the venv's site-packages (and its editable install).
     """
     real = Path(os.path.realpath(sys.executable))
+    # Dovecot starts the hook with an empty environment: hand on a PYTHONPATH that points this
+    # interpreter at the checkout under test.
+    env = f"env PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])} " if os.environ.get("PYTHONPATH") else ""
     if os.geteuid() != 0 or all(p.stat().st_mode & 0o001 for p in real.parents):
-        return f"{sys.executable} -m mailtriage.cli.main"
+        return f"{env}{sys.executable} -m mailtriage.cli.main"
     system = shutil.which("python3.11" if sys.version_info[:2] == (3, 11) else f"python{sys.version_info[0]}.{sys.version_info[1]}",
                           path="/usr/bin:/usr/local/bin")
     if system is None:
@@ -88,12 +92,13 @@ def _hook_command() -> str:
 
     site_dir = sysconfig.get_paths()["purelib"]
     code = f"import site, sys; site.addsitedir({site_dir!r}); from mailtriage.cli.main import main; sys.exit(main())"
-    return f"{system} -c \"{code}\""
+    return f"{env}{system} -c \"{code}\""
 
 
-def _decide(state: StateDB, uid: int, raw: bytes, label: str, unsure: bool) -> str:
+def _decide(state: StateDB, uid: int, raw: bytes, label: str, unsure: bool,
+            categories: dict[str, str] = CATEGORIES) -> str:
     key = message_key(raw)
-    folder = "Support/Unsure" if unsure else CATEGORIES[label]
+    folder = "Support/Unsure" if unsure else categories[label]
     state.record_decision("support", "INBOX", 1, uid, key, Decision(label, 0.4 if unsure else 0.9, unsure, folder),
                           "move", "v1", False, "done")
     return key
@@ -107,7 +112,7 @@ def test_imapsieve_hook_records_corrections_at_move_time(
     conf = _write_config(shared_dir, user)
     learn_sh = (
         "#!/bin/sh\n"
-        f"exec {_hook_command()} learn --config {conf} --user \"$3\" \"$1\" \"$2\""
+        f"exec {_hook_command()} learn --config {conf} {LEARN_HOOK_ARGS}"
         f" 2>>{shared_dir / 'learn.log'}\n"
     )
     server = dovecot_factory(users={user: "pw"}, learn_script=learn_sh)
@@ -143,6 +148,65 @@ def test_imapsieve_hook_records_corrections_at_move_time(
     assert (rows[k_wrong]["predicted"], rows[k_wrong]["actual"], rows[k_wrong]["was_unsure"]) == ("billing", "login", 0)
     assert (rows[k_unsure]["predicted"], rows[k_unsure]["actual"], rows[k_unsure]["was_unsure"]) == ("refunds", "refunds", 1)
     assert "never filed by the daemon" in log
+
+
+@pytest.mark.component
+def test_imapsieve_hook_takes_a_folder_named_like_an_option(
+    dovecot_factory: Callable[..., Any], shared_dir: Path
+) -> None:
+    """A category folder literally named "--verbose": without `--` in the hook the folder became the
+    --verbose flag, "COPY" became the folder, and the staff move was never recorded."""
+    user = "staff"
+    categories = {"billing": "Support/Billing", "verbose": "--verbose"}
+    conf = _write_config(shared_dir, user, categories)
+    learn_sh = (
+        "#!/bin/sh\n"
+        f"exec {_hook_command()} learn --config {conf} {LEARN_HOOK_ARGS}"
+        f" 2>>{shared_dir / 'learn.log'}\n"
+    )
+    server = dovecot_factory(users={user: "pw"}, learn_script=learn_sh, learn_mailboxes="*")
+    raw = _mail(7)
+    state = StateDB(shared_dir / "state.sqlite3")
+    key = _decide(state, 1, raw, "billing", unsure=False, categories=categories)
+    state.close()
+    _hand_over(shared_dir)
+
+    load_messages(server.client(user, "pw"), "Support/Billing", [raw])
+    client = server.client(user, "pw")
+    try:
+        client.create_folder("--verbose")
+        client.select_folder("Support/Billing")
+        client.move(client.search(["ALL"]), "--verbose")
+    finally:
+        client.logout()
+
+    rows = StateDB(shared_dir / "state.sqlite3").corrections()
+    log = (shared_dir / "learn.log").read_text() if (shared_dir / "learn.log").exists() else ""
+    assert [(r["key"], r["predicted"], r["actual"]) for r in rows] == [(key, "billing", "verbose")], f"learn.log:\n{log}"
+
+
+@pytest.mark.pure
+def test_readme_recipe_is_the_tested_hook() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"mailtriage learn --config /etc/mailtriage/config.toml {LEARN_HOOK_ARGS}\n" in readme
+
+
+@pytest.mark.component
+def test_learn_refuses_an_empty_user_or_account(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty imap.user once fell back to the only account and recorded a correction there."""
+    conf = _write_config(tmp_path, "staff")
+    raw = _mail(11)
+    state = StateDB(tmp_path / "state.sqlite3")
+    _decide(state, 1, raw, "billing", unsure=False)
+    import io
+
+    for flag in ("--user", "--account"):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw)))
+        assert main(["learn", "--config", str(conf), f"{flag}=", "--", "Support/Login", "COPY"]) == 2
+        assert f"{flag} is empty" in capsys.readouterr().err
+    assert state.corrections() == []
 
 
 @pytest.mark.component

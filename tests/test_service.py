@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import structlog
 
-from mailtriage.service import metrics
+from mailtriage import metrics
 
 from mailtriage.model import modeldir
 from mailtriage.config import AccountConfig, Config, ModelConfig, TrainingConfig
@@ -474,30 +474,6 @@ def test_serve_returns_zero_on_sigterm_with_real_model(tiny_model_dir: Path, tmp
     finally:
         timer.cancel()
     assert json.loads((tiny_model_dir / "current" / "labels.json").read_text())["labels"]
-
-
-@pytest.mark.component  # binds a port, serves HTTP
-def test_metrics_server_serves_registry() -> None:
-    import urllib.request
-
-    from mailtriage.service.metrics import start_metrics_server
-
-    assert start_metrics_server("127.0.0.1", 0) is None  # port 0: off
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = start_metrics_server("127.0.0.1", port)
-    assert server is not None
-    try:
-        metrics.MESSAGES.labels(category="billing", outcome="filed").inc()
-        metrics.QUEUE_DEPTH.labels(account="support", mailbox="INBOX").set(3)
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert 'mailtriage_messages_total{category="billing",outcome="filed"}' in body
-    assert 'mailtriage_queue_depth{account="support",mailbox="INBOX"} 3.0' in body
-    assert "mailtriage_classify_batch_seconds_bucket" in body
 
 
 @pytest.mark.pure

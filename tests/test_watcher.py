@@ -403,7 +403,7 @@ def test_a_second_worker_on_the_same_mailbox_waits_for_the_first(
 
 
 def _metric(outcome: str, label: str = "billing") -> float:
-    from mailtriage.service import metrics
+    from mailtriage import metrics
 
     return metrics.MESSAGES.labels(category=label, outcome=outcome)._value.get()
 

@@ -19,6 +19,8 @@ from mailtriage.config import AccountConfig, Config
 from mailtriage.credentials import secret_file_exposure
 from mailtriage.imap import preflight
 from mailtriage.imap.preflight import FAIL, OK, WARN, Finding
+from mailtriage.errors import StateError
+from mailtriage.store.state import StateDB, state_path_problem
 
 log = structlog.get_logger(__name__)
 
@@ -109,7 +111,17 @@ def _check_writable_dir(report: _Report, subject: str, path: Path, fix: str) -> 
 def _check_state(report: _Report, config: Config) -> None:
     path = Path(config.state_path)
     fix = "create the directory and give it to the service user, or change state_path"
+    problem = state_path_problem(path)  # what StateDB refuses at `serve` start-up
+    if problem:
+        report.add(FAIL, "state database", problem, "point state_path at a database file")
+        return
     if path.exists():
+        if path.stat().st_size:
+            try:  # the schema check `serve` runs, read-only: another program's file, a newer version
+                StateDB(path, readonly=True).close()
+            except StateError as exc:
+                report.add(FAIL, "state database", str(exc))
+                return
         if os.access(path, os.R_OK | os.W_OK) and os.access(path.parent, os.W_OK):
             report.add(OK, "state database", f"{str(path)!r} writable")
         else:

@@ -144,9 +144,16 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from mailtriage.store.state import StateDB
 
     cfg = _load(args)
-    if args.account:
+    for flag, value in (("--account", args.account), ("--user", args.user)):
+        if value is not None and not value.strip():
+            # An empty imap.user in the sieve script must not silently mean "the only account".
+            raise ConfigError(
+                f"mailtriage learn: {flag} is empty; expected the [[accounts]] name (--account) or the IMAP "
+                "login (--user, the sieve script's imap.user). Check the hook passes it, or leave the flag out"
+            )
+    if args.account is not None:
         matches = [a for a in cfg.accounts if a.name == args.account]
-    elif args.user:
+    elif args.user is not None:
         matches = [a for a in cfg.accounts if a.username == args.user]
     else:
         matches = list(cfg.accounts) if len(cfg.accounts) == 1 else []

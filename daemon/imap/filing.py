@@ -31,7 +31,7 @@ from mailtriage.core.pipeline import ClassifyFn, Routed
 from mailtriage.core.routing import Decision
 from mailtriage.errors import InferenceUnavailable, LabelMismatchError, MailboxError
 from mailtriage.imap import actions
-from mailtriage.service import metrics
+from mailtriage import metrics
 from mailtriage.store.state import Claim, MessageRow, StateDB, Status
 
 log = structlog.get_logger(__name__)

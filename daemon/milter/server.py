@@ -27,7 +27,7 @@ from mailtriage.core.tagging import category_value
 from mailtriage.errors import ConfigError
 from mailtriage.milter import protocol as p
 from mailtriage.milter.session import Classify, Close, MilterSession, Send
-from mailtriage.service import metrics
+from mailtriage import metrics
 
 if TYPE_CHECKING:
     from mailtriage.service.app import Service

@@ -28,13 +28,11 @@ from mailtriage.config import AccountConfig, Config
 from mailtriage.core import backoff as core_backoff
 from mailtriage.core.classifier import Prediction
 from mailtriage.errors import ConfigError
-from mailtriage.service import metrics, sdnotify
+from mailtriage.service import metrics_server, sdnotify
 from mailtriage.service.inference import ClassifyFn, Inference, ModelLoader
 from mailtriage.service.jobs import ClientFactory, Jobs
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
-
     from mailtriage.store.state import StateDB
 
 log = structlog.get_logger(__name__)
@@ -111,7 +109,7 @@ class Service:
         )
         self.jobs.state = state
         self._threads: list[threading.Thread] = []
-        self._metrics_server: WSGIServer | None = None
+        self._metrics_server: metrics_server.MetricsServer | None = None
         self.ready = asyncio.Event()
 
     # -- what the watchers, hooks and tests call ----------------------------------------------
@@ -255,7 +253,9 @@ class Service:
                 self._state = StateDB(self.config.state_path)
             self.jobs.state = self._state
             try:
-                self._metrics_server = metrics.start_metrics_server(self.config.metrics_host, self.config.metrics_port)
+                self._metrics_server = await metrics_server.start_metrics_server(
+                    self.config.metrics_host, self.config.metrics_port
+                )
             except OSError as exc:
                 raise ConfigError(
                     f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: {exc.strerror or exc}; "
@@ -302,8 +302,7 @@ class Service:
         await asyncio.to_thread(self._join_watchers)
         await self.inference.shutdown()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+            await self._metrics_server.close()
         close = getattr(self._state, "close", None)
         if callable(close):
             with contextlib.suppress(Exception):

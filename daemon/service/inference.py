@@ -18,7 +18,7 @@ from mailtriage.config import Config
 from mailtriage.core.classifier import Classifier, Prediction
 from mailtriage.core.pipeline import ClassifyFn
 from mailtriage.model import backend as model_backend
-from mailtriage.service import metrics
+from mailtriage import metrics
 
 log = structlog.get_logger(__name__)
 

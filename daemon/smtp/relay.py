@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, AnyStr
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
-from mailtriage.service import metrics
+from mailtriage import metrics
 from mailtriage.core.tagging import category_value, tagged_parts
 from mailtriage.core.classifier import Prediction
 from mailtriage.config import Config

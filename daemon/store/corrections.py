@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from mailtriage.service import metrics
+from mailtriage import metrics
 from mailtriage.config import AccountConfig, Config
 from mailtriage.core.mailtext import message_key
 from mailtriage.store.state import MILTER_INTAKE, SMTP_INTAKE, StateDB

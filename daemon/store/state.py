@@ -203,6 +203,23 @@ class FiledRow:
     model_version: str | None
 
 
+def state_path_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be the state database, judged from what is on disk now, or None.
+
+    ``StateDB`` and ``mailtriage check`` both ask this, so `check` fails exactly where `serve` would.
+    """
+    p = Path(path)
+    if p.is_dir():
+        return (f"state_path {str(p)!r} is a directory; state_path names the database file inside it, "
+                f"e.g. {str(p / 'state.sqlite3')!r}")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"state_path {str(p)!r} lies under {str(parent)!r}, which is a file, not a directory"
+            break
+    return None
+
+
 def _private_file(path: Path) -> None:
     """Create the state directory 0700 and the database 0600 (SQLite gives its -wal and -shm
     files the database's mode). Existing ones keep their modes: the admin chose those."""
@@ -289,6 +306,9 @@ class StateDB:
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = str(path)
         self.readonly = readonly and self.path != ":memory:"
+        problem = state_path_problem(self.path) if self.path != ":memory:" else None
+        if problem:
+            raise StateError(f"{problem}; fix state_path in the config")
         if self.path != ":memory:" and not self.readonly:
             _private_file(Path(self.path))
         self._local = threading.local()

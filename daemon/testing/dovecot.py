@@ -173,6 +173,10 @@ if environment :matches "imap.cause" "*" { set "cause" "${1}"; }
 if environment :matches "imap.user" "*" { set "user" "${1}"; }
 pipe :copy "learn.sh" ["${mailbox}", "${cause}", "${user}"];
 """
+# What learn.sh passes after `mailtriage learn --config FILE` (README's recipe has the same line):
+# `--user=` and `--` keep a login or folder that starts with "-" (a folder named "--verbose") from
+# being read as an option.
+LEARN_HOOK_ARGS = '--user="$3" -- "$1" "$2"'
 # OAuth2 (XOAUTH2 / OAUTHBEARER) logins checked by Dovecot's oauth2 passdb against a token
 # introspection endpoint (RFC 7662, POST token=...; the answer names the user in "username").
 # The passwd-file passdb stays first, so password logins keep working; a token is not a password

@@ -1,17 +1,13 @@
 """Prometheus metrics of the daemon, on a private registry so tests and other libraries never clash.
 
-Every module that counts something imports the object from here; ``start_metrics_server`` exposes
-``REGISTRY`` over HTTP when ``[metrics] port`` is non-zero.
+A leaf: every module that counts something (imap/, smtp/, store/, service/) imports its metric
+from here, and this module imports nothing of mailtriage, so counting never pulls in the service.
+``mailtriage.service.metrics_server`` serves ``REGISTRY`` over HTTP when ``metrics_port`` is set.
 """
 
 from __future__ import annotations
 
-from wsgiref.simple_server import WSGIServer
-
-import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
-
-log = structlog.get_logger(__name__)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -83,6 +79,14 @@ RETRAINS = Counter(
     registry=REGISTRY,
 )
 
+METRICS_CLOSED = Counter(
+    "mailtriage_metrics_connections_closed",
+    "Connections to the metrics port closed unanswered, by reason: 'evicted' (idle while the cap was "
+    "reached), 'refused' (cap reached, none idle), 'timeout' (no whole request in time), 'too_large'.",
+    ["reason"],
+    registry=REGISTRY,
+)
+
 SMTP_REFUSED = Counter(
     "mailtriage_smtp_connections_refused",
     "SMTP client connections answered 421 because smtp.max_connections were already held.",
@@ -92,15 +96,3 @@ SMTP_REFUSED = Counter(
 
 def set_model_version(version: str) -> None:
     MODEL_INFO.info({"version": version})
-
-
-def start_metrics_server(host: str, port: int) -> WSGIServer | None:
-    """Serve ``REGISTRY`` on http://host:port/metrics in a daemon thread; port 0 means off.
-
-    Returns the server (call ``.shutdown()`` to stop it), or None when off.
-    """
-    if not port:
-        return None
-    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
-    log.info("metrics_server_started", host=host, port=port)
-    return server

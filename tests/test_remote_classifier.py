@@ -13,7 +13,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,11 +21,14 @@ from typing import Any
 
 import pytest
 
-from mailtriage.config import AccountConfig, Config, ModelConfig, TrainingConfig, parse_config
+from mailtriage.config import AccountConfig, Config, ModelConfig, SmtpConfig, TrainingConfig, parse_config
 from mailtriage.errors import ConfigError, InferenceError, InferenceUnavailable, LabelMismatchError
 from mailtriage.model import backend
 from mailtriage.model.remote import APIS, HttpClassifier
-from tests.test_relay import LoopThread, NextHop, NextHopHandler, SmtpFilter, make_config, mail, next_hop, send  # noqa: F401
+from tests.test_relay import (  # noqa: F401 - next_hop is a fixture
+    LoopThread, NextHop, NextHopHandler, SmtpFilter, free_port, make_config, mail, next_hop, send,
+)
+from tests.test_service import notify_socket, wait_for  # noqa: F401 - notify_socket is a fixture
 
 CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
 LABELS = tuple(CATEGORIES)
@@ -493,3 +496,164 @@ def test_service_files_mail_through_http_backend_and_retries_outage(
         await asyncio.wait_for(task, 30)
 
     asyncio.run(main())
+
+
+# -- a hung inference server: the watchdog and SIGTERM ----------------------------------------------
+
+
+def _smtp_config(tmp_path: Path, stub: StubInference, listen: int, hop_port: int, timeout: float) -> Config:
+    return Config(
+        categories=CATEGORIES, state_path=str(tmp_path / "state.sqlite3"),
+        model=ModelConfig(path=str(tmp_path / "no-model-here"), backend="http", url=stub.url, timeout=timeout),
+        smtp=SmtpConfig(enabled=True, listen_host="127.0.0.1", listen_port=listen, next_hop_host="127.0.0.1",
+                        next_hop_port=hop_port),
+        training=TrainingConfig(schedule=""),
+    )
+
+
+def _send_outcome(port: int) -> str:
+    """What an MTA's delivery attempt ends in: '250', the code of a refusal, or 'dropped'."""
+    import smtplib
+
+    try:
+        send(port, mail("my login fails"))
+    except smtplib.SMTPResponseException as exc:
+        return str(exc.smtp_code)
+    except (smtplib.SMTPServerDisconnected, OSError):
+        return "dropped"
+    return "250"
+
+
+@pytest.mark.component  # SIGTERM to the runner, an AF_UNIX notify socket, real HTTP and SMTP servers
+def test_stuck_inference_stops_the_watchdog_and_sigterm_still_ends_the_service(
+    stub: StubInference, next_hop: tuple[NextHopHandler, int], tmp_path: Path,
+    notify_socket: Callable[[], list[str]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+    import signal
+
+    import structlog
+
+    from mailtriage.service.app import Service
+
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # a ping every 0.1 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    hop, hop_port = next_hop
+    listen = free_port()
+    # The hung call's deadline (300 s) is far past the worker's allowance and the shutdown grace.
+    config = _smtp_config(tmp_path, stub, listen, hop_port, timeout=300)
+    service = Service(config, None, inference_stuck_after=0.5, inference_grace=1.0)
+
+    async def main() -> None:
+        task = asyncio.create_task(service.run())
+        await asyncio.wait_for(service.ready.wait(), 30)
+        await wait_for(lambda: "WATCHDOG=1" in notify_socket(), 5, "a watchdog ping")
+        stub.mode = "hang"
+        with structlog.testing.capture_logs() as logs:
+            sender = asyncio.create_task(asyncio.to_thread(_send_outcome, listen))
+            await wait_for(lambda: any(e["event"] == "inference_worker_stuck" for e in logs), 10, "the stall logged")
+            await wait_for(lambda: any(s.startswith("STATUS=inference stuck") for s in notify_socket()), 5, "STATUS")
+            seen = len(notify_socket())
+            await asyncio.sleep(1.0)  # an observation window of ten ping intervals, not a synchronisation
+            assert "WATCHDOG=1" not in notify_socket()[seen:]  # systemd would restart us after WatchdogSec
+
+            started = time.monotonic()
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.wait_for(task, 120)
+            stopped_in = time.monotonic() - started
+            outcome = await sender
+        # The bound shutdown promises (SMTP grace 10 s + inference grace 1 s), against a 300 s hang.
+        assert stopped_in < 30, stopped_in
+        assert outcome in ("451", "dropped")  # the sender keeps the message and retries
+        assert hop.received == []
+        [abandoned] = [e for e in logs if e["event"] == "inference_worker_abandoned"]
+        assert abandoned["job"] == "classify 1 text(s)"
+
+    asyncio.run(main())
+
+
+@pytest.mark.component  # a subprocess, SIGTERM, real HTTP and SMTP servers
+def test_mailtriage_serve_exits_on_sigterm_while_the_inference_server_hangs(
+    stub: StubInference, next_hop: tuple[NextHopHandler, int], tmp_path: Path
+) -> None:
+    """The real command: a thread stuck on the hung server must not keep the process from exiting."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    hop, hop_port = next_hop
+    listen = free_port()
+    config_path = tmp_path / "config.toml"
+    config_path.write_text(serve_config_toml(tmp_path, stub.url, listen, hop_port, timeout=600))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("NOTIFY_SOCKET", None)
+    proc = subprocess.Popen([sys.executable, "-m", "mailtriage.cli.main", "--config", str(config_path), "serve"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_until(lambda: len(stub.requests) >= 1, 60, "the start-up probe")
+        wait_until(lambda: _port_open(listen), 30, "the SMTP filter listening")
+        stub.mode = "hang"
+        result: list[str] = []
+        sender = threading.Thread(target=lambda: result.append(_send_outcome(listen)), daemon=True)
+        sender.start()
+        wait_until(lambda: len(stub.requests) >= 2, 30, "the message's classify call")
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=45)  # systemd's TimeoutStopSec is 60
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("mailtriage serve did not exit within 45 s of SIGTERM while a call hung")
+        sender.join(35)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.communicate()[0].decode(errors="replace")
+    assert rc == 0, out
+    assert "inference_worker_abandoned" in out
+    assert result in (["451"], ["dropped"]) and hop.received == []
+
+
+def serve_config_toml(tmp_path: Path, url: str, listen: int, hop_port: int, timeout: float) -> str:
+    return f"""
+state_path = "{tmp_path / 'state.sqlite3'}"
+metrics_port = 0
+
+[categories]
+billing = "Support/Billing"
+login = "Support/Login"
+refunds = "Support/Refunds"
+
+[model]
+path = "{tmp_path / 'no-model-here'}"
+backend = "http"
+url = "{url}"
+timeout = {timeout}
+
+[smtp]
+enabled = true
+listen_host = "127.0.0.1"
+listen_port = {listen}
+next_hop_host = "127.0.0.1"
+next_hop_port = {hop_port}
+
+[training]
+schedule = ""
+"""
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)

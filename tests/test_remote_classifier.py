@@ -657,3 +657,22 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
     while not predicate():
         assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
         time.sleep(0.05)
+
+
+@pytest.mark.component
+def test_the_deadline_covers_a_tls_handshake_that_never_ends() -> None:
+    # A server that accepts TCP and never answers the ClientHello: https:// is bounded like http://.
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    thread = threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True)
+    thread.start()
+    try:
+        url = f"https://127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(InferenceUnavailable, match="within the 1 s deadline"):
+            HttpClassifier(url, LABELS, timeout=1.0).classify(["login"])
+    finally:
+        thread.join(5)
+        for sock in (*accepted, listener):
+            sock.close()

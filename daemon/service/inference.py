@@ -40,7 +40,7 @@ ModelLoader = Callable[[Path], Classifier]
 HTTP_SLACK_S = 15.0
 LOCAL_BATCH_S = 300.0
 LOCAL_LOAD_S = 900.0
-SHUTDOWN_GRACE_S = 10.0  # how long shutdown lets the job in progress finish before abandoning it
+SHUTDOWN_GRACE_S = 5.0  # how long shutdown lets the job in progress finish before abandoning it (under the SMTP filter's 10 s close grace, so its sender hears 451)
 
 
 @dataclass

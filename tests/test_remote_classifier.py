@@ -676,3 +676,21 @@ def test_the_deadline_covers_a_tls_handshake_that_never_ends() -> None:
         thread.join(5)
         for sock in (*accepted, listener):
             sock.close()
+
+
+@pytest.mark.component
+def test_stop_while_the_start_up_probe_hangs(stub: StubInference, tmp_path: Path) -> None:
+    from mailtriage.service.app import Service
+
+    stub.mode = "hang"
+    config = _smtp_config(tmp_path, stub, free_port(), 9, timeout=300)
+    service = Service(config, None, inference_grace=0.5)
+
+    async def main() -> None:
+        task = asyncio.create_task(service.run())
+        await wait_for(lambda: len(stub.requests) == 1, 30, "the start-up probe")
+        service.stop()
+        await asyncio.wait_for(task, 60)  # the probe's own deadline is 300 s
+
+    asyncio.run(main())
+    assert not service.ready.is_set()

@@ -197,7 +197,8 @@ class TokenStore:
         """
         now = time.time() if now is None else now
         if not isinstance(grant.get("access_token"), str) or not grant["access_token"]:
-            raise MailboxError(f"the OAuth server answered without an access_token (fields: {sorted(map(str, grant))[:20]})")
+            fields = sorted(map(str, grant))[:20]
+            raise MailboxError(f"the OAuth server answered without an access_token (fields: {fields})")
         token_url = provider_for(self.account).token_url
         lifetime = min(_seconds(grant.get("expires_in", DEFAULT_LIFETIME_S), 0.0, "expires_in", token_url),
                        MAX_LIFETIME_S)
@@ -292,7 +293,8 @@ def device_flow(account: AccountConfig, out: TextIO, *, sleep: Callable[[float],
     print(start.get("message") or f"To sign in {account.username}, open {url} and enter the code {start['user_code']}",
           file=out, flush=True)
     interval = min(_seconds(start.get("interval", 5.0), 5.0, "interval", provider.device_url), 60.0)
-    deadline = time.monotonic() + min(_seconds(start.get("expires_in", 900.0), 900.0, "expires_in", provider.device_url), 3600.0)
+    lifetime = _seconds(start.get("expires_in", 900.0), 900.0, "expires_in", provider.device_url)
+    deadline = time.monotonic() + min(lifetime, 3600.0)
     fields = {"grant_type": _DEVICE_GRANT, "device_code": start["device_code"], "client_id": client_id}
     if secret:
         fields["client_secret"] = secret

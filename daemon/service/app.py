@@ -264,7 +264,8 @@ class Service:
         watchdog: asyncio.Task[None] | None = None
         try:
             sdnotify.notify("STATUS=loading model")
-            await self.inference.load()
+            if not await self._unless_stopped(self.inference.load()):
+                return  # stopped while loading (e.g. a hung start-up probe): the finally shuts down
             if self._state is None:
                 from mailtriage.store.state import StateDB
 
@@ -299,6 +300,24 @@ class Service:
             await self._shutdown(watchdog)
             for sig in signals:
                 loop.remove_signal_handler(sig)
+
+    async def _unless_stopped(self, work: Awaitable[object]) -> bool:
+        """Await ``work`` unless a stop comes first: True when it finished (its errors raise), False on stop.
+
+        Start-up work may wait on another server; a SIGTERM meanwhile must not wait with it.
+        """
+        assert self._stopping is not None
+        task = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if task.done():
+            task.result()
+            return True
+        task.cancel()  # the inference worker's job itself is abandoned by Inference.shutdown
+        return False
 
     async def _shutdown(self, watchdog: asyncio.Task[None] | None) -> None:
         self._stop.set()

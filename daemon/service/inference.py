@@ -40,7 +40,9 @@ ModelLoader = Callable[[Path], Classifier]
 HTTP_SLACK_S = 15.0
 LOCAL_BATCH_S = 300.0
 LOCAL_LOAD_S = 900.0
-SHUTDOWN_GRACE_S = 5.0  # how long shutdown lets the job in progress finish before abandoning it (under the SMTP filter's 10 s close grace, so its sender hears 451)
+# How long shutdown lets the job in progress finish before abandoning it; under the SMTP filter's
+# 10 s close grace, so a sender waiting on that job hears 451 rather than a dropped connection.
+SHUTDOWN_GRACE_S = 5.0
 
 
 @dataclass
@@ -136,7 +138,9 @@ class Inference:
 
     # -- the worker thread ------------------------------------------------------------------
 
-    def _submit(self, what: str, allowed_s: float, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+    def _submit(
+        self, what: str, allowed_s: float, fn: Callable[..., Any], *args: Any
+    ) -> concurrent.futures.Future[Any]:
         job = _Job(what, fn, args, allowed_s, concurrent.futures.Future())
         with self._guard:
             if self._closed:

@@ -4,7 +4,8 @@
     ├── ConfigError          the config file or a flag is wrong; the message names key and fix
     ├── ModelError           a model directory cannot be loaded or used
     │   ├── LabelMismatchError   the adapter's labels differ from the configured categories
-    │   └── InferenceError       an external inference server failed or answered nonsense (retried)
+    │   └── InferenceError       an external inference server answered something unusable for this input
+    │       └── InferenceUnavailable the server cannot answer now (down, 5xx/429, past the deadline): retry later
     ├── MailboxError         an IMAP server refused, vanished or lacks something we need
     ├── StateError           the state database cannot be opened, or has another schema version
     └── TrainingDataError    the training data cannot make a sound model (too few, unreadable)
@@ -36,9 +37,18 @@ class LabelMismatchError(ModelError):
 
 
 class InferenceError(ModelError):
-    """An external inference server ([model] backend = "http") is down, slow or answered nonsense.
+    """An external inference server ([model] backend = "http") answered nonsense: junk, a redirect, a body
+    over the byte cap, scores that are not a probability distribution, an HTTP 4xx.
 
-    Retryable: the watcher leaves the message for the next pass, the SMTP filter answers 451.
+    The SMTP filter answers 451. The watcher treats it like any classifier failure of one message: when
+    the model still classifies a test text, the message is poison and goes to quarantine.
+    """
+
+
+class InferenceUnavailable(InferenceError):
+    """The inference server cannot answer now: refused or reset connection, past the call's deadline,
+    HTTP 5xx or 429, or the service is stopping. Nothing is wrong with the message: retry it later,
+    never quarantine it for this.
     """
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from mailtriage.cli.main import main
 from mailtriage.config import AccountConfig, Config, parse_config
@@ -32,6 +33,8 @@ from mailtriage.errors import ConfigError, MailboxError
 from mailtriage.imap import connection, oauth
 
 CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login"}
+SECRET_AT, SECRET_RT = "at-SECRET-4711", "rt-SECRET-0815"
+ABSENT = object()
 
 
 class StubOAuth:
@@ -46,6 +49,9 @@ class StubOAuth:
         self.codes: dict[str, str] = {}          # authorization code -> PKCE challenge
         self.calls: list[dict[str, str]] = []
         self.n = 0
+        self.hostile: str | None = None        # how /token misbehaves: form | trickle | huge | redirect
+        self.grant_extra: dict[str, Any] = {}  # merged into every grant (e.g. a broken expires_in)
+        self.closing = threading.Event()
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -55,6 +61,11 @@ class StubOAuth:
             def do_POST(self) -> None:  # noqa: N802
                 form = dict(urllib.parse.parse_qsl(self.rfile.read(int(self.headers["Content-Length"])).decode()))
                 stub.calls.append({"path": self.path, **form})
+                if stub.hostile and self.path == "/token":
+                    try:
+                        return self._hostile(stub.hostile)
+                    except (BrokenPipeError, ConnectionResetError):
+                        return None  # the client gave up
                 code, body = stub.handle(self.path, form)
                 payload = json.dumps(body).encode()
                 self.send_response(code)
@@ -62,6 +73,33 @@ class StubOAuth:
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
+
+            def _hostile(self, mode: str) -> None:
+                if mode == "form":  # RFC 6749 wants JSON; some endpoints answer a form
+                    payload = f"access_token={SECRET_AT}&refresh_token={SECRET_RT}&expires_in=3600".encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/x-www-form-urlencoded")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                elif mode == "redirect":
+                    self.send_response(302)
+                    self.send_header("Location", f"{stub.url}/elsewhere")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif mode == "huge":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(100 << 20))
+                    self.end_headers()
+                    for _ in range(1600):
+                        self.wfile.write(b" " * 65536)
+                elif mode == "trickle":  # one byte every 0.1 s for 15 s: each read is quick, the call is not
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+                    for _ in range(150):
+                        if stub.closing.wait(0.1):
+                            return
+                        self.wfile.write(b" ")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -73,8 +111,9 @@ class StubOAuth:
         access, refresh = f"at-{self.n}", f"rt-{self.n}"
         self.access[access] = time.monotonic() + self.lifetime
         self.refresh.add(refresh)
-        return {"token_type": "Bearer", "access_token": access, "refresh_token": refresh,
-                "expires_in": self.lifetime, "scope": "IMAP"}
+        grant = {"token_type": "Bearer", "access_token": access, "refresh_token": refresh,
+                 "expires_in": self.lifetime, "scope": "IMAP", **self.grant_extra}
+        return {k: v for k, v in grant.items() if v is not ABSENT}
 
     def handle(self, path: str, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
         if path == "/devicecode":
@@ -108,6 +147,7 @@ class StubOAuth:
         return 400, {"error": "unsupported_grant_type"}
 
     def close(self) -> None:
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -317,3 +357,63 @@ def test_watcher_files_mail_on_exchange_like_server_with_oauth(
         thread.join(10)
         admin.logout()
     assert "method=XOAUTH2" in server.log_path.read_text()
+
+
+def _signed_in_but_expired(stub: StubOAuth, tmp_path: Path) -> AccountConfig:
+    account = _config(tmp_path, stub).accounts[0]
+    oauth.device_flow(account, io.StringIO(), sleep=lambda s: None)
+    store = oauth.TokenStore(account)
+    data = store.load()
+    data["expires_at"] = 0  # the next access_token() refreshes
+    store.save(data)
+    return account
+
+
+@pytest.mark.component
+def test_a_form_encoded_token_answer_never_reaches_the_log(stub: StubOAuth, tmp_path: Path) -> None:
+    account = _signed_in_but_expired(stub, tmp_path)
+    stub.hostile = "form"
+    with structlog.testing.capture_logs() as logs, pytest.raises(MailboxError) as err:
+        oauth.access_token(account)
+    assert "HTTP 200" in str(err.value) and "not JSON" in str(err.value)
+    everything = str(err.value) + repr(logs)
+    assert "SECRET" not in everything, everything
+    [event] = [e for e in logs if e["event"] == "oauth_answer_refused"]
+    assert event["status"] == 200 and event["length"] == len(f"access_token={SECRET_AT}&refresh_token={SECRET_RT}&expires_in=3600")
+
+
+@pytest.mark.component
+@pytest.mark.parametrize(
+    "expires_in,lifetime",
+    [("abc", 0.0), (ABSENT, 3600.0), (None, 0.0), (-5, 0.0), ("1800", 1800.0), (float("nan"), 0.0),
+     (True, 0.0), ([3600], 0.0), (10**9, 86400.0)],
+)
+def test_a_broken_expires_in_is_no_traceback(stub: StubOAuth, tmp_path: Path, expires_in: Any, lifetime: float) -> None:
+    account = _signed_in_but_expired(stub, tmp_path)
+    stub.grant_extra = {"expires_in": expires_in}
+    with structlog.testing.capture_logs() as logs:
+        before = time.time()
+        token = oauth.access_token(account)
+    saved = oauth.TokenStore(account).load()
+    assert token == saved["access_token"] == "at-2"
+    # Unusable: counted as expired, so the next connect refreshes again (never a stale token).
+    assert before + lifetime - 1 <= saved["expires_at"] <= time.time() + lifetime + 1
+    assert any(e["event"] == "oauth_answer_value_invalid" for e in logs) == (lifetime == 0.0)
+    assert oauth.access_token(account) == ("at-3" if lifetime == 0.0 else "at-2")
+
+
+@pytest.mark.component
+@pytest.mark.parametrize("mode,match", [("trickle", "no complete answer within the 1 s deadline"),
+                                        ("huge", "over the 1048576-byte cap"),
+                                        ("redirect", "never follows redirects")])
+def test_a_hostile_token_endpoint_is_a_clear_error_within_the_deadline(
+    stub: StubOAuth, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, match: str
+) -> None:
+    account = _signed_in_but_expired(stub, tmp_path)
+    monkeypatch.setattr(oauth, "CALL_DEADLINE_S", 1.0)
+    stub.hostile = mode
+    started = time.monotonic()
+    with pytest.raises(MailboxError, match=match):
+        oauth.access_token(account)
+    assert time.monotonic() - started < 10  # the deadline's bound, not a speed goal: the trickle lasts 15 s
+    assert not [c for c in stub.calls if c["path"] == "/elsewhere"]  # a redirect is not followed

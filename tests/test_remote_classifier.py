@@ -1,8 +1,10 @@
 """The HTTP Classifier ([model] backend = "http") against a real local HTTP server on 127.0.0.1.
 
 The stub speaks the two wire formats (TEI /predict, vLLM /classify) and can be told to fail, answer
-junk, stall or serve a model with other labels. The last test runs the whole daemon on it: Dovecot,
-MailboxWatcher, Service; a server outage leaves the mail in INBOX and it is filed once it is back.
+junk, stall, trickle bytes, answer a huge body or a redirect, scores that are no distribution, or
+serve a model with other labels. The daemon runs on it too: Dovecot, MailboxWatcher, Service (a
+server outage leaves the mail in INBOX and it is filed once it is back), and `mailtriage serve` /
+the Service with a server that hangs (SIGTERM still ends it; the watchdog stops being fed).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,10 +21,14 @@ from typing import Any
 
 import pytest
 
-from mailtriage.config import AccountConfig, Config, ModelConfig, TrainingConfig, parse_config
-from mailtriage.errors import ConfigError, InferenceError, LabelMismatchError
+from mailtriage.config import AccountConfig, Config, ModelConfig, SmtpConfig, TrainingConfig, parse_config
+from mailtriage.errors import ConfigError, InferenceError, InferenceUnavailable, LabelMismatchError
 from mailtriage.model import backend
-from mailtriage.model.remote import HttpClassifier
+from mailtriage.model.remote import APIS, HttpClassifier
+from tests.test_relay import (  # noqa: F401 - next_hop is a fixture
+    LoopThread, NextHop, NextHopHandler, SmtpFilter, free_port, make_config, mail, next_hop, send,
+)
+from tests.test_service import notify_socket, wait_for  # noqa: F401 - notify_socket is a fixture
 
 CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
 LABELS = tuple(CATEGORIES)
@@ -35,13 +41,34 @@ def _scores_for(text: str, labels: tuple[str, ...]) -> list[float]:
     return [0.8 if i == hit else rest for i in range(len(labels))]
 
 
+# Scores the hostile modes answer instead of a softmax (per text, in label order).
+NOT_A_DISTRIBUTION = {
+    "ones": [1.0, 1.0, 1.0],           # every label certain: was filed at confidence 1.0
+    "half": [0.2, 0.2, 0.1],           # sums to 0.5
+    "logits": [3.2, -1.5, 0.3],        # raw scores, not probabilities
+    "negative": [1.2, -0.1, -0.1],     # sums to 1, out of range
+    "nan": [float("nan"), 0.5, 0.5],   # NaN is valid JSON for Python's parser
+}
+HUGE = 100 << 20  # a 100 MB answer
+
+
 class StubInference:
-    """TEI- and vLLM-shaped classification server; ``mode`` switches its behaviour live."""
+    """TEI- and vLLM-shaped classification server; ``mode`` switches its behaviour live.
+
+    Modes: ok | 503 | 429 | 400 | junk | slow | hang (never answers) | trickle_body / trickle_status
+    (one byte every 0.1 s for 15 s) | huge_length / huge_stream (100 MB with / without Content-Length) |
+    redirect (302 to ``redirect_to``) | raw (200 with ``raw`` as the body) | a key of NOT_A_DISTRIBUTION.
+    ``sent`` counts the bytes each hostile answer got out before the client hung up.
+    """
 
     def __init__(self, labels: tuple[str, ...] = LABELS) -> None:
         self.labels = labels
-        self.mode = "ok"            # ok | 503 | junk | slow
+        self.mode = "ok"
         self.requests: list[dict[str, Any]] = []
+        self.redirect_to = ""
+        self.raw = b""
+        self.sent: list[int] = []
+        self.closing = threading.Event()
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -51,25 +78,69 @@ class StubInference:
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.requests.append({"path": self.path, "body": body})
-                if stub.mode == "503":
-                    return self._send(503, b'{"error": "model is loading"}')
-                if stub.mode == "junk":
+                mode = stub.mode
+                try:
+                    self._answer(mode, body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up: what a hostile server sees when it is refused
+
+            def _answer(self, mode: str, body: Any) -> None:
+                if mode in ("503", "429", "400"):
+                    return self._send(int(mode), b'{"error": "model is loading"}')
+                if mode == "junk":
                     return self._send(200, b"<html>proxy error</html>")
-                if stub.mode == "slow":
+                if mode == "raw":
+                    return self._send(200, stub.raw)
+                if mode == "redirect":
+                    self.send_response(302)
+                    self.send_header("Location", stub.redirect_to + self.path)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
+                if mode == "hang":
+                    stub.closing.wait(600)
+                    return None
+                if mode.startswith("trickle"):
+                    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+                    data = head + b" " * 100000 if mode == "trickle_status" else b" " * 100000
+                    if mode == "trickle_body":
+                        self.wfile.write(head)
+                    for i in range(150):  # 15 s, then it hangs up: without a deadline a call lasts that long
+                        if stub.closing.wait(0.1):
+                            return None
+                        self.wfile.write(data[i : i + 1])
+                    return None
+                if mode.startswith("huge"):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    if mode == "huge_length":
+                        self.send_header("Content-Length", str(HUGE))
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    chunk, sent = b"[" + b" " * 65535, 0
+                    try:
+                        while sent < HUGE and not stub.closing.is_set():
+                            self.wfile.write(chunk)
+                            sent += len(chunk)
+                    finally:
+                        stub.sent.append(sent)
+                    return None
+                if mode == "slow":
                     time.sleep(1.0)
+                texts = [t[0] for t in body["inputs"]] if self.path == "/predict" else body.get("input", [])
+                scores = [NOT_A_DISTRIBUTION.get(mode) or _scores_for(t, stub.labels) for t in texts]
                 if self.path == "/predict":
                     out = [
                         sorted(
-                            ({"label": lab, "score": s} for lab, s in zip(stub.labels, _scores_for(t[0], stub.labels))),
+                            ({"label": lab, "score": s} for lab, s in zip(stub.labels, row)),
                             key=lambda d: -d["score"],
                         )
-                        for t in body["inputs"]
+                        for row in scores
                     ]
                     return self._send(200, json.dumps(out).encode())
                 if self.path == "/classify":
                     data = []
-                    for i, text in enumerate(body["input"]):
-                        probs = _scores_for(text, stub.labels)
+                    for i, probs in enumerate(scores):
                         data.append({"index": i, "label": stub.labels[probs.index(max(probs))], "probs": probs,
                                      "num_classes": len(probs)})
                     data.reverse()  # answers may come in any order: the index says which is which
@@ -90,6 +161,7 @@ class StubInference:
         self.thread.start()
 
     def close(self) -> None:
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -148,22 +220,192 @@ def test_vllm_with_other_class_count_is_refused() -> None:
 
 
 @pytest.mark.component
-@pytest.mark.parametrize("mode,match", [("503", "HTTP 503"), ("junk", "non-JSON")])
-def test_server_errors_are_retryable_inference_errors(stub: StubInference, mode: str, match: str) -> None:
+@pytest.mark.parametrize("mode,match", [("503", "HTTP 503"), ("429", "HTTP 429")])
+def test_server_trouble_is_inference_unavailable(stub: StubInference, mode: str, match: str) -> None:
+    # Transient: the watcher must retry the message later, never quarantine it for this.
     stub.mode = mode
-    with pytest.raises(InferenceError, match=match):
+    with pytest.raises(InferenceUnavailable, match=match):
         HttpClassifier(stub.url, LABELS).classify(["login"])
 
 
 @pytest.mark.component
-def test_timeout_and_refused_connection_are_inference_errors(stub: StubInference) -> None:
+@pytest.mark.parametrize("mode,match", [("400", "HTTP 400"), ("junk", "non-JSON"), ("ones", "not a probability")])
+def test_wrong_answers_are_inference_errors_not_unavailable(stub: StubInference, mode: str, match: str) -> None:
+    stub.mode = mode
+    with pytest.raises(InferenceError, match=match) as err:
+        HttpClassifier(stub.url, LABELS).classify(["login"])
+    assert not isinstance(err.value, InferenceUnavailable)
+
+
+@pytest.mark.component
+def test_timeout_and_refused_connection_are_inference_unavailable(stub: StubInference) -> None:
     stub.mode = "slow"
-    with pytest.raises(InferenceError, match="cannot reach"):
+    with pytest.raises(InferenceUnavailable, match="0.2 s deadline"):
         HttpClassifier(stub.url, LABELS, timeout=0.2).classify(["login"])
     url = stub.url
     stub.close()
-    with pytest.raises(InferenceError, match="is it running"):
+    with pytest.raises(InferenceUnavailable, match="is the inference server running"):
         HttpClassifier(url, LABELS).classify(["login"])
+
+
+@pytest.mark.component
+@pytest.mark.parametrize("mode", ["trickle_body", "trickle_status"])
+def test_a_trickling_server_fails_within_the_deadline(stub: StubInference, mode: str) -> None:
+    # One byte every 0.1 s: each socket read is quick, so only a deadline for the whole call ends it.
+    stub.mode = mode
+    started = time.monotonic()
+    with pytest.raises(InferenceUnavailable, match="no complete answer within the 1 s deadline"):
+        HttpClassifier(stub.url, LABELS, timeout=1.0).classify(["login"])
+    # Not a speed goal: the bound the deadline promises (the trickle alone lasts 15 s).
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.component
+def test_a_redirect_is_never_followed(stub: StubInference) -> None:
+    elsewhere = StubInference()
+    try:
+        stub.mode, stub.redirect_to = "redirect", elsewhere.url
+        for api in APIS:
+            with pytest.raises(InferenceError, match="HTTP 302.*never follows redirects") as err:
+                HttpClassifier(stub.url, LABELS, api=api).classify(["login"])
+            assert not isinstance(err.value, InferenceUnavailable)
+        assert elsewhere.requests == []  # its answer would have filed mail
+    finally:
+        elsewhere.close()
+
+
+@pytest.mark.component
+@pytest.mark.parametrize("mode,match", [("huge_length", "Content-Length 104857600, over the"),
+                                        ("huge_stream", "more than the 1310720-byte cap")])
+def test_a_huge_answer_is_refused_without_reading_it_whole(stub: StubInference, mode: str, match: str) -> None:
+    stub.mode = mode
+    clf = HttpClassifier(stub.url, LABELS, batch_size=1)
+    assert clf.max_answer_bytes == 1310720  # 1 MiB + 256 KiB per text of a batch
+    with pytest.raises(InferenceError, match=match):
+        clf.classify(["login"])
+    deadline = time.monotonic() + 30
+    while not stub.sent and time.monotonic() < deadline:
+        time.sleep(0.01)  # the stub notices the hang-up on its next write
+    # What got out before the client hung up: the cap plus what the kernel buffers, far from 100 MB.
+    assert stub.sent and stub.sent[0] < 32 << 20, stub.sent
+
+
+@pytest.mark.component
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("mode", sorted(NOT_A_DISTRIBUTION))
+def test_scores_that_are_not_a_distribution_are_refused(stub: StubInference, api: str, mode: str) -> None:
+    stub.mode = mode
+    with pytest.raises(InferenceError, match="not a probability distribution|expected") as err:
+        HttpClassifier(stub.url, LABELS, api=api).classify(["login"])
+    assert not isinstance(err.value, InferenceUnavailable)
+
+
+# Hostile answers, one row each: the exception a classify must end in (never another kind, never a
+# prediction). "deadline" rows use a 1 s deadline.
+HOSTILE = [
+    ("503", InferenceUnavailable), ("429", InferenceUnavailable), ("hang", InferenceUnavailable),
+    ("trickle_body", InferenceUnavailable), ("trickle_status", InferenceUnavailable),
+    ("400", InferenceError), ("junk", InferenceError), ("redirect", InferenceError),
+    ("huge_length", InferenceError), ("huge_stream", InferenceError),
+    *((mode, InferenceError) for mode in sorted(NOT_A_DISTRIBUTION)),
+]
+
+
+@pytest.mark.component
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("mode,expected", HOSTILE)
+def test_hostile_inference_answers_table(stub: StubInference, api: str, mode: str, expected: type) -> None:
+    stub.mode, stub.redirect_to = mode, "http://127.0.0.1:9"
+    with pytest.raises(InferenceError) as err:
+        HttpClassifier(stub.url, LABELS, api=api, timeout=1.0).classify(["login", "billing"])
+    assert type(err.value) is expected, err.value
+    assert str(err.value)
+
+
+def _random_json(rng: Any, depth: int = 0) -> Any:
+    pick = rng.random()
+    if depth > 3 or pick < 0.35:
+        return rng.choice([0, 1, 0.5, -1, 1e308, 10**400, float("nan"), float("inf"), True, None, "billing", "x",
+                           rng.random(), rng.uniform(-2, 2)])
+    if pick < 0.7:
+        return [_random_json(rng, depth + 1) for _ in range(rng.randrange(0, 4))]
+    keys = ["label", "score", "index", "probs", "data", "error", rng.choice(LABELS)]
+    return {rng.choice(keys): _random_json(rng, depth + 1) for _ in range(rng.randrange(0, 4))}
+
+
+def _random_answer(rng: Any, api: str) -> bytes:
+    """A well-shaped answer with random faults, or random JSON, or random bytes."""
+    kind = rng.random()
+    if kind < 0.1:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(0, 64)))
+    if kind < 0.3:
+        return json.dumps(_random_json(rng)).encode()
+    rows = []
+    for _ in range(rng.choice([1, 1, 1, 0, 2])):
+        probs = [rng.choice([rng.random(), 1.0, 0.0, -0.5, 2.0, float("nan")]) for _ in range(rng.choice([3, 3, 2, 4]))]
+        if rng.random() < 0.4:
+            total = sum(p for p in probs if p == p) or 1.0
+            probs = [p / total for p in probs]
+        rows.append(probs)
+    if api == "tei":
+        return json.dumps([[{"label": rng.choice([*LABELS, "spam"]) if rng.random() < 0.1 else LABELS[i % 3],
+                             "score": p} for i, p in enumerate(row)] for row in rows]).encode()
+    return json.dumps({"data": [{"index": rng.choice([i, i, 0, 5, -1, "0"]), "probs": row} for i, row in enumerate(rows)]}).encode()
+
+
+@pytest.mark.component
+@pytest.mark.parametrize("api", APIS)
+def test_fuzz_random_answers_file_only_distributions(stub: StubInference, api: str) -> None:
+    import random
+
+    rng = random.Random(20240616)
+    stub.mode = "raw"
+    clf = HttpClassifier(stub.url, LABELS, api=api)
+    outcomes = {"filed": 0, "refused": 0}
+    for _ in range(300):
+        stub.raw = _random_answer(rng, api)
+        try:
+            [pred] = clf.classify(["login"])
+        except (InferenceError, LabelMismatchError):
+            outcomes["refused"] += 1
+            continue
+        # Anything filed is a real distribution over the configured labels.
+        assert set(pred.scores) == set(LABELS) and pred.label in LABELS, stub.raw
+        assert all(0 <= s <= 1 for s in pred.scores.values()) and abs(sum(pred.scores.values()) - 1) <= 0.01, stub.raw
+        assert pred.confidence == max(pred.scores.values())
+        outcomes["filed"] += 1
+    assert outcomes["filed"] and outcomes["refused"], outcomes  # the fuzz reached both sides
+
+
+@pytest.mark.component
+def test_smtp_filter_answers_451_when_the_inference_server_is_unavailable(
+    stub: StubInference, next_hop: tuple[NextHopHandler, int]
+) -> None:
+    import smtplib
+
+    hop, hop_port = next_hop
+    clf = HttpClassifier(stub.url, LABELS, timeout=1.0)
+
+    async def classify(texts: Any) -> Any:
+        return await asyncio.to_thread(clf.classify, texts), clf.version
+
+    loop = LoopThread()
+    server = SmtpFilter(make_config(listen_port=1, next_hop_port=hop_port), classify, port=0, hostname="relay.test",
+                        next_hop=NextHop("127.0.0.1", hop_port, timeout=5, local_hostname="relay.test"))
+    loop.run(server.start())
+    try:
+        for mode in ("503", "hang"):
+            stub.mode = mode
+            with pytest.raises(smtplib.SMTPDataError) as err:
+                send(server.port, mail("my login fails"))
+            assert err.value.smtp_code == 451, err.value
+        assert hop.received == []
+        stub.mode = "ok"
+        assert send(server.port, mail("my login fails")) == {}  # the sender's retry gets through
+        assert len(hop.received) == 1
+    finally:
+        loop.run(server.close(grace=1))
+        loop.stop()
 
 
 @pytest.mark.pure
@@ -254,3 +496,201 @@ def test_service_files_mail_through_http_backend_and_retries_outage(
         await asyncio.wait_for(task, 30)
 
     asyncio.run(main())
+
+
+# -- a hung inference server: the watchdog and SIGTERM ----------------------------------------------
+
+
+def _smtp_config(tmp_path: Path, stub: StubInference, listen: int, hop_port: int, timeout: float) -> Config:
+    return Config(
+        categories=CATEGORIES, state_path=str(tmp_path / "state.sqlite3"),
+        model=ModelConfig(path=str(tmp_path / "no-model-here"), backend="http", url=stub.url, timeout=timeout),
+        smtp=SmtpConfig(enabled=True, listen_host="127.0.0.1", listen_port=listen, next_hop_host="127.0.0.1",
+                        next_hop_port=hop_port),
+        training=TrainingConfig(schedule=""),
+    )
+
+
+def _send_outcome(port: int) -> str:
+    """What an MTA's delivery attempt ends in: '250', the code of a refusal, or 'dropped'."""
+    import smtplib
+
+    try:
+        send(port, mail("my login fails"))
+    except smtplib.SMTPResponseException as exc:
+        return str(exc.smtp_code)
+    except (smtplib.SMTPServerDisconnected, OSError):
+        return "dropped"
+    return "250"
+
+
+@pytest.mark.component  # SIGTERM to the runner, an AF_UNIX notify socket, real HTTP and SMTP servers
+def test_stuck_inference_stops_the_watchdog_and_sigterm_still_ends_the_service(
+    stub: StubInference, next_hop: tuple[NextHopHandler, int], tmp_path: Path,
+    notify_socket: Callable[[], list[str]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+    import signal
+
+    import structlog
+
+    from mailtriage.service.app import Service
+
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # a ping every 0.1 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    hop, hop_port = next_hop
+    listen = free_port()
+    # The hung call's deadline (300 s) is far past the worker's allowance and the shutdown grace.
+    config = _smtp_config(tmp_path, stub, listen, hop_port, timeout=300)
+    service = Service(config, None, inference_stuck_after=0.5, inference_grace=1.0)
+
+    async def main() -> None:
+        task = asyncio.create_task(service.run())
+        await asyncio.wait_for(service.ready.wait(), 30)
+        await wait_for(lambda: "WATCHDOG=1" in notify_socket(), 5, "a watchdog ping")
+        stub.mode = "hang"
+        with structlog.testing.capture_logs() as logs:
+            sender = asyncio.create_task(asyncio.to_thread(_send_outcome, listen))
+            await wait_for(lambda: any(e["event"] == "inference_worker_stuck" for e in logs), 10, "the stall logged")
+            await wait_for(lambda: any(s.startswith("STATUS=inference stuck") for s in notify_socket()), 5, "STATUS")
+            seen = len(notify_socket())
+            await asyncio.sleep(1.0)  # an observation window of ten ping intervals, not a synchronisation
+            assert "WATCHDOG=1" not in notify_socket()[seen:]  # systemd would restart us after WatchdogSec
+
+            started = time.monotonic()
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.wait_for(task, 120)
+            stopped_in = time.monotonic() - started
+            outcome = await sender
+        # The bound shutdown promises (SMTP grace 10 s + inference grace 1 s), against a 300 s hang.
+        assert stopped_in < 30, stopped_in
+        assert outcome in ("451", "dropped")  # the sender keeps the message and retries
+        assert hop.received == []
+        [abandoned] = [e for e in logs if e["event"] == "inference_worker_abandoned"]
+        assert abandoned["job"] == "classify 1 text(s)"
+
+    asyncio.run(main())
+
+
+@pytest.mark.component  # a subprocess, SIGTERM, real HTTP and SMTP servers
+def test_mailtriage_serve_exits_on_sigterm_while_the_inference_server_hangs(
+    stub: StubInference, next_hop: tuple[NextHopHandler, int], tmp_path: Path
+) -> None:
+    """The real command: a thread stuck on the hung server must not keep the process from exiting."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    hop, hop_port = next_hop
+    listen = free_port()
+    config_path = tmp_path / "config.toml"
+    config_path.write_text(serve_config_toml(tmp_path, stub.url, listen, hop_port, timeout=600))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("NOTIFY_SOCKET", None)
+    proc = subprocess.Popen([sys.executable, "-m", "mailtriage.cli.main", "--config", str(config_path), "serve"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_until(lambda: len(stub.requests) >= 1, 60, "the start-up probe")
+        wait_until(lambda: _port_open(listen), 30, "the SMTP filter listening")
+        stub.mode = "hang"
+        result: list[str] = []
+        sender = threading.Thread(target=lambda: result.append(_send_outcome(listen)), daemon=True)
+        sender.start()
+        wait_until(lambda: len(stub.requests) >= 2, 30, "the message's classify call")
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=45)  # systemd's TimeoutStopSec is 60
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("mailtriage serve did not exit within 45 s of SIGTERM while a call hung")
+        sender.join(35)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.communicate()[0].decode(errors="replace")
+    assert rc == 0, out
+    assert "inference_worker_abandoned" in out
+    assert result in (["451"], ["dropped"]) and hop.received == []
+
+
+def serve_config_toml(tmp_path: Path, url: str, listen: int, hop_port: int, timeout: float) -> str:
+    return f"""
+state_path = "{tmp_path / 'state.sqlite3'}"
+metrics_port = 0
+
+[categories]
+billing = "Support/Billing"
+login = "Support/Login"
+refunds = "Support/Refunds"
+
+[model]
+path = "{tmp_path / 'no-model-here'}"
+backend = "http"
+url = "{url}"
+timeout = {timeout}
+
+[smtp]
+enabled = true
+listen_host = "127.0.0.1"
+listen_port = {listen}
+next_hop_host = "127.0.0.1"
+next_hop_port = {hop_port}
+
+[training]
+schedule = ""
+"""
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.component
+def test_the_deadline_covers_a_tls_handshake_that_never_ends() -> None:
+    # A server that accepts TCP and never answers the ClientHello: https:// is bounded like http://.
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    thread = threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True)
+    thread.start()
+    try:
+        url = f"https://127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(InferenceUnavailable, match="within the 1 s deadline"):
+            HttpClassifier(url, LABELS, timeout=1.0).classify(["login"])
+    finally:
+        thread.join(5)
+        for sock in (*accepted, listener):
+            sock.close()
+
+
+@pytest.mark.component
+def test_stop_while_the_start_up_probe_hangs(stub: StubInference, tmp_path: Path) -> None:
+    from mailtriage.service.app import Service
+
+    stub.mode = "hang"
+    config = _smtp_config(tmp_path, stub, free_port(), 9, timeout=300)
+    service = Service(config, None, inference_grace=0.5)
+
+    async def main() -> None:
+        task = asyncio.create_task(service.run())
+        await wait_for(lambda: len(stub.requests) == 1, 30, "the start-up probe")
+        service.stop()
+        await asyncio.wait_for(task, 60)  # the probe's own deadline is 300 s
+
+    asyncio.run(main())
+    assert not service.ready.is_set()

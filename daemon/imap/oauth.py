@@ -10,8 +10,12 @@
   token when it expires within ``REFRESH_MARGIN_S`` (a rotated refresh token is saved at once).
   The IMAP connection calls it at every (re)connect and authenticates with XOAUTH2 or OAUTHBEARER.
 
-Standard library only (urllib). Endpoints can be overridden per account (``oauth_token_url``,
-``oauth_device_url``, ``oauth_authorize_url``), which is how the tests point them at a local stub.
+Standard library only. Every call to an OAuth endpoint has one total deadline (``CALL_DEADLINE_S``)
+and a byte cap (``MAX_ANSWER_BYTES``) and never follows a redirect (``mailtriage.httpcall``), so a hung
+token endpoint cannot hold a reconnect for ever. Answers of these endpoints carry credentials: they are
+never logged nor put into an error message, only their status, length and content type. Endpoints can
+be overridden per account (``oauth_token_url``, ``oauth_device_url``, ``oauth_authorize_url``), which is
+how the tests point them at a local stub.
 """
 
 from __future__ import annotations
@@ -23,21 +27,29 @@ import http.server
 import json
 import os
 import secrets
+import math
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import structlog
+
+from mailtriage import httpcall
 from mailtriage.config import AccountConfig
 from mailtriage.errors import ConfigError, MailboxError
 
+log = structlog.get_logger(__name__)
+
 # Refresh this long before the access token expires (Microsoft and Google issue 1-hour tokens).
 REFRESH_MARGIN_S = 300
+CALL_DEADLINE_S = 30.0          # one whole call to an OAuth endpoint: connect, send, the full answer
+MAX_ANSWER_BYTES = 1 << 20      # a token answer is a few KB
+DEFAULT_LIFETIME_S = 3600.0     # expires_in is optional (RFC 6749 §5.1): the providers' usual hour
+MAX_LIFETIME_S = 86400.0        # trust no longer than a day without asking again
 _DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 
 
@@ -82,26 +94,57 @@ def _client_secret(account: AccountConfig) -> str | None:
         ) from exc
 
 
-def _post(url: str, fields: dict[str, str], timeout: float = 30) -> tuple[int, dict[str, Any]]:
-    """POST a form, return (HTTP status, JSON body); OAuth errors come as 400 with a JSON body."""
+def _post(url: str, fields: dict[str, str], timeout: float | None = None) -> tuple[int, dict[str, Any]]:
+    """POST a form, return (HTTP status, JSON body); OAuth errors come as 400 with a JSON body.
+
+    The answer may hold tokens: what goes into a log or an error is its status, length and type only.
+    """
     data = urllib.parse.urlencode(fields).encode()
-    req = urllib.request.Request(url, data=data, method="POST",
-                                 headers={"Content-Type": "application/x-www-form-urlencoded",
-                                          "Accept": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
-    except (urllib.error.URLError, OSError) as exc:
-        raise MailboxError(f"cannot reach the OAuth server {url}: {getattr(exc, 'reason', exc)}") from exc
+        answer = httpcall.post(url, data, deadline_s=CALL_DEADLINE_S if timeout is None else timeout,
+                               max_bytes=MAX_ANSWER_BYTES,
+                               headers={"Content-Type": "application/x-www-form-urlencoded",
+                                        "Accept": "application/json"})
+    except httpcall.CallFailed as exc:
+        raise MailboxError(f"the OAuth server call failed: {exc}; it is tried again at the next reconnect",
+                           transient=exc.kind in ("unreachable", "deadline")) from exc
+    status, raw = answer.status, answer.body
+    shape = f"HTTP {status}, {len(raw)} bytes of {answer.content_type}"
+    if 300 <= status < 400:
+        log.warning("oauth_answer_refused", url=url, status=status, length=len(raw), why="redirect")
+        raise MailboxError(f"the OAuth server {url} answered a redirect ({shape}); mailtriage never follows "
+                           "redirects: set the endpoint's final address (oauth_token_url / oauth_device_url)")
     try:
         body = json.loads(raw or b"{}")
-    except ValueError as exc:
-        raise MailboxError(f"the OAuth server {url} answered HTTP {status} with non-JSON: {raw[:120]!r}") from exc
+    except (ValueError, RecursionError) as exc:
+        log.warning("oauth_answer_refused", url=url, status=status, length=len(raw),
+                    content_type=answer.content_type, why="not JSON")
+        raise MailboxError(
+            f"the OAuth server {url} answered {shape}, not JSON (RFC 6749 §5.1); the body is not shown "
+            "because it may hold credentials: is oauth_token_url the provider's OAuth 2.0 token endpoint?",
+            transient=status >= 500,
+        ) from exc
     if not isinstance(body, dict):
-        raise MailboxError(f"the OAuth server {url} answered {body!r}; expected a JSON object")
+        log.warning("oauth_answer_refused", url=url, status=status, length=len(raw), why="not a JSON object")
+        raise MailboxError(f"the OAuth server {url} answered {shape} holding a JSON {type(body).__name__}; "
+                           "expected a JSON object")
     return status, body
+
+
+def _seconds(value: Any, default: float, what: str, url: str | None) -> float:
+    """A lifetime or interval from an OAuth answer: a number (or a numeric string) of seconds, in range.
+
+    Anything else (text, null, negative, NaN) is logged and replaced by ``default``: a
+    refresh that happens sooner than needed costs one call, a traceback costs every reconnect.
+    """
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        log.warning("oauth_answer_value_invalid", field=what, url=url, type=type(value).__name__, using=default)
+        return default
+    return number
 
 
 # -- the token store ------------------------------------------------------------------------------
@@ -147,17 +190,26 @@ class TokenStore:
         os.replace(tmp, self.path)
 
     def store_grant(self, grant: dict[str, Any], now: float | None = None) -> dict[str, Any]:
-        """Save a token-endpoint answer (keeps the old refresh token when none is sent back)."""
+        """Save a token-endpoint answer (keeps the old refresh token when none is sent back).
+
+        An ``expires_in`` that is absent counts as an hour; one that is not a sane number (text,
+        negative, NaN) as already expired, so the token is refreshed at the next connect.
+        """
         now = time.time() if now is None else now
-        if not isinstance(grant.get("access_token"), str):
-            raise MailboxError(f"the OAuth server answered without an access_token: {sorted(grant)}")
+        if not isinstance(grant.get("access_token"), str) or not grant["access_token"]:
+            fields = sorted(map(str, grant))[:20]
+            raise MailboxError(f"the OAuth server answered without an access_token (fields: {fields})")
+        token_url = provider_for(self.account).token_url
+        lifetime = min(_seconds(grant.get("expires_in", DEFAULT_LIFETIME_S), 0.0, "expires_in", token_url),
+                       MAX_LIFETIME_S)
         old_refresh = None
         if self.path.exists():
             try:
                 old_refresh = json.loads(self.path.read_text(encoding="utf-8")).get("refresh_token")
             except (OSError, ValueError):
                 old_refresh = None
-        refresh = grant.get("refresh_token") or old_refresh
+        refresh = grant.get("refresh_token") if isinstance(grant.get("refresh_token"), str) else None
+        refresh = refresh or old_refresh
         if not refresh:
             raise MailboxError(
                 "the OAuth server issued no refresh_token: for Microsoft the scope must include offline_access; "
@@ -168,8 +220,8 @@ class TokenStore:
             "provider": self.account.oauth_provider,
             "access_token": grant["access_token"],
             "refresh_token": refresh,
-            "expires_at": now + float(grant.get("expires_in", 3600)),
-            "scope": grant.get("scope"),
+            "expires_at": now + lifetime,
+            "scope": grant.get("scope") if isinstance(grant.get("scope"), str) else None,
             "updated_at": now,
         }
         self.save(data)
@@ -181,7 +233,9 @@ class TokenStore:
             fcntl.flock(lock_fh, fcntl.LOCK_EX)  # another process (mailtriage auth, a 2nd daemon) may refresh too
             now = time.time() if now is None else now
             data = self.load()
-            if data.get("access_token") and float(data.get("expires_at", 0)) - now > REFRESH_MARGIN_S:
+            expires_at = data.get("expires_at")
+            valid = isinstance(expires_at, (int, float)) and not isinstance(expires_at, bool) and math.isfinite(expires_at)
+            if data.get("access_token") and valid and expires_at - now > REFRESH_MARGIN_S:
                 return str(data["access_token"])
             return str(self._refresh(data, now)["access_token"])
 
@@ -198,14 +252,20 @@ class TokenStore:
             fields["client_secret"] = secret
         status, body = _post(provider.token_url, fields)
         if status != 200 or "access_token" not in body:
-            error = body.get("error", f"HTTP {status}")
+            error = _text(body.get("error")) or f"HTTP {status}"
             hint = (f"the refresh token was revoked or expired: run `mailtriage auth {account.name}` again"
                     if error == "invalid_grant" else "check oauth_client_id / oauth_client_secret_file and the tenant")
             raise MailboxError(
                 f"refreshing the OAuth token of account {account.name!r} at {provider.token_url} failed: {error} "
-                f"({body.get('error_description', '')!s:.200}); {hint}"
+                f"({_text(body.get('error_description'))}); {hint}",
+                transient=status >= 500 or status == 429,
             )
         return self.store_grant(body, now)
+
+
+def _text(value: Any) -> str:
+    # The error fields of an OAuth answer, as text for a message: short, and only when they are text.
+    return value[:200] if isinstance(value, str) else ""
 
 
 def access_token(account: AccountConfig) -> str:
@@ -232,8 +292,9 @@ def device_flow(account: AccountConfig, out: TextIO, *, sleep: Callable[[float],
     url = start.get("verification_uri") or start.get("verification_url")
     print(start.get("message") or f"To sign in {account.username}, open {url} and enter the code {start['user_code']}",
           file=out, flush=True)
-    interval = float(start.get("interval", 5))
-    deadline = time.monotonic() + float(start.get("expires_in", 900))
+    interval = min(_seconds(start.get("interval", 5.0), 5.0, "interval", provider.device_url), 60.0)
+    lifetime = _seconds(start.get("expires_in", 900.0), 900.0, "expires_in", provider.device_url)
+    deadline = time.monotonic() + min(lifetime, 3600.0)
     fields = {"grant_type": _DEVICE_GRANT, "device_code": start["device_code"], "client_id": client_id}
     if secret:
         fields["client_secret"] = secret

@@ -12,26 +12,42 @@ Two wire formats, both for a sequence-classification model:
   the answer is ``{"data": [{"index": 0, "label": ..., "probs": [...]}, ...]}``, ``probs`` in the
   model's label-id order, which for a model exported by mailtriage-train is the [categories] order.
 
-Every failure (server down, timeout, HTTP 5xx/4xx, a body that is not the expected JSON) raises
-InferenceError, which the watcher and the SMTP filter treat like any classifier failure: the message
-is left untouched and retried later (IMAP) or answered 451 (SMTP). A label outside the configured
-label set is refused with LabelMismatchError: filing mail by a model trained on other categories
-would be silently wrong.
+Every call has one total deadline (``timeout``, from ``[model] timeout``: connect, send and the whole
+answer, so a server trickling bytes cannot hold the inference worker), a byte cap on the answer
+(``max_answer_bytes``, by default derived from the batch size) and never follows a redirect.
+
+Failures come in two kinds. InferenceUnavailable: the server cannot answer now (refused or reset
+connection, past the deadline, HTTP 5xx or 429); nothing is wrong with the message, so the watcher
+leaves it for a later pass and the SMTP filter answers 451. InferenceError: an answer that is wrong
+(a redirect, HTTP 4xx, a body over the cap or not the expected JSON, scores that are not a
+probability distribution: out of 0..1, NaN, or not summing to 1), also 451 at the SMTP filter; the
+watcher treats it like any classifier failure. A label outside the configured label set is refused
+with LabelMismatchError: filing mail by a model trained on other categories would be silently wrong.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mailtriage import httpcall
 from mailtriage.core.classifier import Prediction
 from mailtriage.errors import InferenceError, InferenceUnavailable, LabelMismatchError
 
 APIS = ("tei", "vllm")
+# A softmax over the labels sums to 1; servers that round each score (to 3 decimals, say) stay well inside.
+SUM_TOLERANCE = 0.01
+# The answer for one text is a few hundred bytes per label; this leaves room for verbose servers and
+# still refuses a runaway body long before it costs memory.
+ANSWER_BYTES_BASE = 1 << 20
+ANSWER_BYTES_PER_TEXT = 256 << 10
+
+
+def answer_cap(batch_size: int) -> int:
+    """The default byte cap of one answer for ``batch_size`` texts (5 MiB for the default 16)."""
+    return ANSWER_BYTES_BASE + ANSWER_BYTES_PER_TEXT * max(1, batch_size)
 
 
 class HttpClassifier:
@@ -46,6 +62,7 @@ class HttpClassifier:
         remote_model: str | None = None,
         timeout: float = 30.0,
         batch_size: int = 16,
+        max_answer_bytes: int | None = None,
     ) -> None:
         if api not in APIS:
             raise ValueError(f"api = {api!r}: expected one of {APIS}")
@@ -55,6 +72,7 @@ class HttpClassifier:
         self.remote_model = remote_model
         self.timeout = timeout
         self.batch_size = batch_size
+        self.max_answer_bytes = max_answer_bytes if max_answer_bytes is not None else answer_cap(batch_size)
         self.version = f"http:{remote_model}" if remote_model else f"http:{self.url}"
 
     def __repr__(self) -> str:
@@ -87,10 +105,14 @@ class HttpClassifier:
         predictions = []
         for i, row in enumerate(body):
             if not isinstance(row, list) or not all(
-                isinstance(s, dict) and isinstance(s.get("label"), str) and _is_prob(s.get("score")) for s in row
+                isinstance(s, dict) and isinstance(s.get("label"), str) and _is_number(s.get("score")) for s in row
             ):
                 raise InferenceError(f"{endpoint}: result #{i} is {_short(row)}; expected [{{\"label\", \"score\"}}, ...]")
-            predictions.append(self._prediction({s["label"]: float(s["score"]) for s in row}, endpoint))
+            scores = {s["label"]: float(s["score"]) for s in row}
+            if len(scores) != len(row):
+                raise InferenceError(f"{endpoint}: result #{i} names a label twice: {_short(row)}")
+            _check_distribution(list(scores.values()), endpoint, i)
+            predictions.append(self._prediction(scores, endpoint))
         return predictions
 
     def _vllm(self, texts: list[str]) -> list[Prediction]:
@@ -109,8 +131,8 @@ class HttpClassifier:
         for pos, item in enumerate(data):
             index = item.get("index", pos) if isinstance(item, dict) else None
             probs = item.get("probs") if isinstance(item, dict) else None
-            if (not isinstance(index, int) or not 0 <= index < len(texts) or not isinstance(probs, list)
-                    or not all(_is_prob(p) for p in probs)):
+            if (not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(texts)
+                    or not isinstance(probs, list) or not all(_is_number(p) for p in probs)):
                 raise InferenceError(f"{endpoint}: result #{pos} is {_short(item)}; expected index, label, probs")
             if len(probs) != len(self.labels):
                 raise LabelMismatchError(
@@ -118,6 +140,7 @@ class HttpClassifier:
                     f"({', '.join(self.labels)}): the served model was trained on another label set; "
                     "serve the model exported for this config"
                 )
+            _check_distribution([float(p) for p in probs], endpoint, pos)
             scores = dict(zip(self.labels, (float(p) for p in probs), strict=True))
             pred = self._prediction(scores, endpoint)
             top = item.get("label")
@@ -145,36 +168,60 @@ class HttpClassifier:
         return Prediction(label=best, confidence=full[best], scores=full)
 
     def _post(self, endpoint: str, payload: Mapping[str, Any]) -> Any:
-        request = urllib.request.Request(
-            endpoint,
-            data=json.dumps(payload).encode(),
-            headers={"Content-Type": "application/json", "Accept": "application/json"},
-            method="POST",
+        try:
+            answer = httpcall.post(
+                endpoint, json.dumps(payload).encode(),
+                headers={"Content-Type": "application/json", "Accept": "application/json"},
+                deadline_s=self.timeout, max_bytes=self.max_answer_bytes,
+            )
+        except httpcall.CallFailed as exc:
+            if exc.kind in ("unreachable", "deadline"):
+                raise InferenceUnavailable(
+                    f"{exc}; is the inference server running and healthy? ([model] url = {self.url!r}, "
+                    f"timeout = {self.timeout:g} s for the whole call); the message is retried later"
+                ) from exc
+            raise InferenceError(f"{exc}: that is not an answer of an inference server") from exc
+        status = answer.status
+        if 300 <= status < 400:
+            raise InferenceError(
+                f"{endpoint} answered HTTP {status} {answer.reason}, a redirect to "
+                f"{answer.headers.get('Location', '(no Location)')!s:.200}; mailtriage never follows redirects: "
+                "set [model] url to the inference server's own address"
+            )
+        if status != 200:
+            detail = answer.body[:300].decode("utf-8", "replace").strip() or "(no body)"
+            # 5xx and 429: the server is overloaded, loading or broken now; 408: it gave up waiting.
+            if status >= 500 or status in (408, 429):
+                raise InferenceUnavailable(
+                    f"{endpoint} answered HTTP {status} {answer.reason}: {detail}; the message is retried later"
+                )
+            raise InferenceError(f"{endpoint} answered HTTP {status} {answer.reason}: {detail}")
+        try:
+            return json.loads(answer.body)
+        except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested past the parser's depth
+            raise InferenceError(f"{endpoint} answered non-JSON: {answer.body[:120]!r}") from exc
+
+
+def _check_distribution(scores: list[float], endpoint: str, index: int) -> None:
+    # A softmax answer is a probability distribution; anything else (all 1.0, raw logits, a sigmoid
+    # multi-label head, NaN) would file mail at a confidence that means nothing.
+    total = math.fsum(scores)
+    if not all(0.0 <= s <= 1.0 for s in scores) or abs(total - 1.0) > SUM_TOLERANCE:
+        raise InferenceError(
+            f"{endpoint}: the scores of result #{index} are not a probability distribution "
+            f"(sum {total:.4g}, range {min(scores, default=float('nan')):.4g}..{max(scores, default=float('nan')):.4g}); "
+            f"expected softmax scores in 0..1 summing to 1 (within {SUM_TOLERANCE}): serve a single-label "
+            "classification model with softmax (TEI: raw_scores false), such as one exported by mailtriage-train"
         )
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read(300).decode("utf-8", "replace") if exc.fp is not None else ""
-            # 5xx and 429: the server's trouble, not the message's (never taken for poison).
-            raise (InferenceUnavailable if exc.code >= 500 or exc.code == 429 else InferenceError)(
-                f"{endpoint} answered HTTP {exc.code} {exc.reason}: {detail.strip() or '(no body)'}; "
-                "the message is retried later"
-            ) from exc
-        except (urllib.error.URLError, OSError) as exc:  # refused, DNS, timeout, reset
-            reason = getattr(exc, "reason", exc)
-            raise InferenceUnavailable(
-                f"cannot reach the inference server at {endpoint}: {reason}; is it running? "
-                f"([model] url = {self.url!r}); the message is retried later"
-            ) from exc
-        try:
-            return json.loads(raw)
-        except ValueError as exc:
-            raise InferenceError(f"{endpoint} answered non-JSON: {raw[:120]!r}") from exc
 
 
-def _is_prob(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
+def _is_number(value: Any) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float (JSON allows any number of digits)
+        return False
 
 
 def _short(value: Any) -> str:
@@ -182,4 +229,4 @@ def _short(value: Any) -> str:
     return text
 
 
-__all__ = ["APIS", "HttpClassifier"]
+__all__ = ["APIS", "HttpClassifier", "answer_cap"]

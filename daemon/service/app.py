@@ -29,13 +29,15 @@ from mailtriage.core import backoff as core_backoff
 from mailtriage.core.classifier import Prediction
 from mailtriage.errors import ConfigError
 from mailtriage.service import metrics_server, sdnotify
-from mailtriage.service.inference import ClassifyFn, Inference, ModelLoader
+from mailtriage.service.inference import SHUTDOWN_GRACE_S, ClassifyFn, Inference, ModelLoader
 from mailtriage.service.jobs import ClientFactory, Jobs
 
 if TYPE_CHECKING:
     from mailtriage.store.state import StateDB
 
 log = structlog.get_logger(__name__)
+
+STALL_CHECK_S = 5.0  # how often a stuck inference worker is looked for when systemd sets no watchdog
 
 
 class Watcher(Protocol):
@@ -83,6 +85,8 @@ class Service:
         join_timeout: float = 30.0,
         retrain_command: Sequence[str] | None = None,
         on_start: Sequence[StartHook] | None = None,
+        inference_grace: float = SHUTDOWN_GRACE_S,
+        inference_stuck_after: float | None = None,
     ) -> None:
         if not config.accounts and not config.smtp.enabled and not config.milter.enabled:
             raise ConfigError(
@@ -95,6 +99,7 @@ class Service:
         self._watcher_factory = watcher_factory
         self._state = state
         self.join_timeout = join_timeout
+        self.inference_grace = inference_grace
         # None: what the config asks for (the SMTP content filter when [smtp] enabled); tests pass their own.
         self._on_start = list(on_start) if on_start is not None else _default_hooks(config)
         self._closers: list[Callable[[], Awaitable[None]]] = []
@@ -102,7 +107,8 @@ class Service:
         self._stop = threading.Event()          # seen by the watcher threads
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.inference = Inference(config, load_model=load_model, on_swap=self._notify_status)
+        self.inference = Inference(config, load_model=load_model, on_swap=self._notify_status,
+                                   stuck_after=inference_stuck_after)
         self.jobs = Jobs(
             config, config_path, reloader=self.inference, stop=self._stop, client_factory=client_factory,
             retrain_command=retrain_command, reload_interval=reload_interval,
@@ -196,11 +202,30 @@ class Service:
         n = sum(len(a.mailboxes) for a in self.config.accounts)
         sdnotify.notify(f"STATUS=model {self.model_version}; watching {n} mailbox(es)")
 
-    async def _watchdog(self, interval: float) -> None:
-        # Pinging from the event loop proves the loop is alive; a wedged loop gets us restarted.
+    async def _watchdog(self, interval: float | None) -> None:
+        # Pinging from the event loop proves the loop is alive; a wedged loop gets us restarted. A
+        # loop that is fine around a stuck inference worker files nothing either: no ping then, so
+        # systemd restarts us after WatchdogSec (the message being classified stays unfiled, and is
+        # classified after the restart). Without a systemd watchdog the stall is still logged.
+        stuck = False
         while True:
-            sdnotify.notify("WATCHDOG=1")
-            await asyncio.sleep(interval)
+            stall = self.inference.stall()
+            if stall is None:
+                if stuck:
+                    stuck = False
+                    log.info("inference_worker_recovered")
+                    self._notify_status()
+                if interval:
+                    sdnotify.notify("WATCHDOG=1")
+            elif not stuck:
+                stuck = True
+                log.error(
+                    "inference_worker_stuck", job=stall.what, busy_s=round(stall.busy_s, 1), allowed_s=stall.allowed_s,
+                    watchdog="pings stopped: systemd restarts the service after WatchdogSec" if interval else "not set",
+                    hint="check the inference server ([model] url) or the model; the message stays where it is",
+                )
+                sdnotify.notify(f"STATUS=inference stuck for {stall.busy_s:.0f} s ({stall.what}); watchdog pings stopped")
+            await asyncio.sleep(interval or STALL_CHECK_S)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -246,7 +271,8 @@ class Service:
         watchdog: asyncio.Task[None] | None = None
         try:
             sdnotify.notify("STATUS=loading model")
-            await self.inference.load()
+            if not await self._unless_stopped(self.inference.load()):
+                return  # stopped while loading (e.g. a hung start-up probe): the finally shuts down
             if self._state is None:
                 from mailtriage.store.state import StateDB
 
@@ -267,9 +293,7 @@ class Service:
                 closer = await hook(self)
                 if closer is not None:
                     self._closers.append(closer)
-            interval = sdnotify.watchdog_interval()
-            if interval:
-                watchdog = asyncio.create_task(self._watchdog(interval), name="watchdog")
+            watchdog = asyncio.create_task(self._watchdog(sdnotify.watchdog_interval()), name="watchdog")
             sdnotify.notify("READY=1")
             self._notify_status()
             self.ready.set()
@@ -286,12 +310,34 @@ class Service:
             for sig in signals:
                 loop.remove_signal_handler(sig)
 
+    async def _unless_stopped(self, work: Awaitable[object]) -> bool:
+        """Await ``work`` unless a stop comes first: True when it finished (its errors raise), False on stop.
+
+        Start-up work may wait on another server; a SIGTERM meanwhile must not wait with it.
+        """
+        assert self._stopping is not None
+        task = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if task.done():
+            task.result()
+            return True
+        task.cancel()  # the inference worker's job itself is abandoned by Inference.shutdown
+        return False
+
     async def _shutdown(self, watchdog: asyncio.Task[None] | None) -> None:
         self._stop.set()
         if watchdog is not None:
             watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watchdog
+        # First, and alongside the rest: the batch in progress gets inference_grace seconds, queued
+        # ones fail at once. A worker stuck on a hung server is abandoned (a daemon thread), so the
+        # watchers and SMTP sessions waiting on it are released instead of holding up the exit.
+        inference_closed = asyncio.create_task(self.inference.shutdown(self.inference_grace), name="inference-shutdown")
         for closer in reversed(self._closers):
             try:
                 await closer()
@@ -300,7 +346,7 @@ class Service:
         await self.jobs.shutdown()  # the retrain process first, then the scheduler
         # Watchers finish or abandon their current batch; the state db makes either safe.
         await asyncio.to_thread(self._join_watchers)
-        await self.inference.shutdown()
+        await inference_closed
         if self._metrics_server is not None:
             await self._metrics_server.close()
         close = getattr(self._state, "close", None)

@@ -10,9 +10,9 @@ PYTEST_ARGS ?=
 # Dovecot is the real IMAP server the tests and the demo start on 127.0.0.1; Pigeonhole
 # (dovecot-sieve, which brings sievec) runs the IMAPSieve "learn on move" hook in tests/test_learn.py;
 # systemd-analyze verifies and scores the units in tests/test_systemd.py. Postfix runs the README's
-# content-filter and milter recipes in tests/test_postfix.py and tests/test_postfix_milter.py (its own
-# throwaway instance each; openssl makes the DKIM
-# test key). "No configuration" writes no /etc/postfix/main.cf, so no system Postfix starts on
+# content-filter and milter recipes in tests/test_postfix.py and tests/test_postfix_milter.py (a
+# throwaway instance each; openssl makes the DKIM test key). "No configuration" writes no
+# /etc/postfix/main.cf, so no system Postfix starts on
 # port 25; --no-remove makes apt stop rather than replace another MTA (exim4) already installed.
 deps:
 	@{ command -v dovecot || test -x /usr/sbin/dovecot; } >/dev/null 2>&1 && command -v sievec >/dev/null 2>&1 || { \

@@ -12,8 +12,8 @@ PYTEST_ARGS ?=
 # systemd-analyze verifies and scores the units in tests/test_systemd.py. Postfix runs the README's
 # content-filter and milter recipes in tests/test_postfix.py and tests/test_postfix_milter.py (a
 # throwaway instance each; openssl makes the DKIM test key). "No configuration" writes no
-# /etc/postfix/main.cf, so no system Postfix starts on
-# port 25; --no-remove makes apt stop rather than replace another MTA (exim4) already installed.
+# /etc/postfix/main.cf, so no system Postfix starts on port 25; --no-remove makes apt stop rather
+# than replace another MTA (exim4) already installed.
 deps:
 	@{ command -v dovecot || test -x /usr/sbin/dovecot; } >/dev/null 2>&1 && command -v sievec >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dovecot-imapd dovecot-sieve >/dev/null; \

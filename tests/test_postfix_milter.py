@@ -13,6 +13,7 @@ import os
 import shutil
 import smtplib
 import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -265,6 +266,64 @@ def test_mail_from_the_sendmail_command_goes_through_the_milter_too(pipeline: St
     assert mailtriage_fields(d.content) == [(b"X-Mailtriage-Category", b"billing"),
                                             (b"X-Mailtriage-Confidence", b"0.9500")]
     assert body_of(d.content) == body_of(raw)
+
+
+# -- no delayed-ACK stall per message ---------------------------------------------------------------
+
+DELAYED_ACK_MESSAGES = 20
+
+
+def _delayed_acks() -> int:
+    """The kernel's count of ACKs it sent only when the delayed-ACK timer fired (TcpExt DelayedACKs)."""
+    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines() if line.startswith("TcpExt:")]
+    names, values = lines[0], lines[1]
+    return int(dict(zip(names, values))["DelayedACKs"])
+
+
+def delayed_acks_child() -> None:
+    """In a network namespace of its own (so the count is ours alone): Postfix + milter + sink, one
+    SMTP session sending DELAYED_ACK_MESSAGES mails; prints how many delayed ACKs that took."""
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    loop = LoopThread()
+    server = MilterServer(make_config(), keyword_classify, host="127.0.0.1", port=0)
+    loop.run(server.start())
+    sink = SmtpSink().start()
+    postfix = Postfix(sink.port, recipe="milter", milter_port=server.port).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", postfix.smtpd_port, local_hostname="client.test", timeout=30) as client:
+            client.sendmail("customer@example.org", ["support@example.com"], mail("warm-up invoice\n"))
+            postfix.wait_queue(lambda queue: not queue, what="the warm-up delivered")
+            sink.wait_for(lambda got: len(got) == 1)
+            before = _delayed_acks()
+            for n in range(DELAYED_ACK_MESSAGES):
+                client.sendmail("customer@example.org", ["support@example.com"], mail(f"invoice {n}\n"))
+            after = _delayed_acks()
+        sink.wait_for(lambda got: len(got) == 1 + DELAYED_ACK_MESSAGES)
+    finally:
+        postfix.stop()
+        sink.stop()
+        loop.run(server.close(grace=1))
+        loop.stop()
+    print(f"DELAYED_ACKS {after - before}", flush=True)
+
+
+def test_postfix_packets_that_want_no_answer_are_acknowledged_at_once() -> None:
+    # Postfix writes macros and headers one small write each, with Nagle's algorithm on: each waits
+    # for the ACK of the one before. Had the milter's socket kept the kernel's delayed ACKs (40 ms),
+    # every message would wait for that timer once or twice (counted here, not timed).
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None or shutil.which("ip") is None:
+        pytest.skip("needs root, unshare and ip: the count is taken in a network namespace of its own")
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [unshare, "--net", sys.executable, "-c",
+         "from tests.test_postfix_milter import delayed_acks_child; delayed_acks_child()"],
+        cwd=repo, capture_output=True, text=True, timeout=120,
+    )
+    counts = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("DELAYED_ACKS ")]
+    assert done.returncode == 0 and counts, f"the child failed ({done.returncode}):\n{done.stderr[-3000:]}"
+    # Without quick ACKs: about two per message; with them: none (a few allowed for Postfix's own chatter).
+    assert int(counts[0]) < DELAYED_ACK_MESSAGES // 2, counts
 
 
 # -- the docs show the file the tests apply ------------------------------------------------------------

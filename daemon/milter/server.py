@@ -13,9 +13,10 @@ Importing this module does not import torch or aiosmtpd.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -39,6 +40,7 @@ RecordFn = Callable[[str, Decision, str], None]  # (message key, decision, model
 
 CLOSE_GRACE = 10.0  # seconds a shutdown waits for messages being classified
 WRITE_TIMEOUT = 30.0  # an MTA that stops reading our answer is dropped
+_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 async def classify_message(config: Config, classify: ClassifyAsync, raw: bytes) -> tuple[Decision, str, str]:
@@ -161,7 +163,9 @@ class MilterServer:
     async def _converse(
         self, session: MilterSession, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
     ) -> None:
+        sock = writer.get_extra_info("socket")
         while True:
+            _ack_at_once(sock)
             code, payload = await asyncio.wait_for(self._read_packet(reader), self.idle_timeout)
             outcome = session.receive(code, p.parse_command(code, payload))
             if isinstance(outcome, Close):
@@ -215,6 +219,24 @@ class MilterServer:
 def session_forged(packets: Sequence[bytes]) -> int:
     """How many of the answer's packets delete a forged field (for the log line)."""
     return sum(1 for pkt in packets if pkt[4:5] == p.SMFIR_CHGHEADER)
+
+
+def _ack_at_once(sock: Any) -> None:
+    """Acknowledge the MTA's next packets at once instead of after the delayed-ACK timer.
+
+    Postfix writes the packets that want no answer (macros, and headers with "no reply" negotiated)
+    one write each, with Nagle's algorithm on, so each small write waits until the one before it
+    is acknowledged. Our socket has been answering commands, so the kernel delays its ACKs (Linux:
+    40 ms) hoping to ride them on an answer that never comes: that stalled every message by ~40 ms
+    behind a real Postfix. TCP_QUICKACK ends that, but the kernel drops back to delayed ACKs after
+    we answer, so it is set again before every read. Not a TCP socket, or not Linux: nothing to do.
+    """
+    if _TCP_QUICKACK is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+    except OSError:
+        pass  # a connection already reset: the read that follows reports it
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:

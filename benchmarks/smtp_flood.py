@@ -1,4 +1,4 @@
-"""1,100 idle clients against the SMTP content filter (issue 8 item 6): real mail still gets through.
+"""1,100 idle clients against the SMTP content filter: real mail still gets through.
 
     .venv/bin/python -m benchmarks.smtp_flood                    # 1,100 idle clients, defaults below
     .venv/bin/python -m benchmarks.smtp_flood --clients 300 --idle-timeout 5

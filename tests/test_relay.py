@@ -36,7 +36,6 @@ from mailtriage.errors import ConfigError
 from mailtriage.smtp.relay import ClassifyAsync, NextHop, SmtpFilter
 from mailtriage.testing.fakes import KeywordClassifier
 
-pytestmark = pytest.mark.component
 
 CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
 LABELS = tuple(CATEGORIES)
@@ -183,6 +182,7 @@ def headers_of(envelope: Envelope) -> list[tuple[str, str]]:
 # -- the happy path -------------------------------------------------------------------------------
 
 
+@pytest.mark.component
 def test_message_relayed_with_headers_and_forged_ones_removed(
     next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
 ) -> None:
@@ -210,6 +210,7 @@ def test_message_relayed_with_headers_and_forged_ones_removed(
     assert "ABC123" in relayed[0]["next_hop_reply"]
 
 
+@pytest.mark.component
 def test_multiple_recipients_and_a_null_sender(next_hop: tuple[NextHopHandler, int], start_relay: StartRelay) -> None:
     hop, hop_port = next_hop
     port = start_relay(keyword_classify, hop_port)
@@ -221,6 +222,7 @@ def test_multiple_recipients_and_a_null_sender(next_hop: tuple[NextHopHandler, i
     assert headers_of(env)[0] == ("X-Mailtriage-Category", "refunds")
 
 
+@pytest.mark.component
 def test_reset_and_abandoned_transactions_relay_nothing(
     next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
 ) -> None:
@@ -242,6 +244,7 @@ def test_reset_and_abandoned_transactions_relay_nothing(
 # -- next hop refusals are passed back, failures become 451 ----------------------------------------
 
 
+@pytest.mark.component
 def test_next_hop_5xx_for_one_recipient_is_passed_back_for_that_recipient(
     next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
 ) -> None:
@@ -259,6 +262,7 @@ def test_next_hop_5xx_for_one_recipient_is_passed_back_for_that_recipient(
     assert len(hop.received) == 1
 
 
+@pytest.mark.component
 def test_next_hop_down_gives_451_and_the_retry_delivers(start_relay: StartRelay) -> None:
     hop_port = free_port()  # nothing listens there yet
     port = start_relay(keyword_classify, hop_port)
@@ -278,6 +282,7 @@ def test_next_hop_down_gives_451_and_the_retry_delivers(start_relay: StartRelay)
     assert headers_of(env)[0] == ("X-Mailtriage-Category", "billing")
 
 
+@pytest.mark.component
 def test_classifier_failure_gives_451_and_nothing_is_relayed(
     next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
 ) -> None:
@@ -290,6 +295,7 @@ def test_classifier_failure_gives_451_and_nothing_is_relayed(
     assert any(e["event"] == "smtp_classify_failed" and "CUDA" in e["error"] for e in logs)
 
 
+@pytest.mark.component
 @pytest.mark.parametrize(
     ("mode", "code"),
     [("554 5.7.1 Message content rejected", 554), ("452 4.3.1 Insufficient system storage", 451), ("drop", 451)],
@@ -314,6 +320,7 @@ def test_next_hop_answer_to_data(
     assert len(hop.received) == 1
 
 
+@pytest.mark.component
 def test_unexpected_handler_error_answers_451_not_500(
     next_hop: tuple[NextHopHandler, int], start_relay: StartRelay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -331,6 +338,7 @@ def test_unexpected_handler_error_answers_451_not_500(
     assert hop.received == []
 
 
+@pytest.mark.component
 def test_size_limit_is_advertised_and_enforced(next_hop: tuple[NextHopHandler, int], start_relay: StartRelay) -> None:
     hop, hop_port = next_hop
     port = start_relay(keyword_classify, hop_port, data_size_limit=4096)
@@ -350,6 +358,7 @@ def test_size_limit_is_advertised_and_enforced(next_hop: tuple[NextHopHandler, i
 # -- hostile input --------------------------------------------------------------------------------
 
 
+@pytest.mark.component
 def test_hostile_message_is_still_relayed(next_hop: tuple[NextHopHandler, int], start_relay: StartRelay) -> None:
     hop, hop_port = next_hop
     port = start_relay(keyword_classify, hop_port)
@@ -381,6 +390,7 @@ def test_hostile_message_is_still_relayed(next_hop: tuple[NextHopHandler, int], 
 # -- import hygiene ----------------------------------------------------------------------------------
 
 
+@pytest.mark.component
 def test_importing_the_relay_does_not_import_torch() -> None:
     code = (
         "import sys, mailtriage.smtp.relay\n"
@@ -394,6 +404,7 @@ def test_importing_the_relay_does_not_import_torch() -> None:
 # -- the real tiny model ------------------------------------------------------------------------------
 
 
+@pytest.mark.component
 def test_relay_with_the_real_tiny_model(
     tiny_model_dir: Path, next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
 ) -> None:
@@ -422,6 +433,7 @@ def test_relay_with_the_real_tiny_model(
 # -- through the Service: `mailtriage serve` with [smtp] enabled -----------------------------------------
 
 
+@pytest.mark.component
 def test_service_with_smtp_enabled_relays_through_its_inference_worker(
     tmp_path: Path, next_hop: tuple[NextHopHandler, int]
 ) -> None:
@@ -476,6 +488,7 @@ def test_service_with_smtp_enabled_relays_through_its_inference_worker(
         pass  # stopped with the service
 
 
+@pytest.mark.component
 def test_listen_port_in_use_is_a_config_error(tmp_path: Path) -> None:
     from mailtriage.errors import ConfigError
 
@@ -509,6 +522,7 @@ def _read_reply(sock: socket.socket) -> bytes:
     return data
 
 
+@pytest.mark.component
 def test_connections_beyond_the_limit_get_421_and_idle_ones_time_out(
     next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
 ) -> None:
@@ -542,6 +556,7 @@ def test_connections_beyond_the_limit_get_421_and_idle_ones_time_out(
     assert len(hop.received) == 1
 
 
+@pytest.mark.component
 def test_noop_does_not_keep_a_session_alive_past_its_lifetime(
     next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
 ) -> None:
@@ -568,6 +583,7 @@ def test_noop_does_not_keep_a_session_alive_past_its_lifetime(
     assert len(hop.received) == 1
 
 
+@pytest.mark.component
 def test_smtp_limits_are_config_options() -> None:
     with pytest.raises(ConfigError, match="smtp.max_connections"):
         SmtpConfig(max_connections=0)
@@ -601,6 +617,7 @@ def test_smtp_durations_and_budget_must_be_sane(tmp_path: Path, line: str, why: 
 # -- reply classes for broken addresses (issue 8 item 8) --------------------------------------
 
 
+@pytest.mark.component
 @pytest.mark.parametrize(
     "commands",
     [
@@ -636,6 +653,7 @@ def test_broken_addresses_get_5xx_and_nothing_is_forwarded(
     assert hop.received == []
 
 
+@pytest.mark.component
 def test_utf8_address_with_smtputf8_is_still_relayed(
     next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
 ) -> None:

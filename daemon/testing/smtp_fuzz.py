@@ -1,4 +1,4 @@
-"""Seeded fuzzing of the SMTP front and the header tagging (issue 8, "Prove": fuzz).
+"""Seeded fuzzing of the SMTP front and the header tagging.
 
 One generator for the fast subset in the suite (tests/test_smtp_fuzz.py) and the long run
 (``python -m benchmarks.fuzz_smtp``, >= 100,000 inputs): same seed, same inputs. ``fuzz_smtp``

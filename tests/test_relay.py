@@ -33,7 +33,8 @@ from mailtriage.core.classifier import Prediction
 from mailtriage.config import Config, ModelConfig, SmtpConfig
 from mailtriage.core.labels import LabelSet
 from mailtriage.errors import ConfigError
-from mailtriage.smtp.relay import ClassifyAsync, NextHop, SmtpFilter
+from mailtriage.core.pipeline import ClassifyAsync
+from mailtriage.smtp.relay import NextHop, SmtpFilter
 from mailtriage.testing.fakes import KeywordClassifier
 
 pytestmark = pytest.mark.component
@@ -288,6 +289,28 @@ def test_classifier_failure_gives_451_and_nothing_is_relayed(
     assert info.value.smtp_code == 451
     assert hop.received == []
     assert any(e["event"] == "smtp_classify_failed" and "CUDA" in e["error"] for e in logs)
+
+
+async def mismatched_classify(texts: Sequence[str]) -> tuple[list[Prediction], str]:
+    """A model whose labels are not [categories]: "spam" for everything, "invoice" at 0.95, else 0.4."""
+    return KeywordClassifier(("spam", *LABELS), {"invoice": "spam"}, default="spam")(texts)
+
+
+@pytest.mark.parametrize("body", ["invoice", "hello there"], ids=["confident", "unsure"])
+def test_a_label_that_is_not_a_category_gives_451_and_nothing_is_relayed(
+    body: str, next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
+) -> None:
+    # The adapter does not match [categories]: the IMAP watcher refuses to file by it, and so must
+    # the relay (before, an unsure prediction of such a label was relayed, tagged "unsure").
+    hop, hop_port = next_hop
+    port = start_relay(mismatched_classify, hop_port)
+    with structlog.testing.capture_logs() as logs, pytest.raises(smtplib.SMTPDataError) as info:
+        send(port, mail(body))
+    assert info.value.smtp_code == 451
+    assert hop.received == []
+    failed = [e for e in logs if e["event"] == "smtp_classify_failed"]
+    assert [e["error_type"] for e in failed] == ["LabelMismatchError"]
+    assert "'spam', which is not a configured category" in failed[0]["error"]
 
 
 @pytest.mark.parametrize(

@@ -33,20 +33,18 @@ from typing import TYPE_CHECKING, Any, AnyStr
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
-from mailtriage.service import metrics
-from mailtriage.core.tagging import category_value, tagged_parts
-from mailtriage.core.classifier import Prediction
 from mailtriage.config import Config
+from mailtriage.core.pipeline import UNKNOWN_KEY, ClassifyAsync, Rules, classify_and_route_async, prepare
+from mailtriage.core.routing import Decision
+from mailtriage.core.tagging import category_value, tagged_parts
 from mailtriage.errors import ConfigError
-from mailtriage.core.mailtext import mail_text, message_key
-from mailtriage.core.routing import Decision, decide
+from mailtriage.service import metrics
 
 if TYPE_CHECKING:
     from mailtriage.service.app import Service
 
 log = structlog.get_logger(__name__)
 
-ClassifyAsync = Callable[[Sequence[str]], Awaitable[tuple[list[Prediction], str]]]
 RecordFn = Callable[[str, Decision, str], None]  # (message key, decision, model version)
 
 # Postfix's default message_size_limit is 10 MB; 50 MB leaves room for big attachments while
@@ -302,10 +300,10 @@ class ContentFilter:
     """aiosmtpd handler for ONE client connection: checks recipients, relays complete messages."""
 
     def __init__(
-        self, config: Config, classify: ClassifyAsync, hop: NextHop, record: RecordFn | None = None,
+        self, rules: Rules, classify: ClassifyAsync, hop: NextHop, record: RecordFn | None = None,
         relay_timeout: float = RELAY_TIMEOUT,
     ) -> None:
-        self.config = config
+        self.rules = rules
         self.classify = classify
         self.hop = hop
         self.record = record  # StateDB.record_relayed: the decision into the state DB, for stats/corrections
@@ -358,12 +356,12 @@ class ContentFilter:
         bound = log.bind(peer=_peer(session), recipients=len(recipients), size=len(raw))
         try:
             try:
-                text, key = await asyncio.to_thread(_prepare, raw)
+                text, key = await asyncio.to_thread(prepare, raw)
                 bound = bound.bind(message=key)
-                predictions, version = await asyncio.wait_for(self.classify([text]), deadline - time.monotonic())
-                decision = decide(
-                    predictions[0], self.config.model.threshold, self.config.categories, self.config.unsure_folder
+                (routed,) = await asyncio.wait_for(
+                    classify_and_route_async([text], self.classify, self.rules), deadline - time.monotonic()
                 )
+                decision, version = routed.decision, routed.model_version
                 tagged = await asyncio.to_thread(tagged_parts, raw, decision)
             except Exception as exc:  # noqa: BLE001 - the sender keeps the message and retries
                 bound.error("smtp_classify_failed", error=str(exc) or type(exc).__name__,
@@ -382,7 +380,7 @@ class ContentFilter:
                 return sender_reply(failure, str(self.hop))
         finally:
             self.busy = False
-        if self.record is not None and key != "unknown":
+        if self.record is not None and key != UNKNOWN_KEY:
             try:
                 await asyncio.to_thread(self.record, key, decision, version)
             except Exception as exc:  # noqa: BLE001 - the next hop has it: a 4xx now would duplicate it
@@ -416,15 +414,6 @@ def _utf8_allowed(address: str, mail_options: Sequence[str]) -> bool:
     # A non-ASCII address needs MAIL ... SMTPUTF8 (RFC 6531 §3.4); without it smtplib cannot send it
     # on and the sender got a 451 on every retry (found by the SMTP fuzzer). RFC 6531 §3.5: 553 5.6.7.
     return address.isascii() or any(opt.upper() == "SMTPUTF8" for opt in mail_options)
-
-
-def _prepare(raw: bytes) -> tuple[str, str]:
-    # mail_text never raises; message_key is only for the logs, so it may not stop a relay either.
-    try:
-        key = message_key(raw)
-    except Exception:  # noqa: BLE001
-        key = "unknown"
-    return mail_text(raw), key
 
 
 def _content_bytes(envelope: Envelope) -> bytes:
@@ -896,6 +885,7 @@ class SmtpFilter:
             smtp = self.config.smtp
             self.next_hop = NextHop(smtp.next_hop_host, smtp.next_hop_port, local_hostname=self.hostname)
         hop, hostname = self.next_hop, self.hostname
+        rules = Rules.of(self.config)
 
         def orphan(work: asyncio.Future[Any]) -> None:
             self._orphans.add(work)
@@ -903,7 +893,7 @@ class SmtpFilter:
 
         def factory() -> _FilterSMTP:
             return _FilterSMTP(
-                ContentFilter(self.config, self.classify, hop, self.record, relay_timeout=self.relay_timeout),
+                ContentFilter(rules, self.classify, hop, self.record, relay_timeout=self.relay_timeout),
                 self._connections,
                 max_connections=self.max_connections,
                 session_lifetime=self.session_lifetime,

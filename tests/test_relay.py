@@ -34,7 +34,8 @@ from mailtriage.config import Config, ModelConfig, SmtpConfig
 from mailtriage.core.labels import LabelSet
 from mailtriage.errors import ConfigError
 from mailtriage.core.pipeline import ClassifyAsync
-from mailtriage.smtp.relay import NextHop, SmtpFilter
+from mailtriage.smtp.nexthop import NextHop
+from mailtriage.smtp.relay import SmtpFilter
 from mailtriage.testing.fakes import KeywordClassifier
 
 pytestmark = pytest.mark.component
@@ -340,14 +341,14 @@ def test_next_hop_answer_to_data(
 def test_unexpected_handler_error_answers_451_not_500(
     next_hop: tuple[NextHopHandler, int], start_relay: StartRelay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mailtriage.smtp import relay
+    from mailtriage.smtp import nexthop
 
     def boom(self: Any, recipient: str) -> None:
         raise RuntimeError("a bug")
 
     hop, hop_port = next_hop
     port = start_relay(keyword_classify, hop_port)
-    monkeypatch.setattr(relay.NextHopTransaction, "rcpt", boom)
+    monkeypatch.setattr(nexthop.NextHopTransaction, "rcpt", boom)
     with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
         send(port, mail("invoice"))
     assert info.value.recipients["support@example.com"][0] == 451
@@ -676,7 +677,7 @@ def test_utf8_address_with_smtputf8_is_still_relayed(
 def test_data_stream_in_pieces_is_what_smtplib_sends_at_once(chunk_size: int) -> None:
     # The relay sends a large message in chunks, without smtplib's three whole copies; the bytes
     # on the wire must be the same wherever a chunk or a piece boundary falls.
-    from mailtriage.smtp.relay import data_stream
+    from mailtriage.smtp.nexthop import data_stream
 
     message = b"X-A: 1\r\n\r\n.dot\r\n..two\r\nmid.dot\r\n.\r\n\r\n.x"
     expected = smtplib._quote_periods(message) + b"\r\n.\r\n"  # noqa: SLF001 - the reference

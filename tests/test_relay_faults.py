@@ -22,7 +22,7 @@ import structlog
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailtriage.smtp.relay import NextHop
+from mailtriage.smtp.nexthop import NextHop
 from tests.test_relay import (  # noqa: F401 - start_relay is a fixture
     StartRelay,
     free_port,

@@ -250,14 +250,14 @@ def test_a_handler_error_any_client_can_trigger_is_not_a_traceback_per_command(
 ) -> None:
     import structlog
 
-    from mailtriage.smtp import relay
+    from mailtriage.smtp import nexthop
 
     def boom(self: object, recipient: str) -> None:
         raise RuntimeError("a bug")
 
     hop, hop_port = next_hop
     port = start_relay(keyword_classify, hop_port)
-    monkeypatch.setattr(relay.NextHopTransaction, "rcpt", boom)
+    monkeypatch.setattr(nexthop.NextHopTransaction, "rcpt", boom)
     with structlog.testing.capture_logs() as logs:
         replies = _session(port, [b"EHLO x.test", b"MAIL FROM:<a@example.com>"]
                            + [b"RCPT TO:<r%d@example.com>" % n for n in range(30)])

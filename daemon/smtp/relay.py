@@ -4,7 +4,8 @@ Mail only counts as accepted once the next hop accepted it: the sender gets 250 
 after the next hop said 250 for the tagged message, and every failure before that answers 451,
 so the sender's MTA keeps the message and retries; nothing is ever lost in between.
 
-No next-hop connection is held while a client dawdles (issue 8 item 6): each RCPT is checked with
+No next-hop connection is held while a client dawdles (slow or idle clients would otherwise hold
+the next hop's connections and transactions open as long as they like): each RCPT is checked with
 the next hop on a short connection of its own (MAIL, RCPT, QUIT), so a recipient the next hop
 refuses is refused to the sender with the next hop's own 5xx; the message itself goes over a new
 connection opened only once DATA is complete and classified. A recipient the next hop accepted at
@@ -594,8 +595,8 @@ _handler_error_log = {"last": float("-inf"), "count": 0}
 
 
 def _note_handler_error(error: Exception) -> None:
-    # A bug that any client can trigger must not become a traceback per command (the finding was
-    # 188k tracebacks): one line with its traceback per 10 s at most, counting the ones in between.
+    # A bug that any client can trigger must not become a traceback per command (a fuzz run once
+    # logged 188k of them): one line with its traceback per 10 s at most, counting the ones in between.
     _handler_error_log["count"] += 1
     now = time.monotonic()
     if now - _handler_error_log["last"] >= 10.0:

@@ -33,7 +33,9 @@ from mailtriage.core.classifier import Prediction
 from mailtriage.config import Config, ModelConfig, SmtpConfig
 from mailtriage.core.labels import LabelSet
 from mailtriage.errors import ConfigError
-from mailtriage.smtp.relay import ClassifyAsync, NextHop, SmtpFilter
+from mailtriage.core.pipeline import ClassifyAsync
+from mailtriage.smtp.nexthop import NextHop
+from mailtriage.smtp.relay import SmtpFilter
 from mailtriage.testing.fakes import KeywordClassifier
 
 
@@ -295,6 +297,29 @@ def test_classifier_failure_gives_451_and_nothing_is_relayed(
     assert any(e["event"] == "smtp_classify_failed" and "CUDA" in e["error"] for e in logs)
 
 
+async def mismatched_classify(texts: Sequence[str]) -> tuple[list[Prediction], str]:
+    """A model whose labels are not [categories]: "spam" for everything, "invoice" at 0.95, else 0.4."""
+    return KeywordClassifier(("spam", *LABELS), {"invoice": "spam"}, default="spam")(texts)
+
+
+@pytest.mark.component
+@pytest.mark.parametrize("body", ["invoice", "hello there"], ids=["confident", "unsure"])
+def test_a_label_that_is_not_a_category_gives_451_and_nothing_is_relayed(
+    body: str, next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
+) -> None:
+    # The adapter does not match [categories]: the IMAP watcher refuses to file by it, and so must
+    # the relay (before, an unsure prediction of such a label was relayed, tagged "unsure").
+    hop, hop_port = next_hop
+    port = start_relay(mismatched_classify, hop_port)
+    with structlog.testing.capture_logs() as logs, pytest.raises(smtplib.SMTPDataError) as info:
+        send(port, mail(body))
+    assert info.value.smtp_code == 451
+    assert hop.received == []
+    failed = [e for e in logs if e["event"] == "smtp_classify_failed"]
+    assert [e["error_type"] for e in failed] == ["LabelMismatchError"]
+    assert "'spam', which is not a configured category" in failed[0]["error"]
+
+
 @pytest.mark.component
 @pytest.mark.parametrize(
     ("mode", "code"),
@@ -324,14 +349,14 @@ def test_next_hop_answer_to_data(
 def test_unexpected_handler_error_answers_451_not_500(
     next_hop: tuple[NextHopHandler, int], start_relay: StartRelay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mailtriage.smtp import relay
+    from mailtriage.smtp import nexthop
 
     def boom(self: Any, recipient: str) -> None:
         raise RuntimeError("a bug")
 
     hop, hop_port = next_hop
     port = start_relay(keyword_classify, hop_port)
-    monkeypatch.setattr(relay.NextHopTransaction, "rcpt", boom)
+    monkeypatch.setattr(nexthop.NextHopTransaction, "rcpt", boom)
     with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
         send(port, mail("invoice"))
     assert info.value.recipients["support@example.com"][0] == 451
@@ -474,7 +499,7 @@ def test_service_with_smtp_enabled_relays_through_its_inference_worker(
     asyncio.run(main())
     [env] = hop.received
     assert headers_of(env)[0] == ("X-Mailtriage-Category", "billing")
-    # Issue 10 item 4: the decision is in the state DB, so `stats` and corrections cover SMTP mail.
+    # The decision is in the state DB, so `stats` and corrections cover SMTP mail.
     from mailtriage.store import stats as stats_cli
     from mailtriage.store.state import SMTP_INTAKE, StateDB
 
@@ -504,7 +529,7 @@ def test_listen_port_in_use_is_a_config_error(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
-# -- idle and hostile clients cannot lock real mail out (issue 8 item 6) ------------------------
+# -- idle and hostile clients cannot lock real mail out ------------------------
 
 
 def _idle_client(port: int) -> socket.socket:
@@ -614,7 +639,7 @@ def test_smtp_durations_and_budget_must_be_sane(tmp_path: Path, line: str, why: 
         load_config(path)
 
 
-# -- reply classes for broken addresses (issue 8 item 8) --------------------------------------
+# -- reply classes for broken addresses --------------------------------------
 
 
 @pytest.mark.component
@@ -671,7 +696,7 @@ def test_utf8_address_with_smtputf8_is_still_relayed(
 def test_data_stream_in_pieces_is_what_smtplib_sends_at_once(chunk_size: int) -> None:
     # The relay sends a large message in chunks, without smtplib's three whole copies; the bytes
     # on the wire must be the same wherever a chunk or a piece boundary falls.
-    from mailtriage.smtp.relay import data_stream
+    from mailtriage.smtp.nexthop import data_stream
 
     message = b"X-A: 1\r\n\r\n.dot\r\n..two\r\nmid.dot\r\n.\r\n\r\n.x"
     expected = smtplib._quote_periods(message) + b"\r\n.\r\n"  # noqa: SLF001 - the reference

@@ -331,7 +331,8 @@ def relay_with_next_hop() -> Iterator[RelayUnderTest]:
     from aiosmtpd.smtp import SMTP
 
     from mailtriage.config import Config, ModelConfig, SmtpConfig
-    from mailtriage.smtp.relay import NextHop, SmtpFilter
+    from mailtriage.smtp.nexthop import NextHop
+    from mailtriage.smtp.relay import SmtpFilter
     from mailtriage.testing.fakes import KeywordClassifier
 
     class Hop:

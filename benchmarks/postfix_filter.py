@@ -62,7 +62,8 @@ def _mail(n: int) -> tuple[bytes, bytes]:
 def _relay_child(port: int, hop_port: int) -> None:
     from mailtriage.cli.logs import configure_logging
     from mailtriage.config import Config, ModelConfig, SmtpConfig
-    from mailtriage.smtp.relay import NextHop, SmtpFilter
+    from mailtriage.smtp.nexthop import NextHop
+    from mailtriage.smtp.relay import SmtpFilter
     from mailtriage.testing.fakes import KeywordClassifier
 
     configure_logging("info", json=True)

@@ -1,4 +1,4 @@
-"""1,100 idle clients against the SMTP content filter (issue 8 item 6): real mail still gets through.
+"""1,100 idle clients against the SMTP content filter: real mail still gets through.
 
     .venv/bin/python -m benchmarks.smtp_flood                    # 1,100 idle clients, defaults below
     .venv/bin/python -m benchmarks.smtp_flood --clients 300 --idle-timeout 5
@@ -44,7 +44,8 @@ def _free_port() -> int:
 def _relay_child(port: int, hop_port: int, max_connections: int, idle_timeout: float) -> None:
     from mailtriage.cli.logs import configure_logging
     from mailtriage.config import Config, ModelConfig, SmtpConfig
-    from mailtriage.smtp.relay import NextHop, SmtpFilter
+    from mailtriage.smtp.nexthop import NextHop
+    from mailtriage.smtp.relay import SmtpFilter
     from mailtriage.testing.fakes import KeywordClassifier
 
     configure_logging("info", json=True)

@@ -31,7 +31,8 @@ MIB = 1024 * 1024
 
 def _relay_child(port: int, hop_port: int, size_limit: int, budget: int) -> None:
     from mailtriage.config import Config, ModelConfig, SmtpConfig
-    from mailtriage.smtp.relay import NextHop, SmtpFilter
+    from mailtriage.smtp.nexthop import NextHop
+    from mailtriage.smtp.relay import SmtpFilter
     from mailtriage.testing.fakes import KeywordClassifier
 
     categories = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}

@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from mailtriage.smtp.relay import NextHop, SmtpFilter
+from mailtriage.smtp.nexthop import NextHop
+from mailtriage.smtp.relay import SmtpFilter
 from mailtriage.testing.postfix import RECIPE_DIR, Delivered, Postfix, PostfixError, SmtpSink
 from tests.test_relay import LoopThread, keyword_classify, make_config
 

@@ -1,4 +1,4 @@
-"""The SIGKILL proof (issue 8): file a backlog in a real Dovecot while the worker process is killed
+"""The SIGKILL proof: file a backlog in a real Dovecot while the worker process is killed
 again and again, restart it each time, and count where every message ended up.
 
 ``run_proof`` drives it; ``python -m mailtriage.testing.killproof worker SPEC.json`` is the worker: one

@@ -1,6 +1,6 @@
 """The milter against a real socket: the MTA side is ``mailtriage.testing.milter.MilterClient``, which
-speaks the protocol the way Postfix's milter8 does (a real-Postfix milter test is to follow, with the
-Postfix harness). The model is the keyword fake (pure logic); the protocol we promise - headers added
+speaks the protocol the way Postfix's milter8 does (tests/test_postfix_milter.py puts a real Postfix
+in front of it). The model is the keyword fake (pure logic); the protocol we promise - headers added
 on top, forged ones deleted, body untouched, on_error, deadlines, bounds - always goes over TCP.
 """
 

@@ -4,7 +4,8 @@ mailtriage's milter server) -> final delivery (an aiosmtpd sink), byte for byte.
 The recipe is docs/postfix/main-milter.cf, applied as is by mailtriage.testing.postfix (only its
 port changes). The milter is the real server on its own event loop, as tests/test_milter.py starts
 it; the classifier is the keyword fake: what is under test is the mail path through Postfix's
-milter client and our protocol module, not the model.
+milter client and our protocol module, not the model. One test counts (never times) the kernel's
+delayed ACKs on that path, in a network namespace of its own.
 """
 
 from __future__ import annotations

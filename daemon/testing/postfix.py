@@ -8,9 +8,10 @@ replaced by free ones. Its own base configuration relays every domain to an aios
 
 Privileges: Postfix's `master` refuses to run as anyone but root ("the master command is reserved
 for the superuser"), so the master runs as root, and so does this module where it creates the
-queue directories owned by the `postfix` user (as `postfix check` would). Every service the master starts runs unprivileged, as the
-`postfix` user (mail_owner; the `unpriv` column of master.cf is "-" throughout) and without
-chroot; nothing listens beyond 127.0.0.1. Plain Python, importable without pytest.
+queue directories owned by the `postfix` user (as `postfix check` would). Every service the
+master starts runs unprivileged, as the `postfix` user (mail_owner; the `unpriv` column of
+master.cf is "-" throughout) and without chroot; nothing listens beyond 127.0.0.1. Plain Python,
+importable without pytest.
 """
 
 from __future__ import annotations

@@ -178,6 +178,15 @@ def test_check_says_what_to_write_for_a_name_the_hierarchy_cannot_hold(
     assert "uses '.' as separator under 'INBOX.'" in line and "'INBOX.Support.Billing v1.2'" in line
 
 
+def test_check_refuses_two_names_for_one_server_folder(mailbox: tuple[Server, str, str], tmp_path: Path) -> None:
+    categories = {**CATEGORIES, "login": "INBOX.Support.Billing"}  # Support/Billing in the server's spelling
+    out = io.StringIO()
+    assert run_check(_config(tmp_path, _account(tmp_path, mailbox), categories), create_folders=True, out=out,
+                     check_model=False) == 1
+    (line,) = [line for line in out.getvalue().splitlines() if line.startswith("FAIL ")]
+    assert "'INBOX.Support.Billing'" in line and "is the same server folder as 'Support/Billing'" in line
+
+
 # ---- filing -------------------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from imapclient import IMAPClient
 
 from mailtriage.cli.check import run_check
 from mailtriage.config import AccountConfig, Config, ModelConfig, load_config
+from mailtriage.errors import MailboxError
 from mailtriage.imap import connection
 from mailtriage.imap.watcher import MailboxWatcher
 from mailtriage.store.corrections import scan_corrections
@@ -185,6 +186,22 @@ def test_check_refuses_two_names_for_one_server_folder(mailbox: tuple[Server, st
                      check_model=False) == 1
     (line,) = [line for line in out.getvalue().splitlines() if line.startswith("FAIL ")]
     assert "'INBOX.Support.Billing'" in line and "is the same server folder as 'Support/Billing'" in line
+
+
+def test_serve_refuses_to_start_naming_the_servers_hierarchy(
+    mailbox: tuple[Server, str, str], client: IMAPClient, tmp_path: Path
+) -> None:
+    """`serve` applies the same rules on connect: a missing folder is named with the server's
+    hierarchy, and a name the server cannot hold says what to write."""
+    account = _account(tmp_path, mailbox)
+    with pytest.raises(MailboxError) as missing:
+        _watcher(account, _config(tmp_path, account)).check()
+    assert "do not exist" in str(missing.value) and "uses '.' as separator under 'INBOX.'" in str(missing.value)
+    _create(client, *CATEGORIES.values(), UNSURE)
+    categories = {**CATEGORIES, "billing": "Support/Billing v1.2"}
+    with pytest.raises(MailboxError) as unmappable:
+        _watcher(account, _config(tmp_path, account, categories)).check()
+    assert "'INBOX.Support.Billing v1.2'" in str(unmappable.value) and "do not exist" not in str(unmappable.value)
 
 
 # ---- filing -------------------------------------------------------------------------------------

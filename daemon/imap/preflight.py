@@ -13,7 +13,7 @@ from typing import Any
 
 from mailtriage.config import AccountConfig, Config
 from mailtriage.errors import MailboxError
-from mailtriage.imap.namespace import namespace_of, server_folder
+from mailtriage.imap.namespace import Namespace, namespace_of, server_folder
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 FILING_ACTIONS = ("move", "header")  # the actions that put mail into the category folders
@@ -182,12 +182,16 @@ def for_serve(client: Any, account: AccountConfig, config: Config) -> list[Findi
     is checked on its own SELECT, with ``keyword_finding``)."""
     out = capabilities(client.has_capability, account)
     if account.action in FILING_ACTIONS:
-        missing = [f for f in folders(client, account, config) if f.status == FAIL]
+        fails = [f for f in folders(client, account, config) if f.status == FAIL]
+        missing = [f for f in fails if f.detail.startswith("missing")]
+        out.extend(f for f in fails if f not in missing)  # a name this server cannot hold: says what to write
         if missing:  # one finding for all, in the words the service log has always used
             names = sorted({f.folder for f in missing if f.folder})
+            ns = namespace_of(client)
+            spelled = "" if ns == Namespace() else f" ({ns.describe()})"
             out.append(Finding(
                 FAIL, f"[{account.name}] folders",
-                f"folder(s) {names} do not exist on account {account.name!r}: mail cannot be filed there",
+                f"folder(s) {names} do not exist on account {account.name!r}{spelled}: mail cannot be filed there",
                 "create them in the mail server, run `mailtriage check --create-folders`, "
                 "or fix [categories] / unsure_folder",
             ))

@@ -24,23 +24,15 @@ are in tests/cyrus_fixtures.py.
 
 from __future__ import annotations
 
-import atexit
-import grp
 import os
-import pwd
-import shutil
-import signal
-import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
-from types import TracebackType
 
-from imapclient import IMAPClient
 
 from mailtriage.errors import MailboxError
-from mailtriage.testing.dovecot import _check_passwd_field, _free_port, _tail
+from mailtriage.testing.dovecot import _check_passwd_field
+from mailtriage.testing.imapserver import ImapServer, free_port
 
 __all__ = ["CYRUS_DIR_ENV", "Cyrus", "CyrusError", "CyrusNotInstalledError", "cyrus_dir"]
 
@@ -98,9 +90,6 @@ DAEMON {
 """
 IDLED_LINE = '  idled cmd="@BIN@/idled -C @ROOT@/imapd.conf"\n'
 
-_START_TIMEOUT_S = 15.0
-_STOP_TIMEOUT_S = 5.0
-_running: set[Cyrus] = set()
 
 
 class CyrusError(MailboxError):
@@ -121,14 +110,16 @@ def cyrus_dir() -> Path:
     return Path("/")
 
 
-class Cyrus:
+class Cyrus(ImapServer):
     """One Cyrus master on a free 127.0.0.1 port, with config, sasldb and spool under `root`.
 
     The same surface as ``Dovecot`` (host, port, client, add_user, restart, stop), so a test or the
     kill proof can take either. `root=None` makes a temporary directory that `stop()` deletes.
     """
 
-    host = "127.0.0.1"
+    name = "Cyrus"
+    error = CyrusError
+    start_timeout_s = 15.0
 
     def __init__(
         self,
@@ -144,22 +135,11 @@ class Cyrus:
         ``extra_conf``: lines appended to imapd.conf."""
         self.idled = idled
         self.extra_conf = extra_conf
-        self._fixed_port = port
         self.install_dir = Path(install_dir) if install_dir is not None else cyrus_dir()
-        self.users: dict[str, str] = dict(users) if users is not None else {"support": "secret"}
-        for name, password in self.users.items():
-            _check_user(name, password)
-        self._given_root = Path(root) if root is not None else None
-        self._root: Path | None = self._given_root
-        self._port: int | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        if os.geteuid() == 0:
-            entry = pwd.getpwnam("nobody")
-            self._uid, self._gid = entry.pw_uid, entry.pw_gid
-        else:
-            self._uid, self._gid = os.geteuid(), os.getegid()
-        self._user = pwd.getpwuid(self._uid).pw_name
-        self._group = grp.getgrgid(self._gid).gr_name
+        super().__init__(root, users, port)
+
+    def _check_user(self, name: str, password: str) -> None:
+        _check_user(name, password)
 
     # -- paths and state -------------------------------------------------------------------------
 
@@ -168,28 +148,8 @@ class Cyrus:
         return self.install_dir / "usr/lib/cyrus/bin"
 
     @property
-    def root(self) -> Path:
-        if self._root is None:
-            raise CyrusError("Cyrus has no root directory yet; call start() first")
-        return self._root
-
-    @property
-    def port(self) -> int:
-        if self._port is None or self._proc is None:
-            raise CyrusError("Cyrus is not running; call start() (or use it as a context manager)")
-        return self._port
-
-    @property
     def log_path(self) -> Path:
         return self.root / "master.log"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def __repr__(self) -> str:
-        where = f"{self.host}:{self._port}" if self.running else "stopped"
-        return f"<Cyrus {where} root={self._root}>"
 
     def _env(self) -> dict[str, str]:
         # The unpacked libcyrus*.so are not in the loader's path; the system's libraries are.
@@ -197,11 +157,6 @@ class Cyrus:
         if os.environ.get("LD_LIBRARY_PATH"):
             libs.append(os.environ["LD_LIBRARY_PATH"])
         return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LD_LIBRARY_PATH": ":".join(libs)}
-
-    def _drop_privileges(self) -> dict[str, object]:
-        if os.geteuid() != 0:
-            return {}
-        return {"user": self._uid, "group": self._gid, "extra_groups": []}
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -220,8 +175,7 @@ class Cyrus:
             except CyrusError as exc:
                 if "did not greet" not in str(exc) or self._fixed_port is not None or _attempt == 2:
                     raise
-        _running.add(self)
-        return self
+        return self._started()
 
     def _saslpasswd2(self) -> Path:
         return self.install_dir / "usr/sbin/saslpasswd2"
@@ -264,102 +218,14 @@ class Cyrus:
             )
 
     def _spawn(self) -> None:
-        port = self._fixed_port if self._fixed_port is not None else _free_port()
+        port = self._fixed_port if self._fixed_port is not None else free_port()
         self._write_conf(port)
-        with open(self.log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [str(self.bin_dir / "master"), "-C", str(self.root / "imapd.conf"), "-M", str(self.root / "cyrus.conf"),
-                 "-p", str(self.root / "run" / "master.pid"), "-D"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.root, env=self._env(),
-                start_new_session=True,  # its own process group: stop() signals master and services at once
-                **self._drop_privileges(),  # type: ignore[arg-type]
-            )
-        self._proc, self._port = proc, port
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        last = "no connection attempt yet"
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                self._proc = None
-                raise CyrusError(
-                    f"the Cyrus master exited with status {proc.returncode} while starting on port {port} "
-                    f"(Cyrus logs to syslog; its own output follows).\n--- {self.log_path} ---\n{_tail(self.log_path)}"
-                )
-            try:
-                with socket.create_connection((self.host, port), timeout=1.0) as sock:
-                    greeting = sock.recv(512)
-                if greeting.startswith(b"* OK"):
-                    return
-                last = f"greeting {greeting[:80]!r}"
-            except OSError as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            time.sleep(0.05)
-        self.stop(_keep_root=True)
-        raise CyrusError(
-            f"Cyrus did not greet with '* OK' on {self.host}:{port} within {_START_TIMEOUT_S:.0f} s (last: {last}).\n"
-            f"--- {self.log_path} ---\n{_tail(self.log_path)}"
+        # Cyrus logs to syslog; the master's own output is what a failed start leaves here.
+        self._launch(
+            [str(self.bin_dir / "master"), "-C", str(self.root / "imapd.conf"), "-M", str(self.root / "cyrus.conf"),
+             "-p", str(self.root / "run" / "master.pid"), "-D"],
+            port, self.log_path, [self.log_path], env=self._env(),
         )
-
-    def stop(self, *, _keep_root: bool = False) -> None:
-        """SIGTERM to the master's process group (the services too), SIGKILL after 5 s; delete a temp root."""
-        proc, self._proc = self._proc, None
-        _running.discard(self)
-        if proc is not None and proc.poll() is None:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=_STOP_TIMEOUT_S)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        if proc is not None:
-            try:  # services that outlived their master (they share its process group)
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if self._given_root is None and self._root is not None and not _keep_root:
-            shutil.rmtree(self._root, ignore_errors=True)
-            self._root = None
-
-    def restart(self) -> Cyrus:
-        """Stop and start again on the same port with the same mail (an outage)."""
-        port = self.port
-        self.stop(_keep_root=True)
-        self._fixed_port = port
-        return self.start()
-
-    def __enter__(self) -> Cyrus:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    # -- users and clients -----------------------------------------------------------------------
-
-    def add_user(self, name: str, password: str) -> None:
-        """Add a user (works while running: the sasldb is read at each login; INBOX comes at the first)."""
-        _check_user(name, password)
-        self.users[name] = password
-        if self._root is not None and self._root.is_dir():  # else start() writes it
-            self._write_user(name, password)
-
-    def client(self, user: str = "support", password: str | None = None, timeout: float = 10.0) -> IMAPClient:
-        """A logged-in plain-text IMAPClient; the caller logs it out."""
-        if password is None:
-            if user not in self.users:
-                raise CyrusError(f"no user {user!r} on this server (have {sorted(self.users)}); call add_user first")
-            password = self.users[user]
-        client = IMAPClient(self.host, port=self.port, ssl=False, timeout=timeout)
-        try:
-            client.login(user, password)
-        except Exception:
-            client.shutdown()
-            raise
-        return client
 
 
 def _check_user(name: str, password: str) -> None:
@@ -368,9 +234,3 @@ def _check_user(name: str, password: str) -> None:
     if "." in name or "@" in name:
         # With unixhierarchysep off a "." in a user name is a hierarchy level; "@" would name a realm.
         raise ValueError(f"user name {name!r}: Cyrus with the '.' separator needs a name without '.' or '@'")
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    for server in list(_running):
-        server.stop()

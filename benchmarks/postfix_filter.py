@@ -15,7 +15,6 @@ clients at once, first mail sent to last mail delivered.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import email.utils
 import smtplib
 import statistics
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ENV, REPO, loadavg, md_table, write_json
+from benchmarks.common import ENV, REPO, loadavg, md_table, run_keyword_relay, write_json
 
 BODY = (
     "Hello,\n\nI was charged twice for my March invoice (order 48213). Could you check the billing\n"
@@ -48,29 +47,7 @@ def _mail(n: int) -> tuple[bytes, bytes]:
 
 
 def _relay_child(port: int, hop_port: int) -> None:
-    from mailtriage.cli.logs import configure_logging
-    from mailtriage.config import Config, ModelConfig, SmtpConfig
-    from mailtriage.smtp.nexthop import NextHop
-    from mailtriage.smtp.relay import SmtpFilter
-    from mailtriage.testing.fakes import KeywordClassifier
-
-    configure_logging("info", json=True)
-    categories = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
-    config = Config(categories=categories, model=ModelConfig(threshold=0.6, device="cpu"),
-                    smtp=SmtpConfig(enabled=True, listen_host="127.0.0.1", listen_port=port))
-    classifier = KeywordClassifier(tuple(categories))
-
-    async def classify(texts: Any) -> Any:
-        return classifier(texts)
-
-    async def main() -> None:
-        server = SmtpFilter(config, classify, hostname="relay.bench",
-                            next_hop=NextHop("127.0.0.1", hop_port, local_hostname="relay.bench"))
-        await server.start()
-        print("READY", flush=True)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    run_keyword_relay(port, hop_port)
 
 
 def _message_id(content: bytes) -> bytes:

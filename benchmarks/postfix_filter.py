@@ -19,7 +19,6 @@ clients at once, first mail sent to last mail delivered ("delivered") and to the
 from __future__ import annotations
 
 import argparse
-import asyncio
 import email.utils
 import smtplib
 import statistics
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ENV, REPO, loadavg, md_table, write_json
+from benchmarks.common import ENV, REPO, loadavg, md_table, run_keyword_relay, write_json
 
 # The three paths: (Postfix recipe, mailtriage child flag, row name).
 PATHS = {
@@ -60,28 +59,7 @@ def _mail(n: int) -> tuple[bytes, bytes]:
 
 
 def _relay_child(port: int, hop_port: int) -> None:
-    from mailtriage.cli.logs import configure_logging
-    from mailtriage.config import Config, ModelConfig, SmtpConfig
-    from mailtriage.smtp.nexthop import NextHop
-    from mailtriage.smtp.relay import SmtpFilter
-    from mailtriage.testing.fakes import KeywordClassifier
-
-    configure_logging("info", json=True)
-    config = Config(categories=CATEGORIES, model=ModelConfig(threshold=0.6, device="cpu"),
-                    smtp=SmtpConfig(enabled=True, listen_host="127.0.0.1", listen_port=port))
-    classifier = KeywordClassifier(tuple(CATEGORIES))
-
-    async def classify(texts: Any) -> Any:
-        return classifier(texts)
-
-    async def main() -> None:
-        server = SmtpFilter(config, classify, hostname="relay.bench",
-                            next_hop=NextHop("127.0.0.1", hop_port, local_hostname="relay.bench"))
-        await server.start()
-        print("READY", flush=True)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    run_keyword_relay(port, hop_port)
 
 
 def _milter_child(port: int) -> None:

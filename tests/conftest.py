@@ -10,6 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tests.dovecot_fixtures import dovecot, dovecot_factory, imap, imap_user  # noqa: E402, F401
+from tests.cyrus_fixtures import cyrus, cyrus_user  # noqa: E402, F401
 from tests.models import tiny_decoder_base, tiny_encoder_base, tiny_model_dir  # noqa: E402,F401  (tiny model fixtures)
 
 import pytest  # noqa: E402

@@ -63,6 +63,8 @@ def _relay_child(port: int, hop_port: int) -> None:
 
 
 def _milter_child(port: int) -> None:
+    import asyncio
+
     from mailtriage.cli.logs import configure_logging
     from mailtriage.config import Config, MilterConfig, ModelConfig
     from mailtriage.milter.server import MilterServer

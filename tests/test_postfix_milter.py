@@ -26,7 +26,7 @@ import pytest
 from mailtriage.config import Config
 from mailtriage.milter.server import ClassifyAsync, MilterServer
 from mailtriage.testing.milter import split_message
-from mailtriage.testing.postfix import RECIPE_DIR, Delivered, Postfix, PostfixError, SmtpSink
+from mailtriage.testing.postfix import RECIPE_DIR, Delivered, Postfix, PostfixError, SmtpSink, delayed_acks
 from tests.test_milter import LoopThread, broken_classify, keyword_classify, make_config
 from tests.test_postfix import (
     CATEGORY,
@@ -274,13 +274,6 @@ def test_mail_from_the_sendmail_command_goes_through_the_milter_too(pipeline: St
 DELAYED_ACK_MESSAGES = 20
 
 
-def _delayed_acks() -> int:
-    """The kernel's count of ACKs it sent only when the delayed-ACK timer fired (TcpExt DelayedACKs)."""
-    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines() if line.startswith("TcpExt:")]
-    names, values = lines[0], lines[1]
-    return int(dict(zip(names, values))["DelayedACKs"])
-
-
 def delayed_acks_child() -> None:
     """In a network namespace of its own (so the count is ours alone): Postfix + milter + sink, one
     SMTP session sending DELAYED_ACK_MESSAGES mails; prints how many delayed ACKs that took."""
@@ -295,10 +288,10 @@ def delayed_acks_child() -> None:
             client.sendmail("customer@example.org", ["support@example.com"], mail("warm-up invoice\n"))
             postfix.wait_queue(lambda queue: not queue, what="the warm-up delivered")
             sink.wait_for(lambda got: len(got) == 1)
-            before = _delayed_acks()
+            before = delayed_acks()
             for n in range(DELAYED_ACK_MESSAGES):
                 client.sendmail("customer@example.org", ["support@example.com"], mail(f"invoice {n}\n"))
-            after = _delayed_acks()
+            after = delayed_acks()
         sink.wait_for(lambda got: len(got) == 1 + DELAYED_ACK_MESSAGES)
     finally:
         postfix.stop()

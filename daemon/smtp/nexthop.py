@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import smtplib
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ class NextHopTransaction:
                 self.hop.host, self.hop.port, self.hop.local_hostname, timeout=self._timeout(self.hop.timeout, "MAIL")
             )
             self._smtp = smtp
+            _no_delay(smtp)
             smtp.ehlo_or_helo_if_needed()
             self._set_timeout(self.hop.timeout, "MAIL")
             code, msg = smtp.mail(sender, forward_mail_options(options, smtp.has_extn))
@@ -237,3 +239,12 @@ def deliver(
         return tx.data(message)
     finally:
         tx.close()
+
+
+def _no_delay(smtp: smtplib.SMTP) -> None:
+    # smtplib writes the message and then the final dot (and each command) as separate small
+    # writes; with Nagle's algorithm each waited for the ACK of the one before, which the next
+    # hop delays by ~40 ms: two or three such waits on every relayed message.
+    sock = smtp.sock
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -532,3 +532,12 @@ def _stop_leftovers() -> None:
     # An interrupted test run must not leave a root-owned master and its queue behind.
     for server in list(_running):
         server.stop()
+
+
+def delayed_acks() -> int:
+    """The kernel's count of ACKs it sent only when the delayed-ACK timer fired (TcpExt DelayedACKs):
+    each one is a write that waited ~40 ms on a peer's Nagle algorithm. Read it in a network
+    namespace of its own (``unshare --net``) so the count is one test's traffic alone."""
+    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines() if line.startswith("TcpExt:")]
+    names, values = lines[0], lines[1]
+    return int(dict(zip(names, values))["DelayedACKs"])

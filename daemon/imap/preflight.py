@@ -36,7 +36,13 @@ def capabilities(has: Callable[[str], bool], account: AccountConfig) -> list[Fin
     where = f"[{account.name}]"
     out: list[Finding] = []
     if has("IDLE"):
-        out.append(Finding(OK, f"{where} IDLE", "supported: new mail is seen within seconds"))
+        # Only the capability is known here: check writes no mail, so how soon this server reports new
+        # mail in IDLE (at once, or only at its own poll) is not measured, and not claimed.
+        out.append(Finding(
+            OK, f"{where} IDLE", "advertised (not measured): new mail is filed when the server reports it in "
+            "IDLE (some servers do only at their own poll), and at the latest when the watcher renews IDLE "
+            f"and rescans (idle_timeout = {account.idle_timeout} s)",
+        ))
     else:
         out.append(Finding(
             WARN, f"{where} IDLE", f"not offered: falling back to polling every {account.poll_interval} s",

@@ -15,7 +15,7 @@ from mailtriage.config import AccountConfig, Config
 from mailtriage.errors import MailboxError
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
-FILING_ACTIONS = ("move", "header")  # the actions that put mail into the category folders
+FILING_ACTIONS = ("move", "header", "label")  # the actions that put mail into the category folders
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,15 @@ def capabilities(has: Callable[[str], bool], account: AccountConfig) -> list[Fin
                 FAIL, f"{where} MOVE", "neither MOVE nor UIDPLUS offered: mail cannot be moved without "
                 "expunging other messages flagged \\Deleted",
                 f"use a server with MOVE or UIDPLUS, or set accounts[{account.name!r}].action = \"keyword\"",
+            ))
+    elif account.action == "label":
+        if has("X-GM-EXT-1"):
+            out.append(Finding(OK, f"{where} X-GM-EXT-1", "supported (Gmail labels: STORE +X-GM-LABELS)"))
+        else:
+            out.append(Finding(
+                FAIL, f"{where} X-GM-EXT-1", "not offered: action = \"label\" needs Gmail's IMAP extensions "
+                "(X-GM-LABELS), and this server is not Gmail",
+                f"set accounts[{account.name!r}].action = \"move\" (or \"keyword\") for this server",
             ))
     elif account.action == "header":
         if has("UIDPLUS"):

@@ -19,7 +19,7 @@ from mailtriage.config import AccountConfig, Config
 from mailtriage.credentials import secret_file_exposure
 from mailtriage.imap import preflight
 from mailtriage.imap.preflight import FAIL, OK, WARN, Finding
-from mailtriage.smtp import preflight as smtp_preflight
+from mailtriage.cli import check_smtp
 from mailtriage.errors import StateError
 from mailtriage.store.state import StateDB, state_path_problem
 
@@ -180,8 +180,8 @@ def _check_milter(report: _Report, config: Config) -> None:
 
 def _check_smtp(report: _Report, config: Config, rcpt: str) -> None:
     """[smtp]: the listen address, then the next hop's EHLO, MAIL FROM:<> and RCPT (never DATA)."""
-    report.extend([smtp_preflight.listen(config.smtp)])
-    report.extend(smtp_preflight.next_hop(config.smtp, rcpt))
+    report.extend([check_smtp.listen(config.smtp)])
+    report.extend(check_smtp.next_hop(config.smtp, rcpt))
 
 
 def _check_intakes(report: _Report, config: Config) -> None:
@@ -208,7 +208,7 @@ def run_check(
     *,
     connect: Callable[[AccountConfig], Any] | None = None,
     check_model: bool = True,
-    rcpt: str = smtp_preflight.DEFAULT_RECIPIENT,
+    rcpt: str = check_smtp.DEFAULT_RECIPIENT,
 ) -> int:
     """Run every check, printing one line each; 0 when none FAILed, else 1. ``rcpt``: the address
     the SMTP next hop is asked to accept (RCPT only; no mail is sent)."""

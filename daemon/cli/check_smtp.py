@@ -1,5 +1,6 @@
 """What the SMTP content filter needs around it, checked by `mailtriage check`: its listen address
 free (or already served by mailtriage), and a next hop that answers EHLO and accepts a recipient.
+Only `check` runs these (serve meets the same facts when it binds and relays), so they live here.
 
 Each function returns findings (imap/preflight.py's ``Finding``) and never raises. The next-hop
 probe sends MAIL FROM:<> and one RCPT, then RSET and QUIT: it never sends DATA, so no mail is

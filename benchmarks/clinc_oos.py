@@ -1,4 +1,4 @@
-"""CLINC150: in-scope accuracy and out-of-scope detection from confidence alone (issue 9 item 3).
+"""CLINC150: in-scope accuracy and out-of-scope detection from confidence alone.
 
 No OOS class is trained: the fine-tuned MiniLM (the real ``mailtriage-train``, temperature-scaled
 on its validation slice) and the TF-IDF baseline learn the 150 intents from a fixed per-intent

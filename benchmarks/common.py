@@ -263,3 +263,35 @@ def self_peak_rss_mib() -> float:
 
 def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
+
+
+def run_keyword_relay(port: int, hop_port: int, *, log: bool = True, **filter_options: Any) -> None:
+    """A benchmark's child process: the SMTP content filter on ``port`` relaying to ``hop_port``, with
+    the keyword stand-in model (these benchmarks measure the mail path, not the classifier); prints
+    READY once it listens and serves until killed. ``filter_options`` go to ``SmtpFilter``."""
+    import asyncio
+
+    from mailtriage.cli.logs import configure_logging
+    from mailtriage.config import Config, ModelConfig, SmtpConfig
+    from mailtriage.smtp.nexthop import NextHop
+    from mailtriage.smtp.relay import SmtpFilter
+    from mailtriage.testing.fakes import KeywordClassifier
+
+    if log:
+        configure_logging("info", json=True)
+    categories = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
+    config = Config(categories=categories, model=ModelConfig(threshold=0.6, device="cpu"),
+                    smtp=SmtpConfig(enabled=True, listen_host="127.0.0.1", listen_port=port))
+    classifier = KeywordClassifier(tuple(categories))
+
+    async def classify(texts: Any) -> Any:
+        return classifier(texts)
+
+    async def main() -> None:
+        server = SmtpFilter(config, classify, hostname="relay.bench",
+                            next_hop=NextHop("127.0.0.1", hop_port, local_hostname="relay.bench"), **filter_options)
+        await server.start()
+        print("READY", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())

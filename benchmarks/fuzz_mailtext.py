@@ -1,4 +1,4 @@
-"""Fuzz the mail-text functions with seeded hostile mail (issue 8, "Prove"): >= 100,000 inputs.
+"""Fuzz the mail-text functions with seeded hostile mail: >= 100,000 inputs.
 
     .venv/bin/python -m benchmarks.fuzz_mailtext                 # 100,000 inputs, seed 1
     .venv/bin/python -m benchmarks.fuzz_mailtext --n 5000 --seed 7

@@ -1,4 +1,4 @@
-"""Fuzz the SMTP front and the header tagging with seeded inputs (issue 8, "Prove"): >= 100,000 each.
+"""Fuzz the SMTP front and the header tagging with seeded inputs: >= 100,000 each.
 
     .venv/bin/python -m benchmarks.fuzz_smtp                       # 100,000 SMTP inputs + 100,000 tagging inputs
     .venv/bin/python -m benchmarks.fuzz_smtp --smtp 5000 --tagging 5000 --seed 7

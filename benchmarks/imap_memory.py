@@ -1,4 +1,4 @@
-"""Peak memory of fetching one huge message, with and without the literal cap (issue 8 item 9).
+"""Peak memory of fetching one huge message, with and without the literal cap.
 
 A partial fetch (``BODY.PEEK[]<0.N>``) is a request the server may ignore; this benchmark plays
 that server by fetching the whole message (``BODY.PEEK[]``), which makes a real Dovecot send one

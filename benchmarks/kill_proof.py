@@ -1,4 +1,4 @@
-"""The SIGKILL proof, long version (issue 8, "Prove"): >= 20 real SIGKILLs of the worker process
+"""The SIGKILL proof, long version: >= 20 real SIGKILLs of the worker process
 while it files a 1,000-message backlog in a real Dovecot, restarted each time, plus Dovecot
 restarts mid-run; then every message is looked up on the server and in the state DB.
 

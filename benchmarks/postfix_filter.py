@@ -1,21 +1,24 @@
-"""What the content filter costs behind a real Postfix: msg/s and latency with and without it.
+"""What mailtriage costs behind a real Postfix: msg/s and latency without it, as a content filter
+and as a milter, on the same mail.
 
     .venv/bin/python -m benchmarks.postfix_filter                  # 400 mails, 8 clients, 60 one by one
     .venv/bin/python -m benchmarks.postfix_filter --messages 1000 --clients 16
 
 Needs root (Postfix's master) and Postfix installed (`make deps`). The same mail goes through the
-same throwaway Postfix (mailtriage.testing.postfix) twice: once relayed straight to the SMTP sink,
-once through the README recipe (docs/postfix/) and mailtriage's SMTP content filter, run as its own
-process as `mailtriage serve` would, with the keyword fake model: what is measured is the mail
-path (Postfix queue -> filter -> reinjection -> queue), not the model (see RESULTS.md for model
-speed). Latency: one mail at a time, client's first byte to the sink's 250. Throughput: many
-clients at once, first mail sent to last mail delivered.
+same throwaway Postfix (mailtriage.testing.postfix) three times: relayed straight to the SMTP sink;
+through the content-filter recipe (docs/postfix/main.cf, master.cf) and mailtriage's SMTP content
+filter; through the milter recipe (docs/postfix/main-milter.cf) and mailtriage's milter. mailtriage
+runs as its own process as `mailtriage serve` would, with the keyword fake model: what is measured
+is the mail path (Postfix queue -> filter -> reinjection -> queue, or smtpd -> milter -> queue),
+not the model (see RESULTS.md for model speed). Latency: one mail at a time, client's first byte
+to the sink's 250; "added" is the difference to the row without mailtriage. Throughput: many
+clients at once, first mail sent to last mail delivered ("delivered") and to the last client's
+250 ("accepted").
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import email.utils
 import smtplib
 import statistics
@@ -27,7 +30,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ENV, REPO, loadavg, md_table, write_json
+from benchmarks.common import ENV, REPO, loadavg, md_table, run_keyword_relay, write_json
+
+# The three paths: (Postfix recipe, mailtriage child flag, row name).
+PATHS = {
+    "plain": (False, None, "Postfix -> sink"),
+    "content_filter": ("content_filter", "--relay-child", "Postfix -> mailtriage (content filter) -> Postfix -> sink"),
+    "milter": ("milter", "--milter-child", "Postfix (+ mailtriage milter) -> sink"),
+}
+CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
 
 BODY = (
     "Hello,\n\nI was charged twice for my March invoice (order 48213). Could you check the billing\n"
@@ -48,23 +59,27 @@ def _mail(n: int) -> tuple[bytes, bytes]:
 
 
 def _relay_child(port: int, hop_port: int) -> None:
+    run_keyword_relay(port, hop_port)
+
+
+def _milter_child(port: int) -> None:
+    import asyncio
+
     from mailtriage.cli.logs import configure_logging
-    from mailtriage.config import Config, ModelConfig, SmtpConfig
-    from mailtriage.smtp.relay import NextHop, SmtpFilter
+    from mailtriage.config import Config, MilterConfig, ModelConfig
+    from mailtriage.milter.server import MilterServer
     from mailtriage.testing.fakes import KeywordClassifier
 
     configure_logging("info", json=True)
-    categories = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
-    config = Config(categories=categories, model=ModelConfig(threshold=0.6, device="cpu"),
-                    smtp=SmtpConfig(enabled=True, listen_host="127.0.0.1", listen_port=port))
-    classifier = KeywordClassifier(tuple(categories))
+    config = Config(categories=CATEGORIES, model=ModelConfig(threshold=0.6, device="cpu"),
+                    milter=MilterConfig(enabled=True, listen_host="127.0.0.1", listen_port=port))
+    classifier = KeywordClassifier(tuple(CATEGORIES))
 
     async def classify(texts: Any) -> Any:
         return classifier(texts)
 
     async def main() -> None:
-        server = SmtpFilter(config, classify, hostname="relay.bench",
-                            next_hop=NextHop("127.0.0.1", hop_port, local_hostname="relay.bench"))
+        server = MilterServer(config, classify)
         await server.start()
         print("READY", flush=True)
         await asyncio.Event().wait()
@@ -79,25 +94,27 @@ def _message_id(content: bytes) -> bytes:
     return b""
 
 
-def _run(with_filter: bool, messages: int, clients: int, sequential: int) -> dict[str, Any]:
+def _run(path: str, messages: int, clients: int, sequential: int) -> dict[str, Any]:
     from mailtriage.testing.postfix import Postfix, SmtpSink
 
+    recipe, child_flag, _ = PATHS[path]
     sink = SmtpSink().start()
-    postfix = Postfix(sink.port, recipe=with_filter)
+    postfix = Postfix(sink.port, recipe=recipe)
     child: subprocess.Popen[bytes] | None = None
     log_path = Path(tempfile.mkstemp(prefix="postfix-filter-", suffix=".log")[1])
     try:
-        postfix.start()
-        if with_filter:
+        if child_flag is not None:
+            ports = ([str(postfix.filter_port), str(postfix.reinject_port)] if path == "content_filter"
+                     else [str(postfix.milter_port)])
             with log_path.open("wb") as log_file:
                 child = subprocess.Popen(
-                    [sys.executable, "-m", "benchmarks.postfix_filter", "--relay-child",
-                     str(postfix.filter_port), str(postfix.reinject_port)],
+                    [sys.executable, "-m", "benchmarks.postfix_filter", child_flag, *ports],
                     cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=log_file,
                 )
             assert child.stdout is not None
             if child.stdout.readline().strip() != b"READY":
-                raise SystemExit(f"the relay did not start; its log: {log_path}")
+                raise SystemExit(f"mailtriage ({path}) did not start; its log: {log_path}")
+        postfix.start()
 
         def arrivals() -> dict[bytes, float]:
             return {_message_id(d.content): d.received_at for d in sink.received}
@@ -138,7 +155,7 @@ def _run(with_filter: bool, messages: int, clients: int, sequential: int) -> dic
         finished = max(d.received_at for d in got[before:])
         tagged = sum(b"X-Mailtriage-Category:" in d.content for d in got[before:])
         return {
-            "filter": with_filter,
+            "path": path,
             "messages": messages,
             "clients": clients,
             "msg_per_s": round(messages / (finished - started), 1),
@@ -161,26 +178,40 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=400, help="mails in the throughput run (default 400)")
     ap.add_argument("--clients", type=int, default=8, help="SMTP clients sending at once (default 8)")
     ap.add_argument("--sequential", type=int, default=60, help="mails sent one at a time for latency (default 60)")
+    ap.add_argument("--paths", default=",".join(PATHS),
+                    help=f"comma-separated paths to measure, of {', '.join(PATHS)} (default all; the added "
+                         "latency needs plain)")
     ap.add_argument("--relay-child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--milter-child", nargs=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.relay_child:
         _relay_child(int(args.relay_child[0]), int(args.relay_child[1]))
         return
+    if args.milter_child:
+        _milter_child(int(args.milter_child[0]))
+        return
+    paths = [name.strip() for name in args.paths.split(",") if name.strip()]
+    unknown = [name for name in paths if name not in PATHS]
+    if unknown:
+        ap.error(f"unknown path(s) {unknown}; expected some of {', '.join(PATHS)}")
     load_before = loadavg()
-    rows = [_run(False, args.messages, args.clients, args.sequential),
-            _run(True, args.messages, args.clients, args.sequential)]
-    plain, filtered = rows
-    result = {"rows": rows, "load_before": load_before, "load_after": loadavg(),
-              "added_latency_p50_ms": round(filtered["latency_p50_ms"] - plain["latency_p50_ms"], 1)}
+    rows = [_run(path, args.messages, args.clients, args.sequential) for path in paths]
+    plain = next((r for r in rows if r["path"] == "plain"), None)
+    for row in rows:
+        if plain is not None and row is not plain:
+            row["added_latency_p50_ms"] = round(row["latency_p50_ms"] - plain["latency_p50_ms"], 1)
+            row["added_latency_p95_ms"] = round(row["latency_p95_ms"] - plain["latency_p95_ms"], 1)
+    result = {"rows": rows, "load_before": load_before, "load_after": loadavg()}
     write_json("postfix_filter", result)
     print(md_table(
-        ["path", "mails", "clients", "msg/s (delivered)", "msg/s (accepted)", "latency p50 ms", "latency p95 ms", "tagged"],
-        [["Postfix -> sink" if not r["filter"] else "Postfix -> mailtriage -> Postfix -> sink", r["messages"],
-          r["clients"], r["msg_per_s"], r["accept_msg_per_s"], r["latency_p50_ms"], r["latency_p95_ms"], r["tagged"]]
+        ["path", "mails", "clients", "msg/s (delivered)", "msg/s (accepted)", "latency p50 ms", "latency p95 ms",
+         "added p50 ms", "added p95 ms", "tagged"],
+        [[PATHS[r["path"]][2], r["messages"], r["clients"], r["msg_per_s"], r["accept_msg_per_s"],
+          r["latency_p50_ms"], r["latency_p95_ms"], r.get("added_latency_p50_ms", "-"),
+          r.get("added_latency_p95_ms", "-"), r["tagged"]]
          for r in rows],
     ))
-    print(f"added latency (p50): {result['added_latency_p50_ms']} ms; load average before/after: "
-          f"{load_before} / {result['load_after']}")
+    print(f"load average before/after: {load_before} / {result['load_after']}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Recipe tries on a dev split of the TRAINING data: which fine-tune options earn their place.
 
-Issue 9 item 2: each try (a set of ``TrainParams`` changes) is trained with the product's
+Each try (a set of ``TrainParams`` changes) is trained with the product's
 ``finetune`` and loaded with the product's ``load_classifier``, like ``mailtriage-train`` does, then
 scored on a dev set carved out of the training pool, next to the TF-IDF baseline and the ensemble
 (temperatures and ensemble weight fitted on the validation slice, as the trainer fits them). The

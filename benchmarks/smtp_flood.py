@@ -1,4 +1,4 @@
-"""1,100 idle clients against the SMTP content filter (issue 8 item 6): real mail still gets through.
+"""1,100 idle clients against the SMTP content filter: real mail still gets through.
 
     .venv/bin/python -m benchmarks.smtp_flood                    # 1,100 idle clients, defaults below
     .venv/bin/python -m benchmarks.smtp_flood --clients 300 --idle-timeout 5
@@ -17,7 +17,6 @@ not keep real mail out; the row then also counts the holders the relay closed to
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import resource
@@ -32,7 +31,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ENV, REPO, loadavg, md_table, write_json
+from benchmarks.common import ENV, REPO, loadavg, md_table, run_keyword_relay, write_json
 
 
 def _free_port() -> int:
@@ -42,28 +41,7 @@ def _free_port() -> int:
 
 
 def _relay_child(port: int, hop_port: int, max_connections: int, idle_timeout: float) -> None:
-    from mailtriage.cli.logs import configure_logging
-    from mailtriage.config import Config, ModelConfig, SmtpConfig
-    from mailtriage.smtp.relay import NextHop, SmtpFilter
-    from mailtriage.testing.fakes import KeywordClassifier
-
-    configure_logging("info", json=True)
-    categories = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
-    config = Config(categories=categories, model=ModelConfig(threshold=0.6, device="cpu"),
-                    smtp=SmtpConfig(enabled=True, listen_host="127.0.0.1", listen_port=port))
-    classifier = KeywordClassifier(tuple(categories))
-
-    async def classify(texts: Any) -> Any:
-        return classifier(texts)
-
-    async def main() -> None:
-        server = SmtpFilter(config, classify, hostname="relay.bench", max_connections=max_connections,
-                            idle_timeout=idle_timeout, next_hop=NextHop("127.0.0.1", hop_port, local_hostname="relay.bench"))
-        await server.start()
-        print("READY", flush=True)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    run_keyword_relay(port, hop_port, max_connections=max_connections, idle_timeout=idle_timeout)
 
 
 class _Hop:

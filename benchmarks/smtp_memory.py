@@ -14,7 +14,6 @@ when ``--budget-mb``, ``[smtp] max_bytes_in_flight``, is spent).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import smtplib
 import subprocess
@@ -23,34 +22,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ENV, REPO, loadavg, md_table, write_json
+from benchmarks.common import ENV, REPO, loadavg, md_table, run_keyword_relay, write_json
 from benchmarks.smtp_flood import _free_port
 
 MIB = 1024 * 1024
 
 
 def _relay_child(port: int, hop_port: int, size_limit: int, budget: int) -> None:
-    from mailtriage.config import Config, ModelConfig, SmtpConfig
-    from mailtriage.smtp.relay import NextHop, SmtpFilter
-    from mailtriage.testing.fakes import KeywordClassifier
-
-    categories = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
-    config = Config(categories=categories, model=ModelConfig(threshold=0.6, device="cpu"),
-                    smtp=SmtpConfig(enabled=True, listen_host="127.0.0.1", listen_port=port))
-    classifier = KeywordClassifier(tuple(categories))
-
-    async def classify(texts: Any) -> Any:
-        return classifier(texts)
-
-    async def main() -> None:
-        server = SmtpFilter(config, classify, hostname="relay.bench", data_size_limit=size_limit,
-                            max_bytes_in_flight=budget or None,
-                            next_hop=NextHop("127.0.0.1", hop_port, local_hostname="relay.bench"))
-        await server.start()
-        print("READY", flush=True)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    run_keyword_relay(port, hop_port, log=False, data_size_limit=size_limit, max_bytes_in_flight=budget or None)
 
 
 def _status(pid: int) -> dict[str, int]:

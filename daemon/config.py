@@ -34,6 +34,11 @@ InferenceApi = Literal["tei", "vllm"]
 Quantize = Literal["none", "int8"]
 Runtime = Literal["torch", "onnxruntime"]
 
+# The allowed values, once: argparse's choices= and the model loader read them from here.
+DEVICES: tuple[str, ...] = typing.get_args(Device)
+QUANTIZE_CHOICES: tuple[str, ...] = typing.get_args(Quantize)
+RUNTIME_CHOICES: tuple[str, ...] = typing.get_args(Runtime)
+
 # Keys that would put a secret into the config file; refused with a pointer to the safe ways.
 _SECRET_KEYS = {"password", "token", "oauth_token", "secret"}
 

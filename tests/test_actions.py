@@ -216,7 +216,7 @@ def test_connect_logs_in(dovecot: Dovecot, imap_user: tuple[str, str], tmp_path:
 def test_a_literal_larger_than_max_message_bytes_is_cut_and_the_connection_stays_in_step(
     dovecot: Dovecot, imap_user: tuple[str, str], tmp_path: Path
 ) -> None:
-    """Issue 8 item 9: a server may answer a fetch with far more than was asked (a partial fetch is
+    """A server may answer a fetch with far more than was asked (a partial fetch is
     only a request); the client keeps max_message_bytes and drains the rest without holding it."""
     limit = 1024 * 1024
     big = b"Subject: huge\r\nMessage-ID: <huge@example.com>\r\n\r\n" + (b"x" * 998 + b"\r\n") * 3000  # ~3 MB

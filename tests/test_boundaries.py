@@ -6,8 +6,10 @@
 - the daemon never imports the trainer; the product never imports tests/.
 - the trainer's command line, run, gate and report load neither torch nor scikit-learn on import
   (`mailtriage-train list`, `promote` and `--help` start fast; the steps import them when they run).
-- the seam to the model (``ClassifyFn``) is defined once, in core/pipeline.py; the per-message
-  lifecycle (claim, retry, quarantine) is driven from imap/filing.py only.
+- the seam to the model (``ClassifyFn``, and ``ClassifyAsync`` for intakes on the event loop) is
+  defined once, in core/pipeline.py, and only that pipeline calls ``routing.decide``: every intake
+  gets the label check with the routing; the per-message lifecycle (claim, retry, quarantine) is
+  driven from imap/filing.py only.
 - metrics.py (the metric definitions) is a leaf: it imports nothing of mailtriage.
 Checked statically with `ast`, so an import hidden inside a function counts too.
 """
@@ -120,9 +122,33 @@ def _called_methods(path: Path) -> set[str]:
 
 
 @pure
-def test_the_classify_seam_is_defined_once() -> None:
-    where = [str(p.relative_to(ROOT)) for p in _daemon_files() if "ClassifyFn" in _assigned_names(p)]
-    assert where == ["daemon/core/pipeline.py"], f"ClassifyFn must be defined once, in core/pipeline.py: {where}"
+@pytest.mark.parametrize("seam", ["ClassifyFn", "ClassifyAsync"])
+def test_the_classify_seam_is_defined_once(seam: str) -> None:
+    where = [str(p.relative_to(ROOT)) for p in _daemon_files() if seam in _assigned_names(p)]
+    assert where == ["daemon/core/pipeline.py"], f"{seam} must be defined once, in core/pipeline.py: {where}"
+
+
+ROUTING = "mailtriage.core.routing"
+
+
+def _uses_routing_decide(path: Path) -> bool:
+    """Whether a file takes ``decide`` from core/routing.py: imported by name, or as an attribute of
+    the routing module (``routing.decide``, ``mailtriage.core.routing.decide``)."""
+    if f"{ROUTING}.decide" in _imports(path):
+        return True
+    return any(
+        isinstance(node, ast.Attribute) and node.attr == "decide" and ast.unparse(node.value).endswith("routing")
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+    )
+
+
+@pure
+def test_only_the_pipeline_calls_routing_decide() -> None:
+    # An intake that routes by itself skips the pipeline's checks (a label that is not a category).
+    files = [*_daemon_files(), *sorted(TRAINER.rglob("*.py")), *sorted((ROOT / "benchmarks").rglob("*.py")),
+             *sorted((ROOT / "demo").rglob("*.py"))]
+    where = [str(p.relative_to(ROOT)) for p in files if _uses_routing_decide(p)]
+    assert where == ["daemon/core/pipeline.py"], f"route through core/pipeline.py, not routing.decide: {where}"
 
 
 # The StateDB calls that move a watched message through its lifecycle.
@@ -163,12 +189,19 @@ def test_the_rules_can_fail(tmp_path: Path) -> None:
     assert _hits(_imports(probe), ("mailtriage.imap",)) == ["mailtriage.imap", "mailtriage.imap.watcher"]
     probe.write_text("ClassifyFn = int\ndef g(state):\n    state.claim(1)\n")
     assert "ClassifyFn" in _assigned_names(probe) and _called_methods(probe) & LIFECYCLE == {"claim"}
+    probe.write_text("from mailtriage.core import routing\nx = routing.decide(p, 0.5, {}, 'U')\n")
+    assert _uses_routing_decide(probe)
+    probe.write_text("def f():\n    from mailtriage.core.routing import decide as d\n")
+    assert _uses_routing_decide(probe)
+    probe.write_text("def decide(ok, why): ...\ndecide(True, 'gate')\n")
+    assert not _uses_routing_decide(probe)
 
 
 @pytest.mark.component
 def test_importing_the_relay_and_watcher_does_not_load_torch() -> None:
-    code = ("import sys, mailtriage.smtp.relay, mailtriage.imap.watcher, mailtriage.imap.filing, mailtriage.core.pipeline, "
-            "mailtriage.store.stats, mailtriage.model.manifest, mailtriage.milter.server; print('torch' in sys.modules)")
+    code = ("import sys, mailtriage.smtp.relay, mailtriage.smtp.nexthop, mailtriage.imap.watcher, mailtriage.imap.filing, "
+            "mailtriage.core.pipeline, mailtriage.store.stats, mailtriage.model.manifest, mailtriage.milter.server; "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

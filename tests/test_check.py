@@ -169,7 +169,7 @@ def _closed_port() -> int:
 
 
 def test_exposed_password_file_and_clear_text_are_reported(tmp_path: Path) -> None:
-    """Issue 8 item 10: others reading the password file FAILs, its group reading it WARNs;
+    """Others reading the password file FAILs, its group reading it WARNs;
     tls = "none" and verify_tls = false are counted as warnings."""
     import dataclasses
 
@@ -200,7 +200,7 @@ def test_exposed_password_file_and_clear_text_are_reported(tmp_path: Path) -> No
 
 
 def test_keyword_action_check_agrees_with_serve(dovecot: Any, imap_user: tuple[str, str], tmp_path: Path) -> None:
-    """Issue 8.12: check used a read-only EXAMINE, whose PERMANENTFLAGS is always empty, and FAILed a
+    """Check used a read-only EXAMINE, whose PERMANENTFLAGS is always empty, and FAILed a
     keyword account that `serve` runs fine. Both now apply imap/preflight.py's one rule."""
     from mailtriage.imap.watcher import MailboxWatcher
     from mailtriage.store.state import StateDB

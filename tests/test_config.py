@@ -84,7 +84,7 @@ def _with(**overrides: object) -> dict[str, object]:
         # a relative state_path lands wherever the process starts
         (_with(state_path="state.sqlite3"), r"state_path = 'state.sqlite3' is relative.*absolute path"),
         (_with(state_path=""), r"state_path = '' is relative"),
-        # retries of refused actions (issue 8 item 2)
+        # retries of refused actions
         (_with(retry_attempts=0), r"retry_attempts = 0: must be a positive number"),
         (_with(retry_backoff=0), r"retry_backoff = 0(.0)?: must be a positive number of seconds"),
     ],
@@ -129,7 +129,7 @@ def test_secret_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_failing_oauth_token_command_never_echoes_the_command(tmp_path: Path) -> None:
-    """Issue 8 item 10: the command line (and its output) may carry a client secret."""
+    """The command line (and its output) may carry a client secret."""
     acc = {k: v for k, v in ACCOUNT.items() if k != "password_file"}
     secret = "client_secret=TOPSECRET42"
     for command, why in (
@@ -162,12 +162,12 @@ def test_exposed_secret_file_is_read_with_a_warning(tmp_path: Path, capsys: pyte
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        # Issue 8.1: one mailbox, two watchers (they raced: 20 messages became 36 copies)
+        # One mailbox, two watchers (they raced: 20 messages became 36 copies)
         (_with(accounts=[{**ACCOUNT, "mailboxes": ["INBOX", "INBOX"]}]), r"'INBOX' is watched twice"),
         (_with(accounts=[{**ACCOUNT, "mailboxes": ["INBOX", "inbox"]}]), r"'inbox' is watched twice"),
         (_with(accounts=[ACCOUNT, {**ACCOUNT, "name": "other", "host": "IMAP.example.com"}]),
          r"accounts\['other'\].mailboxes: 'INBOX' is watched twice \(accounts\['support'\] and accounts\['other'\]"),
-        # Issue 8.5: a mailbox in two roles
+        # A mailbox in two roles
         (_with(accounts=[{**ACCOUNT, "mailboxes": ["INBOX", "Support/Billing"]}]),
          r"'Support/Billing' is also categories.billing, a folder mail is filed into"),
         (_with(accounts=[{**ACCOUNT, "mailboxes": ["Support/Unsure"]}]), r"'Support/Unsure' is also unsure_folder"),

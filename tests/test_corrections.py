@@ -161,7 +161,7 @@ def test_scan_finds_move_by_another_client(dovecot: Any, imap_user: tuple[str, s
 
 @pytest.mark.component
 def test_moving_mail_the_smtp_filter_tagged_is_a_correction(dovecot: Any, imap_user: tuple[str, str], tmp_path: Path) -> None:
-    """Issue 10 item 4: relayed mail lands in the mailbox; staff moving it corrects the SMTP decision,
+    """Relayed mail lands in the mailbox; staff moving it corrects the SMTP decision,
     found by the periodic scan and by the IMAPSieve hook (learn_moved)."""
     from mailtriage.imap.connection import connect
     from mailtriage.core.mailtext import message_key

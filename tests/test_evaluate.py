@@ -109,7 +109,7 @@ def test_choose_serve_serves_the_best_on_held_out_mail_never_worse_than_the_base
         return {"macro_f1": x}
 
     assert choose_serve(f1(0.92), f1(0.95), f1(0.96)) == "ensemble"
-    # The demo's case (issue 9): model 0.922, baseline 0.949, ensemble 0.927 -> the baseline, not the model.
+    # The demo's case: model 0.922, baseline 0.949, ensemble 0.927 -> the baseline, not the model.
     assert choose_serve(f1(0.922), f1(0.949), f1(0.927)) == "baseline"
     assert choose_serve(f1(0.14), f1(1.0), f1(1.0)) == "ensemble"  # a tie: ensemble before baseline
     assert choose_serve(f1(0.95), f1(0.90), f1(0.95)) == "model"  # a tie keeps the model alone

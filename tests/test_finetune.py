@@ -12,11 +12,11 @@ from mailtriage.errors import TrainingDataError
 from mailtriage.core.labels import LabelSet
 from tests.models import TOY_LABELS, toy_dataset, toy_params
 
-pytestmark = pytest.mark.component
 
 LABELS = LabelSet(TOY_LABELS)
 
 
+@pytest.mark.component
 def test_the_fixture_model_learned_the_toy_set(tiny_model_dir: Path) -> None:
     """tiny_model_dir is finetune()'s output: check what it wrote and what it learned."""
     version = modeldir.resolve(tiny_model_dir)
@@ -35,6 +35,7 @@ def test_the_fixture_model_learned_the_toy_set(tiny_model_dir: Path) -> None:
     assert "classifier" in adapter["modules_to_save"]
 
 
+@pytest.mark.component
 def test_seeded_runs_are_identical_and_history_is_kept(tiny_encoder_base: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -49,6 +50,7 @@ def test_seeded_runs_are_identical_and_history_is_kept(tiny_encoder_base: Path, 
     assert params.modules_to_save == ["pooler", "word_embeddings"]  # peft appends to the list it gets; ours is untouched
 
 
+@pytest.mark.component
 def test_early_stopping_keeps_the_best_epoch(tiny_encoder_base: Path, tmp_path: Path) -> None:
     train, val = toy_dataset(augment=0)
     # A learning rate this small cannot improve on epoch 1's score, so training stops after `patience`.
@@ -58,6 +60,7 @@ def test_early_stopping_keeps_the_best_epoch(tiny_encoder_base: Path, tmp_path: 
     assert result.val_accuracy == result.history[0]["val_accuracy"]
 
 
+@pytest.mark.component
 def test_gradient_accumulation_counts_optimizer_steps(tiny_encoder_base: Path, tmp_path: Path) -> None:
     train, val = toy_dataset(augment=0)  # 24 rows: 6 batches of 4 -> 2 optimizer steps per epoch
     result = finetune_into(tiny_encoder_base, tmp_path, toy_params(epochs=1, batch_size=4, grad_accum=4), train, val)

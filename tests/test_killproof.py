@@ -1,4 +1,4 @@
-"""The SIGKILL proof, fast version (issue 8, Prove): real worker processes killed with SIGKILL at
+"""The SIGKILL proof, fast version: real worker processes killed with SIGKILL at
 chosen points (right after an action, before its status is written; after 'pending', before the
 action) and at random times while filing a backlog in a real Dovecot, restarted each time; two
 workers on one mailbox at once. The long run (>= 20 kills, 1,000 messages) is

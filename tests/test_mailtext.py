@@ -487,7 +487,7 @@ def test_a_simple_plain_mail_round_trips(subject: str, body: str) -> None:
 
 
 def test_one_input_bound_for_watcher_relay_and_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 8 item 11: the watcher fetched only the first 4 MiB, the relay and trainer pass the whole
+    """The watcher fetched only the first 4 MiB, the relay and trainer pass the whole
     message. Now the watcher fetches exactly the prefix mail_text reads of any message, so all three
     see the same text even when the text part sits behind a big attachment (shown here with the
     bound lowered to 1 MiB, to keep the test small)."""
@@ -510,7 +510,7 @@ def test_one_input_bound_for_watcher_relay_and_trainer(monkeypatch: pytest.Monke
 
 
 def test_content_fingerprint_tells_a_reused_message_id_from_a_redelivery() -> None:
-    """Issue 8 item 4: with the Message-ID, the content fingerprint says "the same message"."""
+    """With the Message-ID, the content fingerprint says "the same message"."""
     from mailtriage.core.mailtext import content_fingerprint
 
     base = (b"From: a@example.com\r\nTo: s@example.com\r\nSubject: Invoice\r\nMessage-ID: <x@example.com>\r\n"

@@ -1,6 +1,6 @@
 """The milter against a real socket: the MTA side is ``mailtriage.testing.milter.MilterClient``, which
-speaks the protocol the way Postfix's milter8 does (a real-Postfix milter test is to follow, with the
-Postfix harness). The model is the keyword fake (pure logic); the protocol we promise - headers added
+speaks the protocol the way Postfix's milter8 does (tests/test_postfix_milter.py puts a real Postfix
+in front of it). The model is the keyword fake (pure logic); the protocol we promise - headers added
 on top, forged ones deleted, body untouched, on_error, deadlines, bounds - always goes over TCP.
 """
 
@@ -24,7 +24,8 @@ from mailtriage.core.classifier import Prediction
 from mailtriage.core.labels import LabelSet
 from mailtriage.errors import ConfigError
 from mailtriage.milter import protocol as p
-from mailtriage.milter.server import ClassifyAsync, MilterServer
+from mailtriage.core.pipeline import ClassifyAsync
+from mailtriage.milter.server import MilterServer
 from mailtriage.milter.session import TEMPFAIL_TEXT
 from mailtriage.model import modeldir
 from mailtriage.service.app import Service
@@ -201,6 +202,33 @@ def test_model_trouble_with_on_error_accept_passes_untagged_but_clean(start_milt
     result = tag_once("127.0.0.1", server.port, raw)
     assert result.accepted
     assert mailtriage_fields(result.apply(raw)) == []  # no forged category gets through, even fail-open
+
+
+async def mismatched_classify(texts: Sequence[str]) -> tuple[list[Prediction], str]:
+    """A model whose labels are not [categories]: "spam" for everything, "invoice" at 0.95, else 0.4."""
+    return KeywordClassifier(("spam", *LABELS), {"invoice": "spam"}, default="spam")(texts)
+
+
+@pytest.mark.parametrize("body", ["invoice", "hello there"], ids=["confident", "unsure"])
+def test_a_label_that_is_not_a_category_tempfails(body: str, start_milter: StartMilter) -> None:
+    # The adapter does not match [categories]: no message may be tagged by it, as the IMAP watcher
+    # files none (before, an unsure prediction of such a label was tagged "unsure").
+    server = start_milter(mismatched_classify)
+    with structlog.testing.capture_logs() as logs:
+        result = tag_once("127.0.0.1", server.port, mail(body))
+    assert not result.accepted
+    assert result.smtp_reply == TEMPFAIL_TEXT
+    assert result.modifications == []
+    failed = [e for e in logs if e["event"] == "milter_classify_failed"]
+    assert [(e["error_type"], e["on_error"]) for e in failed] == [("LabelMismatchError", "tempfail")]
+
+
+def test_a_label_that_is_not_a_category_with_on_error_accept_passes_untagged(start_milter: StartMilter) -> None:
+    server = start_milter(mismatched_classify, config=make_config(on_error="accept"))
+    raw = mail("hello there", extra=b"X-Mailtriage-Category: refunds\r\n")
+    result = tag_once("127.0.0.1", server.port, raw)
+    assert result.accepted
+    assert mailtriage_fields(result.apply(raw)) == []  # neither tagged "unsure" nor the forged field
 
 
 def test_a_hung_model_is_answered_within_the_deadline(start_milter: StartMilter) -> None:

@@ -322,13 +322,16 @@ def test_tagged_deletes_every_forged_field_highest_index_first_then_inserts_ours
     session = negotiated()
     feed(session, header(b"X-Mailtriage-Category", b"refunds"), header(b"From", b"a@b"),
          header(b"x-mailtriage-category", b"login"), header(b"X-MAILTRIAGE-Confidence", b"1.0"),
-         header(b"X-Mailtriage-Anything", b"z"), header(b"X-Mailtriagexyz", b"not ours"))
+         header(b"X-Mailtriage-Anything", b"z"), header(b"X-Mailtriagexyz", b"x"), header(b"X-Other", b"kept"))
     session.receive(p.SMFIC_BODYEOB, p.EndOfBody(b""))
+    # Any name that starts with x-mailtriage is ours to remove (as core.tagging strips it on the
+    # SMTP path): a near miss costs nothing, a miss would let a sender pick the folder.
     assert session.tagged(DECISION) == (
         p.delete_header(2, b"X-Mailtriage-Category"),
         p.delete_header(1, b"X-Mailtriage-Category"),
         p.delete_header(1, b"X-MAILTRIAGE-Confidence"),
         p.delete_header(1, b"X-Mailtriage-Anything"),
+        p.delete_header(1, b"X-Mailtriagexyz"),
         p.insert_header(0, "X-Mailtriage-Confidence", "0.9123"),
         p.insert_header(0, "X-Mailtriage-Category", "billing"),
         p.reply(p.SMFIR_CONTINUE),

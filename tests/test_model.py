@@ -16,7 +16,6 @@ from mailtriage.errors import LabelMismatchError, ModelError
 from mailtriage.core.labels import LabelSet
 from tests.models import TOY_LABELS, toy_dataset, toy_params
 
-pytestmark = pytest.mark.component
 
 
 def _fake_version(model_dir: Path, labels: tuple[str, ...] = TOY_LABELS) -> Path:
@@ -128,11 +127,13 @@ def test_packaged_minilm_aliases(tmp_path: Path) -> None:
     assert modeldir.resolve_base_model(str(tmp_path)) == str(tmp_path)
 
 
+@pytest.mark.component
 def test_modeldir_does_not_import_torch() -> None:
     code = "import sys, mailtriage.model.modeldir; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
+@pytest.mark.component
 def test_ensemble_module_imports_neither_torch_nor_sklearn() -> None:
     code = ("import sys, mailtriage.model.ensemble; "
             "sys.exit(any(m in sys.modules for m in ('torch', 'sklearn', 'joblib')))")
@@ -160,6 +161,7 @@ TEXTS = [
 ]
 
 
+@pytest.mark.component
 def test_classify_round_trip(classifier) -> None:  # type: ignore[no-untyped-def]
     predictions = classifier.classify(TEXTS)
     assert len(predictions) == len(TEXTS)
@@ -176,6 +178,7 @@ def test_classify_round_trip(classifier) -> None:  # type: ignore[no-untyped-def
     assert classifier.classify([]) == []
 
 
+@pytest.mark.component
 def test_batching_does_not_change_results(classifier) -> None:  # type: ignore[no-untyped-def]
     import torch
 
@@ -184,6 +187,7 @@ def test_batching_does_not_change_results(classifier) -> None:  # type: ignore[n
     assert torch.allclose(together, one_by_one, atol=1e-5)
 
 
+@pytest.mark.component
 def test_reload_gives_identical_logits(classifier, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
     import torch
 
@@ -195,6 +199,7 @@ def test_reload_gives_identical_logits(classifier, tiny_model_dir: Path) -> None
     assert torch.equal(again.logits(TEXTS), classifier.logits(TEXTS))
 
 
+@pytest.mark.component
 def test_int8_quantized_serving_keeps_the_predictions(classifier, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
     """quantize="int8" merges the adapter (trained head included) and serves int8 Linear layers."""
     import torch
@@ -212,6 +217,7 @@ def test_int8_quantized_serving_keeps_the_predictions(classifier, tiny_model_dir
     assert torch.allclose(torch.softmax(quantized.logits(TEXTS), -1), torch.softmax(classifier.logits(TEXTS), -1), atol=0.05)
 
 
+@pytest.mark.component
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_onnxruntime_serving_matches_torch(classifier, tiny_model_dir: Path, quantize: str) -> None:  # type: ignore[no-untyped-def]
     """runtime="onnxruntime" serves the merged model (adapter and trained head included) from a fused
@@ -232,6 +238,7 @@ def test_onnxruntime_serving_matches_torch(classifier, tiny_model_dir: Path, qua
     assert torch.allclose(torch.softmax(ours, -1), torch.softmax(theirs, -1), atol=0.05)
 
 
+@pytest.mark.component
 def test_onnxruntime_is_refused_off_cpu_and_when_unknown(tiny_model_dir: Path) -> None:
     from mailtriage.model.transformers import load_classifier
 
@@ -239,6 +246,7 @@ def test_onnxruntime_is_refused_off_cpu_and_when_unknown(tiny_model_dir: Path) -
         load_classifier(tiny_model_dir, device="cpu", runtime="tensorrt")
 
 
+@pytest.mark.component
 def test_quantize_and_threads_are_checked(tiny_model_dir: Path) -> None:
     import torch
 
@@ -256,6 +264,7 @@ def test_quantize_and_threads_are_checked(tiny_model_dir: Path) -> None:
         torch.set_num_threads(before)
 
 
+@pytest.mark.component
 def test_label_check_against_config(tiny_model_dir: Path) -> None:
     from mailtriage.model.transformers import load_classifier
 
@@ -266,6 +275,7 @@ def test_label_check_against_config(tiny_model_dir: Path) -> None:
     assert loaded.labels == TOY_LABELS
 
 
+@pytest.mark.component
 def test_missing_pieces_are_model_errors(tmp_path: Path, tiny_model_dir: Path) -> None:
     from mailtriage.model.transformers import load_classifier
 
@@ -283,6 +293,7 @@ def test_missing_pieces_are_model_errors(tmp_path: Path, tiny_model_dir: Path) -
         load_classifier(moved)
 
 
+@pytest.mark.component
 def test_device_choice() -> None:
     import torch
 
@@ -298,6 +309,7 @@ def test_device_choice() -> None:
             pick_device("cuda")
 
 
+@pytest.mark.component
 def test_decoder_family(tiny_decoder_base: Path, tmp_path: Path) -> None:
     import torch
     from tokenizers import Tokenizer
@@ -347,11 +359,13 @@ def _copy_version(tiny_model_dir: Path, dest: Path, serve: str | None) -> Path:
     return version
 
 
+@pytest.mark.component
 def test_old_manifest_serves_the_model_alone(classifier) -> None:  # type: ignore[no-untyped-def]
     assert "serve" not in classifier.manifest.raw and classifier.manifest.serve == "model"
     assert classifier.serve == "model" and classifier.baseline is None
 
 
+@pytest.mark.component
 def test_ensemble_serving_averages_model_and_baseline(tiny_model_dir: Path, tmp_path: Path) -> None:
     import numpy as np
     import torch
@@ -396,6 +410,7 @@ def test_temper_scales_confidences_keeps_argmax_and_zeros() -> None:
     assert np.allclose(sharp[0, :3], np.array([0.25, 0.09, 0.04]) / 0.38)
 
 
+@pytest.mark.component
 @pytest.mark.parametrize("serve", ["baseline", "ensemble"])
 def test_served_baseline_applies_the_manifest_baseline_temperature(
     tiny_model_dir: Path, tmp_path: Path, serve: str
@@ -440,6 +455,7 @@ def test_served_baseline_applies_the_manifest_baseline_temperature(
         load_classifier(version, device="cpu")
 
 
+@pytest.mark.component
 def test_ensemble_without_a_usable_baseline_is_a_model_error(tiny_model_dir: Path, tmp_path: Path) -> None:
     from mailtriage.model.transformers import load_classifier
 
@@ -460,6 +476,7 @@ def test_ensemble_without_a_usable_baseline_is_a_model_error(tiny_model_dir: Pat
         load_classifier(version, device="cpu")
 
 
+@pytest.mark.component
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("temperature", 1e-300, r'"temperature": 1e-300; expected a finite number in 0.01..100'),
     ("temperature", "abc", r'"temperature": \'abc\' \(str\); expected a number'),
@@ -481,6 +498,7 @@ def test_hostile_manifest_values_are_refused_at_load(
         load_classifier(version, device="cpu")
 
 
+@pytest.mark.component
 def test_bert_pooler_is_trained_with_the_head_decoders_have_none(tiny_encoder_base: Path, tiny_decoder_base: Path) -> None:
     import torch
 
@@ -492,8 +510,9 @@ def test_bert_pooler_is_trained_with_the_head_decoders_have_none(tiny_encoder_ba
         assert default_modules_to_save(model) == expected
 
 
+@pytest.mark.component
 def test_an_adapter_from_another_mailtext_version_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """Issue 8 item 11: a mismatch used to log a warning and serve anyway."""
+    """A mismatch used to log a warning and serve anyway."""
     from mailtriage.core.mailtext import MAILTEXT_VERSION
     from mailtriage.model.transformers import load_classifier
 
@@ -506,6 +525,7 @@ def test_an_adapter_from_another_mailtext_version_is_refused(tiny_model_dir: Pat
         load_classifier(version, device="cpu")
 
 
+@pytest.mark.component
 def test_config_runtime_reaches_the_local_loader(tiny_model_dir: Path) -> None:
     """[model] runtime/quantize travel from the config through backend.load, the daemon's one loader."""
     from mailtriage.config import Config, ModelConfig

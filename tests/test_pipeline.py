@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+
 import pytest
 
+from mailtriage.core import pipeline
 from mailtriage.core.backoff import delay
 from mailtriage.core.classifier import Prediction
-from mailtriage.core.pipeline import DecidedBy, Rules, classify_and_route, route
+from mailtriage.core.pipeline import (
+    UNKNOWN_KEY,
+    DecidedBy,
+    Rules,
+    classify_and_route,
+    classify_and_route_async,
+    prepare,
+    route,
+)
 from mailtriage.errors import LabelMismatchError, ModelError
 
 pytestmark = pytest.mark.pure
@@ -46,6 +58,28 @@ def test_a_wrong_number_of_predictions_is_refused() -> None:
 def test_classify_and_route_uses_the_classify_seam() -> None:
     routed = classify_and_route(["a", "b"], lambda texts: ([p("billing", 0.9) for _ in texts], "v7"), RULES)
     assert [r.model_version for r in routed] == ["v7", "v7"]
+
+
+def test_classify_and_route_async_checks_labels_as_the_sync_one_does() -> None:
+    async def classify(texts: Sequence[str]) -> tuple[list[Prediction], str]:
+        return [p("billing", 0.9), p("spam", 0.1)][: len(texts)], "v8"
+
+    (routed,) = asyncio.run(classify_and_route_async(["a"], classify, RULES))
+    assert (routed.decision.folder, routed.model_version) == ("Support/Billing", "v8")
+    with pytest.raises(LabelMismatchError):
+        asyncio.run(classify_and_route_async(["a", "b"], classify, RULES))  # an unsure "spam" too
+
+
+def test_prepare_gives_the_mail_text_and_the_message_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = b"Message-ID: <a1@example.com>\r\nSubject: Invoice\r\n\r\nWhere is it?\r\n"
+    assert prepare(raw) == ("Invoice\n\nWhere is it?", "a1@example.com")
+
+    def broken(raw: bytes) -> str:
+        raise ValueError("a bug")
+
+    # The key only names the message: a failure to compute it never stops the message.
+    monkeypatch.setattr(pipeline, "message_key", broken)
+    assert prepare(raw) == ("Invoice\n\nWhere is it?", UNKNOWN_KEY)
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:

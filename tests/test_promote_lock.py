@@ -1,6 +1,6 @@
 """`mailtriage-train list` / `promote VERSION` (roll back a model), and the model-directory lock
 that keeps the timer's retrain, the daemon's retrain and a promote from ever running at once,
-shown with real processes (issue 10 items 1 and 2)."""
+shown with real processes."""
 
 from __future__ import annotations
 

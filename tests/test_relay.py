@@ -33,10 +33,11 @@ from mailtriage.core.classifier import Prediction
 from mailtriage.config import Config, ModelConfig, SmtpConfig
 from mailtriage.core.labels import LabelSet
 from mailtriage.errors import ConfigError
-from mailtriage.smtp.relay import ClassifyAsync, NextHop, SmtpFilter
+from mailtriage.core.pipeline import ClassifyAsync
+from mailtriage.smtp.nexthop import NextHop
+from mailtriage.smtp.relay import SmtpFilter
 from mailtriage.testing.fakes import KeywordClassifier
 
-pytestmark = pytest.mark.component
 
 CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
 LABELS = tuple(CATEGORIES)
@@ -183,6 +184,7 @@ def headers_of(envelope: Envelope) -> list[tuple[str, str]]:
 # -- the happy path -------------------------------------------------------------------------------
 
 
+@pytest.mark.component
 def test_message_relayed_with_headers_and_forged_ones_removed(
     next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
 ) -> None:
@@ -210,6 +212,7 @@ def test_message_relayed_with_headers_and_forged_ones_removed(
     assert "ABC123" in relayed[0]["next_hop_reply"]
 
 
+@pytest.mark.component
 def test_multiple_recipients_and_a_null_sender(next_hop: tuple[NextHopHandler, int], start_relay: StartRelay) -> None:
     hop, hop_port = next_hop
     port = start_relay(keyword_classify, hop_port)
@@ -221,6 +224,7 @@ def test_multiple_recipients_and_a_null_sender(next_hop: tuple[NextHopHandler, i
     assert headers_of(env)[0] == ("X-Mailtriage-Category", "refunds")
 
 
+@pytest.mark.component
 def test_reset_and_abandoned_transactions_relay_nothing(
     next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
 ) -> None:
@@ -242,6 +246,7 @@ def test_reset_and_abandoned_transactions_relay_nothing(
 # -- next hop refusals are passed back, failures become 451 ----------------------------------------
 
 
+@pytest.mark.component
 def test_next_hop_5xx_for_one_recipient_is_passed_back_for_that_recipient(
     next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
 ) -> None:
@@ -259,6 +264,7 @@ def test_next_hop_5xx_for_one_recipient_is_passed_back_for_that_recipient(
     assert len(hop.received) == 1
 
 
+@pytest.mark.component
 def test_next_hop_down_gives_451_and_the_retry_delivers(start_relay: StartRelay) -> None:
     hop_port = free_port()  # nothing listens there yet
     port = start_relay(keyword_classify, hop_port)
@@ -278,6 +284,7 @@ def test_next_hop_down_gives_451_and_the_retry_delivers(start_relay: StartRelay)
     assert headers_of(env)[0] == ("X-Mailtriage-Category", "billing")
 
 
+@pytest.mark.component
 def test_classifier_failure_gives_451_and_nothing_is_relayed(
     next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
 ) -> None:
@@ -290,6 +297,30 @@ def test_classifier_failure_gives_451_and_nothing_is_relayed(
     assert any(e["event"] == "smtp_classify_failed" and "CUDA" in e["error"] for e in logs)
 
 
+async def mismatched_classify(texts: Sequence[str]) -> tuple[list[Prediction], str]:
+    """A model whose labels are not [categories]: "spam" for everything, "invoice" at 0.95, else 0.4."""
+    return KeywordClassifier(("spam", *LABELS), {"invoice": "spam"}, default="spam")(texts)
+
+
+@pytest.mark.component
+@pytest.mark.parametrize("body", ["invoice", "hello there"], ids=["confident", "unsure"])
+def test_a_label_that_is_not_a_category_gives_451_and_nothing_is_relayed(
+    body: str, next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
+) -> None:
+    # The adapter does not match [categories]: the IMAP watcher refuses to file by it, and so must
+    # the relay (before, an unsure prediction of such a label was relayed, tagged "unsure").
+    hop, hop_port = next_hop
+    port = start_relay(mismatched_classify, hop_port)
+    with structlog.testing.capture_logs() as logs, pytest.raises(smtplib.SMTPDataError) as info:
+        send(port, mail(body))
+    assert info.value.smtp_code == 451
+    assert hop.received == []
+    failed = [e for e in logs if e["event"] == "smtp_classify_failed"]
+    assert [e["error_type"] for e in failed] == ["LabelMismatchError"]
+    assert "'spam', which is not a configured category" in failed[0]["error"]
+
+
+@pytest.mark.component
 @pytest.mark.parametrize(
     ("mode", "code"),
     [("554 5.7.1 Message content rejected", 554), ("452 4.3.1 Insufficient system storage", 451), ("drop", 451)],
@@ -314,23 +345,25 @@ def test_next_hop_answer_to_data(
     assert len(hop.received) == 1
 
 
+@pytest.mark.component
 def test_unexpected_handler_error_answers_451_not_500(
     next_hop: tuple[NextHopHandler, int], start_relay: StartRelay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mailtriage.smtp import relay
+    from mailtriage.smtp import nexthop
 
     def boom(self: Any, recipient: str) -> None:
         raise RuntimeError("a bug")
 
     hop, hop_port = next_hop
     port = start_relay(keyword_classify, hop_port)
-    monkeypatch.setattr(relay.NextHopTransaction, "rcpt", boom)
+    monkeypatch.setattr(nexthop.NextHopTransaction, "rcpt", boom)
     with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
         send(port, mail("invoice"))
     assert info.value.recipients["support@example.com"][0] == 451
     assert hop.received == []
 
 
+@pytest.mark.component
 def test_size_limit_is_advertised_and_enforced(next_hop: tuple[NextHopHandler, int], start_relay: StartRelay) -> None:
     hop, hop_port = next_hop
     port = start_relay(keyword_classify, hop_port, data_size_limit=4096)
@@ -350,6 +383,7 @@ def test_size_limit_is_advertised_and_enforced(next_hop: tuple[NextHopHandler, i
 # -- hostile input --------------------------------------------------------------------------------
 
 
+@pytest.mark.component
 def test_hostile_message_is_still_relayed(next_hop: tuple[NextHopHandler, int], start_relay: StartRelay) -> None:
     hop, hop_port = next_hop
     port = start_relay(keyword_classify, hop_port)
@@ -381,6 +415,7 @@ def test_hostile_message_is_still_relayed(next_hop: tuple[NextHopHandler, int], 
 # -- import hygiene ----------------------------------------------------------------------------------
 
 
+@pytest.mark.component
 def test_importing_the_relay_does_not_import_torch() -> None:
     code = (
         "import sys, mailtriage.smtp.relay\n"
@@ -394,6 +429,7 @@ def test_importing_the_relay_does_not_import_torch() -> None:
 # -- the real tiny model ------------------------------------------------------------------------------
 
 
+@pytest.mark.component
 def test_relay_with_the_real_tiny_model(
     tiny_model_dir: Path, next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
 ) -> None:
@@ -422,6 +458,7 @@ def test_relay_with_the_real_tiny_model(
 # -- through the Service: `mailtriage serve` with [smtp] enabled -----------------------------------------
 
 
+@pytest.mark.component
 def test_service_with_smtp_enabled_relays_through_its_inference_worker(
     tmp_path: Path, next_hop: tuple[NextHopHandler, int]
 ) -> None:
@@ -462,7 +499,7 @@ def test_service_with_smtp_enabled_relays_through_its_inference_worker(
     asyncio.run(main())
     [env] = hop.received
     assert headers_of(env)[0] == ("X-Mailtriage-Category", "billing")
-    # Issue 10 item 4: the decision is in the state DB, so `stats` and corrections cover SMTP mail.
+    # The decision is in the state DB, so `stats` and corrections cover SMTP mail.
     from mailtriage.store import stats as stats_cli
     from mailtriage.store.state import SMTP_INTAKE, StateDB
 
@@ -476,6 +513,7 @@ def test_service_with_smtp_enabled_relays_through_its_inference_worker(
         pass  # stopped with the service
 
 
+@pytest.mark.component
 def test_listen_port_in_use_is_a_config_error(tmp_path: Path) -> None:
     from mailtriage.errors import ConfigError
 
@@ -491,7 +529,7 @@ def test_listen_port_in_use_is_a_config_error(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
-# -- idle and hostile clients cannot lock real mail out (issue 8 item 6) ------------------------
+# -- idle and hostile clients cannot lock real mail out ------------------------
 
 
 def _idle_client(port: int) -> socket.socket:
@@ -509,6 +547,7 @@ def _read_reply(sock: socket.socket) -> bytes:
     return data
 
 
+@pytest.mark.component
 def test_connections_beyond_the_limit_get_421_and_idle_ones_time_out(
     next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
 ) -> None:
@@ -542,6 +581,7 @@ def test_connections_beyond_the_limit_get_421_and_idle_ones_time_out(
     assert len(hop.received) == 1
 
 
+@pytest.mark.component
 def test_noop_does_not_keep_a_session_alive_past_its_lifetime(
     next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
 ) -> None:
@@ -568,6 +608,7 @@ def test_noop_does_not_keep_a_session_alive_past_its_lifetime(
     assert len(hop.received) == 1
 
 
+@pytest.mark.component
 def test_smtp_limits_are_config_options() -> None:
     with pytest.raises(ConfigError, match="smtp.max_connections"):
         SmtpConfig(max_connections=0)
@@ -598,9 +639,10 @@ def test_smtp_durations_and_budget_must_be_sane(tmp_path: Path, line: str, why: 
         load_config(path)
 
 
-# -- reply classes for broken addresses (issue 8 item 8) --------------------------------------
+# -- reply classes for broken addresses --------------------------------------
 
 
+@pytest.mark.component
 @pytest.mark.parametrize(
     "commands",
     [
@@ -636,6 +678,7 @@ def test_broken_addresses_get_5xx_and_nothing_is_forwarded(
     assert hop.received == []
 
 
+@pytest.mark.component
 def test_utf8_address_with_smtputf8_is_still_relayed(
     next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
 ) -> None:
@@ -653,7 +696,7 @@ def test_utf8_address_with_smtputf8_is_still_relayed(
 def test_data_stream_in_pieces_is_what_smtplib_sends_at_once(chunk_size: int) -> None:
     # The relay sends a large message in chunks, without smtplib's three whole copies; the bytes
     # on the wire must be the same wherever a chunk or a piece boundary falls.
-    from mailtriage.smtp.relay import data_stream
+    from mailtriage.smtp.nexthop import data_stream
 
     message = b"X-A: 1\r\n\r\n.dot\r\n..two\r\nmid.dot\r\n.\r\n\r\n.x"
     expected = smtplib._quote_periods(message) + b"\r\n.\r\n"  # noqa: SLF001 - the reference

@@ -1,4 +1,4 @@
-"""Hostile senders against the SMTP content filter over real sockets (issue 8 items 7 and 8):
+"""Hostile senders against the SMTP content filter over real sockets:
 forged X-Mailtriage-* headers behind odd line endings, SMTP smuggling with bare CR/LF, long lines.
 
 Real aiosmtpd front (the relay) and a real aiosmtpd next hop started per test; the client is
@@ -144,7 +144,7 @@ def test_long_lines_are_accepted_and_relayed_whole(
 ) -> None:
     # RFC 5321 §4.5.3.1.6 caps a line at 1,000 octets but §4.5.3.1 asks receivers to impose no
     # limit where they can; aiosmtpd answered a permanent "500 Line too long" (the sender bounces
-    # the mail). mailtriage accepts such lines (issue 8 item 8) and relays them unchanged.
+    # the mail). mailtriage accepts such lines and relays them unchanged.
     hop, hop_port = long_line_next_hop
     port = start_relay(keyword_classify, hop_port)
     long_line = b"invoice " + b"x" * 5000
@@ -250,14 +250,14 @@ def test_a_handler_error_any_client_can_trigger_is_not_a_traceback_per_command(
 ) -> None:
     import structlog
 
-    from mailtriage.smtp import relay
+    from mailtriage.smtp import nexthop
 
     def boom(self: object, recipient: str) -> None:
         raise RuntimeError("a bug")
 
     hop, hop_port = next_hop
     port = start_relay(keyword_classify, hop_port)
-    monkeypatch.setattr(relay.NextHopTransaction, "rcpt", boom)
+    monkeypatch.setattr(nexthop.NextHopTransaction, "rcpt", boom)
     with structlog.testing.capture_logs() as logs:
         replies = _session(port, [b"EHLO x.test", b"MAIL FROM:<a@example.com>"]
                            + [b"RCPT TO:<r%d@example.com>" % n for n in range(30)])

@@ -513,7 +513,7 @@ def test_start_hook_shares_the_inference_worker_and_is_closed(tmp_path: Path) ->
 def test_serve_comes_up_during_an_imap_outage_and_files_mail_once_the_server_is_back(
     tmp_path: Path, notify_socket: Callable[[], list[str]]
 ) -> None:
-    """Issue 8 item 12: an IMAP server that is down at boot must not fail the start (systemd would
+    """An IMAP server that is down at boot must not fail the start (systemd would
     give up after its start limit); `serve` reports READY, backs off, and files mail when it is back."""
     from mailtriage.store.state import StateDB
     from mailtriage.testing.dovecot import Dovecot, load_messages

@@ -226,7 +226,7 @@ def test_errors_name_what_was_looked_for(tmp_path: Path) -> None:
 
 
 def test_binary_files_and_broken_mbox_from_lines_are_skipped_and_counted(tmp_path: Path) -> None:
-    """Issue 8 item 14: they used to become training examples silently."""
+    """They used to become training examples silently."""
     import random
     from collections import Counter
 

@@ -11,7 +11,6 @@ import pytest
 from mailtriage.core.routing import Decision
 from mailtriage.store.state import SCHEMA_VERSION, FiledRow, StateDB
 
-pytestmark = pytest.mark.pure
 
 BILLING = Decision("billing", 0.9, False, "Support/Billing")
 UNSURE = Decision("login", 0.3, True, "Support/Unsure")
@@ -27,6 +26,7 @@ def _record(db: StateDB, uid: int, key: str, decision: Decision = BILLING, statu
     db.record_decision(account, "INBOX", uidvalidity, uid, key, decision, action, "v1", dry_run, status)
 
 
+@pytest.mark.pure
 def test_schema_is_wal_and_survives_reopen(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "state.sqlite3"
     db = StateDB(path)
@@ -37,6 +37,7 @@ def test_schema_is_wal_and_survives_reopen(tmp_path: Path) -> None:
     assert again._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+@pytest.mark.pure
 def test_pending_then_done_lifecycle(db: StateDB) -> None:
     _record(db, 5, "<a@x>", status="pending")
     assert not db.is_done("acct", "<a@x>")
@@ -52,6 +53,7 @@ def _claim(db: StateDB, uid: int, key: str, content: str | None = "c1", *, accou
     return db.claim(account, mailbox, uidvalidity, uid, key, BILLING, "move", "v1", content=content)
 
 
+@pytest.mark.pure
 def test_claim_by_uid_and_by_key_and_content(db: StateDB) -> None:
     assert _claim(db, 1, "<a@x>") == "claimed"
     assert [r.status for r in db.pending("acct", "INBOX")] == ["pending"]
@@ -62,15 +64,16 @@ def test_claim_by_uid_and_by_key_and_content(db: StateDB) -> None:
     assert _claim(db, 1, "<a@x>", uidvalidity=8) == "duplicate"
     assert _claim(db, 99, "<a@x>", mailbox="Other") == "duplicate"
     assert db.get("acct", "Other", 7, 99).status == "skipped"  # type: ignore[union-attr]
-    # Issue 8 item 4: a different message reusing the Message-ID is claimed (filed), not skipped.
+    # A different message reusing the Message-ID is claimed (filed), not skipped.
     assert _claim(db, 2, "<a@x>", "c2") == "claimed"
     assert db.is_done("acct", "<a@x>", "c1") and not db.is_done("acct", "<a@x>", "c3")
     # Keys are per account.
     assert _claim(db, 1, "<a@x>", account="other") == "claimed"
 
 
+@pytest.mark.component  # forks; SIGKILL
 def test_two_processes_racing_for_the_same_messages_claim_each_once(tmp_path: Path) -> None:
-    """Issue 8 item 1: two workers (separate processes, separate connections to one file) claim
+    """Two workers (separate processes, separate connections to one file) claim
     the same 300 messages at once, one under the same UIDs, one under other UIDs (the same message
     in two mailboxes): each message is claimed exactly once; the loser sees 'taken' or 'duplicate'."""
     import multiprocessing
@@ -100,6 +103,7 @@ def _claim_all(path: str, mailbox: str, start: object, results: object) -> None:
     results.put(mine)  # type: ignore[attr-defined]
 
 
+@pytest.mark.component  # forks; SIGKILL
 def test_the_mailbox_lock_is_exclusive_and_dies_with_its_process(tmp_path: Path) -> None:
     import os
     import signal
@@ -126,6 +130,7 @@ def test_the_mailbox_lock_is_exclusive_and_dies_with_its_process(tmp_path: Path)
     other()
 
 
+@pytest.mark.pure
 def test_a_quarantine_a_version_3_database_gave_up_on_is_retried(tmp_path: Path) -> None:
     import sqlite3
 
@@ -145,6 +150,7 @@ def test_a_quarantine_a_version_3_database_gave_up_on_is_retried(tmp_path: Path)
     assert [(r.uid, r.quarantined) for r in migrated.due_retries("acct", "INBOX", 7)] == [(1, True)]
 
 
+@pytest.mark.pure
 def test_a_version_1_database_is_migrated_and_stats_reads_it_unchanged(tmp_path: Path) -> None:
     import sqlite3
 
@@ -171,6 +177,7 @@ def test_a_version_1_database_is_migrated_and_stats_reads_it_unchanged(tmp_path:
     assert [r.content for r in migrated.rows("acct")] == [None, "c9"]
 
 
+@pytest.mark.pure
 def test_retry_bookkeeping(db: StateDB) -> None:
     assert _claim(db, 1, "<a@x>") == "claimed"
     assert db.fail_attempt("acct", "INBOX", 7, 1, "refused", time.time() + 60) == 1
@@ -184,12 +191,14 @@ def test_retry_bookkeeping(db: StateDB) -> None:
     assert db.stats()["totals"]["quarantined"] == 1 and db.stats()["totals"]["filed"] == 0
 
 
+@pytest.mark.pure
 def test_failed_is_not_done_but_is_handled(db: StateDB) -> None:
     _record(db, 3, "<f@x>", status="failed")
     assert not db.is_done("acct", "<f@x>")
     assert db.handled_uids("acct", "INBOX", 7, [3]) == {3}
 
 
+@pytest.mark.pure
 def test_dry_run_does_not_count_for_real_mode(db: StateDB) -> None:
     _record(db, 1, "<d@x>", dry_run=True)
     assert db.is_done("acct", "<d@x>", dry_run=True)
@@ -200,6 +209,7 @@ def test_dry_run_does_not_count_for_real_mode(db: StateDB) -> None:
     assert db.is_done("acct", "<r@x>", dry_run=True)  # a real decision also holds for dry runs
 
 
+@pytest.mark.pure
 def test_last_uid_cursor(db: StateDB) -> None:
     assert db.last_uid("acct", "INBOX", 7) == 0
     db.set_last_uid("acct", "INBOX", 7, 10)
@@ -213,6 +223,7 @@ def test_last_uid_cursor(db: StateDB) -> None:
     assert db.last_uid("acct", "INBOX", 8, dry_run=True) == 0
 
 
+@pytest.mark.pure
 def test_record_skip_never_overwrites(db: StateDB) -> None:
     _record(db, 1, "<a@x>")
     db.record_skip("acct", "INBOX", 7, 1, "<a@x>", "already decided")
@@ -222,6 +233,7 @@ def test_record_skip_never_overwrites(db: StateDB) -> None:
     assert len(db.filed()) == 1
 
 
+@pytest.mark.pure
 def test_filed_lists_real_done_decisions_once_per_key(db: StateDB) -> None:
     _record(db, 1, "<a@x>")
     _record(db, 2, "<b@x>", UNSURE)
@@ -236,6 +248,7 @@ def test_filed_lists_real_done_decisions_once_per_key(db: StateDB) -> None:
     assert {r.account for r in db.filed()} == {"acct", "other"}
 
 
+@pytest.mark.pure
 def test_record_correction_is_idempotent(db: StateDB) -> None:
     assert db.record_correction("<a@x>", "acct", "billing", "login", False)
     assert not db.record_correction("<a@x>", "acct", "billing", "login", False)
@@ -243,6 +256,7 @@ def test_record_correction_is_idempotent(db: StateDB) -> None:
     assert len(db.corrections()) == 2
 
 
+@pytest.mark.pure
 def test_stats_outcomes_and_live_accuracy(db: StateDB) -> None:
     for uid in range(1, 5):
         _record(db, uid, f"<b{uid}@x>")                        # 4 filed billing
@@ -266,6 +280,7 @@ def test_stats_outcomes_and_live_accuracy(db: StateDB) -> None:
     assert later["totals"]["all"] == 0 and later["overall_accuracy"] is None
 
 
+@pytest.mark.pure
 def test_threads_each_get_a_connection(db: StateDB) -> None:
     errors: list[BaseException] = []
 
@@ -286,13 +301,15 @@ def test_threads_each_get_a_connection(db: StateDB) -> None:
     assert len(db.rows()) == 200
 
 
+@pytest.mark.pure
 def test_bad_status_is_refused(db: StateDB) -> None:
     with pytest.raises(ValueError):
         _record(db, 1, "<a@x>", status="moved")
 
 
+@pytest.mark.pure
 def test_state_dir_and_db_are_private(tmp_path: Path) -> None:
-    """Issue 8 item 10: a new state directory is 0700, the database (and its WAL files) 0600,
+    """A new state directory is 0700, the database (and its WAL files) 0600,
     whatever the umask; an existing directory keeps the mode the admin gave it."""
     import os
     import stat

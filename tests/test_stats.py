@@ -1,4 +1,4 @@
-"""`mailtriage stats` reads the state database without writing it (issue 8 item 13), and every
+"""`mailtriage stats` reads the state database without writing it, and every
 opener checks the schema version.
 
 The read-only cases run the stats in a forked child that cannot write: as root the child becomes

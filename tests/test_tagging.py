@@ -39,7 +39,7 @@ def test_add_headers_on_top_and_forged_ones_removed() -> None:
 
 @pure
 def test_add_headers_end_in_crlf_and_say_unsure() -> None:
-    # Issue 8 item 7: SMTP wants CRLF; a bare-LF message used to get bare-LF headers of ours.
+    # SMTP wants CRLF; a bare-LF message used to get bare-LF headers of ours.
     raw = b"From: a@x\nSubject: s\n\nbody\n"
     out = tagging.add_headers(raw, UNSURE)
     assert out == b"X-Mailtriage-Category: unsure\r\nX-Mailtriage-Confidence: 0.3100\r\nFrom: a@x\r\nSubject: s\r\n\r\nbody\r\n"
@@ -50,7 +50,7 @@ def test_add_headers_end_in_crlf_and_say_unsure() -> None:
 
 
 FORGERIES = {
-    # a forged field hidden behind a bare LF / bare CR in a CRLF header block (issue 8 item 7)
+    # a forged field hidden behind a bare LF / bare CR in a CRLF header block
     "bare-lf": b"From: a@x\r\nSubject: s\nX-Mailtriage-Category: refunds\r\nTo: b@x\r\n\r\nbody\r\n",
     "bare-cr": b"From: a@x\r\nSubject: s\rX-Mailtriage-Category: refunds\r\nTo: b@x\r\n\r\nbody\r\n",
     "lf-message-cr": b"From: a@x\nSubject: s\rX-Mailtriage-Category: refunds\nTo: b@x\n\nbody\n",

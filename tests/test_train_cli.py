@@ -227,7 +227,7 @@ def test_auto_serves_the_best_of_three_and_never_below_the_baseline(
     version = modeldir.current_version(models)
     assert version is not None
     m = modeldir.read_manifest(version)
-    # Calibration and the target-accuracy threshold (issue 9 item 3).
+    # Calibration and the target-accuracy threshold.
     cal = m["calibration"]
     assert cal["temperature"] == m["temperature"] > 0 and cal["fitted_on"] == m["data"]["validation"]["n"]
     assert {"ece_before", "ece_after"} <= set(cal) and "ece" in m["metrics"]

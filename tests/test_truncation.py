@@ -1,5 +1,5 @@
 """Long mail: ``head`` keeps the first max_length tokens, ``head_tail`` the first quarter and the end;
-the trainer records the choice and serving cuts the same way (issue 9 item 2)."""
+the trainer records the choice and serving cuts the same way."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from mailtriage.errors import ConfigError, ModelError
 from mailtriage.model import modeldir
 from tests.models import TOY_LABELS, toy_dataset, toy_params
 
-pytestmark = pytest.mark.component
 
 LONG = "refund " + " ".join(f"word{i}" for i in range(300)) + " invoice"
 
@@ -38,6 +37,7 @@ def test_head_tail_selection(n: int, budget: int, expected: list[int]) -> None:
     assert len(got) == min(n, budget)
 
 
+@pytest.mark.component
 def test_tokenize_head_tail_keeps_special_tokens_start_and_end(tiny_encoder_base: Path, tiny_decoder_base: Path) -> None:
     from mailtriage.model.transformers import load_tokenizer, tokenize
 
@@ -92,6 +92,7 @@ def test_trained_truncation_from_both_manifest_shapes() -> None:
         trained_truncation({"params": {"truncation": "tail"}})
 
 
+@pytest.mark.component
 def test_a_version_trained_with_head_tail_serves_with_head_tail(tiny_encoder_base: Path, tmp_path: Path) -> None:
     import torch
 

@@ -185,7 +185,7 @@ def test_header_action_appends_tagged_copy_and_removes_original(dovecot: Dovecot
 def test_header_action_leaves_a_message_over_max_message_bytes_whole_in_place(
     dovecot: Dovecot, user: Any, make_account: Any, config: Config
 ) -> None:
-    """Issue 8 item 9: the client keeps at most max_message_bytes of a message, so the header action
+    """The client keeps at most max_message_bytes of a message, so the header action
     must not rewrite a larger one (its copy would be cut): the original stays, recorded as failed."""
     name, password, client = user
     big = msg(1, "Invoice huge").replace(b"\r\n\r\nHello", b"\r\n\r\n" + (b"y" * 998 + b"\r\n") * 1500 + b"Hello")
@@ -217,7 +217,7 @@ def test_byte_groups_bound_each_fetch() -> None:
 def test_a_backlog_of_big_messages_is_fetched_a_few_at_a_time(
     dovecot: Dovecot, user: Any, make_account: Any, config: Config
 ) -> None:
-    """Issue 8 item 9: fetch_batch messages of up to max_message_bytes each would be held at once;
+    """Fetch_batch messages of up to max_message_bytes each would be held at once;
     each FETCH now carries at most max_message_bytes, and every message is still filed once."""
     name, password, client = user
     filler = b"\r\n\r\n" + (b"z" * 998 + b"\r\n") * 600  # ~0.6 MB each
@@ -314,7 +314,7 @@ def test_uidvalidity_change_and_duplicates_are_not_refiled(dovecot: Dovecot, use
 def test_a_different_message_reusing_a_message_id_is_filed_and_a_redelivery_is_not(
     dovecot: Dovecot, user: Any, make_account: Any, config: Config
 ) -> None:
-    """Issue 8 item 4: keyed by Message-ID alone, a second, different message with a reused
+    """Keyed by Message-ID alone, a second, different message with a reused
     Message-ID was skipped and left in INBOX forever. Key plus content fingerprint: it is filed;
     the same message delivered again (another Received line) is still skipped."""
     name, password, client = user
@@ -338,7 +338,7 @@ def test_a_different_message_reusing_a_message_id_is_filed_and_a_redelivery_is_n
 def test_the_same_message_in_two_mailboxes_is_filed_once_by_concurrent_watchers(
     dovecot: Dovecot, user: Any, make_account: Any, config: Config
 ) -> None:
-    """Issue 8 item 1: watcher A has decided a message and is acting on it ('pending') while watcher
+    """Watcher A has decided a message and is acting on it ('pending') while watcher
     B, on another mailbox of the account, meets the same message. The check used to see only
     'done' rows, so B filed it too (two copies); the claim is atomic over key and content."""
     name, password, client = user
@@ -379,7 +379,7 @@ def test_the_same_message_in_two_mailboxes_is_filed_once_by_concurrent_watchers(
 def test_a_second_worker_on_the_same_mailbox_waits_for_the_first(
     dovecot: Dovecot, user: Any, make_account: Any, config: Config
 ) -> None:
-    """Issue 8 item 1: one worker files a mailbox at a time (the lock beside the state DB), so a
+    """One worker files a mailbox at a time (the lock beside the state DB), so a
     second one's crash recovery never meets the first one's in-flight 'pending' rows."""
     name, password, client = user
     load_messages(client, "INBOX", MIXED[:2])
@@ -399,7 +399,7 @@ def test_a_second_worker_on_the_same_mailbox_waits_for_the_first(
     assert count_where(client)["INBOX"] == 0
 
 
-# ---- refused actions: retry with backoff, then quarantine (issue 8 item 2) ----------------------
+# ---- refused actions: retry with backoff, then quarantine ----------------------
 
 
 def _metric(outcome: str, label: str = "billing") -> float:
@@ -631,7 +631,7 @@ def test_mail_arriving_between_the_backlog_search_and_idle_is_filed_at_once(
 def test_dovecot_restart_mid_backlog_the_watcher_reconnects_and_finishes(
     dovecot_factory: Callable[..., Dovecot], make_account: Any, config: Config
 ) -> None:
-    """Issue 8, Prove: the server goes down and comes back (same port, same mail) while a backlog
+    """The server goes down and comes back (same port, same mail) while a backlog
     is being filed; the running watcher reconnects by itself and files every message once."""
     server = dovecot_factory()
     client = _server_user(server)
@@ -828,7 +828,7 @@ def test_with_the_real_tiny_model(dovecot: Dovecot, user: Any, make_account: Any
     assert {r.model_version for r in w.state.rows("acct")} == {clf.version}
 
 
-# ---- poison messages (issue 8 item 3) --------------------------------------------------------
+# ---- poison messages --------------------------------------------------------
 
 
 def test_poison_message_is_set_aside_and_the_rest_keeps_flowing(dovecot: Dovecot, user: Any, make_account: Any, config: Config) -> None:

@@ -31,11 +31,11 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Any, TypeVar
 
 import structlog
 
-from mailtriage.config import Device
+from mailtriage.config import DEVICES
 from mailtriage.core.training import SERVE_SETTINGS, TRUNCATION_CHOICES
 from mailtriage.errors import ConfigError, MailtriageError, ModelDirBusyError, ModelError
 from mailtriage.cli.logs import configure_logging
@@ -98,7 +98,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="a directory with one sub-folder per category of raw messages, a Maildir, a "
                         "directory of <label>.mbox, an mbox with X-Mailtriage-Label headers, a .tar.gz of "
                         "a folder tree, or .csv/.jsonl with text,label columns")
-    p.add_argument("--device", choices=get_args(Device), help="default: model.device or auto")
+    p.add_argument("--device", choices=DEVICES, help="default: model.device or auto")
     p.add_argument("--max-length", type=int, metavar="N", help="tokens per message (default: model.max_length)")
     p.add_argument("--threshold", type=float, metavar="T",
                    help="confidence threshold to report coverage for (default: model.threshold or 0.6)")

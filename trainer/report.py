@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mailtriage.model.manifest import Manifest
+
 REPORT_FILE = "report.md"
 CONFUSION_FILE = "confusion.png"
 
@@ -35,7 +37,8 @@ def write_report(version_dir: Path, manifest: dict[str, Any]) -> Path:
 class _Parts:
     """The manifest entries the sections read, with the defaults of older manifests filled in."""
 
-    manifest: dict[str, Any]
+    manifest: dict[str, Any]   # the sections that have no typed field (data, training, calibration, target)
+    typed: Manifest            # the fields the daemon serves by, checked as the loader checks them
     served: dict[str, Any]     # the version as served
     model: dict[str, Any]      # the fine-tuned model alone
     baseline: dict[str, Any]
@@ -49,11 +52,12 @@ class _Parts:
     def of(cls, m: dict[str, Any]) -> _Parts:
         # "metrics" is the version as served; "model_metrics" the fine-tuned model alone (manifests from
         # before ensemble serving have only "metrics", which was the model alone and served).
-        served: dict[str, Any] = m.get("metrics") or {}
+        typed = Manifest.from_dict(m)
+        served: dict[str, Any] = dict(typed.metrics)
         return cls(
-            manifest=m, served=served, model=m.get("model_metrics") or served, baseline=m.get("baseline_metrics") or {},
-            ensemble=m.get("ensemble_metrics") or {}, serve=m.get("serve", "model"), gate=m.get("gate") or {},
-            data=m.get("data") or {}, threshold=m.get("threshold"),
+            manifest=m, typed=typed, served=served, model=m.get("model_metrics") or served,
+            baseline=m.get("baseline_metrics") or {}, ensemble=m.get("ensemble_metrics") or {}, serve=typed.serve,
+            gate=dict(typed.gate), data=m.get("data") or {}, threshold=typed.threshold,
         )
 
 
@@ -124,7 +128,7 @@ def _result_rows(p: _Parts) -> list[tuple[str, dict[str, Any]]]:
     if p.baseline:
         rows.append(("TF-IDF + logistic regression baseline" + served("baseline"), p.baseline))
     if p.ensemble:
-        w = float(p.manifest.get("ensemble_weight", 0.5))
+        w = p.typed.ensemble_weight
         rows.append((f"ensemble ({w:.1f} x model + {1 - w:.1f} x baseline)" + served("ensemble"), p.ensemble))
     current = p.gate.get("current_metrics")
     if current:
@@ -321,7 +325,7 @@ def plot_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str], pa
 
 def _served_name(manifest: dict[str, Any]) -> str:
     return {"ensemble": "served: ensemble of model and baseline",
-            "baseline": "served: TF-IDF baseline"}.get(manifest.get("serve", "model"), "served: fine-tuned model")
+            "baseline": "served: TF-IDF baseline"}.get(Manifest.from_dict(manifest).serve, "served: fine-tuned model")
 
 
 def _gate_headline(gate: dict[str, Any]) -> str:

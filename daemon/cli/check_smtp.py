@@ -16,7 +16,7 @@ import socket
 
 from mailtriage.config import SmtpConfig
 from mailtriage.imap.preflight import FAIL, OK, WARN, Finding
-from mailtriage.smtp.relay import reply_text
+from mailtriage.smtp.nexthop import reply_text
 
 # What our filter says in its 220 greeting (relay.py's aiosmtpd ident): tells "mailtriage serve is
 # already running" from another program holding the port.

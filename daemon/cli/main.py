@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mailtriage.config import Config, load_config
+from mailtriage.config import DEVICES, Config, load_config
 from mailtriage.errors import ConfigError, MailtriageError
 from mailtriage.cli.logs import configure_logging
 
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", parents=[common], help="classify raw messages; one JSON line each")
     p.add_argument("--model", metavar="PATH", help="model directory (MODEL_DIR, MODEL_DIR/current or a version)")
     p.add_argument("--threshold", type=float, help="confidence below which a message is 'unsure'")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", choices=DEVICES)
     p.add_argument("files", nargs="*", metavar="FILE", help="raw RFC 822 files (default: one message on stdin)")
     p.set_defaults(func=cmd_classify)
 

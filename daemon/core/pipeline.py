@@ -1,18 +1,20 @@
 """The one classify -> label check -> route step every intake runs (IMAP filing, SMTP filter, later
 ones), so a rule about what a prediction may do is written once.
 
-Pure: the model is reached only through ``ClassifyFn`` (or, for an async intake, the predictions it
-already got), and the result is a value: where the message goes, which model said so, and why.
+Pure: the model is reached only through the callable an intake passes in (``ClassifyFn``, or
+``ClassifyAsync`` on the event loop, which is only awaited here), and the result is a value: where
+the message goes, which model said so, and why.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from mailtriage.core.classifier import Prediction
+from mailtriage.core.mailtext import mail_text, message_key
 from mailtriage.core.routing import Decision, decide
 from mailtriage.errors import LabelMismatchError, ModelError
 
@@ -23,6 +25,13 @@ if TYPE_CHECKING:
 # that made them out (the version is recorded with every decision, so a hot reload mid-stream is
 # visible). The service's inference worker is one; a test passes a plain function.
 ClassifyFn = Callable[[Sequence[str]], tuple[list[Prediction], str]]
+# The same seam for an intake on the event loop (SMTP filter, milter): the service's
+# ``classify_async`` hands the batch to the inference worker and awaits it.
+ClassifyAsync = Callable[[Sequence[str]], Awaitable[tuple[list[Prediction], str]]]
+
+# The key of a message whose key could not be computed: such a decision is not recorded (it could
+# never be found again to correct it).
+UNKNOWN_KEY = "unknown"
 
 
 class DecidedBy(StrEnum):
@@ -78,3 +87,20 @@ def classify_and_route(texts: Sequence[str], classify: ClassifyFn, rules: Rules)
     """Classify ``texts`` (mailtext output) in one batch and route each; raises what classify raises."""
     predictions, model_version = classify(texts)
     return route(predictions, model_version, len(texts), rules)
+
+
+async def classify_and_route_async(texts: Sequence[str], classify: ClassifyAsync, rules: Rules) -> list[Routed]:
+    """``classify_and_route`` for an intake on the event loop: awaits ``classify``, nothing else."""
+    predictions, model_version = await classify(texts)
+    return route(predictions, model_version, len(texts), rules)
+
+
+def prepare(raw: bytes) -> tuple[str, str]:
+    """(mail text, message key) of one message as an intake received it (blocking on large mail:
+    run it in a worker thread). Never raises: the key only names the message in the state database
+    and the logs, so a failure to compute it must not stop the message; it is then UNKNOWN_KEY."""
+    try:
+        key = message_key(raw)
+    except Exception:  # noqa: BLE001
+        key = UNKNOWN_KEY
+    return mail_text(raw), key

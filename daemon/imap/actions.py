@@ -4,7 +4,8 @@ Every function takes a logged-in client with the source mailbox selected read-wr
 selected again on return. IMAP refusals become MailboxError (the message stays where it was);
 connection errors pass through unchanged so the watcher reconnects and finishes the job from the
 state database. The header rewrite tags with ``mailtriage.core.tagging`` (shared with the SMTP
-filter), so the copy is the original plus two lines.
+filter), so the copy is the original plus two lines. Folder names are the configured ones; each
+meets the server through ``namespace.server_folder`` (its separator and personal prefix).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from imapclient import DELETED, IMAPClient
 from mailtriage.errors import MailboxError
 from mailtriage.core.routing import Decision
 from mailtriage.core.tagging import UNSURE, add_headers, header_fingerprint, safe_atom
+from mailtriage.imap.namespace import server_folder
 from mailtriage.imap.refusals import map_refusals
 
 log = structlog.get_logger(__name__)
@@ -69,7 +71,7 @@ def select_source(client: IMAPClient, mailbox: str, uidvalidity: int | None, *, 
     """(Re)select the source mailbox; refuse to go on if its UIDVALIDITY changed under us,
     because then our UIDs would name other messages."""
     with map_refusals(f"SELECT {mailbox!r}", mailbox):
-        info = client.select_folder(mailbox, readonly=readonly)
+        info = client.select_folder(server_folder(client, mailbox), readonly=readonly)
     current = int(info.get(b"UIDVALIDITY", 0))
     if uidvalidity is not None and current != uidvalidity:
         raise MailboxError(
@@ -104,7 +106,7 @@ def move(client: IMAPClient, uid: int, folder: str, has_move: bool, has_uidplus:
     """MOVE, or COPY + \\Deleted + UID EXPUNGE when MOVE is missing (refused without UIDPLUS)."""
     if has_move:
         with map_refusals(f"MOVE uid={uid} to {folder!r}", folder):
-            client.move([uid], folder)
+            client.move([uid], server_folder(client, folder))
         return
     if not has_uidplus:
         # Check before COPY: a copy we could not then remove would be a duplicate.
@@ -114,7 +116,7 @@ def move(client: IMAPClient, uid: int, folder: str, has_move: bool, has_uidplus:
             "Use action = \"keyword\" on this server, or enable MOVE or UIDPLUS"
         )
     with map_refusals(f"COPY uid={uid} to {folder!r}", folder):
-        client.copy([uid], folder)
+        client.copy([uid], server_folder(client, folder))
     delete_original(client, uid, has_uidplus)
 
 
@@ -147,7 +149,7 @@ def find_copy(
     """UID of the message in ``folder`` whose header fingerprint matches, looking only at UIDs
     >= ``since_uid`` (the folder's UIDNEXT before we acted). Leaves ``folder`` selected read-only."""
     with map_refusals(f"looking for the copy in {folder!r}", folder):
-        client.select_folder(folder, readonly=True)
+        client.select_folder(server_folder(client, folder), readonly=True)
         if uid_hint is not None:
             candidates = [uid_hint]
         else:
@@ -168,7 +170,7 @@ def folder_uidnext(client: IMAPClient, folder: str) -> tuple[int, int]:
     """(UIDVALIDITY, UIDNEXT) of ``folder``: recorded before acting so a crash recovery only scans
     the destination's newer messages."""
     with map_refusals(f"STATUS {folder!r}", folder):
-        st = client.folder_status(folder, [b"UIDVALIDITY", b"UIDNEXT"])
+        st = client.folder_status(server_folder(client, folder), [b"UIDVALIDITY", b"UIDNEXT"])
     return int(st[b"UIDVALIDITY"]), int(st[b"UIDNEXT"])
 
 
@@ -209,7 +211,7 @@ def rewrite_header(
     if dest_uidnext is None:
         _validity, dest_uidnext = folder_uidnext(client, folder)
     with map_refusals(f"APPEND tagged copy of uid={uid} to {folder!r}", folder):
-        response = client.append(folder, tagged, flags=append_flags(flags), msg_time=internaldate)
+        response = client.append(server_folder(client, folder), tagged, flags=append_flags(flags), msg_time=internaldate)
     new_uid = find_copy(client, folder, header_fingerprint(raw), dest_uidnext, appended_uid(response))
     select_source(client, source, source_uidvalidity)
     if new_uid is None:

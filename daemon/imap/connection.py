@@ -18,6 +18,7 @@ from imapclient import exceptions as imap_exc
 from mailtriage.config import AccountConfig
 from mailtriage.credentials import read_secret
 from mailtriage.errors import MailboxError
+from mailtriage.imap.namespace import server_folder
 
 log = structlog.get_logger(__name__)
 
@@ -196,7 +197,7 @@ def require_capabilities(client: IMAPClient, names: Iterable[str], why: str = ""
 def check_folders(client: IMAPClient, folders: Iterable[str], account: str = "") -> None:
     """Every folder we may file into must exist: a missing one is a config error, said at start-up."""
     existing = {name for _flags, _delim, name in client.list_folders()}
-    missing = sorted({f for f in folders if f not in existing})
+    missing = sorted({f for f in folders if server_folder(client, f) not in existing})
     if missing:
         raise MailboxError(
             f"folder(s) {missing} do not exist on account {account!r}: create them in the mail server "

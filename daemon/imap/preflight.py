@@ -13,6 +13,7 @@ from typing import Any
 
 from mailtriage.config import AccountConfig, Config
 from mailtriage.errors import MailboxError
+from mailtriage.imap.namespace import Namespace, namespace_of, server_folder
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 FILING_ACTIONS = ("move", "header", "label")  # the actions that put mail into the category folders
@@ -84,20 +85,41 @@ def capabilities(has: Callable[[str], bool], account: AccountConfig) -> list[Fin
 
 def folders(client: Any, account: AccountConfig, config: Config, *, create: bool = False) -> list[Finding]:
     """The category and unsure folders exist (or are created with ``create``). A missing one FAILs
-    for the filing actions; for action = "keyword" nothing is filed there, so it only WARNs."""
+    for the filing actions; for action = "keyword" nothing is filed there, so it only WARNs.
+
+    Each configured name is looked up as the server spells it (``namespace.server_folder``: "/"
+    becomes the server's separator, under its personal prefix); a name that cannot be mapped, or
+    two names that are one folder there, FAIL with what to write."""
     where = f"[{account.name}]"
     existing = {name for _flags, _delim, name in client.list_folders()}
     needed = account.action in FILING_ACTIONS
     out: list[Finding] = []
+    mapped: dict[str, str] = {}  # server name -> the configured name that claimed it
     for folder in dict.fromkeys([*config.categories.values(), config.unsure_folder, config.quarantine()]):
         subject = f"{where} folder {folder!r}"
-        if folder in existing:
+        try:
+            server = server_folder(client, folder)
+        except MailboxError as exc:
+            out.append(Finding(FAIL, subject, str(exc).removeprefix(f"folder {folder!r}: "),
+                               "change it in [categories] / unsure_folder / quarantine_folder", folder=folder))
+            continue
+        if server != folder:
+            subject += f" (on the server: {server!r})"
+        if server in mapped:
+            out.append(Finding(
+                FAIL, subject, f"is the same server folder as {mapped[server]!r}",
+                "give each category, unsure_folder and quarantine_folder a folder of its own", folder=folder,
+            ))
+            continue
+        mapped[server] = folder
+        if server in existing:
             out.append(Finding(OK, subject, "exists"))
         elif create:
             try:
-                client.create_folder(folder)
+                client.create_folder(server)
             except Exception as exc:  # noqa: BLE001 - reported, not raised
-                out.append(Finding(FAIL, subject, f"missing, and CREATE failed: {exc}", "create it in the mail server"))
+                out.append(Finding(FAIL, subject, f"missing, and CREATE {server!r} failed: {exc}",
+                                   f"create it in the mail server ({namespace_of(client).describe()})"))
             else:
                 out.append(Finding(OK, subject, "was missing: created"))
         else:
@@ -140,7 +162,15 @@ def watched_mailboxes(client: Any, account: AccountConfig, mailboxes: Iterable[s
     out: list[Finding] = []
     for mailbox in (account.mailboxes if mailboxes is None else mailboxes):
         subject = f"{where} watched mailbox {mailbox!r}"
-        if mailbox not in existing:
+        try:
+            server = server_folder(client, mailbox)
+        except MailboxError as exc:
+            out.append(Finding(FAIL, subject, str(exc).removeprefix(f"folder {mailbox!r}: "),
+                               f"change accounts[{account.name!r}].mailboxes"))
+            continue
+        if server != mailbox:
+            subject += f" (on the server: {server!r})"
+        if server not in existing:
             out.append(Finding(
                 FAIL, subject, "missing",
                 f"fix accounts[{account.name!r}].mailboxes; existing folders: {sorted(existing)}",
@@ -148,7 +178,7 @@ def watched_mailboxes(client: Any, account: AccountConfig, mailboxes: Iterable[s
             continue
         writable = account.action == "keyword" and not account.dry_run
         try:
-            info = client.select_folder(mailbox, readonly=not writable)
+            info = client.select_folder(server, readonly=not writable)
         except Exception as exc:  # noqa: BLE001
             out.append(Finding(FAIL, subject, f"exists but cannot be selected: {exc}", "check the user's rights on it"))
             continue
@@ -167,12 +197,16 @@ def for_serve(client: Any, account: AccountConfig, config: Config) -> list[Findi
     is checked on its own SELECT, with ``keyword_finding``)."""
     out = capabilities(client.has_capability, account)
     if account.action in FILING_ACTIONS:
-        missing = [f for f in folders(client, account, config) if f.status == FAIL]
+        fails = [f for f in folders(client, account, config) if f.status == FAIL]
+        missing = [f for f in fails if f.detail.startswith("missing")]
+        out.extend(f for f in fails if f not in missing)  # a name this server cannot hold: says what to write
         if missing:  # one finding for all, in the words the service log has always used
             names = sorted({f.folder for f in missing if f.folder})
+            ns = namespace_of(client)
+            spelled = "" if ns == Namespace() else f" ({ns.describe()})"
             out.append(Finding(
                 FAIL, f"[{account.name}] folders",
-                f"folder(s) {names} do not exist on account {account.name!r}: mail cannot be filed there",
+                f"folder(s) {names} do not exist on account {account.name!r}{spelled}: mail cannot be filed there",
                 "create them in the mail server, run `mailtriage check --create-folders`, "
                 "or fix [categories] / unsure_folder",
             ))

@@ -28,6 +28,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from mailtriage.config import QUANTIZE_CHOICES, RUNTIME_CHOICES
 from mailtriage.model import ensemble
 
 from mailtriage.model import modeldir
@@ -301,10 +302,8 @@ class TransformersClassifier:
                 f"device={self.device!r}, serve={self.serve!r})")
 
 
-QUANTIZE_CHOICES = ("none", "int8")
 # peft's file name for adapter weights as safetensors (plain tensors; no code can hide in it).
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-RUNTIME_CHOICES = ("torch", "onnxruntime")
 
 
 def set_cpu_threads(threads: int) -> None:

@@ -4,7 +4,8 @@ Mail only counts as accepted once the next hop accepted it: the sender gets 250 
 after the next hop said 250 for the tagged message, and every failure before that answers 451,
 so the sender's MTA keeps the message and retries; nothing is ever lost in between.
 
-No next-hop connection is held while a client dawdles (issue 8 item 6): each RCPT is checked with
+No next-hop connection is held while a client dawdles (slow or idle clients would otherwise hold
+the next hop's connections and transactions open as long as they like): each RCPT is checked with
 the next hop on a short connection of its own (MAIL, RCPT, QUIT), so a recipient the next hop
 refuses is refused to the sender with the next hop's own 5xx; the message itself goes over a new
 connection opened only once DATA is complete and classified. A recipient the next hop accepted at
@@ -12,8 +13,9 @@ RCPT but refuses at delivery makes the whole message a 451 (nothing was delivere
 retry then hears the next hop's verdict for that recipient at RCPT.
 
 Runs on the service's event loop (aiosmtpd's ``SMTP`` protocol via ``loop.create_server``);
-classification goes through the service's single inference worker; smtplib runs in worker
-threads. Importing this module does not import torch.
+classification goes through the service's single inference worker; the next-hop client
+(``mailtriage.smtp.nexthop``, blocking smtplib) runs in worker threads. Importing this module does
+not import torch.
 """
 
 from __future__ import annotations
@@ -22,42 +24,35 @@ import asyncio
 import logging
 import os
 import re
-import smtplib
 import socket
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, AnyStr
 
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
-from mailtriage import metrics
-from mailtriage.core.tagging import category_value, tagged_parts
-from mailtriage.core.classifier import Prediction
 from mailtriage.config import Config
+from mailtriage.core.pipeline import UNKNOWN_KEY, ClassifyAsync, Rules, classify_and_route_async, prepare
+from mailtriage.core.routing import Decision
+from mailtriage.core.tagging import category_value, tagged_parts
 from mailtriage.errors import ConfigError
-from mailtriage.core.mailtext import mail_text, message_key
-from mailtriage.core.routing import Decision, decide
+from mailtriage import metrics
+from mailtriage.smtp.nexthop import NextHop, NextHopFailure, check_recipient, deliver, reply_text
 
 if TYPE_CHECKING:
     from mailtriage.service.app import Service
 
 log = structlog.get_logger(__name__)
 
-ClassifyAsync = Callable[[Sequence[str]], Awaitable[tuple[list[Prediction], str]]]
 RecordFn = Callable[[str, Decision, str], None]  # (message key, decision, model version)
 
 # Postfix's default message_size_limit is 10 MB; 50 MB leaves room for big attachments while
 # bounding what one transaction holds in memory (aiosmtpd buffers the whole message).
 DATA_SIZE_LIMIT = 50 * 1024 * 1024
-NEXT_HOP_TIMEOUT = 60.0  # seconds per next-hop command; a wedged next hop becomes a 451
-# The reply to the message's final dot. A 451 after the next hop has queued the message would make
-# the sender retry and deliver it twice, so wait long here; but all of classify + relay must end
-# before the sender's own wait for our reply (RFC 5321 §4.5.3.2.6: 10 minutes), which
-# RELAY_TIMEOUT (``[smtp] relay_timeout``) bounds as a whole.
-DATA_DONE_TIMEOUT = 600.0
+# All of classify + relay must end before the sender's own wait for our reply to its final dot
+# (RFC 5321 §4.5.3.2.6: 10 minutes): ``[smtp] relay_timeout`` bounds it as a whole.
 RELAY_TIMEOUT = 300.0
 CLOSE_GRACE = 10.0  # seconds a shutdown waits for messages being relayed before dropping them
 # A session that has made no mail progress (MAIL, RCPT, message bytes) for this long gives up its
@@ -66,35 +61,11 @@ EVICT_AFTER = 5.0
 # Messages up to this size are held in memory while they arrive; larger ones go to a temporary
 # file, read back as one bytes object once complete: no list of lines, no second copy.
 SPOOL_AT = 1024 * 1024
-_SEND_CHUNK = 1024 * 1024
-_HEADER_ALLOWANCE = 256  # bytes our two headers add at most; added to a forwarded SIZE=
-_MAX_REPLY_TEXT = 400
 _LINE_BREAK = re.compile(rb"[\r\n]")
 
 TEMPFAIL = "451 4.3.0 mailtriage: {why}; try again later"
 NO_ROOM = "452 4.3.1 mailtriage: too many message bytes in flight; try again later"
 NEEDS_SMTPUTF8 = "553 5.6.7 mailtriage: a non-ASCII address needs MAIL FROM:<...> SMTPUTF8"
-
-
-class NextHopFailure(Exception):
-    """The next hop refused (code = its reply code) or could not be reached (code = None)."""
-
-    def __init__(self, code: int | None, text: str, stage: str = "") -> None:
-        super().__init__(f"{code} {text}" if code is not None else text)
-        self.code = code
-        self.text = text
-        self.stage = stage  # MAIL, RCPT or DATA: the command the next hop failed
-
-    @property
-    def permanent(self) -> bool:
-        return self.code is not None and 500 <= self.code < 600
-
-
-def reply_text(message: bytes | str) -> str:
-    """A next-hop reply text made safe to put on one SMTP reply line of ours."""
-    text = message.decode("ascii", "replace") if isinstance(message, bytes) else message
-    text = " ".join(text.replace("\x00", " ").split())
-    return text[:_MAX_REPLY_TEXT]
 
 
 def sender_reply(failure: NextHopFailure, where: str) -> str:
@@ -104,208 +75,14 @@ def sender_reply(failure: NextHopFailure, where: str) -> str:
     return TEMPFAIL.format(why=f"next hop {where} failed ({failure})")
 
 
-def forward_mail_options(options: Sequence[str], has_extn: Callable[[str], bool]) -> list[str]:
-    """The sender's MAIL parameters the next hop understands (aiosmtpd admits only these three)."""
-    out: list[str] = []
-    for opt in options:
-        key, _, value = opt.upper().partition("=")
-        if key == "BODY" and has_extn("8bitmime"):
-            out.append(f"BODY={value}")
-        elif key == "SMTPUTF8":
-            out.append("SMTPUTF8")  # smtplib refuses it when the next hop lacks it: a 451 here
-        elif key == "SIZE" and value.isdigit() and has_extn("size"):
-            out.append(f"SIZE={int(value) + _HEADER_ALLOWANCE}")
-    return out
-
-
-@dataclass(frozen=True)
-class NextHop:
-    host: str
-    port: int
-    timeout: float = NEXT_HOP_TIMEOUT
-    local_hostname: str = "localhost"
-    data_timeout: float = DATA_DONE_TIMEOUT
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-class NextHopTransaction:
-    """One connection to the next hop over smtplib (blocking: call it from a worker thread).
-
-    ``deadline`` (``time.monotonic()``) bounds the whole transaction: every wait is cut to what is
-    left of it, so the sender hears from us before its own timeout.
-    """
-
-    def __init__(self, hop: NextHop, deadline: float | None = None) -> None:
-        self.hop = hop
-        self.deadline = deadline
-        self._smtp: smtplib.SMTP | None = None
-
-    def _timeout(self, wanted: float, stage: str) -> float:
-        if self.deadline is None:
-            return wanted
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise NextHopFailure(None, "out of time for the next hop (smtp.relay_timeout)", stage)
-        return min(wanted, left)
-
-    def mail(self, sender: str, options: Sequence[str]) -> None:
-        try:
-            smtp = smtplib.SMTP(
-                self.hop.host, self.hop.port, self.hop.local_hostname, timeout=self._timeout(self.hop.timeout, "MAIL")
-            )
-            self._smtp = smtp
-            smtp.ehlo_or_helo_if_needed()
-            self._set_timeout(self.hop.timeout, "MAIL")
-            code, msg = smtp.mail(sender, forward_mail_options(options, smtp.has_extn))
-        except NextHopFailure:
-            raise
-        except smtplib.SMTPResponseException as exc:
-            raise NextHopFailure(exc.smtp_code, reply_text(exc.smtp_error), "MAIL") from exc
-        except Exception as exc:  # noqa: BLE001 - refused, unreachable, or an address smtplib cannot encode
-            raise NextHopFailure(None, f"{type(exc).__name__}: {exc}", "MAIL") from exc
-        if code != 250:
-            raise NextHopFailure(code, reply_text(msg), "MAIL")
-
-    def _set_timeout(self, wanted: float, stage: str) -> None:
-        if self._smtp is not None and self._smtp.sock is not None:
-            self._smtp.sock.settimeout(self._timeout(wanted, stage))
-
-    def rcpt(self, recipient: str) -> None:
-        def rcpt(smtp: smtplib.SMTP) -> tuple[int, bytes]:
-            self._set_timeout(self.hop.timeout, "RCPT")
-            return smtp.rcpt(recipient)
-
-        code, msg = self._call(rcpt, "RCPT")
-        if code not in (250, 251):
-            raise NextHopFailure(code, reply_text(msg), "RCPT")
-
-    def data(self, message: bytes | Sequence[bytes | memoryview]) -> str:
-        """Send the message (bytes, or pieces sent one after the other with no copy of the whole);
-        returns the next hop's 250 text (it usually names its queue id)."""
-        parts = [message] if isinstance(message, (bytes, bytearray, memoryview)) else list(message)
-
-        def send(smtp: smtplib.SMTP) -> tuple[int, bytes]:
-            self._set_timeout(self.hop.timeout, "DATA")
-            code, repl = smtp.docmd("DATA")
-            if code != 354:
-                raise smtplib.SMTPDataError(code, repl)
-            # sendall's timeout bounds the whole call (Python >= 3.5): a next hop that reads slowly
-            # cannot stretch the transaction past the deadline.
-            self._set_timeout(self.hop.data_timeout, "DATA")
-            for chunk in data_stream(parts):
-                smtp.send(chunk)
-            # The reply to the final dot may take long (RFC 5321 §4.5.3.2.6): up to data_timeout,
-            # within what is left of the deadline.
-            self._set_timeout(max(self.hop.timeout, self.hop.data_timeout), "DATA")
-            return smtp.getreply()
-
-        code, msg = self._call(send, "DATA")
-        if code != 250:
-            raise NextHopFailure(code, reply_text(msg), "DATA")
-        return reply_text(msg)
-
-    def _call(self, op: Callable[[smtplib.SMTP], tuple[int, bytes]], stage: str) -> tuple[int, bytes]:
-        if self._smtp is None:
-            raise NextHopFailure(None, "the connection to the next hop is closed", stage)
-        try:
-            return op(self._smtp)
-        except NextHopFailure:
-            raise
-        except smtplib.SMTPResponseException as exc:  # e.g. SMTPDataError: DATA refused
-            raise NextHopFailure(exc.smtp_code, reply_text(exc.smtp_error), stage) from exc
-        except Exception as exc:  # noqa: BLE001 - whatever it was, the next hop did not accept
-            raise NextHopFailure(None, f"{type(exc).__name__}: {exc}", stage) from exc
-
-    def close(self) -> None:
-        smtp, self._smtp = self._smtp, None
-        if smtp is None:
-            return
-        try:
-            if smtp.sock is not None:
-                smtp.sock.settimeout(min(self.hop.timeout, 10.0))  # QUIT is a courtesy: never wait long
-            smtp.quit()  # an unfinished transaction is abandoned: the next hop discards it
-        except (OSError, smtplib.SMTPException):
-            smtp.close()
-
-
-_LINE_START_DOT = re.compile(rb"(?m)^\.")
-
-
-def data_stream(parts: Sequence[bytes | memoryview], chunk_size: int = _SEND_CHUNK) -> Iterator[bytes]:
-    """The DATA bytes for a CRLF message given in pieces: dot-stuffed, ending in CRLF "." CRLF,
-    at most ``chunk_size`` bytes of the message copied at a time (smtplib's ``data`` makes three
-    copies of the whole message)."""
-    tail = b""  # the last two bytes so far: a chunk may end between CR and LF, or mid-line
-    for part in parts:
-        view = memoryview(part)
-        for i in range(0, len(view), chunk_size):
-            chunk = bytes(view[i : i + chunk_size])
-            yield _dot_stuffed(chunk, at_line_start=tail == b"" or tail.endswith(b"\n"))
-            tail = (tail + chunk[-2:])[-2:]
-    yield (b"" if tail == b"\r\n" else b"\r\n") + b".\r\n"
-
-
-
-def _dot_stuffed(chunk: bytes, at_line_start: bool) -> bytes:
-    # RFC 5321 §4.5.2 for one piece of a CRLF message; the piece may start mid-line.
-    out = _LINE_START_DOT.sub(b"..", chunk)
-    if not at_line_start and chunk[:1] == b".":
-        out = out[1:]
-    return out
-
-
-def check_recipient(hop: NextHop, sender: str, options: Sequence[str], recipient: str) -> None:
-    """Ask the next hop whether it takes ``recipient`` from ``sender``, then hang up (blocking).
-
-    Raises NextHopFailure with its verdict. The connection lives for these three commands only.
-    """
-    tx = NextHopTransaction(hop)
-    try:
-        tx.mail(sender, options)
-        tx.rcpt(recipient)
-    finally:
-        tx.close()
-
-
-def deliver(
-    hop: NextHop,
-    sender: str,
-    options: Sequence[str],
-    recipients: Sequence[str],
-    message: bytes | Sequence[bytes | memoryview],
-    deadline: float | None = None,
-) -> str:
-    """Relay the complete message on a new connection (blocking); returns the next hop's 250 text.
-
-    A recipient refused now, after the next hop accepted it at RCPT, aborts the transaction before
-    DATA (nothing delivered to anyone) with a temporary failure: one reply to DATA cannot refuse
-    one recipient, and the retry's RCPT check will carry the next hop's verdict for it.
-    """
-    tx = NextHopTransaction(hop, deadline)
-    try:
-        tx.mail(sender, options)
-        for recipient in recipients:
-            try:
-                tx.rcpt(recipient)
-            except NextHopFailure as failure:
-                raise NextHopFailure(
-                    None, f"refused <{recipient}> at delivery after accepting it ({failure})", "RCPT"
-                ) from failure
-        return tx.data(message)
-    finally:
-        tx.close()
-
-
 class ContentFilter:
     """aiosmtpd handler for ONE client connection: checks recipients, relays complete messages."""
 
     def __init__(
-        self, config: Config, classify: ClassifyAsync, hop: NextHop, record: RecordFn | None = None,
+        self, rules: Rules, classify: ClassifyAsync, hop: NextHop, record: RecordFn | None = None,
         relay_timeout: float = RELAY_TIMEOUT,
     ) -> None:
-        self.config = config
+        self.rules = rules
         self.classify = classify
         self.hop = hop
         self.record = record  # StateDB.record_relayed: the decision into the state DB, for stats/corrections
@@ -358,12 +135,12 @@ class ContentFilter:
         bound = log.bind(peer=_peer(session), recipients=len(recipients), size=len(raw))
         try:
             try:
-                text, key = await asyncio.to_thread(_prepare, raw)
+                text, key = await asyncio.to_thread(prepare, raw)
                 bound = bound.bind(message=key)
-                predictions, version = await asyncio.wait_for(self.classify([text]), deadline - time.monotonic())
-                decision = decide(
-                    predictions[0], self.config.model.threshold, self.config.categories, self.config.unsure_folder
+                (routed,) = await asyncio.wait_for(
+                    classify_and_route_async([text], self.classify, self.rules), deadline - time.monotonic()
                 )
+                decision, version = routed.decision, routed.model_version
                 tagged = await asyncio.to_thread(tagged_parts, raw, decision)
             except Exception as exc:  # noqa: BLE001 - the sender keeps the message and retries
                 bound.error("smtp_classify_failed", error=str(exc) or type(exc).__name__,
@@ -382,7 +159,7 @@ class ContentFilter:
                 return sender_reply(failure, str(self.hop))
         finally:
             self.busy = False
-        if self.record is not None and key != "unknown":
+        if self.record is not None and key != UNKNOWN_KEY:
             try:
                 await asyncio.to_thread(self.record, key, decision, version)
             except Exception as exc:  # noqa: BLE001 - the next hop has it: a 4xx now would duplicate it
@@ -416,15 +193,6 @@ def _utf8_allowed(address: str, mail_options: Sequence[str]) -> bool:
     # A non-ASCII address needs MAIL ... SMTPUTF8 (RFC 6531 §3.4); without it smtplib cannot send it
     # on and the sender got a 451 on every retry (found by the SMTP fuzzer). RFC 6531 §3.5: 553 5.6.7.
     return address.isascii() or any(opt.upper() == "SMTPUTF8" for opt in mail_options)
-
-
-def _prepare(raw: bytes) -> tuple[str, str]:
-    # mail_text never raises; message_key is only for the logs, so it may not stop a relay either.
-    try:
-        key = message_key(raw)
-    except Exception:  # noqa: BLE001
-        key = "unknown"
-    return mail_text(raw), key
 
 
 def _content_bytes(envelope: Envelope) -> bytes:
@@ -827,8 +595,8 @@ _handler_error_log = {"last": float("-inf"), "count": 0}
 
 
 def _note_handler_error(error: Exception) -> None:
-    # A bug that any client can trigger must not become a traceback per command (the finding was
-    # 188k tracebacks): one line with its traceback per 10 s at most, counting the ones in between.
+    # A bug that any client can trigger must not become a traceback per command (a fuzz run once
+    # logged 188k of them): one line with its traceback per 10 s at most, counting the ones in between.
     _handler_error_log["count"] += 1
     now = time.monotonic()
     if now - _handler_error_log["last"] >= 10.0:
@@ -896,6 +664,7 @@ class SmtpFilter:
             smtp = self.config.smtp
             self.next_hop = NextHop(smtp.next_hop_host, smtp.next_hop_port, local_hostname=self.hostname)
         hop, hostname = self.next_hop, self.hostname
+        rules = Rules.of(self.config)
 
         def orphan(work: asyncio.Future[Any]) -> None:
             self._orphans.add(work)
@@ -903,7 +672,7 @@ class SmtpFilter:
 
         def factory() -> _FilterSMTP:
             return _FilterSMTP(
-                ContentFilter(self.config, self.classify, hop, self.record, relay_timeout=self.relay_timeout),
+                ContentFilter(rules, self.classify, hop, self.record, relay_timeout=self.relay_timeout),
                 self._connections,
                 max_connections=self.max_connections,
                 session_lifetime=self.session_lifetime,

@@ -21,6 +21,7 @@ import structlog
 from mailtriage import metrics
 from mailtriage.config import AccountConfig, Config
 from mailtriage.core.mailtext import message_key
+from mailtriage.imap.namespace import server_folder
 from mailtriage.store.state import MILTER_INTAKE, SMTP_INTAKE, StateDB
 
 log = structlog.get_logger(__name__)
@@ -139,7 +140,7 @@ def scan_account(
     for label, folder in config.categories.items():
         try:
             cached = cache.folders.get((account.name, folder)) if cache else None
-            result = folder_keys(client, folder, cached)
+            result = folder_keys(client, server_folder(client, folder), cached)
         except Exception as exc:  # noqa: BLE001 - a missing folder must not stop the others
             log.warning("correction_scan_folder_failed", account=account.name, folder=folder, error=str(exc))
             continue

@@ -6,28 +6,21 @@ The pytest fixtures built on it live in tests/dovecot_fixtures.py.
 
 from __future__ import annotations
 
-import atexit
-import grp
-import itertools
 import os
-import pwd
 import re
 import secrets
 import shutil
-import signal
-import socket
 import stat
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from types import TracebackType
 
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 
 from mailtriage.errors import MailboxError
+from mailtriage.testing.imapserver import ImapServer, free_port
 
 __all__ = [
     "DEFAULT_IMAP_CAPABILITY",
@@ -199,11 +192,7 @@ active_value = true
 
 SIEVE_INSTALL_HINT = "install Pigeonhole with `apt-get install -y dovecot-sieve` (it provides sievec)"
 
-_START_TIMEOUT_S = 10.0
-_STOP_TIMEOUT_S = 5.0
 _APPENDUID_RE = re.compile(rb"\[APPENDUID (\d+) (\d+)\]", re.IGNORECASE)
-# Strong references: a server nobody holds any more must still be stopped at exit.
-_running: set[Dovecot] = set()
 
 
 class DovecotError(MailboxError):
@@ -226,20 +215,6 @@ def _find_binary(name: str) -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return f"({path} not readable)"
-    return "\n".join(text.splitlines()[-lines:]) or f"({path} is empty)"
-
-
 def _check_passwd_field(value: str, what: str) -> None:
     bad = ":\n\r" + ("/ \t%" if what == "user name" else "")
     if not value or any(ch in value for ch in bad) or value.startswith("."):
@@ -249,7 +224,7 @@ def _check_passwd_field(value: str, what: str) -> None:
         )
 
 
-class Dovecot:
+class Dovecot(ImapServer):
     """One Dovecot master on a free 127.0.0.1 port, with its config, mail and log under `root`.
 
     Run as root, the server runs as `nobody` (the config is written for an unprivileged master
@@ -257,7 +232,8 @@ class Dovecot:
     `stop()` deletes; a given `root` is kept.
     """
 
-    host = "127.0.0.1"
+    name = "Dovecot"
+    error = DovecotError
 
     def __init__(
         self,
@@ -278,40 +254,20 @@ class Dovecot:
 
         ``port``: listen there instead of on a free port (a daemon configured before the server
         exists, or a restart on the same address); `restart()` keeps whichever port it had."""
-        self._fixed_port = port
         self.oauth2_introspection_url = oauth2_introspection_url
         self.extra_conf = extra_conf
         self.learn_script = learn_script
         self.learn_mailboxes = learn_mailboxes
-        self.users: dict[str, str] = dict(users) if users is not None else {"support": "secret"}
-        for name, password in self.users.items():
-            _check_passwd_field(name, "user name")
-            _check_passwd_field(password, "password")
-        self._given_root = Path(root) if root is not None else None
-        self._root: Path | None = self._given_root
-        self._port: int | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        if os.geteuid() == 0:
-            entry = pwd.getpwnam("nobody")
-            self._uid, self._gid = entry.pw_uid, entry.pw_gid
-        else:
-            self._uid, self._gid = os.geteuid(), os.getegid()
-        self._user = pwd.getpwuid(self._uid).pw_name
-        self._group = grp.getgrgid(self._gid).gr_name
+        super().__init__(root, users, port)
+
+    def _check_user(self, name: str, password: str) -> None:
+        _check_passwd_field(name, "user name")
+        _check_passwd_field(password, "password")
+
+    def _users_ready(self) -> bool:
+        return self._root is not None and (self._root / "users").is_dir()
 
     # -- properties ---------------------------------------------------------------------------
-
-    @property
-    def root(self) -> Path:
-        if self._root is None:
-            raise DovecotError("Dovecot has no root directory yet; call start() first")
-        return self._root
-
-    @property
-    def port(self) -> int:
-        if self._port is None or self._proc is None:
-            raise DovecotError("Dovecot is not running; call start() (or use it as a context manager)")
-        return self._port
 
     @property
     def conf_path(self) -> Path:
@@ -320,14 +276,6 @@ class Dovecot:
     @property
     def log_path(self) -> Path:
         return self.root / "dovecot.log"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def __repr__(self) -> str:
-        where = f"{self.host}:{self._port}" if self.running else "stopped"
-        return f"<Dovecot {where} root={self._root}>"
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -355,8 +303,7 @@ class Dovecot:
         else:
             assert last_error is not None
             raise last_error
-        _running.add(self)
-        return self
+        return self._started()
 
     def _prepare_root(self) -> None:
         if self._root is None:
@@ -441,129 +388,13 @@ class Dovecot:
         os.chmod(tmp, 0o600)
         os.replace(tmp, path)
 
-    def _drop_privileges(self) -> dict[str, object]:
-        if os.geteuid() != 0:
-            return {}
-        return {"user": self._uid, "group": self._gid, "extra_groups": []}
-
-    def restart(self) -> Dovecot:
-        """Stop the server and start it again on the same port with the same mail (an outage)."""
-        port = self.port
-        self.stop(_keep_root=True)
-        self._fixed_port = port
-        return self.start()
-
     def _spawn(self, binary: str) -> None:
-        port = self._fixed_port if self._fixed_port is not None else _free_port()
+        port = self._fixed_port if self._fixed_port is not None else free_port()
         self._write_conf(port)
         stderr_path = self.root / "dovecot.stderr"
-        with open(stderr_path, "wb") as stderr:
-            # -F keeps the master in the foreground, so this Popen *is* the master and we can wait on it.
-            proc = subprocess.Popen(
-                [binary, "-c", str(self.conf_path), "-F"],
-                stdin=subprocess.DEVNULL,
-                stdout=stderr,
-                stderr=stderr,
-                cwd=self.root,
-                start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop it
-                **self._drop_privileges(),  # type: ignore[arg-type]
-            )
-        self._proc, self._port = proc, port
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        last = "no connection attempt yet"
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                self._proc = None
-                raise DovecotError(
-                    f"Dovecot exited with status {proc.returncode} while starting on port {port}.\n"
-                    f"--- {stderr_path} ---\n{_tail(stderr_path)}\n"
-                    f"--- {self.log_path} ---\n{_tail(self.log_path)}"
-                )
-            try:
-                with socket.create_connection((self.host, port), timeout=1.0) as sock:
-                    greeting = sock.recv(512)
-                if greeting.startswith(b"* OK"):
-                    return
-                last = f"greeting {greeting[:80]!r}"
-            except OSError as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            time.sleep(0.05)
-        self.stop(_keep_root=True)
-        raise DovecotError(
-            f"Dovecot did not greet with '* OK' on {self.host}:{port} within {_START_TIMEOUT_S:.0f} s "
-            f"(last: {last}).\n--- {stderr_path} ---\n{_tail(stderr_path)}\n"
-            f"--- {self.log_path} ---\n{_tail(self.log_path)}"
-        )
-
-    def stop(self, *, _keep_root: bool = False) -> None:
-        """Stop the server (SIGTERM to its process group, SIGKILL after 5 s) and delete a temp root.
-
-        `doveadm -c CONF stop` does the same but polls for ~3 s per server; the master is our own
-        child here, so signalling its process group directly is equivalent and instant.
-        """
-        proc, self._proc = self._proc, None
-        _running.discard(self)
-        if proc is not None and proc.poll() is None:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)  # start_new_session made the master a group leader
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=_STOP_TIMEOUT_S)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        if self._given_root is None and self._root is not None and not _keep_root:
-            shutil.rmtree(self._root, ignore_errors=True)
-            self._root = None
-
-    def __enter__(self) -> Dovecot:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    # -- users and clients --------------------------------------------------------------------
-
-    def add_user(self, name: str, password: str) -> None:
-        """Add a user; works while running (a new user's file is read at their first login).
-
-        Changing an existing user's password while running takes effect only after Dovecot's
-        once-per-second passwd-file re-check; add a new user instead.
-        """
-        _check_passwd_field(name, "user name")
-        _check_passwd_field(password, "password")
-        self.users[name] = password
-        if self._root is not None and (self._root / "users").is_dir():  # else start() writes it
-            self._write_user(name, password)
-
-    def client(self, user: str = "support", password: str | None = None, timeout: float = 10.0) -> IMAPClient:
-        """A logged-in plain-text IMAPClient; the caller logs it out."""
-        if password is None:
-            if user not in self.users:
-                raise DovecotError(f"no user {user!r} on this server (have {sorted(self.users)}); call add_user first")
-            password = self.users[user]
-        client = IMAPClient(self.host, port=self.port, ssl=False, timeout=timeout)
-        try:
-            client.login(user, password)
-        except Exception:
-            client.shutdown()
-            raise
-        return client
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    # A demo that crashes, or a test run interrupted hard, must not leave masters behind.
-    for server in list(_running):
-        server.stop()
-
+        stderr_path.write_bytes(b"")
+        # -F keeps the master in the foreground, so the process started *is* the master.
+        self._launch([binary, "-c", str(self.conf_path), "-F"], port, stderr_path, [stderr_path, self.log_path])
 
 # -- loading mail -----------------------------------------------------------------------------
 

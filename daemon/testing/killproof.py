@@ -1,5 +1,5 @@
-"""The SIGKILL proof (issue 8): file a backlog in a real Dovecot while the worker process is killed
-again and again, restart it each time, and count where every message ended up.
+"""The SIGKILL proof: file a backlog in a real IMAP server (Dovecot, or Cyrus) while the worker
+process is killed again and again, restart it each time, and count where every message ended up.
 
 ``run_proof`` drives it; ``python -m mailtriage.testing.killproof worker SPEC.json`` is the worker: one
 MailboxWatcher over the spec's account with keyword rules for a model (the proof is about state and
@@ -121,9 +121,11 @@ class ProofResult:
 
 
 def _folder_ids(client: Any) -> dict[str, Counter[str]]:
+    from mailtriage.imap.namespace import server_folder
+
     out: dict[str, Counter[str]] = {}
     for folder in FOLDERS:
-        client.select_folder(folder, readonly=True)
+        client.select_folder(server_folder(client, folder), readonly=True)
         uids = client.search(["UNDELETED"])
         ids: Counter[str] = Counter()
         for start in range(0, len(uids), 500):
@@ -264,6 +266,7 @@ def run_two_workers(
 
 def _prepare(server: Any, user: str, password: str, workdir: Path, messages: int, action: str,
              fetch_batch: int) -> dict[str, Any]:
+    from mailtriage.imap.namespace import server_folder
     from mailtriage.testing.dovecot import load_messages
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -272,7 +275,7 @@ def _prepare(server: Any, user: str, password: str, workdir: Path, messages: int
     client = server.client(user, password)
     try:
         existing = {name for _f, _d, name in client.list_folders()}
-        for folder in FOLDERS[1:]:
+        for folder in [server_folder(client, name) for name in FOLDERS[1:]]:  # as the server spells it
             if folder not in existing:
                 client.create_folder(folder)
         for start in range(0, messages, 100):

@@ -1,5 +1,6 @@
 """An MTA-side milter client that speaks the protocol the way Postfix's milter8 does: the test peer
-of ``mailtriage.milter`` (and usable by benchmarks) until a real Postfix runs in the suite.
+of ``mailtriage.milter`` where a test needs control of every packet (tests/test_postfix_milter.py
+puts a real Postfix in front of it instead).
 
 What it copies from Postfix: the OPTNEG offer (protocol 6, every action, every step it can leave
 out), one connection per SMTP session with MACRO packets before events, headers split into name

@@ -1,15 +1,17 @@
 """A real, throwaway Postfix 3.x instance on 127.0.0.1 for tests and benchmarks, plus the SMTP sink
 it delivers to, so what Postfix finally delivers can be inspected byte for byte.
 
-The instance applies the content-filter recipe of docs/postfix/ (main.cf and master.cf, the files
-README.md shows) as is: only the two ports in it are replaced by free ones. Its own base
-configuration relays every domain to an aiosmtpd sink (`SmtpSink`) instead of delivering locally.
+The instance applies one of the recipes of docs/postfix/ (the files README.md shows) as is: the
+content filter (main.cf and master.cf) or the milter (main-milter.cf); only the ports in them are
+replaced by free ones. Its own base configuration relays every domain to an aiosmtpd sink
+(`SmtpSink`) instead of delivering locally.
 
 Privileges: Postfix's `master` refuses to run as anyone but root ("the master command is reserved
 for the superuser"), so the master runs as root, and so does this module where it creates the
-queue directories owned by the `postfix` user (as `postfix check` would). Every service the master starts runs unprivileged, as the
-`postfix` user (mail_owner; the `unpriv` column of master.cf is "-" throughout) and without
-chroot; nothing listens beyond 127.0.0.1. Plain Python, importable without pytest.
+queue directories owned by the `postfix` user (as `postfix check` would). Every service the
+master starts runs unprivileged, as the `postfix` user (mail_owner; the `unpriv` column of
+master.cf is "-" throughout) and without chroot; nothing listens beyond 127.0.0.1. Plain Python,
+importable without pytest.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ __all__ = [
     "Postfix",
     "PostfixError",
     "PostfixNotInstalledError",
+    "RECIPES",
     "SmtpSink",
     "apply_recipe",
 ]
@@ -50,9 +53,16 @@ INSTALL_HINT = (
     "'No configuration': the tests write their own)"
 )
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "docs" / "postfix"
-# The ports the recipe is written for (config.example.toml's [smtp] listen_port / next_hop_port).
+# The ports the recipes are written for (config.example.toml's [smtp] listen_port / next_hop_port
+# and [milter] listen_port).
 RECIPE_FILTER_PORT = 10025
 RECIPE_REINJECT_PORT = 10026
+RECIPE_MILTER_PORT = 10027
+# Each recipe's files in docs/postfix/, and the file of the instance's config each one extends.
+RECIPES: dict[str, dict[str, str]] = {
+    "content_filter": {"main.cf": "main.cf", "master.cf": "master.cf"},
+    "milter": {"main-milter.cf": "main.cf"},
+}
 MAIL_OWNER = "postfix"
 
 BASE_MAIN_CF = """\
@@ -153,18 +163,23 @@ def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:]) or f"({path} is empty)"
 
 
-def apply_recipe(text: str, filter_port: int, reinject_port: int) -> str:
-    """The recipe file's text with its two ports (10025, 10026) replaced; nothing else changes.
+def apply_recipe(text: str, filter_port: int, reinject_port: int, milter_port: int | None = None) -> str:
+    """A recipe file's text with its ports (10025, 10026, 10027) replaced; nothing else changes.
 
-    Raises PostfixError when the text names neither port: then the recipe moved away from the ports
-    it documents, and a test applying it would silently test something else.
+    Raises PostfixError when the text names none of them: then the recipe moved away from the
+    ports it documents, and a test applying it would silently test something else.
     """
-    out, n_filter = re.subn(rf"\b{RECIPE_FILTER_PORT}\b", str(filter_port), text)
-    out, n_reinject = re.subn(rf"\b{RECIPE_REINJECT_PORT}\b", str(reinject_port), out)
-    if n_filter + n_reinject == 0:
+    ports = {RECIPE_FILTER_PORT: filter_port, RECIPE_REINJECT_PORT: reinject_port}
+    if milter_port is not None:
+        ports[RECIPE_MILTER_PORT] = milter_port
+    out, replaced = text, 0
+    for documented, port in ports.items():
+        out, n = re.subn(rf"\b{documented}\b", str(port), out)
+        replaced += n
+    if replaced == 0:
         raise PostfixError(
-            f"the recipe names neither port {RECIPE_FILTER_PORT} nor {RECIPE_REINJECT_PORT}; expected the "
-            f"content_filter or reinjection port of config.example.toml's [smtp] section"
+            f"the recipe names none of the ports {', '.join(map(str, ports))}; expected the content_filter "
+            "or reinjection port of config.example.toml's [smtp] section, or its [milter] listen_port"
         )
     return out
 
@@ -257,11 +272,13 @@ def _find(name: str, folders: Sequence[str]) -> str | None:
 
 
 class Postfix:
-    """One Postfix master with the content-filter recipe, its config, queue and log under a temp dir.
+    """One Postfix master with a recipe of docs/postfix/, its config, queue and log under a temp dir.
 
-    ``filter_port``: where the recipe's `mailtriage` transport delivers (mailtriage's listen port);
-    ``reinject_port``: the recipe's reinjection listener (mailtriage's next hop). Both default to
-    free ports. ``recipe=False`` leaves the recipe out (plain relaying, e.g. a benchmark baseline);
+    ``recipe``: "content_filter" (or True, docs/postfix/main.cf + master.cf), "milter"
+    (docs/postfix/main-milter.cf) or False (plain relaying, e.g. a benchmark baseline).
+    ``filter_port``: where the content filter's `mailtriage` transport delivers (mailtriage's
+    listen port); ``reinject_port``: its reinjection listener (mailtriage's next hop);
+    ``milter_port``: where the milter recipe's smtpd_milters point. All default to free ports.
     ``recipe_edit`` rewrites a recipe file's text (name, text) -> text before it is applied, for a
     test that shows what a line of the recipe is for. ``virtual_aliases``: address -> targets.
     """
@@ -274,7 +291,8 @@ class Postfix:
         *,
         filter_port: int | None = None,
         reinject_port: int | None = None,
-        recipe: bool = True,
+        milter_port: int | None = None,
+        recipe: bool | str = True,
         recipe_dir: Path = RECIPE_DIR,
         recipe_edit: Callable[[str, str], str] | None = None,
         virtual_aliases: Mapping[str, Sequence[str]] | None = None,
@@ -282,8 +300,12 @@ class Postfix:
         self.sink_port = sink_port
         self.filter_port = filter_port if filter_port is not None else _free_port()
         self.reinject_port = reinject_port if reinject_port is not None else _free_port()
+        self.milter_port = milter_port if milter_port is not None else _free_port()
         self.smtpd_port = _free_port()
-        self.recipe = recipe
+        name = "content_filter" if recipe is True else None if recipe is False else recipe
+        if name is not None and name not in RECIPES:
+            raise PostfixError(f"unknown Postfix recipe {recipe!r}; expected one of {sorted(RECIPES)} or False")
+        self.recipe = name
         self.recipe_dir = Path(recipe_dir)
         self.recipe_edit = recipe_edit
         self.virtual_aliases = {k: list(v) for k, v in (virtual_aliases or {}).items()}
@@ -317,18 +339,18 @@ class Postfix:
     # -- configuration --------------------------------------------------------------------------
 
     def main_cf(self) -> str:
-        """The complete main.cf: the base, then the recipe's main.cf (ports replaced) as is."""
-        text = self._fill(BASE_MAIN_CF)
-        if self.recipe:
-            text += "\n" + self._recipe_text("main.cf")
-        return text
+        """The complete main.cf: the base, then the recipe's main.cf lines (ports replaced) as is."""
+        return self._fill(BASE_MAIN_CF) + self._recipe_for("main.cf")
 
     def master_cf(self) -> str:
-        """The complete master.cf: the base, then the recipe's master.cf (ports replaced) as is."""
-        text = self._fill(BASE_MASTER_CF)
-        if self.recipe:
-            text += "\n" + self._recipe_text("master.cf")
-        return text
+        """The complete master.cf: the base, then the recipe's master.cf entries (ports replaced) as is."""
+        return self._fill(BASE_MASTER_CF) + self._recipe_for("master.cf")
+
+    def _recipe_for(self, target: str) -> str:
+        if self.recipe is None:
+            return ""
+        return "".join("\n" + self._recipe_text(name)
+                       for name, extends in RECIPES[self.recipe].items() if extends == target)
 
     def _recipe_text(self, name: str) -> str:
         path = self.recipe_dir / name
@@ -338,7 +360,7 @@ class Postfix:
             raise PostfixError(f"cannot read the Postfix recipe {path}: {exc.strerror or exc}") from exc
         if self.recipe_edit is not None:
             text = self.recipe_edit(name, text)
-        return apply_recipe(text, self.filter_port, self.reinject_port)
+        return apply_recipe(text, self.filter_port, self.reinject_port, self.milter_port)
 
     def _fill(self, template: str) -> str:
         values = {"@ROOT@": str(self._root), "@SINK_PORT@": str(self.sink_port),
@@ -510,3 +532,12 @@ def _stop_leftovers() -> None:
     # An interrupted test run must not leave a root-owned master and its queue behind.
     for server in list(_running):
         server.stop()
+
+
+def delayed_acks() -> int:
+    """The kernel's count of ACKs it sent only when the delayed-ACK timer fired (TcpExt DelayedACKs):
+    each one is a write that waited ~40 ms on a peer's Nagle algorithm. Read it in a network
+    namespace of its own (``unshare --net``) so the count is one test's traffic alone."""
+    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines() if line.startswith("TcpExt:")]
+    names, values = lines[0], lines[1]
+    return int(dict(zip(names, values))["DelayedACKs"])

@@ -1,4 +1,4 @@
-"""Seeded fuzzing of the SMTP front and the header tagging (issue 8, "Prove": fuzz).
+"""Seeded fuzzing of the SMTP front and the header tagging.
 
 One generator for the fast subset in the suite (tests/test_smtp_fuzz.py) and the long run
 (``python -m benchmarks.fuzz_smtp``, >= 100,000 inputs): same seed, same inputs. ``fuzz_smtp``
@@ -331,7 +331,8 @@ def relay_with_next_hop() -> Iterator[RelayUnderTest]:
     from aiosmtpd.smtp import SMTP
 
     from mailtriage.config import Config, ModelConfig, SmtpConfig
-    from mailtriage.smtp.relay import NextHop, SmtpFilter
+    from mailtriage.smtp.nexthop import NextHop
+    from mailtriage.smtp.relay import SmtpFilter
     from mailtriage.testing.fakes import KeywordClassifier
 
     class Hop:

@@ -24,7 +24,7 @@ from mailtriage.core.identity import login_id
 from mailtriage.core.training import SERVE_SETTINGS, TrainParams
 from mailtriage.errors import ConfigError
 
-Action = Literal["move", "keyword", "header"]
+Action = Literal["move", "keyword", "header", "label"]
 TlsMode = Literal["implicit", "starttls", "none"]
 AuthMethod = Literal["login", "plain", "xoauth2", "oauthbearer"]
 OAuthProvider = Literal["microsoft", "google", "custom"]
@@ -124,6 +124,10 @@ class AccountConfig:
     oauth_token_store: str | None = None  # default: oauth-NAME.json beside state_path
     mailboxes: tuple[str, ...] = ("INBOX",)
     action: Action = "move"
+    # action = "label" (Gmail, X-GM-EXT-1): false keeps the message in the watched mailbox with the
+    # category's label added; true also removes the watched mailbox's label (\Inbox for INBOX),
+    # which is what Gmail's own "Move to" does.
+    label_archive: bool = False
     keyword_prefix: str = "mt_"
     dry_run: bool = False
     idle_timeout: int = 1500
@@ -174,6 +178,11 @@ class AccountConfig:
                 )
             if self.oauth_provider == "custom" and not (self.oauth_token_url and self.oauth_scope):
                 raise ConfigError(f"{where}: oauth_provider = \"custom\" needs oauth_token_url and oauth_scope")
+        if self.label_archive and self.action != "label":
+            raise ConfigError(
+                f"{where}.label_archive = true only applies to action = \"label\" (Gmail), found action = "
+                f"{self.action!r}: remove label_archive, or set action = \"label\""
+            )
         if not self.keyword_prefix or any(c in self.keyword_prefix for c in " ()]{%*\"\\"):
             raise ConfigError(
                 f"{where}.keyword_prefix = {self.keyword_prefix!r} is not a valid IMAP atom prefix "
@@ -441,7 +450,7 @@ def _check_roles(config: Config) -> None:
                     "mailbox race and file messages twice. List each mailbox once, in one account"
                 )
             watchers[who] = where
-            if mid in filed and account.action in ("move", "header"):
+            if mid in filed and account.action in ("move", "header", "label"):
                 raise ConfigError(
                     f"{where}.mailboxes: {mailbox!r} is also {filed[mid]}, a folder mail is filed into; watching "
                     "it would re-file what was sorted there. Watch only incoming mailboxes (e.g. INBOX)"

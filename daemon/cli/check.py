@@ -19,6 +19,7 @@ from mailtriage.config import AccountConfig, Config
 from mailtriage.credentials import secret_file_exposure
 from mailtriage.imap import preflight
 from mailtriage.imap.preflight import FAIL, OK, WARN, Finding
+from mailtriage.cli import check_smtp
 from mailtriage.errors import StateError
 from mailtriage.store.state import StateDB, state_path_problem
 
@@ -177,26 +178,53 @@ def _check_milter(report: _Report, config: Config) -> None:
     report.add(FAIL, subject, "in use by something that does not speak the milter protocol", fix)
 
 
+def _check_smtp(report: _Report, config: Config, rcpt: str) -> None:
+    """[smtp]: the listen address, then the next hop's EHLO, MAIL FROM:<> and RCPT (never DATA)."""
+    report.extend([check_smtp.listen(config.smtp)])
+    report.extend(check_smtp.next_hop(config.smtp, rcpt))
+
+
+def _check_intakes(report: _Report, config: Config) -> None:
+    """Which intakes `serve` runs. A relay- or milter-only set-up watches no mailbox, and that is fine."""
+    intakes = [f"IMAP watcher ({len(config.accounts)} account(s))"] if config.accounts else []
+    if config.smtp.enabled:
+        intakes.append(f"SMTP content filter on {config.smtp.listen_host}:{config.smtp.listen_port}")
+    if config.milter.enabled:
+        intakes.append(f"milter on {config.milter.listen_host}:{config.milter.listen_port}")
+    if not intakes:
+        # A WARN, as before: `check` also vets a model or state path before any intake is written.
+        report.add(WARN, "intakes", "none: no [[accounts]], [smtp] enabled = false, [milter] enabled = false; "
+                   "`serve` refuses to start with nothing to do",
+                   "add an [[accounts]] table (IMAP), or set enabled = true in [smtp] (content filter) or [milter]")
+        return
+    watched = "" if config.accounts else "; no [[accounts]]: no mailbox is watched"
+    report.add(OK, "intakes", ", ".join(intakes) + watched)
+
+
 def run_check(
     config: Config,
     create_folders: bool = False,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     *,
     connect: Callable[[AccountConfig], Any] | None = None,
     check_model: bool = True,
+    rcpt: str = check_smtp.DEFAULT_RECIPIENT,
 ) -> int:
-    """Run every check, printing one line each; 0 when none FAILed, else 1."""
+    """Run every check, printing one line each; 0 when none FAILed, else 1. ``rcpt``: the address
+    the SMTP next hop is asked to accept (RCPT only; no mail is sent)."""
     if connect is None:
         from mailtriage.imap.connection import connect as imap_connect
 
         connect = imap_connect
+    out = out if out is not None else sys.stdout  # looked up now: a test (or caller) may have swapped it
     report = _Report(out)
-    if not config.accounts:
-        report.add(WARN, "accounts", "none configured: `serve` has no mailbox to watch", "add an [[accounts]] table")
     for account in config.accounts:
         _check_account(report, account, config, create_folders, connect)
+    if config.smtp.enabled:
+        _check_smtp(report, config, rcpt)
     if config.milter.enabled:
         _check_milter(report, config)
+    _check_intakes(report, config)
     _check_state(report, config)
     if config.training.schedule:
         _check_writable_dir(

@@ -105,7 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from mailtriage.cli.check import run_check
 
-    return run_check(_load(args), create_folders=args.create_folders)
+    return run_check(_load(args), create_folders=args.create_folders, rcpt=args.rcpt)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", parents=[common], help="validate config, server, folders and model")
     p.add_argument("--create-folders", action="store_true", help="create missing category/unsure folders")
+    p.add_argument("--rcpt", default="postmaster", metavar="ADDRESS",
+                   help="address the [smtp] next hop is asked to accept (RCPT only, no mail sent; default postmaster)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("stats", parents=[common], help="decisions, corrections and live accuracy")

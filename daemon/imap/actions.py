@@ -1,4 +1,4 @@
-"""Decision -> IMAP: move, keyword or header rewrite of one message, never losing or doubling it.
+"""Decision -> IMAP: move, keyword, header rewrite or Gmail label of one message, never losing or doubling it.
 
 Every function takes a logged-in client with the source mailbox selected read-write and leaves it
 selected again on return. IMAP refusals become MailboxError (the message stays where it was);
@@ -25,13 +25,19 @@ from mailtriage.imap.refusals import map_refusals
 
 log = structlog.get_logger(__name__)
 
-ACTIONS = ("move", "keyword", "header")
+ACTIONS = ("move", "keyword", "header", "label")
 
 _RECENT = b"\\Recent"
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]", re.IGNORECASE)
 
 
 # ---- pure helpers (header tagging lives in mailtriage.core.tagging) ---------------------
+
+
+def mailbox_label(mailbox: str) -> str:
+    """The Gmail label that puts a message in ``mailbox``: INBOX is the system label \\Inbox, any
+    other folder is the label of the same name."""
+    return "\\Inbox" if mailbox.upper() == "INBOX" else mailbox
 
 
 def keyword_for(prefix: str, decision: Decision) -> str:
@@ -120,6 +126,21 @@ def set_keyword(client: IMAPClient, uid: int, decision: Decision, prefix: str) -
     with map_refusals(f"STORE +FLAGS {keyword} uid={uid}"):
         client.add_flags([uid], [keyword.encode()], silent=True)
     return keyword
+
+
+def set_label(client: IMAPClient, uid: int, label: str) -> None:
+    """Add the Gmail label (the category or unsure folder's name); adding a label a message already
+    has changes nothing, so a retry after a crash never files it twice."""
+    with map_refusals(f"STORE +X-GM-LABELS ({label}) uid={uid}", label):
+        client.add_gmail_labels([uid], [label], silent=True)
+
+
+def archive(client: IMAPClient, uid: int, mailbox: str) -> None:
+    """Remove the watched mailbox's label (Gmail's Archive): the message leaves ``mailbox`` and keeps
+    its other labels. Removing a label it no longer has changes nothing either."""
+    label = mailbox_label(mailbox)
+    with map_refusals(f"STORE -X-GM-LABELS ({label}) uid={uid}"):
+        client.remove_gmail_labels([uid], [label], silent=True)
 
 
 def find_copy(

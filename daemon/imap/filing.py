@@ -287,7 +287,7 @@ class Filing:
         dest_validity = dest_next = None
         status_error = None
         try:
-            if self.action in ("move", "header"):
+            if self.action in ("move", "header", "label"):
                 dest_validity, dest_next = actions.folder_uidnext(client, decision.folder)
         except MailboxError as exc:
             status_error = str(exc)
@@ -327,6 +327,12 @@ class Filing:
             actions.move(link.client, uid, decision.folder, link.has_move, link.has_uidplus)
         elif action == "keyword":
             actions.set_keyword(link.client, uid, decision, self.account.keyword_prefix)
+        elif action == "label":
+            # Label first, archive second: a crash between the two leaves the message labelled and
+            # still in the source, and recovery's second STORE +X-GM-LABELS changes nothing.
+            actions.set_label(link.client, uid, decision.folder)
+            if self.account.label_archive:
+                actions.archive(link.client, uid, self.mailbox)
         else:
             assert item is not None, "the header action needs the fetched message"
             actions.rewrite_header(
@@ -340,8 +346,8 @@ class Filing:
         'pending' when a copy may exist too (the next connect finishes the removal)."""
         actions.select_source(self._link().client, self.mailbox, uidvalidity)
         row = self.state.get(self.account.name, self.mailbox, uidvalidity, uid)
-        if row is None or row.action == "keyword":
-            return Status.FAILED
+        if row is None or row.action == "keyword" or (row.action == "label" and not self.account.label_archive):
+            return Status.FAILED  # still in the source, tagged or not: the retry tags it (idempotent)
         try:
             in_source, copy = self.locate(row)
         except MailboxError:
@@ -433,7 +439,9 @@ class Filing:
         client = link.client
         in_source = row.uidvalidity == link.uidvalidity and actions.uid_exists(client, row.uid)
         copy = None
-        if row.action in ("move", "header") and row.folder and row.fingerprint:
+        # A labelled message is looked for under its label too: it may have left the source since
+        # (label_archive, or staff archived it), and then the label is all there is.
+        if row.action in ("move", "header", "label") and row.folder and row.fingerprint:
             try:
                 since = 1
                 if row.dest_uidnext is not None:
@@ -460,6 +468,16 @@ class Filing:
                     return self._settle(row, Status.DONE, bound, "recovered_keyword_set")
                 return self._settle(row, Status.FAILED, bound, "recovered_vanished",
                                     "message left the mailbox before it was tagged")
+            if row.action == "label":
+                if in_source:
+                    # Labelled or not, archived or not: adding a label it has and removing one it
+                    # lacks both change nothing, so redoing the whole action files it exactly once.
+                    self.act("label", row.uid, decision, None, row.uidvalidity)
+                    return self._settle(row, Status.DONE, bound, "recovered_label_set")
+                if copy is not None:  # labelled, then archived: only the state was not written
+                    return self._settle(row, Status.DONE, bound, "recovered_already_filed", copy_uid=copy)
+                return self._settle(row, Status.FAILED, bound, "recovered_vanished",
+                                    "message left the mailbox before it was labelled")
             if copy is not None and in_source:
                 # The copy exists (COPY or APPEND done) but the original was not removed yet.
                 actions.delete_original(link.client, row.uid, link.has_uidplus)

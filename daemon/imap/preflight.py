@@ -16,7 +16,7 @@ from mailtriage.errors import MailboxError
 from mailtriage.imap.namespace import Namespace, namespace_of, server_folder
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
-FILING_ACTIONS = ("move", "header")  # the actions that put mail into the category folders
+FILING_ACTIONS = ("move", "header", "label")  # the actions that put mail into the category folders
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,13 @@ def capabilities(has: Callable[[str], bool], account: AccountConfig) -> list[Fin
     where = f"[{account.name}]"
     out: list[Finding] = []
     if has("IDLE"):
-        out.append(Finding(OK, f"{where} IDLE", "supported: new mail is seen within seconds"))
+        # Only the capability is known here: check writes no mail, so how soon this server reports new
+        # mail in IDLE (at once, or only at its own poll) is not measured, and not claimed.
+        out.append(Finding(
+            OK, f"{where} IDLE", "advertised (not measured): new mail is filed when the server reports it in "
+            "IDLE (some servers do only at their own poll), and at the latest when the watcher renews IDLE "
+            f"and rescans (idle_timeout = {account.idle_timeout} s)",
+        ))
     else:
         out.append(Finding(
             WARN, f"{where} IDLE", f"not offered: falling back to polling every {account.poll_interval} s",
@@ -56,6 +62,15 @@ def capabilities(has: Callable[[str], bool], account: AccountConfig) -> list[Fin
                 FAIL, f"{where} MOVE", "neither MOVE nor UIDPLUS offered: mail cannot be moved without "
                 "expunging other messages flagged \\Deleted",
                 f"use a server with MOVE or UIDPLUS, or set accounts[{account.name!r}].action = \"keyword\"",
+            ))
+    elif account.action == "label":
+        if has("X-GM-EXT-1"):
+            out.append(Finding(OK, f"{where} X-GM-EXT-1", "supported (Gmail labels: STORE +X-GM-LABELS)"))
+        else:
+            out.append(Finding(
+                FAIL, f"{where} X-GM-EXT-1", "not offered: action = \"label\" needs Gmail's IMAP extensions "
+                "(X-GM-LABELS), and this server is not Gmail",
+                f"set accounts[{account.name!r}].action = \"move\" (or \"keyword\") for this server",
             ))
     elif account.action == "header":
         if has("UIDPLUS"):

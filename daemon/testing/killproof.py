@@ -60,7 +60,7 @@ def _worker(spec_path: str) -> int:
     account = AccountConfig(
         name="acct", host=spec["host"], port=spec["port"], tls="none", username=spec["user"],
         password_file=spec["password_file"], action=spec["action"], fetch_batch=spec["fetch_batch"],
-        reconnect_max=1, idle_timeout=30,
+        reconnect_max=1, idle_timeout=30, label_archive=bool(spec.get("label_archive", False)),
     )
     config = Config(categories=CATEGORIES, unsure_folder=UNSURE_FOLDER, state_path=spec["state"],
                     accounts=(account,), model=ModelConfig(threshold=0.6))
@@ -159,15 +159,18 @@ def run_proof(
     server: Any, user: str, password: str, workdir: Path, *, messages: int = 60, kills: int = 3,
     action: str = "move", fetch_batch: int = 5, seed: int = 1, dovecot_restarts: int = 0,
     finish_timeout: float = 600.0, random_kill_s: tuple[float, float] = (0.3, 1.0), classify_delay: float = 0.01,
-    log: Any = None,
+    log: Any = None, label_archive: bool = False,
 ) -> ProofResult:
     """Load ``messages`` into the user's INBOX and file them with ``kills`` SIGKILLs of the worker
     (cycling through KILL_POINTS; random times drawn from ``seed``) and ``dovecot_restarts`` server
     restarts mid-run, then let one worker finish and count. ``classify_delay`` seconds per message
-    stand for a model's inference time, so the kills fall while there is still a backlog."""
+    stand for a model's inference time, so the kills fall while there is still a backlog.
+    ``server`` needs ``host``/``port`` (where the worker connects: a Dovecot, or a proxy in front of
+    it such as testing/gmail_proxy.py for action = "label" with ``label_archive``) and ``client()``."""
     rng = random.Random(seed)
     started = time.monotonic()
-    base = dict(_prepare(server, user, password, workdir, messages, action, fetch_batch), classify_delay=classify_delay)
+    base = dict(_prepare(server, user, password, workdir, messages, action, fetch_batch), classify_delay=classify_delay,
+                label_archive=label_archive)
     state = Path(base["state"])
     by_point: Counter[str] = Counter()
     while_filing = 0

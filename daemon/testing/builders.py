@@ -87,9 +87,16 @@ def account(
             raise ValueError("account(password=...) needs secret_dir: the password goes into a file")
         secret = Path(secret_dir) / f"{username}.pw"
         secret.write_text(password)
+        secret.chmod(0o600)  # as an operator keeps it
         table["password_file"] = str(secret)
     table.update(fields)
     return table
+
+
+def relay_table(listen_port: int, next_hop_port: int, **fields: Any) -> dict[str, Any]:
+    """An [smtp] table for a content filter between two local ports."""
+    return {"enabled": True, "listen_host": "127.0.0.1", "listen_port": listen_port, "next_hop_host": "127.0.0.1",
+            "next_hop_port": next_hop_port, **fields}
 
 
 def config_data(

@@ -38,8 +38,8 @@ class _Deadline:
 
 
 def wait_for(
-    condition: Callable[[], object], timeout: float = DEFAULT_TIMEOUT_S, *, interval: float = DEFAULT_INTERVAL_S,
-    what: str | None = None,
+    condition: Callable[[], object], timeout: float = DEFAULT_TIMEOUT_S, what: str | None = None, *,
+    interval: float = DEFAULT_INTERVAL_S,
 ) -> bool:
     """Poll ``condition()`` until it is true (True) or ``timeout`` seconds pass.
 
@@ -53,8 +53,8 @@ def wait_for(
 
 
 async def async_wait_for(
-    condition: Callable[[], object], timeout: float = DEFAULT_TIMEOUT_S, *, interval: float = DEFAULT_INTERVAL_S,
-    what: str | None = None,
+    condition: Callable[[], object], timeout: float = DEFAULT_TIMEOUT_S, what: str | None = None, *,
+    interval: float = DEFAULT_INTERVAL_S,
 ) -> bool:
     """``wait_for`` for code on an event loop: the loop keeps running between polls."""
     deadline = _Deadline(condition, timeout, what)

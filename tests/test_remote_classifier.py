@@ -127,7 +127,7 @@ class StubInference:
                         stub.sent.append(sent)
                     return None
                 if mode == "slow":
-                    time.sleep(1.0)
+                    time.sleep(1.0)  # the scenario: a slow inference server
                 texts = [t[0] for t in body["inputs"]] if self.path == "/predict" else body.get("input", [])
                 scores = [NOT_A_DISTRIBUTION.get(mode) or _scores_for(t, stub.labels) for t in texts]
                 if self.path == "/predict":
@@ -539,7 +539,7 @@ def test_stuck_inference_stops_the_watchdog_and_sigterm_still_ends_the_service(
             await async_wait_for(lambda: any(e["event"] == "inference_worker_stuck" for e in logs), 10, "the stall logged")
             await async_wait_for(lambda: any(s.startswith("STATUS=inference stuck") for s in notify_socket()), 5, "STATUS")
             seen = len(notify_socket())
-            await asyncio.sleep(1.0)  # an observation window of ten ping intervals: nothing may come, so no condition
+            await asyncio.sleep(1.0)  # observing ten ping intervals in which nothing may come
             assert "WATCHDOG=1" not in notify_socket()[seen:]  # systemd would restart us after WatchdogSec
 
             started = time.monotonic()

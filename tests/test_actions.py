@@ -18,6 +18,7 @@ from mailtriage.imap import connection
 from mailtriage.config import AccountConfig
 from mailtriage.errors import MailboxError
 from mailtriage.core.routing import Decision
+from mailtriage.testing.builders import mail
 from mailtriage.testing.dovecot import NO_MOVE, Dovecot, imap_capability_without, load_messages
 from tests.test_tagging import BILLING, RAW, UNSURE  # one sample with forged X-Mailtriage-* headers
 
@@ -26,10 +27,8 @@ component = pytest.mark.component
 
 
 def _msg(n: int, subject: str = "Invoice") -> bytes:
-    return (
-        f"From: c{n}@example.com\r\nTo: support@example.com\r\nSubject: {subject} {n}\r\n"
-        f"Message-ID: <m{n}-{subject.replace(' ', '')}@example.com>\r\n\r\nbody {n}\r\n"
-    ).encode()
+    return mail(f"body {n}", f"{subject} {n}", sender=f"c{n}@example.com",
+                message_id=f"<m{n}-{subject.replace(' ', '')}@example.com>")
 
 
 # ---- pure helpers ---------------------------------------------------------------------------

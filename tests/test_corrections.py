@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mailtriage import metrics
-from mailtriage.config import AccountConfig, Config, ModelConfig
+from mailtriage.config import Config
+from mailtriage.testing.builders import account, mail, make_config
+from mailtriage.testing.waits import wait_for
 from mailtriage.store.corrections import Correction, FiledMessage, KeyCache, match_corrections, scan_corrections
 
 F = FiledMessage
@@ -74,22 +75,13 @@ CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds":
 
 
 def _mail(n: int, mid: bool = True) -> bytes:
-    msg = EmailMessage()
-    msg["From"] = f"customer{n}@example.com"
-    msg["To"] = "support@example.com"
-    msg["Subject"] = f"question {n}"
-    msg["Date"] = "Mon, 02 Mar 2026 10:00:00 +0000"
-    if mid:
-        msg["Message-ID"] = f"<m{n}@example.com>"
-    msg.set_content(f"Hello, this is question number {n}.\n")
-    return msg.as_bytes()
+    return mail(f"Hello, this is question number {n}.\n", f"question {n}", sender=f"customer{n}@example.com",
+                date="Mon, 02 Mar 2026 10:00:00 +0000", message_id=f"<m{n}@example.com>" if mid else "", linesep="\n")
 
 
-def _config(dovecot: Any, user: str, pw_file: Path, state: Path) -> Config:
-    account = AccountConfig(
-        name="support", host=dovecot.host, port=dovecot.port, tls="none", username=user, password_file=str(pw_file)
-    )
-    return Config(categories=CATEGORIES, unsure_folder="Support/Unsure", state_path=str(state), accounts=(account,))
+def _config(dovecot: Any, user: str, password: str, tmp_path: Path) -> Config:
+    imap = account(host=dovecot.host, port=dovecot.port, username=user, password=password, secret_dir=tmp_path)
+    return make_config(tmp_path, categories=CATEGORIES, unsure_folder="Support/Unsure", accounts=[imap])
 
 
 @pytest.mark.component
@@ -103,8 +95,7 @@ def test_scan_finds_move_by_another_client(dovecot: Any, imap_user: tuple[str, s
     from mailtriage.testing.dovecot import load_messages
 
     user, password = imap_user
-    (tmp_path / "pw").write_text(password)
-    config = _config(dovecot, user, tmp_path / "pw", tmp_path / "state.sqlite3")
+    config = _config(dovecot, user, password, tmp_path)
     state = StateDB(config.state_path)
     raws = {n: _mail(n, mid=(n != 3)) for n in (1, 2, 3, 4)}
     # What the daemon did: 1 -> billing, 2 -> login, 3 (no Message-ID) -> billing, 4 -> unsure.
@@ -171,8 +162,7 @@ def test_moving_mail_the_smtp_filter_tagged_is_a_correction(dovecot: Any, imap_u
     from mailtriage.testing.dovecot import load_messages
 
     user, password = imap_user
-    (tmp_path / "pw").write_text(password)
-    config = _config(dovecot, user, tmp_path / "pw", tmp_path / "state.sqlite3")
+    config = _config(dovecot, user, password, tmp_path)
     state = StateDB(config.state_path)
     one, two = _mail(21), _mail(22)
     for raw in (one, two):  # what the relay recorded: both tagged billing
@@ -203,11 +193,8 @@ def test_scan_skips_unreachable_account(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    (tmp_path / "pw").write_text("x")
-    account = AccountConfig(
-        name="gone", host="127.0.0.1", port=port, tls="none", username="u", password_file=str(tmp_path / "pw")
-    )
-    config = Config(categories=CATEGORIES, state_path=str(tmp_path / "s.db"), accounts=(account,))
+    gone = account("gone", port=port, username="u", password="x", secret_dir=tmp_path)
+    config = make_config(categories=CATEGORIES, state_path=str(tmp_path / "s.db"), accounts=[gone])
     assert scan_corrections(connect, config, StateDB(config.state_path)) == []
 
 
@@ -232,9 +219,7 @@ def test_stats_table_and_json(tmp_path: Path) -> None:
     from mailtriage.store.state import StateDB
     from mailtriage.store.stats import print_stats
 
-    config = Config(
-        categories=CATEGORIES, state_path=str(tmp_path / "state.sqlite3"), model=ModelConfig(path=str(tmp_path / "none"))
-    )
+    config = make_config(tmp_path, categories=CATEGORIES, model={"path": str(tmp_path / "none")})
     state = StateDB(config.state_path)
     for uid, (label, unsure) in enumerate(
         [("billing", False), ("billing", False), ("billing", False), ("billing", False), ("login", False), ("refunds", True)],
@@ -269,7 +254,7 @@ def test_stats_without_state_db_creates_nothing(tmp_path: Path) -> None:
 
     from mailtriage.store.stats import print_stats
 
-    config = Config(categories=CATEGORIES, state_path=str(tmp_path / "missing" / "state.sqlite3"))
+    config = make_config(tmp_path / "missing", categories=CATEGORIES)
     out = io.StringIO()
     assert print_stats(config, out=out) == 0
     assert "no state database yet" in out.getvalue()
@@ -286,7 +271,7 @@ def test_next_retrain_counts_only_since_model_creation(tmp_path: Path) -> None:
     state = StateDB(tmp_path / "s.db")
     _decide(state, 1, "<old>", "billing")
     cutoff = time.time() + 0.001
-    time.sleep(0.01)
+    wait_for(lambda: time.time() > cutoff, interval=0.001)  # the next decision is stamped after the cutoff
     _decide(state, 2, "<new>", "login")
     assert next_retrain_examples(state, cutoff)["total"] == 1
     assert next_retrain_examples(state, None)["total"] == 2

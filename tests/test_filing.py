@@ -17,7 +17,7 @@ from mailtriage.imap.watcher import MailboxWatcher
 from mailtriage.model.remote import HttpClassifier
 from mailtriage.store.state import StateDB
 from tests.test_watcher import (  # noqa: F401 - fixtures
-    CATEGORIES, UNSURE_FOLDER, config, contents, count_where, fake_classifier, make_account, msg, user,
+    CATEGORIES, UNSURE_FOLDER, backlog_until, config, contents, count_where, fake_classifier, make_account, msg, user,
 )
 
 pytestmark = pytest.mark.component
@@ -143,19 +143,6 @@ def test_messages_that_fail_exactly_like_their_batch_are_deferred_not_quarantine
 # ---- a refused quarantine ---------------------------------------------------------------------
 
 
-def _until(w: MailboxWatcher, pred: Any, timeout: float = 10.0) -> bool:
-    """Backlog passes until ``pred()`` holds or the deadline passes (retries are due by the clock)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        w.process_backlog()
-        if pred():
-            return True
-        time.sleep(0.05)  # polling: the loop ends on pred() or the deadline
-    return pred()
-
-
 def test_a_refused_quarantine_is_retried_and_stats_say_where_the_message_is(
     dovecot: Any, user: Any, make_account: Any, config: Config
 ) -> None:
@@ -176,7 +163,7 @@ def test_a_refused_quarantine_is_retried_and_stats_say_where_the_message_is(
         w.connect()
         client.delete_folder("Support/Billing")
         client.delete_folder(UNSURE_FOLDER)
-        assert _until(w, lambda: any(r.quarantined and r.status == "failed" for r in w.state.rows("acct")))
+        assert backlog_until(w, lambda: any(r.quarantined and r.status == "failed" for r in w.state.rows("acct")))
         (row,) = w.state.rows("acct")
         assert row.retry_at is not None, "a refused quarantine must be tried again"
         stats = w.state.stats()
@@ -188,7 +175,7 @@ def test_a_refused_quarantine_is_retried_and_stats_say_where_the_message_is(
         assert count_where_safe(client) == {"INBOX": 1}
 
         client.create_folder(UNSURE_FOLDER)  # the server accepts the quarantine again
-        assert _until(w, lambda: len(contents(client, UNSURE_FOLDER)) == 1)
+        assert backlog_until(w, lambda: len(contents(client, UNSURE_FOLDER)) == 1)
     finally:
         w.close()
     assert not contents(client, "INBOX")

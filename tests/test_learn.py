@@ -13,9 +13,7 @@ import shlex
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +24,14 @@ from mailtriage.config import parse_config
 from mailtriage.core.mailtext import message_key
 from mailtriage.core.routing import Decision
 from mailtriage.store.state import StateDB
+from mailtriage.testing.builders import account, mail, write_config
 from mailtriage.testing.dovecot import LEARN_HOOK_ARGS, load_messages
 
 CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
 
 
 def _mail(n: int) -> bytes:
-    msg = EmailMessage()
-    msg["From"] = f"customer{n}@example.com"
-    msg["To"] = "support@example.com"
-    msg["Subject"] = f"question {n}"
-    msg["Message-ID"] = f"<learn{n}-{time.time_ns()}@example.com>"
-    msg.set_content(f"body {n}")
-    return msg.as_bytes()
+    return mail(f"body {n}", f"question {n}", sender=f"customer{n}@example.com", linesep="\n")
 
 
 @pytest.fixture
@@ -60,14 +53,9 @@ def _hand_over(path: Path) -> None:
 
 
 def _write_config(dir_: Path, user: str, categories: dict[str, str] = CATEGORIES) -> Path:
-    conf = dir_ / "config.toml"
-    cats = "\n".join(f'{k} = "{v}"' for k, v in categories.items())
-    conf.write_text(
-        f'state_path = "{dir_ / "state.sqlite3"}"\n[categories]\n{cats}\n'
-        f'[[accounts]]\nname = "support"\nhost = "127.0.0.1"\nusername = "{user}"\n'
-        f'password_file = "/nonexistent"\n'
-    )
-    return conf
+    # learn reads the message from its stdin: the account is never connected to, its password never read.
+    return write_config(dir_ / "config.toml", dir_, categories=categories,
+                        accounts=[account(username=user, password_file="/nonexistent")])
 
 
 def _hook_command() -> str:

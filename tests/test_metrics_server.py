@@ -4,15 +4,12 @@ neither takes threads nor locks out the scraper or mail delivery."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import smtplib
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
-from email.message import EmailMessage
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,11 +17,12 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import Envelope, Session, SMTP
 
 from mailtriage import metrics
-from mailtriage.config import Config, ModelConfig, SmtpConfig
 from mailtriage.core.labels import LabelSet
 from mailtriage.model import modeldir
 from mailtriage.service.metrics_server import MAX_CONNECTIONS, MetricsServer, respond, start_metrics_server
+from mailtriage.testing.builders import mail, make_config, relay_table
 from mailtriage.testing.fakes import KeywordClassifier
+from mailtriage.testing.waits import async_wait_for
 
 CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
 
@@ -37,14 +35,6 @@ def _free_port() -> int:
 
 def _scrape(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-
-
-async def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def _threads() -> set[str]:
@@ -105,11 +95,11 @@ def test_idle_slow_and_oversized_clients_are_closed() -> None:
             # A trickle that never completes the request is closed at the read timeout.
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
             writer.write(b"GET /met")
-            await _wait_for(lambda: _closed(reader), 5, "the server to close a request that never ended")
+            await async_wait_for(lambda: _closed(reader), 5, "the server to close a request that never ended")
             writer.close()
             # Over the cap: the oldest idle connection goes, the newest is served.
             idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
-            await _wait_for(lambda: server.open_connections == 3, 5, "three idle connections held")
+            await async_wait_for(lambda: server.open_connections == 3, 5, "three idle connections held")
             body = await asyncio.to_thread(_scrape, server.port)
             assert "mailtriage_messages" in body
             assert _closed(idle[0][0]) and server.open_connections <= 3
@@ -145,11 +135,8 @@ def next_hop() -> Iterator[tuple[_NextHop, int]]:
 
 
 def _send(port: int, body: str) -> dict[str, tuple[int, bytes]]:
-    msg = EmailMessage()
-    msg["From"], msg["To"], msg["Subject"] = "customer@example.com", "support@example.com", "help"
-    msg.set_content(body)
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30) as client:
-        return client.sendmail("customer@example.com", ["support@example.com"], msg.as_bytes())
+        return client.sendmail("customer@example.com", ["support@example.com"], mail(body, message_id="", linesep="\n"))
 
 
 @pytest.mark.component
@@ -166,12 +153,8 @@ def test_idle_flood_on_the_metrics_port_holds_no_threads_and_blocks_nothing(
     (models / "v1").mkdir(parents=True)
     LabelSet(tuple(CATEGORIES)).save(models / "v1")
     modeldir.promote(models, models / "v1")
-    config = dataclasses.replace(
-        Config(categories=CATEGORIES, state_path=str(tmp_path / "state.sqlite3"),
-               smtp=SmtpConfig(enabled=True, listen_host="127.0.0.1", listen_port=listen,
-                               next_hop_host="127.0.0.1", next_hop_port=hop_port)),
-        model=ModelConfig(path=str(models), device="cpu"), metrics_port=metrics_port,
-    )
+    config = make_config(tmp_path, categories=CATEGORIES, smtp=relay_table(listen, hop_port),
+                         model={"path": str(models), "device": "cpu"}, metrics_port=metrics_port)
     classifier = KeywordClassifier(tuple(CATEGORIES), {"invoice": "billing"}, version="v1")
     service = Service(config, None, load_model=lambda path: classifier)
     flood_size = 300
@@ -184,7 +167,7 @@ def test_idle_flood_on_the_metrics_port_holds_no_threads_and_blocks_nothing(
         assert await asyncio.to_thread(_send, listen, "warm-up invoice") == {}
         threads_before = _threads()
         flood = [await asyncio.open_connection("127.0.0.1", metrics_port) for _ in range(flood_size)]
-        await _wait_for(lambda: sum(not _closed(r) for r, _ in flood) <= MAX_CONNECTIONS, 15,
+        await async_wait_for(lambda: sum(not _closed(r) for r, _ in flood) <= MAX_CONNECTIONS, 15,
                         f"the server to hold at most {MAX_CONNECTIONS} of {flood_size} idle connections")
         body = await asyncio.to_thread(_scrape, metrics_port)
         refused = await asyncio.to_thread(_send, listen, "my invoice is wrong")

@@ -10,16 +10,14 @@ import asyncio
 import io
 import socket
 import threading
-import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import structlog
 
-from mailtriage.config import Config, MilterConfig, ModelConfig, TrainingConfig
+from mailtriage.config import Config, MilterConfig
 from mailtriage.core.classifier import Prediction
 from mailtriage.core.labels import LabelSet
 from mailtriage.errors import ConfigError
@@ -30,8 +28,10 @@ from mailtriage.milter.session import TEMPFAIL_TEXT
 from mailtriage.model import modeldir
 from mailtriage.service.app import Service
 from mailtriage.store.state import MILTER_INTAKE, StateDB
+from mailtriage.testing.builders import mail, make_config
 from mailtriage.testing.fakes import KeywordClassifier
 from mailtriage.testing.milter import MilterClient, split_message, tag_once
+from mailtriage.testing.waits import wait_for
 
 pytestmark = pytest.mark.component
 
@@ -53,19 +53,9 @@ async def broken_classify(texts: Sequence[str]) -> tuple[list[Prediction], str]:
     raise RuntimeError("CUDA out of memory")
 
 
-def make_config(**milter: Any) -> Config:
-    return Config(categories=CATEGORIES, model=ModelConfig(threshold=0.6, device="cpu"),
-                  milter=MilterConfig(enabled=True, **milter))
-
-
-def mail(body: str, subject: str = "help", extra: bytes = b"") -> bytes:
-    msg = EmailMessage()
-    msg["From"] = "customer@example.com"
-    msg["To"] = "support@example.com"
-    msg["Subject"] = subject
-    msg["Message-ID"] = f"<milter-{time.time_ns()}@example.com>"
-    msg.set_content(body)
-    return extra + msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+def milter_config(**milter: Any) -> Config:
+    """The milter's config: [milter] enabled with ``milter`` keys, the keyword fake's threshold."""
+    return make_config(categories=CATEGORIES, model={"threshold": 0.6, "device": "cpu"}, milter={"enabled": True, **milter})
 
 
 class LoopThread:
@@ -96,7 +86,7 @@ def start_milter() -> Iterator[StartMilter]:
     servers: list[MilterServer] = []
 
     def start(classify: ClassifyAsync = keyword_classify, config: Config | None = None, **kwargs: Any) -> MilterServer:
-        server = MilterServer(config or make_config(), classify, host="127.0.0.1", port=0, **kwargs)
+        server = MilterServer(config or milter_config(), classify, host="127.0.0.1", port=0, **kwargs)
         loop.run(server.start())
         servers.append(server)
         return server
@@ -124,7 +114,7 @@ def test_tags_on_top_removes_forged_fields_and_never_touches_the_body(start_milt
     server = start_milter()
     forged = (b"X-Mailtriage-Category: refunds\r\nX-MAILTRIAGE-Confidence: 1.0000\r\n\tfolded\r\n"
               b"x-mailtriage-category: login\r\n")
-    raw = mail("Where is my invoice for March?\r\n" + "x" * 3000 + "\r\n", extra=forged)
+    raw = mail("Where is my invoice for March?\r\n" + "x" * 3000 + "\r\n", prepend=forged)
     with structlog.testing.capture_logs() as logs:
         result = tag_once("127.0.0.1", server.port, raw)
     assert result.accepted
@@ -189,7 +179,7 @@ def test_version_2_mta_gets_appended_headers(start_milter: StartMilter) -> None:
 def test_model_trouble_tempfails_by_default(start_milter: StartMilter) -> None:
     server = start_milter(broken_classify)
     with structlog.testing.capture_logs() as logs:
-        result = tag_once("127.0.0.1", server.port, mail("invoice", extra=b"X-Mailtriage-Category: refunds\r\n"))
+        result = tag_once("127.0.0.1", server.port, mail("invoice", prepend=b"X-Mailtriage-Category: refunds\r\n"))
     assert not result.accepted
     assert result.smtp_reply == TEMPFAIL_TEXT
     assert result.modifications == []
@@ -197,8 +187,8 @@ def test_model_trouble_tempfails_by_default(start_milter: StartMilter) -> None:
 
 
 def test_model_trouble_with_on_error_accept_passes_untagged_but_clean(start_milter: StartMilter) -> None:
-    server = start_milter(broken_classify, config=make_config(on_error="accept"))
-    raw = mail("invoice", extra=b"X-Mailtriage-Category: refunds\r\n")
+    server = start_milter(broken_classify, config=milter_config(on_error="accept"))
+    raw = mail("invoice", prepend=b"X-Mailtriage-Category: refunds\r\n")
     result = tag_once("127.0.0.1", server.port, raw)
     assert result.accepted
     assert mailtriage_fields(result.apply(raw)) == []  # no forged category gets through, even fail-open
@@ -224,8 +214,8 @@ def test_a_label_that_is_not_a_category_tempfails(body: str, start_milter: Start
 
 
 def test_a_label_that_is_not_a_category_with_on_error_accept_passes_untagged(start_milter: StartMilter) -> None:
-    server = start_milter(mismatched_classify, config=make_config(on_error="accept"))
-    raw = mail("hello there", extra=b"X-Mailtriage-Category: refunds\r\n")
+    server = start_milter(mismatched_classify, config=milter_config(on_error="accept"))
+    raw = mail("hello there", prepend=b"X-Mailtriage-Category: refunds\r\n")
     result = tag_once("127.0.0.1", server.port, raw)
     assert result.accepted
     assert mailtriage_fields(result.apply(raw)) == []  # neither tagged "unsure" nor the forged field
@@ -236,7 +226,7 @@ def test_a_hung_model_is_answered_within_the_deadline(start_milter: StartMilter)
 
     async def hung(texts: Sequence[str]) -> tuple[list[Prediction], str]:
         while not never.is_set():
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the scenario: a model that never answers
         raise AssertionError("unreachable")
 
     server = start_milter(hung, classify_timeout=0.5)
@@ -256,7 +246,7 @@ def test_config_keeps_the_classify_deadline_below_postfix_content_timeout() -> N
     with pytest.raises(ConfigError, match="not a TCP port"):
         MilterConfig(listen_port=0)
     with pytest.raises(ConfigError, match="own port"):
-        Config(categories=CATEGORIES, smtp=make_config().smtp.__class__(enabled=True, listen_port=10027),
+        Config(categories=CATEGORIES, smtp=milter_config().smtp.__class__(enabled=True, listen_port=10027),
                milter=MilterConfig(enabled=True, listen_port=10027))
 
 
@@ -277,9 +267,7 @@ def test_a_message_over_the_limit_is_classified_on_its_prefix(start_milter: Star
     assert late_result.added()["X-Mailtriage-Category"] == "unsure"
     assert early_result.added()["X-Mailtriage-Category"] == "billing"
     assert body_of(early_result.apply(early)) == body_of(early)  # skipping is reading less, not cutting
-    deadline = time.monotonic() + 10
-    while server.peak_held == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)  # the connection's bookkeeping lands when its handler ends
+    wait_for(lambda: server.peak_held, 10)  # the connection's bookkeeping lands when its handler ends
     assert 0 < server.peak_held <= 64 * 1024
 
 
@@ -298,7 +286,7 @@ def test_listen_port_taken_is_a_config_error(start_milter: StartMilter) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        server = MilterServer(make_config(), keyword_classify, host="127.0.0.1", port=taken.getsockname()[1])
+        server = MilterServer(milter_config(), keyword_classify, host="127.0.0.1", port=taken.getsockname()[1])
         with pytest.raises(ConfigError, match="listen_port"):
             asyncio.run(server.start())
 
@@ -321,12 +309,8 @@ def test_serve_starts_the_milter_and_records_decisions_for_stats(tmp_path: Path)
     LabelSet(LABELS).save(version)
     modeldir.promote(models, version)
     port = _free_port()
-    config = Config(
-        categories=CATEGORIES, state_path=str(tmp_path / "state.sqlite3"),
-        model=ModelConfig(path=str(models), device="cpu", threshold=0.6),
-        training=TrainingConfig(schedule="", model_dir=str(models)),
-        milter=MilterConfig(enabled=True, listen_port=port),
-    )
+    config = make_config(tmp_path, categories=CATEGORIES, model={"path": str(models), "device": "cpu", "threshold": 0.6},
+                         training={"schedule": "", "model_dir": str(models)}, milter={"enabled": True, "listen_port": port})
 
     def loader(path: Path) -> KeywordClassifier:
         return KeywordClassifier(LABELS, KEYWORDS, version=path.name)
@@ -367,8 +351,8 @@ def test_check_milter_port_free_taken_by_our_milter_or_by_something_else(
     start_milter: StartMilter, tmp_path: Path
 ) -> None:
     def config(port: int) -> Config:
-        return Config(categories=CATEGORIES, state_path=str(tmp_path / "state.sqlite3"),
-                      training=TrainingConfig(schedule=""), milter=MilterConfig(enabled=True, listen_port=port))
+        return make_config(tmp_path, categories=CATEGORIES, training={"schedule": ""},
+                           milter={"enabled": True, "listen_port": port})
 
     rc, lines = _check_lines(config(_free_port()))
     assert rc == 0 and "free to listen on" in lines[0] and "smtpd_milters = inet:127.0.0.1:" in lines[0]

@@ -29,6 +29,8 @@ import structlog
 
 from mailtriage.cli.main import main
 from mailtriage.config import AccountConfig, Config, parse_config
+from mailtriage.testing.builders import account, mail, make_config, write_config
+from mailtriage.testing.waits import wait_for
 from mailtriage.errors import ConfigError, MailboxError
 from mailtriage.imap import connection, oauth
 
@@ -161,17 +163,16 @@ def stub() -> Iterator[StubOAuth]:
         server.close()
 
 
+def _settings(stub: StubOAuth, port: int = 143, auth: str = "xoauth2", provider: str = "microsoft") -> dict[str, Any]:
+    """One OAuth account signing in at the stub, as keyword arguments of the config builders."""
+    m365 = account("m365", port=port, username="staff", auth=auth, oauth_provider=provider, oauth_client_id="client-123",
+                   oauth_token_url=f"{stub.url}/token", oauth_device_url=f"{stub.url}/devicecode",
+                   oauth_authorize_url=f"{stub.url}/authorize")
+    return {"categories": CATEGORIES, "accounts": [m365]}
+
+
 def _config(tmp_path: Path, stub: StubOAuth, port: int = 143, auth: str = "xoauth2", provider: str = "microsoft") -> Config:
-    return parse_config({
-        "categories": CATEGORIES,
-        "state_path": str(tmp_path / "state" / "state.sqlite3"),
-        "accounts": [{
-            "name": "m365", "host": "127.0.0.1", "port": port, "tls": "none", "username": "staff", "auth": auth,
-            "oauth_provider": provider, "oauth_client_id": "client-123",
-            "oauth_token_url": f"{stub.url}/token", "oauth_device_url": f"{stub.url}/devicecode",
-            "oauth_authorize_url": f"{stub.url}/authorize",
-        }],
-    })
+    return make_config(tmp_path / "state", **_settings(stub, port, auth, provider))
 
 
 @pytest.mark.pure
@@ -200,9 +201,7 @@ def test_device_flow_stores_refresh_token_0600_and_dovecot_accepts_it(
 ) -> None:
     server = dovecot_factory(users={"staff": "pw"}, oauth2_introspection_url=f"{stub.url}/introspect")
     cfg = _config(tmp_path, stub, port=server.port)
-    conf = tmp_path / "config.toml"
-    conf.write_text("")  # main() loads via load_config: write the same config as TOML
-    _write_toml(conf, tmp_path, stub, server.port)
+    conf = write_config(tmp_path / "config.toml", tmp_path / "state", **_settings(stub, server.port))  # for main()
     out = io.StringIO()
     import contextlib
 
@@ -222,16 +221,6 @@ def test_device_flow_stores_refresh_token_0600_and_dovecot_accepts_it(
         assert client.list_folders()
     finally:
         connection.close(client)
-
-
-def _write_toml(conf: Path, tmp_path: Path, stub: StubOAuth, port: int, auth: str = "xoauth2") -> None:
-    conf.write_text(
-        f'state_path = "{tmp_path / "state" / "state.sqlite3"}"\n'
-        '[categories]\nbilling = "Support/Billing"\nlogin = "Support/Login"\n'
-        f'[[accounts]]\nname = "m365"\nhost = "127.0.0.1"\nport = {port}\ntls = "none"\nusername = "staff"\n'
-        f'auth = "{auth}"\noauth_provider = "microsoft"\noauth_client_id = "client-123"\n'
-        f'oauth_token_url = "{stub.url}/token"\noauth_device_url = "{stub.url}/devicecode"\n'
-    )
 
 
 @pytest.mark.component
@@ -315,8 +304,6 @@ def test_watcher_files_mail_on_exchange_like_server_with_oauth(
 ) -> None:
     """Exchange Online offers neither CONDSTORE/QRESYNC nor SPECIAL-USE and takes only OAuth: the
     watcher must still catch up, IDLE and file mail, signing in with a refreshed token."""
-    from email.message import EmailMessage
-
     from mailtriage.core.classifier import Prediction
     from mailtriage.imap.watcher import MailboxWatcher
     from mailtriage.store.state import StateDB
@@ -341,16 +328,8 @@ def test_watcher_files_mail_on_exchange_like_server_with_oauth(
     thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        msg = EmailMessage()
-        msg["From"], msg["To"], msg["Subject"] = "c@example.com", "support@example.com", "cannot log in"
-        msg["Message-ID"] = f"<exch-{time.time_ns()}@example.com>"
-        msg.set_content("my login fails")
-        load_messages(admin, "INBOX", [msg.as_bytes()])
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if int(admin.folder_status("Support/Login", [b"MESSAGES"])[b"MESSAGES"]) == 1:
-                break
-            time.sleep(0.1)
+        load_messages(admin, "INBOX", [mail("my login fails", "cannot log in", sender="c@example.com", linesep="\n")])
+        wait_for(lambda: int(admin.folder_status("Support/Login", [b"MESSAGES"])[b"MESSAGES"]) == 1, 20, interval=0.1)
         assert int(admin.folder_status("Support/Login", [b"MESSAGES"])[b"MESSAGES"]) == 1
     finally:
         stop.set()

@@ -27,7 +27,8 @@ import pytest
 from mailtriage.smtp.nexthop import NextHop
 from mailtriage.smtp.relay import SmtpFilter
 from mailtriage.testing.postfix import RECIPE_DIR, Delivered, Postfix, PostfixError, SmtpSink, delayed_acks
-from tests.test_relay import LoopThread, keyword_classify, make_config
+from mailtriage.testing.builders import mail as build_mail
+from tests.test_relay import LoopThread, keyword_classify, relay_config
 
 pytestmark = pytest.mark.component
 
@@ -49,7 +50,7 @@ class Relay:
         self._server: SmtpFilter | None = None
 
     def start(self) -> None:
-        config = make_config(listen_port=self.port, next_hop_port=self.next_hop_port)
+        config = relay_config(listen_port=self.port, next_hop_port=self.next_hop_port)
         server = SmtpFilter(config, keyword_classify, port=self.port, hostname="mailtriage.test",
                             next_hop=NextHop("127.0.0.1", self.next_hop_port, timeout=10,
                                              local_hostname="mailtriage.test"))
@@ -123,13 +124,10 @@ def pipeline() -> Iterator[StartPipeline]:
 
 def mail(body: str, subject: str = "help", extra_headers: bytes = b"", to: str = "support@example.com",
          content_type: str = "text/plain") -> bytes:
-    message_id = email.utils.make_msgid(domain="example.org")
-    head = (
-        f"From: Customer <customer@example.org>\r\nTo: {to}\r\nSubject: {subject}\r\n"
-        f"Date: {email.utils.formatdate()}\r\nMessage-ID: {message_id}\r\nMIME-Version: 1.0\r\n"
-        f"Content-Type: {content_type}; charset=us-ascii\r\n"
-    ).encode()
-    return extra_headers + head + b"\r\n" + body.encode().replace(b"\n", b"\r\n")
+    """As a sender's MUA writes it: the body as given (long lines too, for DKIM), a Date, an example.org sender."""
+    return build_mail(body, subject, sender="Customer <customer@example.org>", to=to, date="now",
+                      message_id=email.utils.make_msgid(domain="example.org"), content_type=content_type,
+                      encode=False, prepend=extra_headers)
 
 
 def header_lines(content: bytes) -> list[bytes]:

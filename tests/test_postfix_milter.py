@@ -27,7 +27,7 @@ from mailtriage.config import Config
 from mailtriage.milter.server import ClassifyAsync, MilterServer
 from mailtriage.testing.milter import split_message
 from mailtriage.testing.postfix import RECIPE_DIR, Delivered, Postfix, PostfixError, SmtpSink, delayed_acks
-from tests.test_milter import LoopThread, broken_classify, keyword_classify, make_config
+from tests.test_milter import LoopThread, broken_classify, keyword_classify, milter_config as make_config
 from tests.test_postfix import (
     CATEGORY,
     LONG_LINE,

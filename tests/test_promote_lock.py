@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mailtriage.model import modeldir
+from mailtriage.testing.builders import write_config
 from mailtriage_trainer.cli import EXIT_BUSY, EXIT_ERROR, main
 from tests.models import TOY_EXAMPLES
 from tests.test_train_cli import toy_message
@@ -69,9 +70,8 @@ def test_promote_refuses_unknown_incomplete_paths_and_wrong_labels(
         assert main(["promote", bad, "--model-dir", str(models)]) == EXIT_ERROR, bad
         assert why in capsys.readouterr().err, bad
     _version(models, "20260110-000000", 0.9, labels=["billing", "other"])
-    cfg = tmp_path / "config.toml"
-    cats = "".join(f'{label} = "Support/{label}"\n' for label in LABELS)
-    cfg.write_text(f'[categories]\n{cats}\n[training]\nmodel_dir = "{models}"\n')
+    cfg = write_config(tmp_path / "config.toml", categories={label: f"Support/{label}" for label in LABELS},
+                       training={"model_dir": str(models)})
     assert main(["promote", "20260110-000000", "--config", str(cfg)]) == EXIT_ERROR
     assert "was trained on labels" in capsys.readouterr().err
     assert modeldir.current_version(models) == (models / "20260108-000000").resolve()  # untouched

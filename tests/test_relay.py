@@ -10,16 +10,14 @@ from __future__ import annotations
 import asyncio
 import io
 import concurrent.futures
-import dataclasses
 import smtplib
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from email import message_from_bytes
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,13 +28,15 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailtriage.model import modeldir
 from mailtriage.core.classifier import Prediction
-from mailtriage.config import Config, ModelConfig, SmtpConfig
+from mailtriage.config import Config, SmtpConfig
 from mailtriage.core.labels import LabelSet
 from mailtriage.errors import ConfigError
 from mailtriage.core.pipeline import ClassifyAsync
 from mailtriage.smtp.nexthop import NextHop
 from mailtriage.smtp.relay import SmtpFilter
+from mailtriage.testing.builders import mail, make_config, relay_table
 from mailtriage.testing.fakes import KeywordClassifier
+from mailtriage.testing.waits import wait_for
 
 
 CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
@@ -68,23 +68,11 @@ async def broken_classify(texts: Sequence[str]) -> tuple[list[Prediction], str]:
     raise RuntimeError("CUDA out of memory")
 
 
-def make_config(listen_port: int = 10025, next_hop_port: int = 10026) -> Config:
-    return Config(
-        categories=CATEGORIES,
-        model=ModelConfig(threshold=0.6, device="cpu"),
-        smtp=SmtpConfig(enabled=True, listen_host="127.0.0.1", listen_port=listen_port,
-                        next_hop_host="127.0.0.1", next_hop_port=next_hop_port),
-    )
-
-
-def mail(body: str, subject: str = "help") -> bytes:
-    msg = EmailMessage()
-    msg["From"] = "customer@example.com"
-    msg["To"] = "support@example.com"
-    msg["Subject"] = subject
-    msg["Message-ID"] = f"<relay-{time.time_ns()}@example.com>"
-    msg.set_content(body)
-    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+def relay_config(listen_port: int = 10025, next_hop_port: int = 10026, state_dir: Path | None = None,
+                 **settings: Any) -> Config:
+    """The relay's config: [smtp] between the two ports, the keyword fake's threshold unless ``model`` is given."""
+    settings.setdefault("model", {"threshold": 0.6, "device": "cpu"})
+    return make_config(state_dir, categories=CATEGORIES, smtp=relay_table(listen_port, next_hop_port), **settings)
 
 
 class NextHopHandler:
@@ -143,27 +131,34 @@ class LoopThread:
         self.loop.close()
 
 
-StartRelay = Callable[..., int]
+class StartRelay:
+    """start_relay(classify, next_hop_port, **SmtpFilter kwargs) -> the port the relay listens on."""
+
+    def __init__(self, loop: LoopThread) -> None:
+        self.loop = loop
+        self.servers: dict[int, SmtpFilter] = {}
+
+    def __call__(self, classify: ClassifyAsync, next_hop_port: int, **kwargs: Any) -> int:
+        config = relay_config(listen_port=1, next_hop_port=next_hop_port)
+        kwargs.setdefault("next_hop", NextHop("127.0.0.1", next_hop_port, timeout=10, local_hostname="relay.test"))
+        server = SmtpFilter(config, classify, port=0, hostname="relay.test", **kwargs)
+        self.loop.run(server.start())
+        self.servers[server.port] = server
+        return server.port
+
+    def sessions(self, port: int) -> int:
+        """How many client sessions the relay on ``port`` holds now."""
+        return len(self.servers[port]._connections)  # noqa: SLF001 - test harness
 
 
 @pytest.fixture
 def start_relay() -> Iterator[StartRelay]:
-    """start_relay(classify, next_hop_port, **SmtpFilter kwargs) -> the port the relay listens on."""
     loop = LoopThread()
-    servers: list[SmtpFilter] = []
-
-    def start(classify: ClassifyAsync, next_hop_port: int, **kwargs: Any) -> int:
-        config = make_config(listen_port=1, next_hop_port=next_hop_port)
-        kwargs.setdefault("next_hop", NextHop("127.0.0.1", next_hop_port, timeout=10, local_hostname="relay.test"))
-        server = SmtpFilter(config, classify, port=0, hostname="relay.test", **kwargs)
-        loop.run(server.start())
-        servers.append(server)
-        return server.port
-
+    start = StartRelay(loop)
     try:
         yield start
     finally:
-        for server in servers:
+        for server in start.servers.values():
             loop.run(server.close(grace=1))
         loop.stop()
 
@@ -239,7 +234,7 @@ def test_reset_and_abandoned_transactions_relay_nothing(
         assert client.mail("customer@example.com")[0] == 250
         assert client.rcpt("c@example.com")[0] == 250
     # ... and the client went away mid-transaction (QUIT then close): that one is dropped too.
-    time.sleep(0.2)
+    assert wait_for(lambda: start_relay.sessions(port) == 0)  # the relay has let go of the session
     assert [env.rcpt_tos for env in hop.received] == [["b@example.com"]]
 
 
@@ -471,11 +466,7 @@ def test_service_with_smtp_enabled_relays_through_its_inference_worker(
     version.mkdir(parents=True)
     LabelSet(LABELS).save(version)
     modeldir.promote(models, version)
-    config = dataclasses.replace(
-        make_config(listen_port=listen, next_hop_port=hop_port),
-        state_path=str(tmp_path / "state.sqlite3"),
-        model=ModelConfig(path=str(models), device="cpu"),
-    )
+    config = relay_config(listen, hop_port, tmp_path, model={"path": str(models), "device": "cpu"})
     inference_threads: list[str] = []
 
     class Recording(KeywordClassifier):
@@ -522,7 +513,7 @@ def test_listen_port_in_use_is_a_config_error(tmp_path: Path) -> None:
             taken.bind(("127.0.0.1", 0))
             taken.listen()
             port = taken.getsockname()[1]
-            server = SmtpFilter(make_config(listen_port=port), keyword_classify, hostname="relay.test")
+            server = SmtpFilter(relay_config(listen_port=port), keyword_classify, hostname="relay.test")
             with pytest.raises(ConfigError, match=f"127.0.0.1:{port}.*listen_port"):
                 await server.start()
 
@@ -547,6 +538,15 @@ def _read_reply(sock: socket.socket) -> bytes:
     return data
 
 
+def _sent(port: int, raw: bytes) -> bool:
+    """One delivery attempt: True when accepted for every recipient, False when the relay has no room yet."""
+    try:
+        assert send(port, raw) == {}
+    except smtplib.SMTPConnectError:
+        return False
+    return True
+
+
 @pytest.mark.component
 def test_connections_beyond_the_limit_get_421_and_idle_ones_time_out(
     next_hop: tuple[NextHopHandler, int], start_relay: StartRelay
@@ -567,14 +567,7 @@ def test_connections_beyond_the_limit_get_421_and_idle_ones_time_out(
         for sock in idle:
             assert _read_reply(sock).startswith(b"421 4.4.2")
             assert sock.recv(4096) == b""
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                assert send(port, mail("invoice")) == {}
-                break
-            except smtplib.SMTPConnectError:
-                assert time.monotonic() < deadline, "the idle clients were never dropped"
-                time.sleep(0.2)
+        assert wait_for(lambda: _sent(port, mail("invoice")), 30, interval=0.2), "the idle clients were never dropped"
     finally:
         for sock in idle:
             sock.close()
@@ -600,7 +593,7 @@ def test_noop_does_not_keep_a_session_alive_past_its_lifetime(
             last = _read_reply(sock)
             if not last.startswith(b"250"):
                 break
-            time.sleep(0.1)
+            time.sleep(0.1)  # a client's pace, not synchronisation
         assert last.startswith(b"421 4.4.2"), last
     finally:
         sock.close()

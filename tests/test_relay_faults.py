@@ -23,11 +23,12 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailtriage.smtp.nexthop import NextHop
+from mailtriage.testing.builders import mail
+from mailtriage.testing.waits import wait_for
 from tests.test_relay import (  # noqa: F401 - start_relay is a fixture
     StartRelay,
     free_port,
     keyword_classify,
-    mail,
     start_relay,
 )
 
@@ -72,7 +73,7 @@ class FaultyHop:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         if self.faults.slow_rcpt:
-            await asyncio.sleep(self.faults.slow_rcpt.pop(0))
+            await asyncio.sleep(self.faults.slow_rcpt.pop(0))  # the fault itself: a slow server
         if address in self.faults.rcpt_refuse_always:
             return self.faults.rcpt_refuse_always[address]
         if self.faults.rcpt_reply.get(address):
@@ -82,7 +83,7 @@ class FaultyHop:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.faults.slow_data:
-            await asyncio.sleep(self.faults.slow_data.pop(0))
+            await asyncio.sleep(self.faults.slow_data.pop(0))  # the fault itself: a slow server
         if self.faults.data_reply:
             return self.faults.data_reply.pop(0)
         self.received.append(envelope)
@@ -186,7 +187,7 @@ def mta_send(port: int, raw: bytes, recipients: Sequence[str] = ("support@exampl
             if exc.smtp_code >= 500:
                 bounced.update({r: exc.smtp_code for r in pending})
                 pending = []
-            time.sleep(pause)
+            time.sleep(pause)  # an MTA's retry pace, not synchronisation
             continue
         else:
             ok = True
@@ -198,17 +199,8 @@ def mta_send(port: int, raw: bytes, recipients: Sequence[str] = ("support@exampl
             delivered += [r for r in pending if r not in refused]
         pending = [r for r in pending if r in refused and refused[r][0] < 500]
         if pending:
-            time.sleep(pause)
+            time.sleep(pause)  # an MTA's retry pace, not synchronisation
     return Outcome(delivered, bounced, tries, codes)
-
-
-def wait_for(predicate: Any, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 # -- faults: 4xx or the next hop's verdict, exactly once after retries -------------------------

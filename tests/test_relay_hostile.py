@@ -18,13 +18,13 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 
+from mailtriage.testing.builders import mail
 from mailtriage.testing.smtp_fuzz import category_readings
 from tests.test_relay import (  # noqa: F401 - next_hop and start_relay are fixtures
     NextHopHandler,
     StartRelay,
     free_port,
     keyword_classify,
-    mail,
     next_hop,
     send,
     start_relay,

@@ -14,21 +14,22 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mailtriage.config import AccountConfig, Config, ModelConfig, SmtpConfig, TrainingConfig, parse_config
+from mailtriage.config import Config, ModelConfig, parse_config
 from mailtriage.errors import ConfigError, InferenceError, InferenceUnavailable, LabelMismatchError
 from mailtriage.model import backend
 from mailtriage.model.remote import APIS, HttpClassifier
+from mailtriage.testing.builders import account, config_toml, mail, make_config, relay_table
+from mailtriage.testing.waits import async_wait_for, wait_for
 from tests.test_relay import (  # noqa: F401 - next_hop is a fixture
-    LoopThread, NextHop, NextHopHandler, SmtpFilter, free_port, make_config, mail, next_hop, send,
+    LoopThread, NextHop, NextHopHandler, SmtpFilter, free_port, next_hop, relay_config, send,
 )
-from tests.test_service import notify_socket, wait_for  # noqa: F401 - notify_socket is a fixture
+from tests.test_service import notify_socket  # noqa: F401 - notify_socket is a fixture
 
 CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
 LABELS = tuple(CATEGORIES)
@@ -126,7 +127,7 @@ class StubInference:
                         stub.sent.append(sent)
                     return None
                 if mode == "slow":
-                    time.sleep(1.0)
+                    time.sleep(1.0)  # the scenario: a slow inference server
                 texts = [t[0] for t in body["inputs"]] if self.path == "/predict" else body.get("input", [])
                 scores = [NOT_A_DISTRIBUTION.get(mode) or _scores_for(t, stub.labels) for t in texts]
                 if self.path == "/predict":
@@ -283,9 +284,7 @@ def test_a_huge_answer_is_refused_without_reading_it_whole(stub: StubInference, 
     assert clf.max_answer_bytes == 1310720  # 1 MiB + 256 KiB per text of a batch
     with pytest.raises(InferenceError, match=match):
         clf.classify(["login"])
-    deadline = time.monotonic() + 30
-    while not stub.sent and time.monotonic() < deadline:
-        time.sleep(0.01)  # the stub notices the hang-up on its next write
+    wait_for(lambda: stub.sent, 30, interval=0.01)  # the stub notices the hang-up on its next write
     # What got out before the client hung up: the cap plus what the kernel buffers, far from 100 MB.
     assert stub.sent and stub.sent[0] < 32 << 20, stub.sent
 
@@ -390,7 +389,7 @@ def test_smtp_filter_answers_451_when_the_inference_server_is_unavailable(
         return await asyncio.to_thread(clf.classify, texts), clf.version
 
     loop = LoopThread()
-    server = SmtpFilter(make_config(listen_port=1, next_hop_port=hop_port), classify, port=0, hostname="relay.test",
+    server = SmtpFilter(relay_config(listen_port=1, next_hop_port=hop_port), classify, port=0, hostname="relay.test",
                         next_hop=NextHop("127.0.0.1", hop_port, timeout=5, local_hostname="relay.test"))
     loop.run(server.start())
     try:
@@ -432,16 +431,6 @@ def test_backend_load_probes_the_server(stub: StubInference) -> None:
         backend.load(cfg)
 
 
-def _mail(subject: str) -> bytes:
-    msg = EmailMessage()
-    msg["From"] = "customer@example.com"
-    msg["To"] = "support@example.com"
-    msg["Subject"] = subject
-    msg["Message-ID"] = f"<remote-{time.time_ns()}@example.com>"
-    msg.set_content(f"{subject}: please help")
-    return msg.as_bytes()
-
-
 @pytest.mark.component
 def test_service_files_mail_through_http_backend_and_retries_outage(
     dovecot: Any, imap_user: tuple[str, str], stub: StubInference, tmp_path: Path
@@ -451,13 +440,11 @@ def test_service_files_mail_through_http_backend_and_retries_outage(
     from mailtriage.testing.dovecot import load_messages
 
     user, password = imap_user
-    (tmp_path / "pw").write_text(password)
-    account = AccountConfig(name="support", host=dovecot.host, port=dovecot.port, tls="none", username=user,
-                            password_file=str(tmp_path / "pw"))
-    config = Config(
-        categories=CATEGORIES, state_path=str(tmp_path / "state.sqlite3"), accounts=(account,),
-        model=ModelConfig(path=str(tmp_path / "no-model-here"), backend="http", url=stub.url, threshold=0.5),
-        training=TrainingConfig(schedule=""),
+    config = make_config(
+        tmp_path, categories=CATEGORIES,
+        accounts=[account(host=dovecot.host, port=dovecot.port, username=user, password=password, secret_dir=tmp_path)],
+        model={"path": str(tmp_path / "no-model-here"), "backend": "http", "url": stub.url, "threshold": 0.5},
+        training={"schedule": ""},
     )
     client = dovecot.client(user, password)
     for folder in (*CATEGORIES.values(), config.unsure_folder):
@@ -471,12 +458,6 @@ def test_service_files_mail_through_http_backend_and_retries_outage(
         finally:
             c.logout()
 
-    async def wait(pred: Any, what: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not pred():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            await asyncio.sleep(0.05)
-
     service = Service(config, None, reload_interval=0.2, join_timeout=10)
 
     async def main() -> None:
@@ -484,12 +465,15 @@ def test_service_files_mail_through_http_backend_and_retries_outage(
         await asyncio.wait_for(service.ready.wait(), 30)
         assert service.model_version == f"http:{stub.url}"
         stub.mode = "503"
-        load_messages(dovecot.client(user, password), "INBOX", [_mail("login broken")])
-        await wait(lambda: any(r["path"] == "/predict" for r in stub.requests[1:]), "a classify attempt")
-        await asyncio.sleep(0.3)
+        load_messages(dovecot.client(user, password), "INBOX", [mail("login broken: please help", "login broken",
+                                                                     linesep="\n")])
+        await async_wait_for(lambda: any(r["path"] == "/predict" for r in stub.requests[1:]), 30, "a classify attempt")
+        # The watcher tries again after its backoff: by then the first attempt's failure was handled.
+        await async_wait_for(lambda: sum(r["path"] == "/predict" for r in stub.requests[1:]) >= 2, 30, "a retry")
         assert count("INBOX") == 1  # the outage left the message where it was
         stub.mode = "ok"
-        await wait(lambda: count("Support/Login") == 1 and count("INBOX") == 0, "the message filed after the outage")
+        await async_wait_for(lambda: count("Support/Login") == 1 and count("INBOX") == 0, 30,
+                             "the message filed after the outage")
         rows = [r for r in StateDB(config.state_path).rows() if r.status == "done"]
         assert [r.model_version for r in rows] == [f"http:{stub.url}"]
         service.stop()
@@ -501,14 +485,15 @@ def test_service_files_mail_through_http_backend_and_retries_outage(
 # -- a hung inference server: the watchdog and SIGTERM ----------------------------------------------
 
 
+def _smtp_settings(tmp_path: Path, url: str, listen: int, hop_port: int, timeout: float) -> dict[str, Any]:
+    """The HTTP backend with the SMTP filter on, as keyword arguments of the config builders."""
+    return {"categories": CATEGORIES,
+            "model": {"path": str(tmp_path / "no-model-here"), "backend": "http", "url": url, "timeout": timeout},
+            "smtp": relay_table(listen, hop_port), "training": {"schedule": ""}}
+
+
 def _smtp_config(tmp_path: Path, stub: StubInference, listen: int, hop_port: int, timeout: float) -> Config:
-    return Config(
-        categories=CATEGORIES, state_path=str(tmp_path / "state.sqlite3"),
-        model=ModelConfig(path=str(tmp_path / "no-model-here"), backend="http", url=stub.url, timeout=timeout),
-        smtp=SmtpConfig(enabled=True, listen_host="127.0.0.1", listen_port=listen, next_hop_host="127.0.0.1",
-                        next_hop_port=hop_port),
-        training=TrainingConfig(schedule=""),
-    )
+    return make_config(tmp_path, **_smtp_settings(tmp_path, stub.url, listen, hop_port, timeout))
 
 
 def _send_outcome(port: int) -> str:
@@ -547,14 +532,14 @@ def test_stuck_inference_stops_the_watchdog_and_sigterm_still_ends_the_service(
     async def main() -> None:
         task = asyncio.create_task(service.run())
         await asyncio.wait_for(service.ready.wait(), 30)
-        await wait_for(lambda: "WATCHDOG=1" in notify_socket(), 5, "a watchdog ping")
+        await async_wait_for(lambda: "WATCHDOG=1" in notify_socket(), 5, "a watchdog ping")
         stub.mode = "hang"
         with structlog.testing.capture_logs() as logs:
             sender = asyncio.create_task(asyncio.to_thread(_send_outcome, listen))
-            await wait_for(lambda: any(e["event"] == "inference_worker_stuck" for e in logs), 10, "the stall logged")
-            await wait_for(lambda: any(s.startswith("STATUS=inference stuck") for s in notify_socket()), 5, "STATUS")
+            await async_wait_for(lambda: any(e["event"] == "inference_worker_stuck" for e in logs), 10, "the stall logged")
+            await async_wait_for(lambda: any(s.startswith("STATUS=inference stuck") for s in notify_socket()), 5, "STATUS")
             seen = len(notify_socket())
-            await asyncio.sleep(1.0)  # an observation window of ten ping intervals, not a synchronisation
+            await asyncio.sleep(1.0)  # observing ten ping intervals in which nothing may come
             assert "WATCHDOG=1" not in notify_socket()[seen:]  # systemd would restart us after WatchdogSec
 
             started = time.monotonic()
@@ -585,19 +570,20 @@ def test_mailtriage_serve_exits_on_sigterm_while_the_inference_server_hangs(
     hop, hop_port = next_hop
     listen = free_port()
     config_path = tmp_path / "config.toml"
-    config_path.write_text(serve_config_toml(tmp_path, stub.url, listen, hop_port, timeout=600))
+    config_path.write_text(config_toml(tmp_path, metrics_port=0, **_smtp_settings(tmp_path, stub.url, listen, hop_port,
+                                                                                     timeout=600)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     env.pop("NOTIFY_SOCKET", None)
     proc = subprocess.Popen([sys.executable, "-m", "mailtriage.cli.main", "--config", str(config_path), "serve"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
-        wait_until(lambda: len(stub.requests) >= 1, 60, "the start-up probe")
-        wait_until(lambda: _port_open(listen), 30, "the SMTP filter listening")
+        wait_for(lambda: len(stub.requests) >= 1, 60, "the start-up probe")
+        wait_for(lambda: _port_open(listen), 30, "the SMTP filter listening")
         stub.mode = "hang"
         result: list[str] = []
         sender = threading.Thread(target=lambda: result.append(_send_outcome(listen)), daemon=True)
         sender.start()
-        wait_until(lambda: len(stub.requests) >= 2, 30, "the message's classify call")
+        wait_for(lambda: len(stub.requests) >= 2, 30, "the message's classify call")
         proc.send_signal(signal.SIGTERM)
         try:
             rc = proc.wait(timeout=45)  # systemd's TimeoutStopSec is 60
@@ -614,34 +600,6 @@ def test_mailtriage_serve_exits_on_sigterm_while_the_inference_server_hangs(
     assert result in (["451"], ["dropped"]) and hop.received == []
 
 
-def serve_config_toml(tmp_path: Path, url: str, listen: int, hop_port: int, timeout: float) -> str:
-    return f"""
-state_path = "{tmp_path / 'state.sqlite3'}"
-metrics_port = 0
-
-[categories]
-billing = "Support/Billing"
-login = "Support/Login"
-refunds = "Support/Refunds"
-
-[model]
-path = "{tmp_path / 'no-model-here'}"
-backend = "http"
-url = "{url}"
-timeout = {timeout}
-
-[smtp]
-enabled = true
-listen_host = "127.0.0.1"
-listen_port = {listen}
-next_hop_host = "127.0.0.1"
-next_hop_port = {hop_port}
-
-[training]
-schedule = ""
-"""
-
-
 def _port_open(port: int) -> bool:
     import socket
 
@@ -650,13 +608,6 @@ def _port_open(port: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.mark.component
@@ -688,7 +639,7 @@ def test_stop_while_the_start_up_probe_hangs(stub: StubInference, tmp_path: Path
 
     async def main() -> None:
         task = asyncio.create_task(service.run())
-        await wait_for(lambda: len(stub.requests) == 1, 30, "the start-up probe")
+        await async_wait_for(lambda: len(stub.requests) == 1, 30, "the start-up probe")
         service.stop()
         await asyncio.wait_for(task, 60)  # the probe's own deadline is 300 s
 

@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,15 @@ import structlog
 
 from mailtriage import metrics
 
+from mailtriage.model import backend as model_backend
 from mailtriage.model import modeldir
-from mailtriage.config import AccountConfig, Config, ModelConfig, TrainingConfig
+from mailtriage.config import AccountConfig, Config, ModelConfig
 from mailtriage.errors import ConfigError, LabelMismatchError, ModelError
 from mailtriage.core.labels import LabelSet
 from mailtriage.service.app import Service
+from mailtriage.testing.builders import account, mail, make_config
 from mailtriage.testing.fakes import KeywordClassifier
+from mailtriage.testing.waits import async_wait_for
 
 CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
 LABELS = tuple(CATEGORIES)
@@ -78,17 +80,11 @@ class FakeWatcher:
 
 
 def fake_config(tmp_path: Path, mailboxes: tuple[str, ...] = ("INBOX", "Support/New"), schedule: str = "") -> Config:
-    (tmp_path / "pw").write_text("x")
-    account = AccountConfig(
-        name="support", host="127.0.0.1", port=1, tls="none", username="u",
-        password_file=str(tmp_path / "pw"), mailboxes=mailboxes,
-    )
-    return Config(
-        categories=CATEGORIES,
-        state_path=str(tmp_path / "state.sqlite3"),
-        accounts=(account,),
-        model=ModelConfig(path=str(tmp_path / "models"), device="cpu"),
-        training=TrainingConfig(schedule=schedule, model_dir=str(tmp_path / "models")),
+    models = str(tmp_path / "models")
+    return make_config(
+        tmp_path, categories=CATEGORIES,
+        accounts=[account(port=1, username="u", password="x", secret_dir=tmp_path, mailboxes=list(mailboxes))],
+        model={"path": models, "device": "cpu"}, training={"schedule": schedule, "model_dir": models},
     )
 
 
@@ -114,21 +110,12 @@ def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[C
     thread.start()
 
     def messages() -> list[str]:
-        time.sleep(0.1)  # let the reader catch up with what was just sent
-        return list(received)
+        return list(received)  # what the reader has got so far: wait for what a test expects
 
     yield messages
     done.set()
     thread.join()
     sock.close()
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def run_async(main: Callable[[], Awaitable[None]]) -> None:
@@ -147,6 +134,14 @@ def test_ready_hot_reload_refusal_and_sigterm(
     config = fake_config(tmp_path)
     models = Path(config.model.path)
     modeldir.promote(models, make_version(models, "v1"))
+    reload_checks: list[Path] = []  # each reload check asks where `current` points
+
+    def target(config: Config) -> Path:
+        reload_checks.append(path := real_target(config))
+        return path
+
+    real_target = model_backend.target
+    monkeypatch.setattr(model_backend, "target", target)
     FakeWatcher.instances.clear()
     service = Service(
         config, None, load_model=fake_loader, watcher_factory=FakeWatcher, state=object(), reload_interval=0.1
@@ -155,27 +150,30 @@ def test_ready_hot_reload_refusal_and_sigterm(
     async def main() -> None:
         task = asyncio.create_task(service.run())
         await asyncio.wait_for(service.ready.wait(), 10)
+        await async_wait_for(lambda: "READY=1" in notify_socket(), 5, "READY")
         sent = notify_socket()
         assert "READY=1" in sent
         assert any(s.startswith("STATUS=model v1") for s in sent)
         assert service.model_version == "v1"
         assert metrics.REGISTRY.get_sample_value("mailtriage_model_info", {"version": "v1"}) == 1.0
         assert sorted(w.mailbox for w in FakeWatcher.instances) == ["INBOX", "Support/New"]
-        await wait_for(lambda: all(w.versions for w in FakeWatcher.instances), 5, "watchers classifying")
-        await wait_for(lambda: "WATCHDOG=1" in notify_socket(), 2, "a watchdog ping")
+        await async_wait_for(lambda: all(w.versions for w in FakeWatcher.instances), 5, "watchers classifying")
+        await async_wait_for(lambda: "WATCHDOG=1" in notify_socket(), 2, "a watchdog ping")
 
         # A new version promoted: picked up, and the watchers' batches move over to it.
         modeldir.promote(models, make_version(models, "v2"))
-        await wait_for(lambda: service.model_version == "v2", 5, "hot reload to v2")
-        await wait_for(lambda: all(w.versions[-1] == "v2" for w in FakeWatcher.instances), 5, "batches on v2")
+        await async_wait_for(lambda: service.model_version == "v2", 5, "hot reload to v2")
+        await async_wait_for(lambda: all(w.versions[-1] == "v2" for w in FakeWatcher.instances), 5, "batches on v2")
 
         # A broken adapter and a label mismatch are refused; v2 keeps serving.
         with structlog.testing.capture_logs() as logs:
             modeldir.promote(models, make_version(models, "v3-broken", broken=True))
-            await wait_for(lambda: any(e["event"] == "model_reload_refused" for e in logs), 5, "refusal")
+            await async_wait_for(lambda: any(e["event"] == "model_reload_refused" for e in logs), 5, "refusal")
             modeldir.promote(models, make_version(models, "v4-labels", labels=("billing", "login", "spam")))
-            await wait_for(lambda: sum(e["event"] == "model_reload_refused" for e in logs) >= 2, 5, "2nd refusal")
-            await asyncio.sleep(0.5)  # several more reload checks: a refused version is not retried
+            await async_wait_for(lambda: sum(e["event"] == "model_reload_refused" for e in logs) >= 2, 5, "2nd refusal")
+            # Several more reload checks: a refused version is not retried.
+            checked = len(reload_checks)
+            await async_wait_for(lambda: len(reload_checks) >= checked + 5, 5, "five more reload checks")
         refusals = [e for e in logs if e["event"] == "model_reload_refused"]
         assert len(refusals) == 2, refusals
         assert "spam" in refusals[1]["error"] and refusals[1]["error_type"] == "LabelMismatchError"
@@ -184,10 +182,11 @@ def test_ready_hot_reload_refusal_and_sigterm(
 
         # Fixed: promoting a good version again works.
         modeldir.promote(models, make_version(models, "v5"))
-        await wait_for(lambda: service.model_version == "v5", 5, "hot reload to v5")
+        await async_wait_for(lambda: service.model_version == "v5", 5, "hot reload to v5")
 
         os.kill(os.getpid(), signal.SIGTERM)
         await asyncio.wait_for(task, 10)  # returns normally: exit status 0
+        await async_wait_for(lambda: "STOPPING=1\nSTATUS=stopping" in notify_socket(), 5, "STOPPING")
         assert "STOPPING=1\nSTATUS=stopping" in notify_socket()
         assert all(w.thread is not None and not w.thread.is_alive() for w in FakeWatcher.instances)
 
@@ -238,7 +237,7 @@ def test_crashing_watcher_is_restarted_and_stop_works(tmp_path: Path) -> None:
     async def main() -> None:
         task = asyncio.create_task(service.run())
         await asyncio.wait_for(service.ready.wait(), 10)
-        await wait_for(lambda: len(calls) >= 2, 5, "a restart after the crash")
+        await async_wait_for(lambda: len(calls) >= 2, 5, "a restart after the crash")
         service.stop()
         await asyncio.wait_for(task, 5)
 
@@ -254,7 +253,7 @@ def test_retrain_logs_each_line_and_never_overlaps(tmp_path: Path) -> None:
         "import sys, time\n"
         "print('harvesting 12 messages', flush=True)\n"
         "sys.stdout.write('epoch 1: 50%\\repoch 1: 100%\\n'); sys.stdout.flush()\n"
-        "time.sleep(0.5)\n"
+        "time.sleep(0.5)\n"  # a retrain that takes a while: the second call comes while it runs
         "print('promoted', flush=True)\n"
     )
     service = Service(fake_config(tmp_path), None, retrain_command=[sys.executable, "-c", script])
@@ -357,13 +356,7 @@ def test_crontab_trigger_rejects_bad_lines(expr: str) -> None:
 
 
 def _mail(n: int, body: str) -> bytes:
-    msg = EmailMessage()
-    msg["From"] = f"customer{n}@example.com"
-    msg["To"] = "support@example.com"
-    msg["Subject"] = f"help {n}"
-    msg["Message-ID"] = f"<svc{n}-{time.time_ns()}@example.com>"
-    msg.set_content(body)
-    return msg.as_bytes()
+    return mail(body, f"help {n}", sender=f"customer{n}@example.com", linesep="\n")
 
 
 @pytest.mark.component
@@ -374,22 +367,15 @@ def test_end_to_end_files_mail_hot_reloads_and_stops(
     from mailtriage.store.state import StateDB
 
     user, password = imap_user
-    (tmp_path / "pw").write_text(password)
     models = tmp_path / "models"
     shutil.copytree(tiny_model_dir, models, symlinks=True)
     v1 = modeldir.current_version(models)
     assert v1 is not None
-    account = AccountConfig(
-        name="support", host=dovecot.host, port=dovecot.port, tls="none", username=user,
-        password_file=str(tmp_path / "pw"),
-    )
-    config = Config(
-        categories=CATEGORIES,
-        unsure_folder="Support/Unsure",
-        state_path=str(tmp_path / "state.sqlite3"),
-        accounts=(account,),
-        model=ModelConfig(path=str(models), threshold=0.0, device="cpu", batch_size=4, max_length=64),
-        training=TrainingConfig(schedule="", model_dir=str(models)),
+    config = make_config(
+        tmp_path, categories=CATEGORIES, unsure_folder="Support/Unsure",
+        accounts=[account(host=dovecot.host, port=dovecot.port, username=user, password=password, secret_dir=tmp_path)],
+        model={"path": str(models), "threshold": 0.0, "device": "cpu", "batch_size": 4, "max_length": 64},
+        training={"schedule": "", "model_dir": str(models)},
     )
     client = dovecot.client(user, password)
     for folder in (*CATEGORIES.values(), config.unsure_folder):
@@ -419,21 +405,22 @@ def test_end_to_end_files_mail_hot_reloads_and_stops(
 
         task = asyncio.create_task(service.run())
         await asyncio.wait_for(service.ready.wait(), 120)
+        await async_wait_for(lambda: "READY=1" in notify_socket(), 5, "READY")
         assert "READY=1" in notify_socket()
         assert service.model_version == v1.name
 
         load_messages(dovecot.client(user, password), "INBOX", [_mail(1, "My invoice is wrong, billing please fix")])
-        await wait_for(lambda: inbox_count() == 0 and category_count() == 1, 30, "the first message filed")
-        await wait_for(lambda: filed_versions() == [v1.name], 5, "the decision recorded")
+        await async_wait_for(lambda: inbox_count() == 0 and category_count() == 1, 30, "the first message filed")
+        await async_wait_for(lambda: filed_versions() == [v1.name], 5, "the decision recorded")
 
         # Hot reload: a new version promoted while serving.
         v2 = models / "v2-hot"
         shutil.copytree(v1, v2)
         modeldir.promote(models, v2)
-        await wait_for(lambda: service.model_version == "v2-hot", 60, "hot reload")
+        await async_wait_for(lambda: service.model_version == "v2-hot", 60, "hot reload")
         load_messages(dovecot.client(user, password), "INBOX", [_mail(2, "I cannot login, password rejected")])
-        await wait_for(lambda: category_count() == 2, 30, "the second message filed")
-        await wait_for(lambda: filed_versions() == [v1.name, "v2-hot"], 5, "second decision on v2")
+        await async_wait_for(lambda: category_count() == 2, 30, "the second message filed")
+        await async_wait_for(lambda: filed_versions() == [v1.name, "v2-hot"], 5, "second decision on v2")
 
         # A bad adapter is refused; v2 keeps serving.
         bad = models / "v3-bad"
@@ -441,15 +428,16 @@ def test_end_to_end_files_mail_hot_reloads_and_stops(
         (bad / modeldir.ADAPTER_CONFIG_FILE).unlink()
         with structlog.testing.capture_logs() as logs:
             modeldir.promote(models, bad)
-            await wait_for(lambda: any(e["event"] == "model_reload_refused" for e in logs), 30, "refusal")
+            await async_wait_for(lambda: any(e["event"] == "model_reload_refused" for e in logs), 30, "refusal")
         assert service.model_version == "v2-hot"
         load_messages(dovecot.client(user, password), "INBOX", [_mail(3, "Refund for my returned order please")])
-        await wait_for(lambda: category_count() == 3, 30, "the third message filed by the old model")
+        await async_wait_for(lambda: category_count() == 3, 30, "the third message filed by the old model")
 
         started = time.monotonic()
         os.kill(os.getpid(), signal.SIGTERM)
         await asyncio.wait_for(task, 20)
         assert time.monotonic() - started < 15
+        await async_wait_for(lambda: any(s.startswith("STOPPING=1") for s in notify_socket()), 5, "STOPPING")
         assert any(s.startswith("STOPPING=1") for s in notify_socket())
 
     run_async(main)
@@ -523,16 +511,11 @@ def test_serve_comes_up_during_an_imap_outage_and_files_mail_once_the_server_is_
         port = probe.getsockname()[1]
     models = tmp_path / "models"
     modeldir.promote(models, make_version(models, "v1"))
-    (tmp_path / "pw").write_text("secret")
-    os.chmod(tmp_path / "pw", 0o600)
-    account = AccountConfig(
-        name="support", host="127.0.0.1", port=port, tls="none", username="support",
-        password_file=str(tmp_path / "pw"), reconnect_max=1,
-    )
-    config = Config(
-        categories=CATEGORIES, state_path=str(tmp_path / "state.sqlite3"), accounts=(account,),
-        model=ModelConfig(path=str(models), device="cpu", threshold=0.0),
-        training=TrainingConfig(schedule="", model_dir=str(models)),
+    config = make_config(
+        tmp_path, categories=CATEGORIES,
+        accounts=[account(port=port, username="support", password="secret", secret_dir=tmp_path, reconnect_max=1)],
+        model={"path": str(models), "device": "cpu", "threshold": 0.0},
+        training={"schedule": "", "model_dir": str(models)},
     )
     service = Service(config, None, load_model=fake_loader, join_timeout=10)
     server = Dovecot(port=port)
@@ -541,8 +524,9 @@ def test_serve_comes_up_during_an_imap_outage_and_files_mail_once_the_server_is_
         with structlog.testing.capture_logs() as logs:
             task = asyncio.create_task(service.run())
             await asyncio.wait_for(service.ready.wait(), 30)
+            await async_wait_for(lambda: "READY=1" in notify_socket(), 5, "READY")
             assert "READY=1" in notify_socket()
-            await wait_for(lambda: sum(e["event"] == "imap_reconnect_scheduled" for e in logs) >= 2, 20, "retries")
+            await async_wait_for(lambda: sum(e["event"] == "imap_reconnect_scheduled" for e in logs) >= 2, 20, "retries")
             assert not task.done()
             server.start()
             client = server.client("support", "secret")
@@ -554,7 +538,7 @@ def test_serve_comes_up_during_an_imap_outage_and_files_mail_once_the_server_is_
             def filed() -> bool:
                 return [r.status for r in StateDB(config.state_path).rows()] == ["done"]
 
-            await wait_for(filed, 30, "the message filed after the outage")
+            await async_wait_for(filed, 30, "the message filed after the outage")
             service.stop()
             await asyncio.wait_for(task, 20)
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 
 import pytest
 
 from mailtriage.testing.smtp_fuzz import check_relayed, forged_mail, fuzz_smtp, fuzz_tagging, relay_with_next_hop
+from mailtriage.testing.waits import wait_for
 
 
 @pytest.mark.pure
@@ -34,9 +34,7 @@ def test_smtp_front_survives_1500_fuzzed_inputs() -> None:
     logging.getLogger("mail.log").setLevel(logging.ERROR)  # aiosmtpd's per-bogus-command warnings
     with contextlib.contextmanager(relay_with_next_hop)() as relay:
         report = fuzz_smtp(relay.port, 1500, seed=20261203)
-        deadline = time.monotonic() + 10
-        while len(relay.received) < report.counts.get("delivered", 0) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: len(relay.received) >= report.counts.get("delivered", 0), 10)
         received, errors = list(relay.received), list(relay.errors)
     assert report.failures == []
     assert errors == []  # no handler error, no traceback

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mailtriage.errors import TrainingDataError
+from mailtriage.testing.builders import mail
 from mailtriage_trainer.sources import Example, load_source
 
 pytestmark = pytest.mark.pure
@@ -19,18 +20,10 @@ pytestmark = pytest.mark.pure
 CATEGORIES = {"billing": "invoice wrong amount charged", "login": "cannot login password reset"}
 
 
-def raw(label: str, i: int, extra_headers: str = "") -> bytes:
-    return (
-        f"From: customer{i}@example.com\n"
-        f"To: support@example.com\n"
-        f"Subject: {label} question {i}\n"
-        f"Message-ID: <{label}-{i}@example.com>\n"
-        f"Date: Mon, {i + 1:02d} Jan 2024 10:00:00 +0000\n"
-        f"{extra_headers}"
-        f"Content-Type: text/plain; charset=utf-8\n"
-        f"\n"
-        f"Hello, {CATEGORIES[label]} number {i}.\n"
-    ).encode()
+def raw(label: str, i: int, headers: dict[str, str] | None = None) -> bytes:
+    return mail(f"Hello, {CATEGORIES[label]} number {i}.", f"{label} question {i}", sender=f"customer{i}@example.com",
+                message_id=f"<{label}-{i}@example.com>", date=f"Mon, {i + 1:02d} Jan 2024 10:00:00 +0000",
+                headers=headers, linesep="\n")
 
 
 def write_tree(root: Path, n: int = 3) -> Path:
@@ -113,8 +106,8 @@ def test_directory_of_label_mbox_files(tmp_path: Path) -> None:
 def test_single_mbox_with_label_headers(tmp_path: Path) -> None:
     path = tmp_path / "all.mbox"
     box = mailbox.mbox(path)
-    box.add(raw("billing", 0, "X-Mailtriage-Label: billing\n"))
-    box.add(raw("login", 1, "X-Folder: login\n"))
+    box.add(raw("billing", 0, {"X-Mailtriage-Label": "billing"}))
+    box.add(raw("login", 1, {"X-Folder": "login"}))
     box.add(raw("login", 2))  # no label header: skipped
     box.flush()
     box.close()

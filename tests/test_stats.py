@@ -19,17 +19,18 @@ from pathlib import Path
 
 import pytest
 
-from mailtriage.config import Config, ModelConfig
+from mailtriage.config import Config
 from mailtriage.core.routing import Decision
 from mailtriage.errors import StateError
 from mailtriage.store.state import SCHEMA_VERSION, StateDB
 from mailtriage.store.stats import print_stats
+from mailtriage.testing.builders import make_config
 
 CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login"}
 
 
 def _config(state_path: Path, tmp_path: Path) -> Config:
-    return Config(categories=CATEGORIES, state_path=str(state_path), model=ModelConfig(path=str(tmp_path / "none")))
+    return make_config(categories=CATEGORIES, state_path=str(state_path), model={"path": str(tmp_path / "none")})
 
 
 def _fill(state: StateDB) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mailtriage.model import modeldir
+from mailtriage.testing.builders import mail
 from mailtriage_trainer.cli import EXIT_ERROR, EXIT_NOT_PROMOTED, EXIT_PROMOTED, main
 from tests.models import TOY_EXAMPLES
 
@@ -23,11 +24,8 @@ T0 = datetime(2024, 5, 1, 9, 0, tzinfo=timezone.utc)
 def toy_message(i: int, text: str) -> bytes:
     subject, _, body = text.partition("\n\n") if text.startswith("Subject: ") else ("", "", text)
     subject = subject.removeprefix("Subject: ") or text.split(",")[0][:40]
-    return (
-        f"From: customer{i}@example.com\nTo: support@example.com\nSubject: {subject}\n"
-        f"Message-ID: <toy-{i}@example.com>\nDate: {format_datetime(T0 + timedelta(hours=i))}\n"
-        f"Content-Type: text/plain; charset=utf-8\n\n{body or text}\n"
-    ).encode()
+    return mail(body or text, subject, sender=f"customer{i}@example.com", message_id=f"<toy-{i}@example.com>",
+                date=format_datetime(T0 + timedelta(hours=i)), linesep="\n")
 
 
 @pytest.fixture

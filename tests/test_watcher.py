@@ -17,12 +17,14 @@ from imapclient import DELETED, SEEN, IMAPClient
 from mailtriage.imap import actions
 
 from mailtriage.imap import connection
-from mailtriage.config import AccountConfig, Config, ModelConfig
+from mailtriage.config import AccountConfig, Config
 from mailtriage.errors import MailboxError
 from mailtriage.store.state import StateDB
 from mailtriage.imap.watcher import MailboxWatcher
 from mailtriage.testing.dovecot import NO_IDLE, NO_MOVE, Dovecot, load_messages
+from mailtriage.testing.builders import account, mail, make_config
 from mailtriage.testing.fakes import KeywordClassifier
+from mailtriage.testing.waits import wait_for
 
 pytestmark = pytest.mark.component
 
@@ -30,6 +32,7 @@ CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds":
 UNSURE_FOLDER = "Support/Unsure"
 ALL_FOLDERS = [*CATEGORIES.values(), UNSURE_FOLDER]
 _WORDS = {"invoice": "billing", "password": "login", "refund": "refunds"}
+_DATE = "Mon, 6 May 2024 07:08:09 +0200"
 
 
 def fake_classifier() -> KeywordClassifier:
@@ -38,32 +41,22 @@ def fake_classifier() -> KeywordClassifier:
 
 
 def msg(n: int, subject: str, mid: str | None = None) -> bytes:
-    mid = mid or f"<msg-{n}-{subject.split()[0].lower()}@example.com>"
-    return (
-        f"From: Customer {n} <c{n}@example.com>\r\nTo: support@example.com\r\nSubject: {subject}\r\n"
-        f"Message-ID: {mid}\r\nDate: Mon, 6 May 2024 07:08:09 +0200\r\n\r\nHello, {subject}.\r\n"
-    ).encode()
+    """Customer n's message; the Message-ID follows from n and the subject's first word unless given."""
+    return mail(f"Hello, {subject}.", subject, sender=f"Customer {n} <c{n}@example.com>", date=_DATE,
+                message_id=mid or f"<msg-{n}-{subject.split()[0].lower()}@example.com>")
 
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
-    return Config(
-        categories=CATEGORIES, unsure_folder=UNSURE_FOLDER, state_path=str(tmp_path / "state.sqlite3"),
-        model=ModelConfig(threshold=0.6),
-    )
+    return make_config(tmp_path, categories=CATEGORIES, unsure_folder=UNSURE_FOLDER, model={"threshold": 0.6})
 
 
 @pytest.fixture
 def make_account(tmp_path: Path) -> Callable[..., AccountConfig]:
     def make(server: Dovecot, user: str, password: str, **kw: Any) -> AccountConfig:
-        secret = tmp_path / f"{user}.pw"
-        secret.write_text(password)
-        fields: dict[str, Any] = {
-            "port": server.port, "tls": "none", "password_file": str(secret), "idle_timeout": 30,
-            "poll_interval": 1, "fetch_batch": 3, "reconnect_max": 1,
-        }
-        fields.update(kw)
-        return AccountConfig(name="acct", host=server.host, username=user, **fields)
+        fields: dict[str, Any] = {"host": server.host, "port": server.port, "idle_timeout": 30, "poll_interval": 1,
+                                  "fetch_batch": 3, "reconnect_max": 1, **kw}
+        return AccountConfig(**account("acct", username=user, password=password, secret_dir=tmp_path, **fields))
 
     return make
 
@@ -97,13 +90,9 @@ def count_where(client: IMAPClient) -> dict[str, int]:
     return {f: len(contents(client, f)) for f in ["INBOX", *ALL_FOLDERS]}
 
 
-def wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return pred()
+def backlog_until(w: MailboxWatcher, pred: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Backlog passes until ``pred()`` holds or the deadline passes (retries are due by the clock)."""
+    return wait_for(lambda: w.process_backlog() is not None and pred(), timeout)
 
 
 def watcher_for(account: AccountConfig, config: Config, path: str | None = None, **kw: Any) -> tuple[MailboxWatcher, KeywordClassifier]:
@@ -426,7 +415,8 @@ def test_a_refused_action_is_retried_after_a_backoff_and_filed(
         assert (row.status, row.attempts) == ("failed", 1) and row.retry_at is not None
         assert len(contents(client, "INBOX")) == 1
         client.create_folder("Support/Billing")
-        time.sleep(0.3)
+        retry_at = row.retry_at
+        assert wait_for(lambda: time.time() > retry_at)  # the retry is due by the clock
         w.process_backlog()
     finally:
         w.close()
@@ -451,11 +441,7 @@ def test_when_retries_run_out_the_message_is_quarantined_and_counted(
     try:
         w.connect()
         client.delete_folder("Support/Billing")  # and it never comes back
-        for _ in range(6):
-            w.process_backlog()
-            if contents(client, UNSURE_FOLDER):
-                break
-            time.sleep(0.15)
+        assert backlog_until(w, lambda: bool(contents(client, UNSURE_FOLDER)))
     finally:
         w.close()
     assert len(contents(client, UNSURE_FOLDER)) == 1 and not contents(client, "INBOX")

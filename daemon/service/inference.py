@@ -142,6 +142,12 @@ class Inference:
         return backend.load(self.config, path)
 
     @property
+    def waiting(self) -> int:
+        """Classify requests in line, not yet in a pass (how far behind the worker is)."""
+        with self._guard:
+            return sum(1 for item in self._line if isinstance(item, Request))
+
+    @property
     def model_version(self) -> str | None:
         return self._classifier.version if self._classifier is not None else None
 

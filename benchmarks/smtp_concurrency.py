@@ -83,7 +83,6 @@ def _label(group: str) -> str:
 
 def train(per_class: int, epochs: int, quick: bool) -> dict[str, Any]:
     from benchmarks.accuracy import extract_news, news_groups, news_older
-    from benchmarks.common import categories_config
 
     model_dir = OUT / "models" / ("smtp-concurrency-quick" if quick else "smtp-concurrency")
     marker = model_dir / "bench-train.json"
@@ -100,7 +99,10 @@ def train(per_class: int, epochs: int, quick: bool) -> dict[str, Any]:
             for name in rng.sample(older, min(per_class, len(older))):
                 dest[name] = work / "data" / _label(group) / Path(name).name
         extract_news(dest)
-        config = categories_config(work / "config.toml", {_label(g): _label(g) for g in by_group})
+        # Newsgroup names hold dots: quoted keys, or TOML reads "alt.atheism" as a table.
+        config = work / "config.toml"
+        config.write_text("[categories]\n" + "".join(f"{json.dumps(_label(g))} = {json.dumps(_label(g))}\n"
+                                                   for g in by_group), encoding="utf-8")
         argv = [bin_path("mailtriage-train"), "--config", str(config), "--data", str(work / "data"),
                 "--base", base_model(), "--model-dir", str(model_dir), "--epochs", str(epochs),
                 "--max-length", str(TOKENS), "--serve", "model", "--holdout-fraction", "0.1", "--seed", str(SEED),

@@ -3,10 +3,10 @@
 Every classify batch and every (re)load runs on one thread, so the GPU sees one job at a time and
 a swap happens between batches, never during one. Classify requests that wait in line (SMTP
 sessions, milter callbacks, mailbox watchers) are merged into one forward pass
-(``service/batching.py``), so N concurrent callers do not cost N passes in a row. The thread is a daemon thread that shutdown may
-abandon: a job stuck in the model or on an inference server must never keep the service from
-stopping (its message stays where it is and is classified at the next start). How long the job in
-progress has run is what the systemd watchdog looks at (``stall``).
+(``service/batching.py``), so N concurrent callers do not cost N passes in a row. The thread is a
+daemon thread that shutdown may abandon: a job stuck in the model or on an inference server must
+never keep the service from stopping (its message stays where it is and is classified at the next
+start). How long the job in progress has run is what the systemd watchdog looks at (``stall``).
 """
 
 from __future__ import annotations
@@ -202,14 +202,14 @@ class Inference:
             # that is not full waits a few ms more for the others of a burst, counted from when its
             # first request arrived, so a caller never waits longer than batch_wait for the pass.
             deadline = batch[0].arrived + self._batch_wait
-            while (room := batching.texts_in(batch)) < limit and not self._closed:
+            while (taken := batching.texts_in(batch)) < limit and not self._closed:
                 now = time.monotonic()
                 if now >= deadline or (self._line and not isinstance(self._line[0], Request)):
                     break  # a load or the stop waits behind this pass: do not hold it up
                 if not self._line:
                     self._arrived.wait(deadline - now)
                     continue
-                more = batching.take(self._line, limit, room)
+                more = batching.take(self._line, limit, taken)
                 if not more:
                     break  # the next request does not fit: it starts the next pass
                 batch += more

@@ -49,6 +49,9 @@ class ModelConfig:
     threshold: float = 0.6
     device: Device = "auto"
     batch_size: int = 16
+    # How long a classify pass that is not full waits for more callers to join it (SMTP sessions,
+    # milter callbacks arriving together); requests that arrived while the worker was busy join anyway.
+    batch_wait_ms: float = 5.0
     max_length: int = 256
     # "local": load `path` in this process; "http": ask the inference server at `url`.
     backend: Backend = "local"
@@ -94,6 +97,11 @@ class ModelConfig:
                 "takes the same values)"
             )
         _positive("model.batch_size", self.batch_size)
+        if not 0 <= self.batch_wait_ms <= 1000:
+            raise ConfigError(
+                f"model.batch_wait_ms = {self.batch_wait_ms!r}: allowed 0..1000 milliseconds (0 = never wait; "
+                "a few ms let concurrent SMTP sessions share one forward pass)"
+            )
         _positive("model.max_length", self.max_length)
 
 

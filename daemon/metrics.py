@@ -44,6 +44,13 @@ CLASSIFY_LATENCY = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=REGISTRY,
 )
+CLASSIFY_CALLERS = Histogram(
+    "mailtriage_classify_batch_callers",
+    "Callers (SMTP sessions, milter callbacks, mailbox batches) answered by one classify() batch: "
+    "requests that waited in line are merged into one forward pass.",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+    registry=REGISTRY,
+)
 
 QUEUE_DEPTH = Gauge(
     "mailtriage_queue_depth",

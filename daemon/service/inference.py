@@ -1,10 +1,12 @@
 """The single inference worker: loads the model, hot-swaps it when ``current`` moves, classifies.
 
 Every classify batch and every (re)load runs on one thread, so the GPU sees one job at a time and
-a swap happens between batches, never during one. The thread is a daemon thread that shutdown may
-abandon: a job stuck in the model or on an inference server must never keep the service from
-stopping (its message stays where it is and is classified at the next start). How long the job in
-progress has run is what the systemd watchdog looks at (``stall``).
+a swap happens between batches, never during one. Classify requests that wait in line (SMTP
+sessions, milter callbacks, mailbox watchers) are merged into one forward pass
+(``service/batching.py``), so N concurrent callers do not cost N passes in a row. The thread is a
+daemon thread that shutdown may abandon: a job stuck in the model or on an inference server must
+never keep the service from stopping (its message stays where it is and is classified at the next
+start). How long the job in progress has run is what the systemd watchdog looks at (``stall``).
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import math
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,8 @@ from mailtriage.core.pipeline import ClassifyFn
 from mailtriage.errors import InferenceUnavailable
 from mailtriage.model import backend as model_backend
 from mailtriage import metrics
+from mailtriage.service import batching
+from mailtriage.service.batching import Request
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +60,15 @@ class _Job:
     future: concurrent.futures.Future[Any]
 
 
+@dataclass
+class _Running:
+    """What the worker is doing now: for the watchdog (what, allowance) and for shutdown (who waits on it)."""
+
+    what: str
+    allowed_s: float
+    futures: list[concurrent.futures.Future[Any]]
+
+
 @dataclass(frozen=True)
 class Stall:
     """The job in progress has run longer than it may: ``what`` it is, how long, and its allowance."""
@@ -74,6 +87,13 @@ def _settle(future: concurrent.futures.Future[Any], result: Any = None, error: B
             future.set_result(result)
     except concurrent.futures.InvalidStateError:
         pass
+
+
+def _stopping() -> InferenceUnavailable:
+    return InferenceUnavailable(
+        "the service is stopping: nothing more is classified; the message stays where it is and is "
+        "classified at the next start"
+    )
 
 
 class Inference:
@@ -101,11 +121,14 @@ class Inference:
             self._batch_allowance = self._load_allowance = config.model.timeout + HTTP_SLACK_S
         else:
             self._batch_allowance, self._load_allowance = LOCAL_BATCH_S, LOCAL_LOAD_S
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # The line: classify requests, model loads and the stop marker (None), in arrival order.
+        self._line: deque[Request | _Job | None] = deque()
         self._guard = threading.Lock()
+        self._arrived = threading.Condition(self._guard)
+        self._batch_wait = config.model.batch_wait_ms / 1000
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._current: _Job | None = None
+        self._current: _Running | None = None
         self._current_since = 0.0
         self._classifier: Classifier | None = None
         self._model_path: Path | None = None    # the version directory now serving
@@ -117,6 +140,12 @@ class Inference:
         from mailtriage.model import backend  # local: torch is imported in there, on the inference thread
 
         return backend.load(self.config, path)
+
+    @property
+    def waiting(self) -> int:
+        """Classify requests in line, not yet in a pass (how far behind the worker is)."""
+        with self._guard:
+            return sum(1 for item in self._line if isinstance(item, Request))
 
     @property
     def model_version(self) -> str | None:
@@ -140,31 +169,71 @@ class Inference:
 
     # -- the worker thread ------------------------------------------------------------------
 
+    def _enqueue(self, item: Request | _Job) -> None:
+        with self._guard:
+            if self._closed:
+                raise _stopping()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="inference", daemon=True)
+                self._thread.start()
+            self._line.append(item)
+            self._arrived.notify()
+
     def _submit(
         self, what: str, allowed_s: float, fn: Callable[..., Any], *args: Any
     ) -> concurrent.futures.Future[Any]:
         job = _Job(what, fn, args, allowed_s, concurrent.futures.Future())
-        with self._guard:
-            if self._closed:
-                raise InferenceUnavailable(
-                    "the service is stopping: nothing more is classified; the message stays where it is "
-                    "and is classified at the next start"
-                )
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name="inference", daemon=True)
-                self._thread.start()
-            self._jobs.put(job)
+        self._enqueue(job)
         return job.future
+
+    def _next(self) -> _Job | list[Request] | None:
+        """The next thing to do: a job, the classify requests of one pass, or None (stop)."""
+        limit = max(1, self.config.model.batch_size)
+        with self._arrived:
+            while not self._line:
+                self._arrived.wait()
+            head = self._line[0]
+            if not isinstance(head, Request):
+                return self._line.popleft()
+            batch = batching.take(self._line, limit)
+            if not batch:
+                return []  # every request at the front had been given up by its caller
+            # Requests that arrived while the worker was busy are all in `batch` already; a pass
+            # that is not full waits a few ms more for the others of a burst, counted from when its
+            # first request arrived, so a caller never waits longer than batch_wait for the pass.
+            deadline = batch[0].arrived + self._batch_wait
+            while (taken := batching.texts_in(batch)) < limit and not self._closed:
+                now = time.monotonic()
+                if now >= deadline or (self._line and not isinstance(self._line[0], Request)):
+                    break  # a load or the stop waits behind this pass: do not hold it up
+                if not self._line:
+                    self._arrived.wait(deadline - now)
+                    continue
+                more = batching.take(self._line, limit, taken)
+                if not more:
+                    break  # the next request does not fit: it starts the next pass
+                batch += more
+            if not self._closed:
+                return batch
+        for request in batch:  # gathered, never started: answered like the rest of the line at shutdown
+            if request.future.set_running_or_notify_cancel():
+                _settle(request.future, error=_stopping())
+        return []
 
     def _work(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
+            item = self._next()
+            if item is None:
                 return
+            if isinstance(item, list):
+                self._run_classify(item)
+                del item  # drop the texts and the results now, not when the next request arrives
+                continue
+            job = item
+            del item
             if not job.future.set_running_or_notify_cancel():
-                continue  # its caller gave up waiting (e.g. an SMTP session that ended)
-            with self._guard:
-                self._current, self._current_since = job, time.monotonic()
+                continue  # its caller gave up waiting
+            self._running(job.what, job.allowed_s, [job.future])
             try:
                 result = job.fn(*job.args)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller, who decides
@@ -172,18 +241,55 @@ class Inference:
             else:
                 _settle(job.future, result)
             finally:
-                with self._guard:
-                    self._current = None
-                del job  # drop the texts and the result now, not when the next job arrives
+                self._running(None)
+                del job
+
+    def _running(self, what: str | None, allowed_s: float = 0.0,
+                 futures: list[concurrent.futures.Future[Any]] | None = None) -> None:
+        with self._guard:
+            if what is None:
+                self._current = None
+            else:
+                self._current = _Running(what, allowed_s, futures or [])
+                self._current_since = time.monotonic()
+
+    def _run_classify(self, requests: list[Request]) -> None:
+        # A caller that gave up (an SMTP session that ended) is not classified.
+        requests = [r for r in requests if r.future.set_running_or_notify_cancel()]
+        if not requests:
+            return
+        futures: list[concurrent.futures.Future[Any]] = [r.future for r in requests]
+        batch_size = max(1, self.config.model.batch_size)
+
+        merged = [len(requests) > 1]
+
+        def one_pass(texts: list[str]) -> tuple[list[Prediction], str]:
+            # Each pass (the merged one, then each retry alone) is its own job for the watchdog.
+            what = f"classify {len(texts)} text(s)" + (f" of {len(requests)} callers" if merged[0] else "")
+            merged[0] = False
+            self._running(what, self._batch_allowance * max(1, math.ceil(len(texts) / batch_size)), futures)
+            try:
+                return self._classify_now(texts)
+            finally:
+                self._running(None)
+
+        def answer(request: Request, outcome: batching.Outcome) -> None:
+            if isinstance(outcome, BaseException):
+                _settle(request.future, error=outcome)
+            else:
+                _settle(request.future, outcome)
+
+        metrics.CLASSIFY_CALLERS.observe(len(requests))
+        batching.run_pass(requests, one_pass, answer)
 
     def stall(self, now: float | None = None) -> Stall | None:
         """The job in progress when it has run past its allowance (the watchdog stops pinging), else None."""
         with self._guard:
-            job, since = self._current, self._current_since
-        if job is None:
+            running, since = self._current, self._current_since
+        if running is None:
             return None
         busy = (time.monotonic() if now is None else now) - since
-        return Stall(job.what, busy, job.allowed_s) if busy > job.allowed_s else None
+        return Stall(running.what, busy, running.allowed_s) if busy > running.allowed_s else None
 
     async def load(self) -> str:
         """Load the version ``current`` points at (start-up); raises ModelError / LabelMismatchError."""
@@ -198,9 +304,9 @@ class Inference:
         return predictions, classifier.version
 
     def _classify_job(self, texts: Sequence[str]) -> concurrent.futures.Future[tuple[list[Prediction], str]]:
-        batches = max(1, math.ceil(len(texts) / max(1, self.config.model.batch_size)))
-        return self._submit(f"classify {len(texts)} text(s)", self._batch_allowance * batches,
-                            self._classify_now, list(texts))
+        request = Request(list(texts), time.monotonic())
+        self._enqueue(request)
+        return request.future
 
     def classify(self, texts: Sequence[str]) -> tuple[list[Prediction], str]:
         """Classify on the inference thread and wait; safe to call from any watcher thread.
@@ -258,38 +364,31 @@ class Inference:
 
         Every caller still waiting gets InferenceUnavailable: its message is left for the next start.
         """
-        stopping = InferenceUnavailable(
-            "the service is stopping: nothing more is classified; the message stays where it is and is "
-            "classified at the next start"
-        )
+        stopping = _stopping()
         with self._guard:
             self._closed = True
             thread = self._thread
-            queued: list[_Job] = []
-            while True:
-                try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is not None:
-                    queued.append(job)
-            self._jobs.put(None)
-        for job in queued:
-            if job.future.set_running_or_notify_cancel():
-                _settle(job.future, error=stopping)
+            queued = [item for item in self._line if item is not None]
+            self._line.clear()
+            self._line.append(None)
+            self._arrived.notify()
+        for item in queued:
+            if item.future.set_running_or_notify_cancel():
+                _settle(item.future, error=stopping)
         if thread is None:
             return
         await asyncio.to_thread(thread.join, grace)
         if not thread.is_alive():
             return
         with self._guard:
-            job, since = self._current, self._current_since
+            running, since = self._current, self._current_since
         log.warning(
             "inference_worker_abandoned",
-            job=job.what if job is not None else None,
-            busy_s=round(time.monotonic() - since, 1) if job is not None else None,
+            job=running.what if running is not None else None,
+            busy_s=round(time.monotonic() - since, 1) if running is not None else None,
             waited_s=grace,
             hint="the job did not finish in time; its messages stay where they are and are classified at the next start",
         )
-        if job is not None:
-            _settle(job.future, error=stopping)
+        if running is not None:
+            for future in running.futures:  # every caller of the pass in progress
+                _settle(future, error=stopping)

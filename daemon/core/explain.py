@@ -291,7 +291,7 @@ def why_header(explanation: Explanation) -> str:
     if e.terms is not None:
         # Whole words read best on one line; char n-grams only when no word feature pushed.
         pushed = [t for t in e.terms.toward if t.kind == KIND_WORD] or list(e.terms.toward)
-        words = [w for w in (safe_atom(t.text.strip())[:24] for t in pushed[:3]) if w.strip("_")]
+        words = [w for w in (safe_atom(t.text.strip())[:20] for t in pushed[:3]) if w.strip("_")]
         if words:
             parts.append(("tfidf-view" if e.terms.role == ROLE_VIEW else "words") + "=" + ",".join(words))
     value = ""

@@ -29,7 +29,7 @@ from mailtriage.testing.dovecot import load_messages
 from tests.models import TOY_LABELS, toy_dataset
 from tests.test_relay import LoopThread, NextHopHandler, make_config, mail, next_hop  # noqa: F401 - fixture
 from tests.test_watcher import (  # noqa: F401 - fixtures
-    CATEGORIES, UNSURE_FOLDER, config, contents, count_where, make_account, msg, user,
+    CATEGORIES, config, contents, count_where, make_account, msg, user,
 )
 
 pytestmark = pytest.mark.component

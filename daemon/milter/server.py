@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
@@ -34,8 +34,13 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-# (message key, decision, model version, explanation=): StateDB.record_relayed under intake "milter"
-RecordFn = Callable[..., None]
+
+class RecordFn(Protocol):
+    """Records one tagged message's decision (StateDB.record_relayed under intake "milter")."""
+
+    def __call__(self, key: str, decision: Decision, model_version: str, *,
+                 explanation: Explanation | None = None) -> None: ...
+
 
 CLOSE_GRACE = 10.0  # seconds a shutdown waits for messages being classified
 WRITE_TIMEOUT = 30.0  # an MTA that stops reading our answer is dropped

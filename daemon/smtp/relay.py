@@ -28,7 +28,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, AnyStr
+from typing import TYPE_CHECKING, Any, AnyStr, Protocol
 
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
@@ -36,7 +36,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 from mailtriage.config import Config
 from mailtriage.core.pipeline import UNKNOWN_KEY, ClassifyAsync, Rules, classify_and_route_async, prepare
 from mailtriage.core.routing import Decision
-from mailtriage.core.explain import why_header
+from mailtriage.core.explain import Explanation, why_header
 from mailtriage.core.tagging import category_value, tagged_parts
 from mailtriage.errors import ConfigError
 from mailtriage import metrics
@@ -47,8 +47,13 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-# (message key, decision, model version, explanation=): StateDB.record_relayed
-RecordFn = Callable[..., None]
+
+class RecordFn(Protocol):
+    """Records one tagged message's decision (StateDB.record_relayed)."""
+
+    def __call__(self, key: str, decision: Decision, model_version: str, *,
+                 explanation: Explanation | None = None) -> None: ...
+
 
 # Postfix's default message_size_limit is 10 MB; 50 MB leaves room for big attachments while
 # bounding what one transaction holds in memory (aiosmtpd buffers the whole message).

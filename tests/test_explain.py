@@ -152,8 +152,9 @@ def test_the_json_round_trips_and_is_documented_shape() -> None:
     back = Explanation.from_json(e.to_json())
     assert back.to_json() == e.to_json()
     assert json.loads(_explanation(terms=None, part="model", weight=None).to_json())["tfidf"] is None
-    with pytest.raises(ValueError, match="not a mailtriage explanation"):
-        Explanation.from_json('{"v": 99}')
+    for junk in ('{"v": 99}', '{"v": 1}', "[]", "not json", '{"v": 1, "tfidf": {"toward": 3}}'):
+        with pytest.raises(ValueError, match="not a mailtriage explanation"):
+            Explanation.from_json(junk)
 
 
 @pytest.mark.pure
@@ -167,6 +168,8 @@ def test_the_json_stays_under_2_kb_whatever_the_strings() -> None:
     assert len(text.encode("utf-8")) <= explain.MAX_JSON_BYTES
     data = json.loads(text)  # valid JSON: no NaN token, cut strings still strings
     assert data["confidence"] is None and data["tfidf"]["bias"] is None
+    back = Explanation.from_json(text)  # the console reads it back
+    assert back.confidence != back.confidence and back.label.endswith("…") and len(back.terms.toward) == 8  # type: ignore[union-attr]
     assert len(data["tfidf"]["toward"]) == len(data["tfidf"]["away"]) == 8
 
 

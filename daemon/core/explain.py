@@ -157,25 +157,33 @@ class Explanation:
 
     @classmethod
     def from_json(cls, text: str) -> Explanation:
-        """Read back what ``to_json`` wrote; raises ValueError on anything else."""
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("v") != FORMAT_VERSION:
-            raise ValueError(f"not a mailtriage explanation (format {FORMAT_VERSION}): {text[:80]!r}")
-        tfidf = data.get("tfidf")
-        terms = None
-        if tfidf is not None:
-            terms = Terms(
-                role=str(tfidf["role"]), versus=str(tfidf["versus"]), gap=float(tfidf["gap"]),
-                bias=float(tfidf["bias"]),
-                toward=tuple(Term(str(t), str(k), float(w)) for t, k, w in tfidf["toward"]),
-                away=tuple(Term(str(t), str(k), float(w)) for t, k, w in tfidf["away"]),
+        """Read back what ``to_json`` wrote (a number stored as null, from NaN, reads as NaN); raises
+        ValueError on anything else."""
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict) or data.get("v") != FORMAT_VERSION:
+                raise ValueError(f"format {data.get('v') if isinstance(data, dict) else None!r}")
+            tfidf = data["tfidf"]
+            terms = None
+            if tfidf is not None:
+                terms = Terms(
+                    role=str(tfidf["role"]), versus=str(tfidf["versus"]), gap=_float(tfidf["gap"]),
+                    bias=_float(tfidf["bias"]),
+                    toward=tuple(Term(str(t), str(k), _float(w)) for t, k, w in tfidf["toward"]),
+                    away=tuple(Term(str(t), str(k), _float(w)) for t, k, w in tfidf["away"]),
+                )
+            return cls(
+                label=str(data["label"]), confidence=_float(data["confidence"]),
+                top=tuple((str(lab), _float(p)) for lab, p in data["top"]),
+                threshold=_float(data["threshold"]), unsure=bool(data["unsure"]), version=str(data["version"]),
+                part=str(data["part"]), weight=None if data["weight"] is None else _float(data["weight"]), terms=terms,
             )
-        return cls(
-            label=str(data["label"]), confidence=float(data["confidence"]),
-            top=tuple((str(lab), float(p)) for lab, p in data["top"]),
-            threshold=float(data["threshold"]), unsure=bool(data["unsure"]), version=str(data["version"]),
-            part=str(data["part"]), weight=None if data["weight"] is None else float(data["weight"]), terms=terms,
-        )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a mailtriage explanation (format {FORMAT_VERSION}): {exc}: {text[:80]!r}") from exc
+
+
+def _float(x: Any) -> float:
+    return math.nan if x is None else float(x)
 
 
 def _num(x: float) -> float | None:

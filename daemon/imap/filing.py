@@ -344,7 +344,7 @@ class Filing:
         if isinstance(explanation, str):
             try:
                 explanation = explain.Explanation.from_json(explanation)
-            except (ValueError, KeyError, TypeError):
+            except ValueError:
                 return None
         return explain.why_header(explanation)
 

@@ -334,6 +334,9 @@ class Config:
     correction_scan_interval: int = 600
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    # Add X-Mailtriage-Why (a one-line summary of the decision's explanation) wherever mailtriage
+    # writes headers: the SMTP filter, the milter and the IMAP header action.
+    why_header: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     accounts: tuple[AccountConfig, ...] = ()
     smtp: SmtpConfig = field(default_factory=SmtpConfig)

@@ -23,6 +23,7 @@ def test_example_config_loads() -> None:
     assert cfg.accounts[0].action == "move"
     assert cfg.accounts[0].verify_tls is True
     assert cfg.model.threshold == 0.6
+    assert cfg.why_header is False  # opt-in: it tells every recipient how the model decided
 
 
 def test_defaults_fill_in() -> None:

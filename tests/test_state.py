@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mailtriage.core.explain import Explanation
 from mailtriage.core.routing import Decision
 from mailtriage.store.state import SCHEMA_VERSION, FiledRow, StateDB
 
@@ -144,6 +145,7 @@ def test_a_quarantine_a_version_3_database_gave_up_on_is_retried(tmp_path: Path)
         conn.execute("DROP INDEX messages_origin_key")
         conn.execute("DROP INDEX messages_origin_uid")
         conn.execute("ALTER TABLE messages DROP COLUMN origin")
+        conn.execute("ALTER TABLE messages DROP COLUMN explanation")
         conn.execute("PRAGMA user_version=3")
     assert StateDB(path, readonly=True).stats()["totals"]["quarantined"] == 0  # not in that folder
     migrated = StateDB(path)
@@ -161,7 +163,7 @@ def test_a_version_1_database_is_migrated_and_stats_reads_it_unchanged(tmp_path:
     with sqlite3.connect(path) as conn:  # what version 1 wrote: none of the later columns
         conn.execute("DROP INDEX messages_origin_key")
         conn.execute("DROP INDEX messages_origin_uid")
-        for column in ("content", "attempts", "retry_at", "quarantined", "origin"):
+        for column in ("content", "attempts", "retry_at", "quarantined", "origin", "explanation"):
             conn.execute(f"ALTER TABLE messages DROP COLUMN {column}")
         conn.execute("UPDATE messages SET status='failed'")  # a refused action version 1 gave up on
         conn.execute("PRAGMA user_version=1")
@@ -169,12 +171,55 @@ def test_a_version_1_database_is_migrated_and_stats_reads_it_unchanged(tmp_path:
     assert StateDB(path, readonly=True).stats()["totals"]["failed"] == 1
     assert path.read_bytes() == before
     migrated = StateDB(path)
-    assert migrated._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert migrated._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     assert [r.uid for r in migrated.due_retries("acct", "INBOX", 7)] == [1]  # no longer stranded
     migrated.set_status("acct", "INBOX", 7, 1, "done")
     assert migrated.is_done("acct", "<a@x>", "any content")  # an old row matches by key alone
     assert _claim(migrated, 2, "<a@x>", "c9") == "duplicate"
     assert [r.content for r in migrated.rows("acct")] == [None, "c9"]
+
+
+def _why(label: str = "billing") -> Explanation:
+    return Explanation(label=label, confidence=0.9, top=((label, 0.9),), threshold=0.6, unsure=False, version="v1",
+                       part="baseline", weight=None, terms=None)
+
+
+@pytest.mark.pure
+def test_every_kind_of_decision_row_keeps_its_explanation(db: StateDB) -> None:
+    db.claim("acct", "INBOX", 7, 1, "<a@x>", BILLING, "move", "v1", content="c1", explanation=_why())
+    db.record_decision("acct", "INBOX", 7, 2, "<b@x>", UNSURE, "move", "v1", True, "done", explanation=_why("login"))
+    db.record_relayed("<c@x>", BILLING, "v1", explanation=_why())
+    db.record_relayed("<d@x>", BILLING, "v1", intake="milter", explanation=_why())
+    rows = {r.key: r for r in db.rows()}
+    assert {k: Explanation.from_json(r.explanation).label for k, r in rows.items() if r.explanation} == {
+        "<a@x>": "billing", "<b@x>": "login", "<c@x>": "billing", "<d@x>": "billing"}
+    db.set_status("acct", "INBOX", 7, 1, "done")  # finishing the action keeps it
+    _record(db, 2, "<b@x>", UNSURE)  # a later update without one keeps the first
+    kept = [db.get("acct", "INBOX", 7, uid) for uid in (1, 2)]
+    assert [Explanation.from_json(r.explanation).label for r in kept if r and r.explanation] == ["billing", "login"]
+
+
+@pytest.mark.pure
+def test_a_version_4_database_gains_the_explanation_column_and_stats_reads_it_unchanged(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "v4.sqlite3"
+    db = StateDB(path)
+    _record(db, 1, "<a@x>")
+    db.close()
+    with sqlite3.connect(path) as conn:  # what version 4 wrote: no explanation column
+        conn.execute("ALTER TABLE messages DROP COLUMN explanation")
+        conn.execute("PRAGMA user_version=4")
+    before = path.read_bytes()
+    old = StateDB(path, readonly=True)
+    assert old.stats()["totals"]["filed"] == 1
+    assert [r.explanation for r in old.rows()] == [None]
+    assert path.read_bytes() == before
+    migrated = StateDB(path)
+    assert migrated._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    migrated.record_relayed("<b@x>", BILLING, "v1", explanation=_why())
+    assert [r.explanation is not None for r in migrated.rows()] == [False, True]
+    assert migrated.stats()["totals"]["filed"] == 2
 
 
 @pytest.mark.pure

@@ -1,4 +1,4 @@
-"""`mailtriage` command line: serve, classify, check, stats, auth, learn, text.
+"""`mailtriage` command line: serve, classify, explain, check, stats, auth, learn, text.
 
 Heavy imports (torch, imapclient) happen inside the subcommand that needs them, so
 `mailtriage text` and `--help` start instantly.
@@ -14,10 +14,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mailtriage.config import DEVICES, Config, load_config
 from mailtriage.errors import ConfigError, MailtriageError
 from mailtriage.cli.logs import configure_logging
+
+if TYPE_CHECKING:
+    from mailtriage.core.classifier import Classifier
+    from mailtriage.core.explain import Explanation
 
 DEFAULT_CONFIG = "/etc/mailtriage/config.toml"
 
@@ -49,39 +54,58 @@ def cmd_text(args: argparse.Namespace) -> int:
     return 0
 
 
+def _classifier(args: argparse.Namespace, cfg: Config | None) -> Classifier:
+    """The model ``classify`` and ``explain`` use: ``--model`` (or the config's model.path), or the
+    config's inference server."""
+    model_path = args.model or (cfg.model.path if cfg else None)
+    if not model_path:
+        raise ConfigError("no model given: pass --model PATH (a model directory) or --config with model.path")
+    if cfg is not None and cfg.model.backend == "http" and not args.model:
+        from mailtriage.model import backend
+
+        return backend.load(cfg, probe=False)
+    from mailtriage.model.transformers import load_classifier
+
+    return load_classifier(
+        model_path,
+        device=args.device or (cfg.model.device if cfg else "auto"),
+        batch_size=cfg.model.batch_size if cfg else 16,
+        max_length=cfg.model.max_length if cfg else 256,
+        expected_labels=cfg.labels if cfg else None,
+        quantize=cfg.model.quantize if cfg else "none",
+        threads=cfg.model.threads if cfg else 0,
+        runtime=cfg.model.runtime if cfg else "torch",
+    )
+
+
+def _explained(classifier: Classifier, texts: Sequence[str], threshold: float) -> list[Explanation]:
+    from mailtriage.core import explain
+    from mailtriage.core.classifier import classify_explained
+    from mailtriage.core.routing import is_unsure
+
+    return [explain.explain(p.evidence, p.label, p.confidence, p.scores, threshold, is_unsure(p.confidence, threshold),
+                            classifier.version)
+            for p in classify_explained(classifier, texts)]
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
-    from mailtriage.core.classifier import Classifier
     from mailtriage.core.mailtext import mail_text
     from mailtriage.core.routing import is_unsure
 
     cfg = _load_optional(args)
     threshold = args.threshold if args.threshold is not None else (cfg.model.threshold if cfg else 0.6)
-    model_path = args.model or (cfg.model.path if cfg else None)
-    if not model_path:
-        raise ConfigError("no model given: pass --model PATH (a model directory) or --config with model.path")
-    classifier: Classifier
-    if cfg is not None and cfg.model.backend == "http" and not args.model:
-        from mailtriage.model import backend
-
-        classifier = backend.load(cfg, probe=False)
-    else:
-        from mailtriage.model.transformers import load_classifier
-
-        classifier = load_classifier(
-            model_path,
-            device=args.device or (cfg.model.device if cfg else "auto"),
-            batch_size=cfg.model.batch_size if cfg else 16,
-            max_length=cfg.model.max_length if cfg else 256,
-            expected_labels=cfg.labels if cfg else None,
-            quantize=cfg.model.quantize if cfg else "none",
-            threads=cfg.model.threads if cfg else 0,
-            runtime=cfg.model.runtime if cfg else "torch",
-        )
+    classifier = _classifier(args, cfg)
     names = args.files or ["-"]
     batch = 64  # bounded memory for thousands of files; the classifier batches again internally
     for start in range(0, len(names), batch):
         chunk = names[start : start + batch]
         texts = [mail_text(sys.stdin.buffer.read() if n == "-" else Path(n).read_bytes()) for n in chunk]
+        if args.explain:
+            for name, why in zip(chunk, _explained(classifier, texts, threshold), strict=True):
+                row = {"file": name, "label": why.label, "confidence": round(why.confidence, 4), "unsure": why.unsure,
+                       "explanation": why.to_dict()}
+                print(json.dumps(row, ensure_ascii=False), flush=True)
+            continue
         for name, pred in zip(chunk, classifier.classify(texts), strict=True):
             row = {
                 "file": name,
@@ -90,6 +114,22 @@ def cmd_classify(args: argparse.Namespace) -> int:
                 "unsure": is_unsure(pred.confidence, threshold),
             }
             print(json.dumps(row), flush=True)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Why a raw message would be filed where it would: the explanation the daemon stores, as text."""
+    from mailtriage.core import explain
+    from mailtriage.core.mailtext import mail_text
+
+    cfg = _load_optional(args)
+    threshold = args.threshold if args.threshold is not None else (cfg.model.threshold if cfg else 0.6)
+    raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    (why,) = _explained(_classifier(args, cfg), [mail_text(raw)], threshold)
+    if args.json:
+        print(why.to_json())
+    else:
+        print("\n".join(explain.render(why)))
     return 0
 
 
@@ -199,7 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="confidence below which a message is 'unsure'")
     p.add_argument("--device", choices=DEVICES)
     p.add_argument("files", nargs="*", metavar="FILE", help="raw RFC 822 files (default: one message on stdin)")
+    p.add_argument("--explain", action="store_true",
+                   help="add each message's explanation (top labels, deciding part, TF-IDF words) to its line")
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("explain", parents=[common], help="why a raw message would be filed where it would")
+    p.add_argument("--model", metavar="PATH", help="model directory (MODEL_DIR, MODEL_DIR/current or a version)")
+    p.add_argument("--threshold", type=float, help="confidence below which a message is 'unsure'")
+    p.add_argument("--device", choices=DEVICES)
+    p.add_argument("--json", action="store_true", help="the explanation as stored in the state database (JSON)")
+    p.add_argument("file", metavar="FILE", help="a raw RFC 822 file ('-': stdin)")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("check", parents=[common], help="validate config, server, folders and model")
     p.add_argument("--create-folders", action="store_true", help="create missing category/unsure folders")

@@ -3,7 +3,7 @@ ones), so a rule about what a prediction may do is written once.
 
 Pure: the model is reached only through the callable an intake passes in (``ClassifyFn``, or
 ``ClassifyAsync`` on the event loop, which is only awaited here), and the result is a value: where
-the message goes, which model said so, and why.
+the message goes, which model said so, and why (an ``Explanation``, stored with the decision).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from mailtriage.core.classifier import Prediction
+from mailtriage.core.explain import Explanation, explain
 from mailtriage.core.mailtext import mail_text, message_key
 from mailtriage.core.routing import Decision, decide
 from mailtriage.errors import LabelMismatchError, ModelError
@@ -61,6 +62,9 @@ class Routed:
     decision: Decision
     model_version: str
     decided_by: DecidedBy
+    # Why (top labels, part, threshold, TF-IDF words): stored with the decision, shown by the console
+    # and, opted in, summarised in X-Mailtriage-Why. ``route`` always sets it.
+    explanation: Explanation | None = None
 
 
 def route(predictions: Sequence[Prediction], model_version: str, expected: int, rules: Rules) -> list[Routed]:
@@ -79,7 +83,9 @@ def route(predictions: Sequence[Prediction], model_version: str, expected: int, 
                 f"{list(rules.categories)}; the adapter does not match [categories]"
             )
         decision = decide(pred, rules.threshold, rules.categories, rules.unsure_folder)
-        out.append(Routed(decision, model_version, DecidedBy.THRESHOLD if decision.unsure else DecidedBy.MODEL))
+        why = explain(pred.evidence, pred.label, pred.confidence, pred.scores, rules.threshold, decision.unsure,
+                      model_version)
+        out.append(Routed(decision, model_version, DecidedBy.THRESHOLD if decision.unsure else DecidedBy.MODEL, why))
     return out
 
 

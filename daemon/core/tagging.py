@@ -3,7 +3,8 @@
 Used by the SMTP content filter (``mailtriage.smtp.relay``), the IMAP header rewrite
 (``mailtriage.imap.actions``) and the milter (``mailtriage.milter``, which sends the same fields as
 milter header edits). Header bytes stay bytes: no re-serialisation through ``email``, so
-a tagged copy is the original with CRLF line endings, minus forged X-Mailtriage-* lines, plus two.
+a tagged copy is the original with CRLF line endings, minus forged X-Mailtriage-* lines, plus two
+(three with the opt-in X-Mailtriage-Why).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from mailtriage.core.routing import Decision
 
 CATEGORY_HEADER = "X-Mailtriage-Category"
 CONFIDENCE_HEADER = "X-Mailtriage-Confidence"
+# Opt-in (config why_header): a one-line summary of the decision's explanation (core.explain.why_header).
+WHY_HEADER = "X-Mailtriage-Why"
 UNSURE = "unsure"
 
 # Bytes a header name may not hold (controls, space, DEL, 8-bit): removed before deciding whether a
@@ -120,23 +123,29 @@ def category_value(decision: Decision) -> str:
     return UNSURE if decision.unsure else decision.label
 
 
-def tag_fields(decision: Decision) -> list[tuple[str, str]]:
-    """Our fields in the order they stand on top of a tagged message: (name, value), values ASCII."""
-    return [(CATEGORY_HEADER, safe_atom(category_value(decision))), (CONFIDENCE_HEADER, f"{decision.confidence:.4f}")]
+def tag_fields(decision: Decision, why: str | None = None) -> list[tuple[str, str]]:
+    """Our fields in the order they stand on top of a tagged message: (name, value), values ASCII.
+
+    ``why``: the X-Mailtriage-Why value (``core.explain.why_header``: ASCII, folded with CRLF +
+    space), added only when given; None leaves the message as without the option."""
+    fields = [(CATEGORY_HEADER, safe_atom(category_value(decision))), (CONFIDENCE_HEADER, f"{decision.confidence:.4f}")]
+    if why:
+        fields.append((WHY_HEADER, why))
+    return fields
 
 
-def tagged_parts(raw: bytes, decision: Decision) -> tuple[bytes, memoryview]:
+def tagged_parts(raw: bytes, decision: Decision, why: str | None = None) -> tuple[bytes, memoryview]:
     """``add_headers`` in two pieces, (new header block, the rest of ``raw`` as a view), so that a
     large message is sent on without a second copy of its body in memory."""
     head, rest = _stripped_parts(raw)
-    top = "".join(f"{name}: {value}\r\n" for name, value in tag_fields(decision)).encode()
+    top = "".join(f"{name}: {value}\r\n" for name, value in tag_fields(decision, why)).encode("ascii")
     return top + head, rest  # with no header of its own, rest starts with the blank line
 
 
-def add_headers(raw: bytes, decision: Decision) -> bytes:
-    """The message (CRLF line endings) with X-Mailtriage-Category/-Confidence on top, each ending in
-    CRLF, and any sender-supplied ones removed."""
-    head, rest = tagged_parts(raw, decision)
+def add_headers(raw: bytes, decision: Decision, why: str | None = None) -> bytes:
+    """The message (CRLF line endings) with X-Mailtriage-Category/-Confidence (and, given ``why``,
+    X-Mailtriage-Why) on top, each ending in CRLF, and any sender-supplied X-Mailtriage-* removed."""
+    head, rest = tagged_parts(raw, decision, why)
     return head + rest
 
 

@@ -187,12 +187,14 @@ def rewrite_header(
     has_uidplus: bool = True,
     dest_uidnext: int | None = None,
     max_bytes: int | None = None,
+    why: str | None = None,
 ) -> int:
     """APPEND a tagged copy to ``decision.folder`` (same flags and INTERNALDATE), verify it is
     there, then remove the original. Returns the copy's UID.
 
     ``max_bytes``: the account's max_message_bytes. The connection keeps at most that much of any
     message (``connection.cap_literals``), so ``raw`` of that length may be cut: refused, never copied.
+    ``why``: the opt-in X-Mailtriage-Why value (``tagging.tag_fields``).
     """
     if max_bytes is not None and len(raw) >= max_bytes:
         raise MailboxError(
@@ -206,7 +208,7 @@ def rewrite_header(
             "which this server lacks; a plain EXPUNGE would delete other messages flagged \\Deleted. "
             "Use action = \"keyword\" or \"move\" on this server"
         )
-    tagged = add_headers(raw, decision)
+    tagged = add_headers(raw, decision, why)
     folder = decision.folder
     if dest_uidnext is None:
         _validity, dest_uidnext = folder_uidnext(client, folder)

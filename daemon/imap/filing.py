@@ -25,7 +25,7 @@ import structlog
 from imapclient import IMAPClient
 
 from mailtriage.config import AccountConfig, Config
-from mailtriage.core import backoff, identity, mailtext, pipeline, tagging
+from mailtriage.core import backoff, explain, identity, mailtext, pipeline, tagging
 from mailtriage.core.mailtext import content_fingerprint, mail_text, message_key
 from mailtriage.core.pipeline import ClassifyFn, Routed
 from mailtriage.core.routing import Decision
@@ -279,7 +279,7 @@ class Filing:
         if self.dry_run:
             self.state.record_decision(
                 acct, mbox, uidvalidity, item.uid, item.key, decision, self.action, model_version, True, Status.DONE,
-                folder=placed, content=item.content,
+                folder=placed, content=item.content, explanation=routed.explanation,
             )
             return self._done(item, decision, "dry_run", placed)
         client = self._link().client
@@ -296,7 +296,7 @@ class Filing:
         claim = self.state.claim(
             acct, mbox, uidvalidity, item.uid, item.key, decision, self.action, model_version, content=item.content,
             folder=placed, fingerprint=fingerprint, dest_uidvalidity=dest_validity, dest_uidnext=dest_next,
-            origin=self.origin,
+            origin=self.origin, explanation=routed.explanation,
         )
         if claim != Claim.CLAIMED:
             event = "message_skipped_already_decided" if claim == Claim.DUPLICATE else "message_claimed_elsewhere"
@@ -306,7 +306,7 @@ class Filing:
             self.failed_attempt(item.uid, uidvalidity, status_error)
             return self._done(item, decision, "failed", placed, error=status_error)
         try:
-            self.act(self.action, item.uid, decision, item, uidvalidity, dest_next)
+            self.act(self.action, item.uid, decision, item, uidvalidity, dest_next, why=self._why(routed.explanation))
         except MailboxError as exc:
             status = self._status_after_failure(item.uid, uidvalidity)
             if status == Status.FAILED:  # safely in the source only: try again later
@@ -319,9 +319,10 @@ class Filing:
 
     def act(
         self, action: str, uid: int, decision: Decision, item: Fetched | None, uidvalidity: int,
-        dest_next: int | None = None,
+        dest_next: int | None = None, *, why: str | None = None,
     ) -> None:
-        """Do one claimed action on the server (a test or the kill-proof replaces this to crash here)."""
+        """Do one claimed action on the server (a test or the kill-proof replaces this to crash here).
+        ``why``: the X-Mailtriage-Why value the header action adds (None: none)."""
         link = self._link()
         if action == "move":
             actions.move(link.client, uid, decision.folder, link.has_move, link.has_uidplus)
@@ -338,8 +339,20 @@ class Filing:
             actions.rewrite_header(
                 link.client, uid, item.raw, item.flags, item.internaldate, decision, self.mailbox,
                 source_uidvalidity=uidvalidity, has_uidplus=link.has_uidplus, dest_uidnext=dest_next,
-                max_bytes=self.account.max_message_bytes,
+                max_bytes=self.account.max_message_bytes, why=why,
             )
+
+    def _why(self, explanation: explain.Explanation | str | None) -> str | None:
+        """The X-Mailtriage-Why value when the config asks for it (``why_header``; only the header action
+        writes it); a stored (JSON) explanation is read back, so a redone action carries it too."""
+        if not self.config.why_header or not explanation:
+            return None
+        if isinstance(explanation, str):
+            try:
+                explanation = explain.Explanation.from_json(explanation)
+            except ValueError:
+                return None
+        return explain.why_header(explanation)
 
     def _status_after_failure(self, uid: int, uidvalidity: int) -> Status:
         """After a refused action: 'failed' when the message is safely in the source only; still
@@ -486,7 +499,7 @@ class Filing:
                 return self._settle(row, Status.DONE, bound, "recovered_already_filed", copy_uid=copy)
             if in_source:
                 item = self.refetch(row.uid) if row.action == "header" else None
-                self.act(row.action, row.uid, decision, item, row.uidvalidity)
+                self.act(row.action, row.uid, decision, item, row.uidvalidity, why=self._why(row.explanation))
                 return self._settle(row, Status.DONE, bound, "recovered_redone")
             return self._settle(
                 row, Status.FAILED, bound, "recovered_vanished",

@@ -16,11 +16,12 @@ import asyncio
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
 from mailtriage.config import Config
+from mailtriage.core.explain import Explanation, why_header
 from mailtriage.core.pipeline import UNKNOWN_KEY, ClassifyAsync, Routed, Rules, classify_and_route_async, prepare
 from mailtriage.core.routing import Decision
 from mailtriage.core.tagging import category_value
@@ -34,7 +35,13 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-RecordFn = Callable[[str, Decision, str], None]  # (message key, decision, model version)
+
+class RecordFn(Protocol):
+    """Records one tagged message's decision (StateDB.record_relayed under intake "milter")."""
+
+    def __call__(self, key: str, decision: Decision, model_version: str, *,
+                 explanation: Explanation | None = None) -> None: ...
+
 
 CLOSE_GRACE = 10.0  # seconds a shutdown waits for messages being classified
 WRITE_TIMEOUT = 30.0  # an MTA that stops reading our answer is dropped
@@ -191,11 +198,12 @@ class MilterServer:
         finally:
             self._busy -= 1
         decision, version = routed.decision, routed.model_version
-        packets = session.tagged(decision)
+        why = why_header(routed.explanation) if self.config.why_header and routed.explanation else None
+        packets = session.tagged(decision, why)
         bound = bound.bind(message=key)
         if self.record is not None and key != UNKNOWN_KEY:
             try:
-                await asyncio.to_thread(self.record, key, decision, version)
+                await asyncio.to_thread(self.record, key, decision, version, explanation=routed.explanation)
             except Exception as exc:  # noqa: BLE001 - the mail must not wait on the state database
                 bound.error("milter_decision_not_recorded", error=str(exc), error_type=type(exc).__name__)
         metrics.MESSAGES.labels(category=decision.label, outcome="unsure" if decision.unsure else "filed").inc()
@@ -259,8 +267,8 @@ async def start_milter(service: Service) -> Callable[[], Awaitable[None]]:
     if state is not None:
         from mailtriage.store.state import MILTER_INTAKE
 
-        def record(key: str, decision: Decision, version: str) -> None:
-            state.record_relayed(key, decision, version, intake=MILTER_INTAKE)
+        def record(key: str, decision: Decision, version: str, explanation: Explanation | None = None) -> None:
+            state.record_relayed(key, decision, version, intake=MILTER_INTAKE, explanation=explanation)
 
     server = MilterServer(service.config, service.classify_async, record=record)
     await server.start()

@@ -179,12 +179,15 @@ class MilterSession:
             out.extend(p.delete_header(i, name) for i in range(count, 0, -1))
         return out
 
-    def tagged(self, decision: Decision) -> tuple[bytes, ...]:
+    def tagged(self, decision: Decision, why: str | None = None) -> tuple[bytes, ...]:
         """The end-of-message answer for a classified message: forged fields deleted, ours on top,
-        continue (the MTA delivers it). The body is never touched."""
+        continue (the MTA delivers it). The body is never touched. ``why``: the opt-in
+        X-Mailtriage-Why value, sent unfolded: a milter header value is one line (the protocol module
+        refuses line breaks, as MTAs read them differently); it stays far below 998 characters."""
         assert self.negotiated is not None
         packets = self._deletions()
-        for name, value in reversed(tag_fields(decision)):
+        for name, value in reversed(tag_fields(decision, why)):
+            value = value.replace("\r\n ", " ")
             if self.negotiated.version >= 6:
                 packets.append(p.insert_header(0, name, value))  # 0: on top, like the SMTP filter
             else:  # INSHEADER is not in every older MTA's vocabulary

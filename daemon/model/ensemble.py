@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mailtriage.core import explain
 from mailtriage.core.classifier import Prediction
 # What a version may serve is defined with the training parameters (the config validates them there).
 from mailtriage.core.training import SERVE_BASELINE, SERVE_CHOICES, SERVE_ENSEMBLE, SERVE_MODEL  # noqa: F401
@@ -78,13 +79,100 @@ class TemperedPipeline:
 def baseline_probs(pipeline: Any, texts: Sequence[str], labels: Sequence[str]) -> np.ndarray:
     """``pipeline.predict_proba`` with its columns (``classes_``, sorted by scikit-learn) put in
     ``labels`` order; a label absent from the baseline's training data keeps probability 0."""
-    raw = pipeline.predict_proba(list(texts))
+    return _in_label_order(pipeline.predict_proba(list(texts)), pipeline.classes_, labels)
+
+
+def _in_label_order(raw: np.ndarray, classes: Sequence[str], labels: Sequence[str]) -> np.ndarray:
     index = {label: i for i, label in enumerate(labels)}
-    out = np.zeros((len(texts), len(labels)), dtype=np.float64)
-    for j, cls in enumerate(pipeline.classes_):
+    out = np.zeros((raw.shape[0], len(labels)), dtype=np.float64)
+    for j, cls in enumerate(classes):
         if cls in index:
             out[:, index[cls]] = raw[:, j]
     return out
+
+
+def baseline_scored(baseline: Any, texts: Sequence[str], labels: Sequence[str]) -> tuple[np.ndarray, Any]:
+    """(``baseline_probs``, the TF-IDF feature matrix it was computed from): the features are computed
+    once and serve both the probabilities and the word contributions. The matrix is None for a
+    baseline that is not the served ``TfidfLogistic`` (a scikit-learn pipeline in the trainer)."""
+    linear = _linear(baseline)
+    if linear is None:
+        return baseline_probs(baseline, texts, labels), None
+    features = linear.features(texts)
+    raw = linear.proba_of(features)
+    if isinstance(baseline, TemperedPipeline):
+        raw = temper(raw, baseline.temperature)
+    return _in_label_order(raw, linear.classes_, labels), features
+
+
+def _linear(baseline: Any) -> TfidfLogistic | None:
+    inner = baseline.pipeline if isinstance(baseline, TemperedPipeline) else baseline
+    return inner if isinstance(inner, TfidfLogistic) else None
+
+
+# ---- explanations: the predictions with their evidence ---------------------------------------------
+
+
+def predictions(probs: np.ndarray, labels: Sequence[str]) -> list[Prediction]:
+    """One Prediction per row of ``probs`` (columns in ``labels`` order): the arg-max and every score."""
+    out = []
+    for row in probs.tolist():
+        best = max(range(len(row)), key=row.__getitem__)
+        out.append(Prediction(label=labels[best], confidence=row[best], scores=dict(zip(labels, row, strict=True))))
+    return out
+
+
+def explained_predictions(probs: np.ndarray, labels: Sequence[str], texts: Sequence[str], *, part: str,
+                          weight: float | None = None, tfidf: Any = None, features: Any = None,
+                          role: str = explain.ROLE_PART) -> list[Prediction]:
+    """``predictions`` with their evidence: the served ``part``, the ensemble ``weight`` and, when
+    there is a TF-IDF baseline (``tfidf``), the words that pushed each text toward its label and
+    toward the runner-up (``term_evidence``). ``features``: the baseline's matrix of ``texts`` when
+    already computed (``baseline_scored``), else computed here."""
+    linear = _linear(tfidf)
+    if linear is not None and features is None:
+        features = linear.features(texts)
+    out = []
+    for i, pred in enumerate(predictions(probs, labels)):
+        terms = None
+        versus = explain.runner_up(pred.scores, pred.label)
+        if linear is not None and versus is not None:
+            terms = term_evidence(linear, features[i], pred.label, versus, role)
+        out.append(Prediction(pred.label, pred.confidence, pred.scores, explain.Evidence(part, weight, terms)))
+    return out
+
+
+def term_evidence(linear: TfidfLogistic, row: Any, label: str, versus: str, role: str,
+                  top: int = explain.TOP_TERMS) -> explain.Terms | None:
+    """The exact linear contributions of one text's features (a 1 x features sparse row) to the
+    baseline's ``score(label) - score(versus)``: tf-idf value x (coef[label] - coef[versus]) each,
+    the ``top`` largest each way. None when the baseline never learned one of the two labels."""
+    contributions, columns, bias = linear.contributions(row, label, versus)
+    if contributions is None:
+        return None
+    gap = bias + float(contributions.sum())
+    order = np.argsort(contributions, kind="stable")
+    away = [k for k in order[:top] if contributions[k] < 0]
+    toward = [k for k in order[::-1][:top] if contributions[k] > 0]
+
+    def terms(ks: Sequence[int]) -> tuple[explain.Term, ...]:
+        return tuple(explain.Term(*linear.term(int(columns[k])), float(contributions[k])) for k in ks)
+
+    return explain.Terms(role=role, versus=versus, gap=gap, bias=bias, toward=terms(toward), away=terms(away))
+
+
+def view_baseline(version_dir: Path, labels: Sequence[str]) -> Any:
+    """The version's TF-IDF baseline for a "TF-IDF view" when the model alone serves, or None when the
+    version has none; a baseline that cannot be loaded only costs the view (logged), never a message."""
+    if not (Path(version_dir) / BASELINE_FILE).is_file():
+        return None
+    try:
+        return load_baseline(version_dir, labels)
+    except ModelError as exc:
+        import structlog
+
+        structlog.get_logger(__name__).warning("tfidf_view_unavailable", path=str(version_dir), error=str(exc))
+        return None
 
 
 # ---- the baseline's file: numbers and words only ----------------------------------------------------
@@ -280,15 +368,25 @@ class TfidfLogistic:
         self.coef = coef
         self.intercept = intercept
         self.classes_ = np.asarray(classes, dtype=object)
+        self._terms: list[tuple[int, list[str], str]] | None = None  # built on the first explanation
 
-    def decision_function(self, texts: Sequence[str]) -> np.ndarray:
+    def features(self, texts: Sequence[str]) -> Any:
+        """The TF-IDF features of ``texts``: a sparse CSR matrix, the parts' columns side by side."""
         from scipy import sparse
 
-        features = sparse.hstack([v.transform(list(texts)) for v in self.vectorizers]).tocsr()
+        return sparse.hstack([v.transform(list(texts)) for v in self.vectorizers]).tocsr()
+
+    def decision_function(self, texts: Sequence[str]) -> np.ndarray:
+        return self.scores_of(self.features(texts))
+
+    def scores_of(self, features: Any) -> np.ndarray:
         return np.asarray(features @ self.coef.T) + self.intercept
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
-        scores = self.decision_function(texts)
+        return self.proba_of(self.features(texts))
+
+    def proba_of(self, features: Any) -> np.ndarray:
+        scores = self.scores_of(features)
         if self.coef.shape[0] == 1:
             from scipy.special import expit
 
@@ -301,6 +399,41 @@ class TfidfLogistic:
 
     def predict(self, texts: Sequence[str]) -> np.ndarray:
         return self.classes_[self.predict_proba(texts).argmax(axis=1)]
+
+    def contributions(self, row: Any, label: str, versus: str) -> tuple[np.ndarray | None, np.ndarray, float]:
+        """(contribution of each nonzero feature of ``row`` to ``score(label) - score(versus)``, their
+        columns, the intercepts' difference); contributions None when a label is not a class here.
+
+        A binary model keeps one row of coefficients, the score of ``classes_[1]`` against
+        ``classes_[0]``; its sign flips when ``label`` is ``classes_[0]``.
+        """
+        classes = list(self.classes_)
+        columns = np.asarray(row.indices)
+        if label not in classes or versus not in classes or label == versus:
+            return None, columns, 0.0
+        a, b = classes.index(label), classes.index(versus)
+        values = np.asarray(row.data, dtype=np.float64)
+        if self.coef.shape[0] == 1:
+            sign = 1.0 if a == 1 else -1.0
+            return values * (sign * self.coef[0, columns]), columns, sign * float(self.intercept[0])
+        diff = self.coef[a, columns] - self.coef[b, columns]
+        return values * diff, columns, float(self.intercept[a] - self.intercept[b])
+
+    def term(self, column: int) -> tuple[str, str]:
+        """(text, kind) of a feature column: a word (n-gram) or a char n-gram, per its vectorizer."""
+        if self._terms is None:
+            self._terms = []
+            for v in self.vectorizers:
+                names = [""] * len(v.vocabulary)
+                for text, i in v.vocabulary.items():
+                    names[i] = text
+                kind = explain.KIND_WORD if v.analyzer == "word" else explain.KIND_CHAR
+                self._terms.append((len(names), names, kind))
+        for width, names, kind in self._terms:
+            if column < width:
+                return names[column], kind
+            column -= width
+        raise IndexError(f"feature column {column} is past the baseline's vocabulary")
 
 
 class BaselineClassifier:
@@ -323,12 +456,15 @@ class BaselineClassifier:
     def classify(self, texts: Sequence[str]) -> list[Prediction]:
         if not texts:
             return []
-        out = []
-        for row in baseline_probs(self.pipeline, texts, self.labels).tolist():
-            best = max(range(len(row)), key=row.__getitem__)
-            out.append(Prediction(label=self.labels[best], confidence=row[best],
-                                  scores=dict(zip(self.labels, row, strict=True))))
-        return out
+        return predictions(baseline_probs(self.pipeline, texts, self.labels), self.labels)
+
+    def classify_explained(self, texts: Sequence[str]) -> list[Prediction]:
+        """``classify`` with evidence: the same TF-IDF features give the scores and the word contributions."""
+        if not texts:
+            return []
+        probs, features = baseline_scored(self.pipeline, texts, self.labels)
+        return explained_predictions(probs, self.labels, texts, part=explain.PART_BASELINE, tfidf=self.pipeline,
+                                     features=features)
 
     def __repr__(self) -> str:
         return f"BaselineClassifier(version={self.version!r}, labels={list(self.labels)}, serve='baseline')"

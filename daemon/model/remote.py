@@ -27,6 +27,7 @@ with LabelMismatchError: filing mail by a model trained on other categories woul
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,7 @@ from typing import Any
 
 from mailtriage import httpcall
 from mailtriage.core.classifier import Prediction
+from mailtriage.core.explain import PART_REMOTE, Evidence
 from mailtriage.errors import InferenceError, InferenceUnavailable, LabelMismatchError
 
 APIS = ("tei", "vllm")
@@ -89,6 +91,11 @@ class HttpClassifier:
             else:
                 out.extend(self._vllm(chunk))
         return out
+
+    def classify_explained(self, texts: Sequence[str]) -> list[Prediction]:
+        """``classify``; all that is known of how the server scored is that it did (part "remote")."""
+        evidence = Evidence(PART_REMOTE)
+        return [dataclasses.replace(p, evidence=evidence) for p in self.classify(texts)]
 
     # -- wire formats -----------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from mailtriage.model import ensemble
 
 from mailtriage.model import modeldir
 from mailtriage.model.manifest import Manifest
+from mailtriage.core import explain
 from mailtriage.core.classifier import Prediction
 from mailtriage.errors import ModelError
 from mailtriage.core.labels import LabelSet
@@ -264,6 +265,8 @@ class TransformersClassifier:
         self.ensemble_temperature = ensemble_temperature
         # How a text longer than max_length is cut: as the version was trained (manifest).
         self.truncation = truncation
+        # A model-only version's baseline.npz, loaded on the first explanation (never for classify).
+        self._tfidf_view: Any = _NOT_LOADED
 
     def logits(self, texts: Sequence[str]) -> torch.Tensor:
         """Raw head outputs (n_texts x n_labels, fp32 on CPU), in input order."""
@@ -277,6 +280,24 @@ class TransformersClassifier:
                 batch = collate(self.tokenizer, [ids[i] for i in chunk], self.device)
                 out[chunk] = self.model(**batch).logits.float().cpu()
         return out
+
+    def classify_explained(self, texts: Sequence[str]) -> list[Prediction]:
+        """``classify`` with each prediction's evidence (``mailtriage.core.explain``): the served part,
+        the ensemble weight and the TF-IDF words. An ensemble's baseline features are computed once for
+        its scores and its words; a version serving the model alone shows its baseline's words, if it
+        has one, as a "TF-IDF view" that took no part in the decision."""
+        if not texts:
+            return []
+        probs = torch.softmax(self.logits(texts) / self.temperature, dim=-1).numpy()
+        if self.baseline is not None:
+            base_p, features = ensemble.baseline_scored(self.baseline, texts, self.labels)
+            probs = ensemble.ensemble_probs(probs, base_p, self.ensemble_weight, self.ensemble_temperature)
+            return ensemble.explained_predictions(probs, self.labels, texts, part=self.serve,
+                                                  weight=self.ensemble_weight, tfidf=self.baseline, features=features)
+        if self._tfidf_view is _NOT_LOADED:
+            self._tfidf_view = ensemble.view_baseline(self.path, self.labels)
+        return ensemble.explained_predictions(probs, self.labels, texts, part=self.serve, tfidf=self._tfidf_view,
+                                              role=explain.ROLE_VIEW)
 
     def classify(self, texts: Sequence[str]) -> list[Prediction]:
         if not texts:
@@ -301,6 +322,8 @@ class TransformersClassifier:
         return (f"TransformersClassifier(version={self.version!r}, labels={list(self.labels)}, "
                 f"device={self.device!r}, serve={self.serve!r})")
 
+
+_NOT_LOADED = object()
 
 # peft's file name for adapter weights as safetensors (plain tensors; no code can hide in it).
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"

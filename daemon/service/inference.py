@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 
 from mailtriage.config import Config
-from mailtriage.core.classifier import Classifier, Prediction
+from mailtriage.core.classifier import Classifier, Prediction, classify_explained
 from mailtriage.core.pipeline import ClassifyFn
 from mailtriage.errors import InferenceUnavailable
 from mailtriage.model import backend as model_backend
@@ -300,7 +300,8 @@ class Inference:
         classifier = self._classifier
         assert classifier is not None, "classify called before the model was loaded"
         with metrics.CLASSIFY_LATENCY.time():
-            predictions = classifier.classify(texts)
+            # With evidence: every decision is stored with its explanation (core.explain).
+            predictions = classify_explained(classifier, texts)
         return predictions, classifier.version
 
     def _classify_job(self, texts: Sequence[str]) -> concurrent.futures.Future[tuple[list[Prediction], str]]:

@@ -28,7 +28,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, AnyStr
+from typing import TYPE_CHECKING, Any, AnyStr, Protocol
 
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
@@ -36,6 +36,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 from mailtriage.config import Config
 from mailtriage.core.pipeline import UNKNOWN_KEY, ClassifyAsync, Rules, classify_and_route_async, prepare
 from mailtriage.core.routing import Decision
+from mailtriage.core.explain import Explanation, why_header
 from mailtriage.core.tagging import category_value, tagged_parts
 from mailtriage.errors import ConfigError
 from mailtriage import metrics
@@ -46,7 +47,13 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-RecordFn = Callable[[str, Decision, str], None]  # (message key, decision, model version)
+
+class RecordFn(Protocol):
+    """Records one tagged message's decision (StateDB.record_relayed)."""
+
+    def __call__(self, key: str, decision: Decision, model_version: str, *,
+                 explanation: Explanation | None = None) -> None: ...
+
 
 # Postfix's default message_size_limit is 10 MB; 50 MB leaves room for big attachments while
 # bounding what one transaction holds in memory (aiosmtpd buffers the whole message).
@@ -80,13 +87,14 @@ class ContentFilter:
 
     def __init__(
         self, rules: Rules, classify: ClassifyAsync, hop: NextHop, record: RecordFn | None = None,
-        relay_timeout: float = RELAY_TIMEOUT,
+        relay_timeout: float = RELAY_TIMEOUT, why_header: bool = False,
     ) -> None:
         self.rules = rules
         self.classify = classify
         self.hop = hop
         self.record = record  # StateDB.record_relayed: the decision into the state DB, for stats/corrections
         self.relay_timeout = relay_timeout
+        self.why_header = why_header  # add X-Mailtriage-Why (config why_header)
         self.busy = False  # classifying or relaying a message right now (no timeout ends the session)
 
     # -- envelope: nothing is held open at the next hop -----------------------------------
@@ -141,7 +149,8 @@ class ContentFilter:
                     classify_and_route_async([text], self.classify, self.rules), deadline - time.monotonic()
                 )
                 decision, version = routed.decision, routed.model_version
-                tagged = await asyncio.to_thread(tagged_parts, raw, decision)
+                why = why_header(routed.explanation) if self.why_header and routed.explanation else None
+                tagged = await asyncio.to_thread(tagged_parts, raw, decision, why)
             except Exception as exc:  # noqa: BLE001 - the sender keeps the message and retries
                 bound.error("smtp_classify_failed", error=str(exc) or type(exc).__name__,
                             error_type=type(exc).__name__, exc_info=not isinstance(exc, TimeoutError))
@@ -161,7 +170,7 @@ class ContentFilter:
             self.busy = False
         if self.record is not None and key != UNKNOWN_KEY:
             try:
-                await asyncio.to_thread(self.record, key, decision, version)
+                await asyncio.to_thread(self.record, key, decision, version, explanation=routed.explanation)
             except Exception as exc:  # noqa: BLE001 - the next hop has it: a 4xx now would duplicate it
                 bound.error("smtp_decision_not_recorded", error=str(exc), error_type=type(exc).__name__)
         outcome = "unsure" if decision.unsure else "filed"
@@ -672,7 +681,8 @@ class SmtpFilter:
 
         def factory() -> _FilterSMTP:
             return _FilterSMTP(
-                ContentFilter(rules, self.classify, hop, self.record, relay_timeout=self.relay_timeout),
+                ContentFilter(rules, self.classify, hop, self.record, relay_timeout=self.relay_timeout,
+                              why_header=self.config.why_header),
                 self._connections,
                 max_connections=self.max_connections,
                 session_lifetime=self.session_lifetime,

@@ -1,7 +1,7 @@
 """The daemon's memory in one SQLite file (WAL): what was decided for which message, so restarts,
 crashes, UIDVALIDITY changes and duplicate deliveries never file a message twice or lose it.
 
-Schema (version 4, in ``PRAGMA user_version``; versions 1 to 3 are migrated on a writable open,
+Schema (version 5, in ``PRAGMA user_version``; versions 1 to 4 are migrated on a writable open,
 any other version is refused)::
 
     messages      one row per message the watcher saw, keyed like IMAP keys it
@@ -29,6 +29,9 @@ any other version is refused)::
                      account name with one origin are one mailbox's, so an account renamed, or a
                      second one reaching the same login, never files a message again (v4; NULL on
                      older rows, which match by account alone)
+      explanation    why the decision was made, as JSON (core.explain.Explanation: top labels, the
+                     part that decided, the threshold, the TF-IDF words), at most 2 KB (v5; NULL on
+                     older rows and on rows that are no decision: skipped, poison)
       error, decided_at, updated_at (unix seconds)
     mailbox_state  (account, mailbox, dry_run) PRIMARY KEY -> uidvalidity, last_uid
                      the highest UID fully handled; a dry run keeps its own cursor so switching
@@ -56,9 +59,10 @@ from enum import StrEnum
 from typing import Any
 
 from mailtriage.errors import StateError
+from mailtriage.core.explain import Explanation
 from mailtriage.core.routing import Decision
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # user_version -> statements that bring it to the next version (run in one transaction).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE messages ADD COLUMN content TEXT",),
@@ -74,6 +78,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         # A refused quarantine used to be final (the message stranded in the watched mailbox): retry it.
         "UPDATE messages SET retry_at = 0 WHERE status = 'failed' AND quarantined = 1 AND retry_at IS NULL",
     ),
+    4: ("ALTER TABLE messages ADD COLUMN explanation TEXT",),
 }
 
 _SCHEMA = """
@@ -99,6 +104,7 @@ CREATE TABLE IF NOT EXISTS messages (
     retry_at REAL,
     quarantined INTEGER NOT NULL DEFAULT 0,
     origin TEXT,
+    explanation TEXT,
     error TEXT,
     decided_at REAL NOT NULL,
     updated_at REAL NOT NULL,
@@ -188,6 +194,7 @@ class MessageRow:
     attempts: int = 0
     retry_at: float | None = None
     quarantined: bool = False
+    explanation: str | None = None  # JSON (Explanation.from_json reads it); None before schema 5
 
 
 @dataclass(frozen=True)
@@ -440,6 +447,7 @@ class StateDB:
         dest_uidvalidity: int | None = None,
         dest_uidnext: int | None = None,
         origin: str | None = None,
+        explanation: Explanation | None = None,
     ) -> Claim:
         """Take one message for acting, atomically: record it 'pending' unless someone has it.
 
@@ -481,11 +489,11 @@ class StateDB:
             conn.execute(
                 """INSERT INTO messages (account, mailbox, uidvalidity, uid, key, content, fingerprint, label,
                     confidence, unsure, folder, action, model_version, dry_run, status, dest_uidvalidity,
-                    dest_uidnext, origin, decided_at, updated_at)
-                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0,'pending',?,?,?,?,?)""",
+                    dest_uidnext, origin, explanation, decided_at, updated_at)
+                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0,'pending',?,?,?,?,?,?)""",
                 (account, mailbox, uidvalidity, uid, key, content, fingerprint, decision.label, decision.confidence,
                  int(decision.unsure), folder if folder is not None else decision.folder, action, model_version,
-                 dest_uidvalidity, dest_uidnext, origin, now, now),
+                 dest_uidvalidity, dest_uidnext, origin, _json(explanation), now, now),
             )
             conn.execute("COMMIT")
             return Claim.CLAIMED
@@ -513,6 +521,7 @@ class StateDB:
         dest_uidvalidity: int | None = None,
         dest_uidnext: int | None = None,
         error: str | None = None,
+        explanation: Explanation | None = None,
     ) -> None:
         """Insert or update the row of one message (dry runs, failures; a real action ``claim``s first)."""
         if status not in STATUSES:
@@ -522,8 +531,8 @@ class StateDB:
             """
             INSERT INTO messages (account, mailbox, uidvalidity, uid, key, content, fingerprint, label, confidence,
                 unsure, folder, action, model_version, dry_run, status, dest_uidvalidity, dest_uidnext,
-                error, decided_at, updated_at)
-            VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+                error, explanation, decided_at, updated_at)
+            VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
             ON CONFLICT (account, mailbox, uidvalidity, uid) DO UPDATE SET
                 key=excluded.key, content=COALESCE(excluded.content, content),
                 fingerprint=COALESCE(excluded.fingerprint, fingerprint),
@@ -532,17 +541,19 @@ class StateDB:
                 dry_run=excluded.dry_run, status=excluded.status,
                 dest_uidvalidity=COALESCE(excluded.dest_uidvalidity, dest_uidvalidity),
                 dest_uidnext=COALESCE(excluded.dest_uidnext, dest_uidnext),
-                error=excluded.error, updated_at=excluded.updated_at
+                error=excluded.error, explanation=COALESCE(excluded.explanation, explanation),
+                updated_at=excluded.updated_at
             """,
             (
                 account, mailbox, uidvalidity, uid, key, content, fingerprint, decision.label, decision.confidence,
                 int(decision.unsure), folder if folder is not None else decision.folder, action, model_version,
-                int(dry_run), status, dest_uidvalidity, dest_uidnext, error, now, now,
+                int(dry_run), status, dest_uidvalidity, dest_uidnext, error, _json(explanation), now, now,
             ),
         )
 
     def record_relayed(
-        self, key: str, decision: Decision, model_version: str | None, *, intake: str = SMTP_INTAKE
+        self, key: str, decision: Decision, model_version: str | None, *, intake: str = SMTP_INTAKE,
+        explanation: Explanation | None = None,
     ) -> None:
         """One message the SMTP content filter tagged and the next hop accepted, or the milter
         (``intake=MILTER_INTAKE``) tagged (action 'header'; ``folder`` is where its category header
@@ -551,11 +562,11 @@ class StateDB:
         now = time.time()
         self._exec(
             """INSERT INTO messages (account, mailbox, uidvalidity, uid, key, label, confidence, unsure, folder,
-                   action, model_version, dry_run, status, decided_at, updated_at)
-               SELECT ?, ?, 0, COALESCE(MAX(uid), 0) + 1, ?, ?, ?, ?, ?, 'header', ?, 0, 'done', ?, ?
+                   action, model_version, dry_run, status, explanation, decided_at, updated_at)
+               SELECT ?, ?, 0, COALESCE(MAX(uid), 0) + 1, ?, ?, ?, ?, ?, 'header', ?, 0, 'done', ?, ?, ?
                FROM messages WHERE account = ? AND mailbox = ?""",
             (intake, mailbox, key, decision.label, decision.confidence, int(decision.unsure),
-             decision.folder, model_version, now, now, intake, mailbox),
+             decision.folder, model_version, _json(explanation), now, now, intake, mailbox),
         )
 
     def set_status(
@@ -855,4 +866,9 @@ def _message_row(r: sqlite3.Row) -> MessageRow:
         attempts=r["attempts"] if "attempts" in r.keys() else 0,
         retry_at=r["retry_at"] if "retry_at" in r.keys() else None,
         quarantined=bool(r["quarantined"]) if "quarantined" in r.keys() else False,
+        explanation=r["explanation"] if "explanation" in r.keys() else None,
     )
+
+
+def _json(explanation: Explanation | None) -> str | None:
+    return None if explanation is None else explanation.to_json()

@@ -27,7 +27,7 @@ from mailtriage.smtp.relay import SmtpFilter
 from mailtriage.store.state import SMTP_INTAKE, StateDB
 from mailtriage.testing.dovecot import load_messages
 from tests.models import TOY_LABELS, toy_dataset
-from tests.test_relay import LoopThread, NextHopHandler, make_config, mail, next_hop  # noqa: F401 - fixture
+from tests.test_relay import LoopThread, NextHopHandler, mail, next_hop, relay_config  # noqa: F401 - fixture
 from tests.test_watcher import (  # noqa: F401 - fixtures
     CATEGORIES, config, contents, count_where, make_account, msg, user,
 )
@@ -123,7 +123,7 @@ def test_the_relay_stores_the_explanation_and_adds_why_only_when_asked(
     import smtplib
 
     handler, hop_port = next_hop
-    config = dataclasses.replace(make_config(listen_port=1, next_hop_port=hop_port), why_header=asked)
+    config = dataclasses.replace(relay_config(listen_port=1, next_hop_port=hop_port), why_header=asked)
     state = StateDB(tmp_path / "state.sqlite3")
     loop = LoopThread()
     server = _relay(loop, config, hop_port, baseline, state)
@@ -183,7 +183,7 @@ def test_the_served_milter_stores_the_explanation_and_adds_a_one_line_why(
         milter=MilterConfig(enabled=True, listen_port=port),
     )
     service = Service(config, None, load_model=lambda path: baseline)
-    raw = milter_mail("Please refund me, the refund is late", extra=b"X-Mailtriage-Why: filed=billing forged\r\n")
+    raw = milter_mail("Please refund me, the refund is late", prepend=b"X-Mailtriage-Why: filed=billing forged\r\n")
 
     async def main() -> Any:
         task = asyncio.create_task(service.run())

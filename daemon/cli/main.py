@@ -72,9 +72,9 @@ def _classifier(args: argparse.Namespace, cfg: Config | None) -> Classifier:
         batch_size=cfg.model.batch_size if cfg else 16,
         max_length=cfg.model.max_length if cfg else 256,
         expected_labels=cfg.labels if cfg else None,
-        quantize=cfg.model.quantize if cfg else "none",
+        quantize=cfg.model.quantize if cfg else "auto",
         threads=cfg.model.threads if cfg else 0,
-        runtime=cfg.model.runtime if cfg else "torch",
+        runtime=cfg.model.runtime if cfg else "auto",
     )
 
 

@@ -28,6 +28,18 @@ from mailtriage.model.ensemble import DEFAULT_ENSEMBLE_WEIGHT, SERVE_CHOICES, SE
 TEMPERATURE_MIN = 0.01
 TEMPERATURE_MAX = 100.0
 
+# How much holdout accuracy the int8 ONNX graph may lose against fp32 before "auto" keeps a version
+# on torch fp32 on a CPU: half a point (as a fraction). The trainer measures both on the version's own
+# holdout and records them in the manifest's "serving" block; the loader applies this rule to them.
+INT8_TOLERANCE = 0.005
+CPU_RUNTIMES = ("torch", "onnxruntime")
+CPU_QUANTIZE = ("none", "int8")
+
+
+def int8_keeps_accuracy(fp32: float, int8: float) -> bool:
+    """True when int8 scored at most ``INT8_TOLERANCE`` below fp32 (1e-9: float noise of n/N fractions)."""
+    return fp32 - int8 <= INT8_TOLERANCE + 1e-9
+
 
 
 def _empty() -> Mapping[str, Any]:
@@ -52,6 +64,9 @@ class Manifest:
     labels: tuple[str, ...] | None = None
     metrics: Mapping[str, Any] = field(default_factory=_empty)   # the held-out metrics as served
     gate: Mapping[str, Any] = field(default_factory=_empty)
+    # What the trainer measured for CPU serving: {"cpu_runtime", "quantize", "holdout_accuracy_fp32",
+    # "holdout_accuracy_int8", "reason"}; empty for versions from before the check (torch fp32 then).
+    serving: Mapping[str, Any] = field(default_factory=_empty)
     # The whole JSON object as read, for the keys not modelled above (reports read them).
     raw: Mapping[str, Any] = field(default_factory=_empty, compare=False, repr=False)
 
@@ -84,6 +99,7 @@ class Manifest:
             "labels": data.get("labels"),
             "metrics": data.get("metrics") or {},
             "gate": data.get("gate") or {},
+            "serving": data.get("serving") or {},
         }
         _check_types(values, where)
         if isinstance(values["mailtext_version"], int):
@@ -95,6 +111,7 @@ class Manifest:
                 values[key] = _float(values[key])
         values["metrics"] = MappingProxyType(dict(values["metrics"]))
         values["gate"] = MappingProxyType(dict(values["gate"]))
+        values["serving"] = MappingProxyType(dict(values["serving"]))
         _validate(values, where)  # here, so the message names the file
         return cls(**values, raw=MappingProxyType(dict(data)))
 
@@ -128,6 +145,8 @@ class Manifest:
             out["metrics"] = dict(self.metrics)
         if self.gate:
             out["gate"] = dict(self.gate)
+        if self.serving:
+            out["serving"] = dict(self.serving)
         if self.truncation != "head" or "params" in out:
             out["params"] = {**(out.get("params") or {}), "truncation": self.truncation}
         return out
@@ -155,6 +174,21 @@ class Manifest:
             return None
         return "promoted" if self.gate.get("promoted") else "kept"
 
+    # ---- what runtime = quantize = "auto" serve on a CPU ------------------------------------------
+
+    @property
+    def cpu_serving(self) -> tuple[str, str]:
+        """(runtime, quantize) for a CPU: ("onnxruntime", "int8") when the trainer recorded that choice
+        and its two holdout accuracies say int8 stayed within ``INT8_TOLERANCE`` of fp32; else
+        ("torch", "none"), also for older versions without the record. The numbers are checked here
+        again, so a hand-edited "cpu_runtime" alone does not switch a version to int8."""
+        s = self.serving
+        fp32, int8 = _score(s.get("holdout_accuracy_fp32")), _score(s.get("holdout_accuracy_int8"))
+        if (s.get("cpu_runtime") == "onnxruntime" and s.get("quantize") == "int8" and fp32 is not None
+                and int8 is not None and int8_keeps_accuracy(fp32, int8)):
+            return ("onnxruntime", "int8")
+        return ("torch", "none")
+
 
 # ---- validation ---------------------------------------------------------------------------------
 
@@ -174,6 +208,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "labels": ((list, tuple), "a list of label names"),
     "metrics": ((Mapping,), "a JSON object"),
     "gate": ((Mapping,), "a JSON object"),
+    "serving": ((Mapping,), "a JSON object"),
 }
 _OPTIONAL = {"base_model", "mailtext_version", "version", "created", "threshold", "labels"}
 
@@ -240,6 +275,14 @@ def _validate(m: Mapping[str, Any], where: str) -> None:
         value = m["metrics"].get(key)
         if value is not None and _score(value) is None:
             raise _bad(where, f"metrics.{key}", value, "a finite number in 0..1")
+    serving = m["serving"]
+    for key, choices in (("cpu_runtime", CPU_RUNTIMES), ("quantize", CPU_QUANTIZE)):
+        if key in serving and serving[key] not in choices:
+            raise _bad(where, f"serving.{key}", serving[key], f"one of {list(choices)}")
+    for key in ("holdout_accuracy_fp32", "holdout_accuracy_int8"):
+        value = serving.get(key)
+        if value is not None and _score(value) is None:
+            raise _bad(where, f"serving.{key}", value, "a finite number in 0..1 (an accuracy)")
 
 
 def _float(value: float) -> float:

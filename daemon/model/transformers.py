@@ -66,6 +66,25 @@ def pick_device(pref: str = "auto") -> str:
     return pref
 
 
+def choose_runtime(runtime: str, quantize: str, device: str, manifest: Manifest) -> tuple[str, str]:
+    """Resolve "auto" in ``runtime`` / ``quantize`` for ``device``; explicit values are kept as given.
+
+    Off a CPU, "auto" is torch without quantization (bf16 on CUDA). On a CPU the version decides
+    (``Manifest.cpu_serving``): onnxruntime int8 where the trainer measured that int8 kept the holdout
+    accuracy, else torch fp32. "auto" next to an explicit value follows it: runtime "auto" with
+    quantize "int8" is onnxruntime where the version vouches for it and torch int8 otherwise; quantize
+    "auto" with an explicit runtime is int8 only on onnxruntime and only where the version vouches.
+    """
+    if device != "cpu":
+        return ("torch" if runtime == "auto" else runtime, "none" if quantize == "auto" else quantize)
+    vouched = manifest.cpu_serving == ("onnxruntime", "int8")
+    if runtime == "auto":
+        runtime = "onnxruntime" if vouched and quantize in ("auto", "int8") else "torch"
+    if quantize == "auto":
+        quantize = "int8" if vouched and runtime == "onnxruntime" else "none"
+    return runtime, quantize
+
+
 def pick_dtype(device: str) -> torch.dtype:
     """bf16 on CUDA (half the memory, fast tensor cores); fp32 elsewhere: on CPUs without AMX bf16 is
     slower than fp32, and bf16 support on MPS depends on the macOS version."""
@@ -371,8 +390,11 @@ def load_classifier(
     What comes back is the version as served (manifest ``"serve"``): the fine-tuned model, the model
     averaged with the TF-IDF baseline, or the baseline alone (no torch model is loaded then).
     ``quantize="int8"`` serves a dynamically int8-quantized copy (CPU only; see ``quantize_int8``);
-    ``threads`` > 0 sets torch's CPU thread count first. ``runtime="onnxruntime"`` serves the loaded
-    model from an ONNX Runtime session instead (CPU only; see ``mailtriage.model.onnxrt``), int8 there too.
+    ``threads`` > 0 sets torch's CPU thread count first. ``runtime="onnxruntime"`` serves the model
+    from an ONNX Runtime session instead (CPU only; see ``mailtriage.model.onnxrt``), int8 there too.
+    "auto" for either lets the device and the version choose (``choose_runtime``); the config's
+    default. This function's own defaults stay torch fp32: the trainer scores versions with it, and
+    fp32 is the reference the int8 check compares against.
     """
     if quantize not in QUANTIZE_CHOICES:
         raise ModelError(f"quantize = {quantize!r} is unknown; use one of {', '.join(QUANTIZE_CHOICES)}")
@@ -389,6 +411,8 @@ def load_classifier(
 
     base = manifest.base_model or _adapter_base(version_dir)
     resolved_device = pick_device(device)
+    auto = runtime == "auto"
+    runtime, quantize = choose_runtime(runtime, quantize, resolved_device, manifest)
     if (quantize == "int8" or runtime == "onnxruntime") and resolved_device != "cpu":
         raise ModelError(
             f"quantize = {quantize!r} / runtime = {runtime!r} are CPU speed-ups, but the model runs on "
@@ -397,13 +421,29 @@ def load_classifier(
         )
     dtype = pick_dtype(resolved_device)
     tokenizer = load_tokenizer(version_dir if (version_dir / "tokenizer_config.json").is_file() else base)
-    model = _load_adapted(version_dir, base, labels, tokenizer, dtype, resolved_device)
-    if runtime == "onnxruntime":
-        from mailtriage.model import onnxrt
+    from mailtriage.model import onnxrt
 
-        model = onnxrt.session_model(model, quantize=quantize, threads=threads)
-    elif quantize == "int8":
-        model = quantize_int8(model)
+    if runtime == "onnxruntime" and auto and not onnxrt.available():
+        log.warning("onnxruntime_missing", hint="runtime = \"auto\" serves torch fp32; pip install onnxruntime onnx")
+        runtime, quantize = "torch", "none"
+
+    def load_torch() -> torch.nn.Module:
+        return _load_adapted(version_dir, base, labels, tokenizer, dtype, resolved_device)
+
+    model: Any = None
+    if runtime == "onnxruntime":
+        try:
+            model = onnxrt.serve(version_dir, base=str(base), quantize=quantize, threads=threads, load_torch=load_torch)
+        except ModelError as exc:
+            if not auto:
+                raise
+            # "auto" asked for speed, not for this runtime: a model that does not export still serves.
+            log.warning("onnxruntime_unusable", error=str(exc), fallback="torch fp32")
+            runtime, quantize = "torch", "none"
+    if model is None:
+        model = load_torch()
+        if quantize == "int8":
+            model = quantize_int8(model)
     log.info(
         "model_loaded",
         version=version_dir.name,
@@ -414,6 +454,7 @@ def load_classifier(
         serve=manifest.serve,
         quantize=quantize,
         runtime=runtime,
+        chosen_by="auto" if auto else "config",
         threads=torch.get_num_threads(),
     )
     return TransformersClassifier(

@@ -200,8 +200,9 @@ def test_the_rules_can_fail(tmp_path: Path) -> None:
 @pytest.mark.component
 def test_importing_the_relay_and_watcher_does_not_load_torch() -> None:
     code = ("import sys, mailtriage.smtp.relay, mailtriage.smtp.nexthop, mailtriage.imap.watcher, mailtriage.imap.filing, "
-            "mailtriage.core.pipeline, mailtriage.store.stats, mailtriage.model.manifest, mailtriage.milter.server; "
-            "print('torch' in sys.modules)")
+            "mailtriage.core.pipeline, mailtriage.core.explain, mailtriage.store.stats, mailtriage.model.manifest, "
+            "mailtriage.milter.server, mailtriage.service.batching, mailtriage.imap.namespace, mailtriage.httpcall, "
+            "mailtriage.credentials, mailtriage.cli.check_smtp; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -10,9 +10,9 @@ import asyncio
 import io
 import socket
 import threading
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import structlog
@@ -28,6 +28,7 @@ from mailtriage.milter.session import TEMPFAIL_TEXT
 from mailtriage.model import modeldir
 from mailtriage.service.app import Service
 from mailtriage.store.state import MILTER_INTAKE, StateDB
+from mailtriage.testing.loop import LoopThread
 from mailtriage.testing.builders import mail, make_config
 from mailtriage.testing.fakes import KeywordClassifier
 from mailtriage.testing.milter import MilterClient, split_message, tag_once
@@ -38,7 +39,6 @@ pytestmark = pytest.mark.component
 CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
 LABELS = tuple(CATEGORIES)
 KEYWORDS = {"invoice": "billing", "password": "login", "refund": "refunds"}
-T = TypeVar("T")
 
 
 def keyword_classifier(version: str = "kw-1") -> KeywordClassifier:
@@ -56,24 +56,6 @@ async def broken_classify(texts: Sequence[str]) -> tuple[list[Prediction], str]:
 def milter_config(**milter: Any) -> Config:
     """The milter's config: [milter] enabled with ``milter`` keys, the keyword fake's threshold."""
     return make_config(categories=CATEGORIES, model={"threshold": 0.6, "device": "cpu"}, milter={"enabled": True, **milter})
-
-
-class LoopThread:
-    """An event loop in a thread, as the daemon's: the milter lives on it, the test's MTA client talks to it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="milter-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        self.run(self.loop.shutdown_default_executor())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 StartMilter = Callable[..., MilterServer]

@@ -14,7 +14,6 @@ import os
 import shutil
 import smtplib
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import pytest
 from mailtriage.config import Config
 from mailtriage.milter.server import ClassifyAsync, MilterServer
 from mailtriage.testing.milter import split_message
-from mailtriage.testing.postfix import RECIPE_DIR, Delivered, Postfix, PostfixError, SmtpSink, delayed_acks
+from mailtriage.testing.postfix import RECIPE_DIR, Delivered, Postfix, PostfixError, SmtpSink, delayed_acks, delayed_acks_in_namespace
 from tests.test_milter import LoopThread, broken_classify, keyword_classify, milter_config as make_config
 from tests.test_postfix import (
     CATEGORY,
@@ -305,19 +304,11 @@ def test_postfix_packets_that_want_no_answer_are_acknowledged_at_once() -> None:
     # Postfix writes macros and headers one small write each, with Nagle's algorithm on: each waits
     # for the ACK of the one before. Had the milter's socket kept the kernel's delayed ACKs (40 ms),
     # every message would wait for that timer once or twice (counted here, not timed).
-    unshare = shutil.which("unshare")
-    if os.geteuid() != 0 or unshare is None or shutil.which("ip") is None:
+    count = delayed_acks_in_namespace("tests.test_postfix_milter:delayed_acks_child", Path(__file__).resolve().parents[1])
+    if count is None:
         pytest.skip("needs root, unshare and ip: the count is taken in a network namespace of its own")
-    repo = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        [unshare, "--net", sys.executable, "-c",
-         "from tests.test_postfix_milter import delayed_acks_child; delayed_acks_child()"],
-        cwd=repo, capture_output=True, text=True, timeout=120,
-    )
-    counts = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("DELAYED_ACKS ")]
-    assert done.returncode == 0 and counts, f"the child failed ({done.returncode}):\n{done.stderr[-3000:]}"
     # Without quick ACKs: about two per message; with them: none (a few allowed for Postfix's own chatter).
-    assert int(counts[0]) < DELAYED_ACK_MESSAGES // 2, counts
+    assert count < DELAYED_ACK_MESSAGES // 2, count
 
 
 # -- the docs show the file the tests apply ------------------------------------------------------------

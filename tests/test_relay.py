@@ -16,10 +16,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from email import message_from_bytes
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import structlog
@@ -34,6 +34,7 @@ from mailtriage.errors import ConfigError
 from mailtriage.core.pipeline import ClassifyAsync
 from mailtriage.smtp.nexthop import NextHop
 from mailtriage.smtp.relay import SmtpFilter
+from mailtriage.testing.loop import LoopThread
 from mailtriage.testing.builders import mail, make_config, relay_table
 from mailtriage.testing.fakes import KeywordClassifier
 from mailtriage.testing.waits import wait_for
@@ -42,7 +43,6 @@ from mailtriage.testing.waits import wait_for
 CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
 LABELS = tuple(CATEGORIES)
 KEYWORDS = {"invoice": "billing", "password": "login", "refund": "refunds"}
-T = TypeVar("T")
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -111,24 +111,6 @@ def next_hop() -> Iterator[tuple[NextHopHandler, int]]:
         yield handler, port
     finally:
         controller.stop()
-
-
-class LoopThread:
-    """An event loop in a thread, as the daemon's: the relay lives on it, tests talk smtplib to it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="relay-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        self.run(self.loop.shutdown_default_executor())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 class StartRelay:

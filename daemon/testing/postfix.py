@@ -26,6 +26,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -541,3 +542,21 @@ def delayed_acks() -> int:
     lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines() if line.startswith("TcpExt:")]
     names, values = lines[0], lines[1]
     return int(dict(zip(names, values))["DelayedACKs"])
+
+
+def delayed_acks_in_namespace(child: str, repo: Path) -> int | None:
+    """Run ``child`` (``"module:function"``, a function that prints ``DELAYED_ACKS N``) with
+    ``python -c`` in a network namespace of its own and return N; None where that cannot be done
+    here (not root, or no ``unshare``/``ip``)."""
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None or shutil.which("ip") is None:
+        return None
+    module, function = child.split(":")
+    done = subprocess.run(
+        [unshare, "--net", sys.executable, "-c", f"from {module} import {function}; {function}()"],
+        cwd=repo, capture_output=True, text=True, timeout=120,
+    )
+    counts = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("DELAYED_ACKS ")]
+    if done.returncode != 0 or not counts:
+        raise PostfixError(f"the delayed-ACK child failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return int(counts[0])

@@ -247,6 +247,131 @@ def test_a_backlog_of_big_messages_is_fetched_a_few_at_a_time(
     assert count_where(client)["Support/Billing"] == 4
 
 
+class Spy:
+    """Counts what the watcher asks of the server on its connection, and from which thread."""
+
+    def __init__(self, client: IMAPClient) -> None:
+        self.fetches: list[tuple[list[int], list[str]]] = []
+        self.statuses: list[str] = []
+        self.threads: set[threading.Thread] = set()
+        self.fetched = threading.Condition()
+        real_fetch, real_status = client.fetch, client.folder_status
+
+        def fetch(uids: Any, items: Any, *a: Any, **kw: Any) -> Any:
+            self.threads.add(threading.current_thread())
+            data = real_fetch(uids, items, *a, **kw)
+            with self.fetched:
+                self.fetches.append((list(uids), [str(i) for i in items]))
+                self.fetched.notify_all()
+            return data
+
+        def folder_status(folder: Any, *a: Any, **kw: Any) -> Any:
+            self.threads.add(threading.current_thread())
+            self.statuses.append(folder)
+            return real_status(folder, *a, **kw)
+
+        client.fetch = fetch  # type: ignore[method-assign]
+        client.folder_status = folder_status  # type: ignore[method-assign]
+
+    def body_fetches(self) -> list[tuple[list[int], list[str]]]:
+        return [f for f in self.fetches if any("BODY" in i for i in f[1])]
+
+
+def test_each_batch_is_one_fetch_and_one_status_per_destination(
+    dovecot: Dovecot, user: Any, make_account: Any, config: Config
+) -> None:
+    """A batch's sizes and texts come in one FETCH (no size round trip first), and each destination's
+    UIDNEXT, recorded with every claim for crash recovery, in one STATUS per batch, not per message;
+    each recorded UIDNEXT is still at or below the UID its copy got."""
+    name, password, client = user
+    load_messages(client, "INBOX", MIXED)
+    w, _ = watcher_for(make_account(dovecot, name, password, fetch_batch=7), config)
+    try:
+        w.connect()
+        assert w.client is not None
+        spy = Spy(w.client)
+        assert w.process_backlog() == 7
+    finally:
+        w.close()
+    fetches = spy.body_fetches()
+    assert len(fetches) == 1 and sorted(fetches[0][0]) == [1, 2, 3, 4, 5, 6, 7]
+    assert "RFC822.SIZE" in fetches[0][1]
+    assert [f for f in spy.fetches if f not in fetches] == []  # no FETCH of sizes alone
+    assert sorted(spy.statuses) == sorted(set(spy.statuses))  # one STATUS per destination
+    copies = {header_key(h["header"]): (folder, uid) for folder in ALL_FOLDERS
+              for uid, h in contents(client, folder).items()}
+    rows = w.state.rows("acct")
+    assert len(rows) == 7 and {r.status for r in rows} == {"done"}
+    for r in rows:
+        folder, uid = copies[r.key]
+        assert r.folder == folder and r.dest_uidnext is not None and r.dest_uidnext <= uid
+
+
+def header_key(header: bytes) -> str:
+    from mailtriage.core.mailtext import message_key
+
+    return message_key(header + b"\r\n")
+
+
+def test_a_second_message_with_the_same_header_block_gets_its_own_status(
+    dovecot: Dovecot, user: Any, make_account: Any, config: Config
+) -> None:
+    """Two messages with one header block and other bodies are two messages, both filed. Recovery
+    tells copies apart by header fingerprint above the recorded UIDNEXT, so the second may not
+    reuse a mark taken before the first one's copy arrived: it gets a STATUS of its own."""
+    name, password, client = user
+    first = msg(1, "Invoice twice")
+    load_messages(client, "INBOX", [first, first.replace(b"Hello", b"Hello again")])
+    w, _ = watcher_for(make_account(dovecot, name, password, fetch_batch=5), config)
+    try:
+        w.connect()
+        assert w.client is not None
+        spy = Spy(w.client)
+        assert w.process_backlog() == 2
+    finally:
+        w.close()
+    assert len([s for s in spy.statuses if s == "Support/Billing"]) == 2
+    rows = sorted(w.state.rows("acct"), key=lambda r: r.uid)
+    billing = sorted(contents(client, "Support/Billing"))
+    assert len(billing) == 2 and [r.status for r in rows] == ["done", "done"]
+    assert rows[1].dest_uidnext is not None and rows[1].dest_uidnext > billing[0]
+
+
+def test_the_next_batch_is_fetched_while_the_model_classifies(
+    dovecot: Dovecot, user: Any, make_account: Any, config: Config
+) -> None:
+    """While the model works on one batch the watcher fetches the next, on its own thread (the one
+    connection is used by that thread only): the first classify call sees the second batch's FETCH
+    arrive before it returns."""
+    name, password, client = user
+    load_messages(client, "INBOX", MIXED)
+    clf = fake_classifier()
+    spies: list[Spy] = []
+    overlapped: list[bool] = []
+
+    def classify(texts: Any) -> Any:
+        if not overlapped:
+            spy = spies[0]
+            with spy.fetched:  # a deadline, not a sleep: the answer is whether the FETCH came
+                overlapped.append(spy.fetched.wait_for(lambda: any(4 in u for u, _ in spy.body_fetches()),
+                                                       timeout=10))
+        return clf(texts)
+
+    w = MailboxWatcher(make_account(dovecot, name, password, fetch_batch=3), "INBOX", config,
+                       StateDB(config.state_path), classify, idle_slice=0.2, backoff_start=0.1)
+    try:
+        w.connect()
+        assert w.client is not None
+        spies.append(Spy(w.client))
+        assert w.process_backlog() == 7
+    finally:
+        w.close()
+    assert overlapped == [True]
+    assert spies[0].threads == {threading.current_thread()}
+    assert [sorted(u) for u, _ in spies[0].body_fetches()] == [[1, 2, 3], [4, 5, 6], [7]]
+    assert count_where(client)["INBOX"] == 0 and {r.status for r in w.state.rows("acct")} == {"done"}
+
+
 def test_dry_run_touches_nothing(dovecot: Dovecot, user: Any, make_account: Any, config: Config) -> None:
     name, password, client = user
     load_messages(client, "INBOX", MIXED[:4])

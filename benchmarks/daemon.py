@@ -146,7 +146,7 @@ def news_backlog(work: Path, n: int) -> tuple[list[Path], dict[str, str]]:
     return files, {p.name: answers[p.name] for p in files}
 
 
-def news_model(arg: str | None) -> tuple[Path, str]:
+def news_model(arg: str | None, quick: bool = False) -> tuple[Path, str]:
     """A MiniLM fine-tuned on 20 Newsgroups mail the backlog does not hold: given, reused, or trained now."""
     import random
 
@@ -156,7 +156,8 @@ def news_model(arg: str | None) -> tuple[Path, str]:
     from mailtriage.model import modeldir
 
     categories = news_categories()
-    model_dir = OUT / "models" / "daemon-20news"
+    model_dir = OUT / "models" / ("daemon-20news-quick" if quick else "daemon-20news")
+    per_group, epochs = (8, 1) if quick else (NEWS_TRAIN_PER_GROUP, NEWS_EPOCHS)
     for c in [Path(arg)] if arg else [model_dir]:
         try:
             v = modeldir.resolve(c)
@@ -171,14 +172,14 @@ def news_model(arg: str | None) -> tuple[Path, str]:
     dest: dict[str, Path] = {}
     for group, names in by_group.items():
         older, _newest = news_older(names)
-        for name in rng.sample(older, NEWS_TRAIN_PER_GROUP):
+        for name in rng.sample(older, per_group):
             dest[name] = work / "train" / news_label(group) / f"{Path(name).name}.eml"
     shutil.rmtree(model_dir, ignore_errors=True)
     try:
         extract_news(dest)
         config = categories_config(work / "config.toml", categories)
         argv = [bin_path("mailtriage-train"), "--config", str(config), "--data", str(work / "train"),
-                "--base", base_model(), "--model-dir", str(model_dir), "--epochs", str(NEWS_EPOCHS),
+                "--base", base_model(), "--model-dir", str(model_dir), "--epochs", str(epochs),
                 "--max-length", "256", "--holdout-fraction", "0.1", "--seed", str(SEED), "--min-examples", "2",
                 "--device", "cpu", "--force"]
         r = run_timed(argv, OUT / "logs" / "daemon-20news-train.log")
@@ -186,8 +187,7 @@ def news_model(arg: str | None) -> tuple[Path, str]:
             raise SystemExit(f"training the 20 Newsgroups model failed:\n{tail(REPO / r['log'])}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return modeldir.resolve(model_dir), (f"trained by benchmarks.daemon ({NEWS_TRAIN_PER_GROUP}/group, "
-                                         f"{NEWS_EPOCHS} epochs, {r['wall_s']:.0f} s)")
+    return modeldir.resolve(model_dir), f"trained by benchmarks.daemon ({per_group}/group, {epochs} epochs, {r['wall_s']:.0f} s)"
 
 
 def write_config(work: Path, port: int, model_path: Path, metrics_port: int, categories: dict[str, str],
@@ -442,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info["busy_at_start"] = busy_processes()
     command = " ".join([".venv/bin/python -m benchmarks.daemon", *raw_argv])
     categories = news_categories() if news else dict(CATEGORIES)
-    version, model_note = news_model(args.model) if news else pick_model(args.model, args.quick)
+    version, model_note = news_model(args.model, args.quick) if news else pick_model(args.model, args.quick)
     work = Path(tempfile.mkdtemp(prefix="mt-bench-daemon-"))
     tag = "daemon" + ("-synthetic" if not news else "") + "".join(f"-{v}" for v in model_settings.values()) + (
         "-quick" if args.quick else "")

@@ -372,6 +372,66 @@ def test_the_next_batch_is_fetched_while_the_model_classifies(
     assert count_where(client)["INBOX"] == 0 and {r.status for r in w.state.rows("acct")} == {"done"}
 
 
+def test_the_model_gets_the_next_batch_before_this_one_is_filed(
+    dovecot: Dovecot, user: Any, make_account: Any, config: Config
+) -> None:
+    """The model does not wait for a batch's MOVEs: the next batch is handed to it before them,
+    so classifying and filing overlap. The first MOVE waits (with a deadline) for the model's
+    second call to start."""
+    name, password, client = user
+    load_messages(client, "INBOX", MIXED)
+    clf = fake_classifier()
+    calls = threading.Condition()
+    started: list[int] = []
+
+    def classify(texts: Any) -> Any:
+        with calls:
+            started.append(len(texts))
+            calls.notify_all()
+        return clf(texts)
+
+    w = MailboxWatcher(make_account(dovecot, name, password, fetch_batch=3), "INBOX", config,
+                       StateDB(config.state_path), classify, idle_slice=0.2, backoff_start=0.1)
+    overlapped: list[bool] = []
+    try:
+        w.connect()
+        assert w.client is not None
+        real_move = w.client.move
+
+        def move(*a: Any, **kw: Any) -> Any:
+            if not overlapped:
+                with calls:
+                    overlapped.append(calls.wait_for(lambda: len(started) >= 2, timeout=10))
+            return real_move(*a, **kw)
+
+        w.client.move = move  # type: ignore[method-assign]
+        assert w.process_backlog() == 7
+    finally:
+        w.close()
+    assert overlapped == [True] and started == [3, 3, 1]
+    assert count_where(client)["INBOX"] == 0 and {r.status for r in w.state.rows("acct")} == {"done"}
+
+
+def test_a_message_decided_by_the_batch_before_is_skipped_in_a_dry_run(
+    dovecot: Dovecot, user: Any, make_account: Any, config: Config
+) -> None:
+    """The next batch is deduped before this one is filed (it goes to the model early); a copy of a
+    message this batch decides (same Message-ID and content, another UID) is still recorded once
+    and skipped once, in a dry run too, where no claim would refuse it."""
+    name, password, client = user
+    load_messages(client, "INBOX", [msg(1, "Invoice 1"), msg(2, "Password reset"), msg(3, "Refund please"),
+                                    msg(3, "Refund please"), msg(5, "Invoice 5")])
+    w, _ = watcher_for(make_account(dovecot, name, password, fetch_batch=3, dry_run=True), config)
+    try:
+        w.connect()
+        assert w.process_backlog() == 4
+    finally:
+        w.close()
+    rows = sorted(w.state.rows("acct"), key=lambda r: r.uid)
+    assert [(r.uid, r.status) for r in rows] == [(1, "done"), (2, "done"), (3, "done"), (4, "skipped"), (5, "done")]
+    assert count_where(client)["INBOX"] == 5
+
+
 def test_dry_run_touches_nothing(dovecot: Dovecot, user: Any, make_account: Any, config: Config) -> None:
     name, password, client = user
     load_messages(client, "INBOX", MIXED[:4])

@@ -116,6 +116,28 @@ def byte_groups(uids: Sequence[int], sizes: Mapping[int, int], cap: int, budget:
     return groups
 
 
+@dataclass
+class _Batch:
+    """One batch ready for the model: the fresh messages, their texts, and the classify call, run
+    here when asked for its result or started ahead on a helper thread."""
+
+    uids: list[int]
+    uidvalidity: int
+    fresh: list[Fetched]
+    texts: list[str]
+    classify: Callable[[], list[Routed]]
+    early: bool = False  # deduped before the previous batch was filed
+    future: concurrent.futures.Future[list[Routed]] | None = None
+
+    def start(self) -> _Batch:
+        if self.future is None and self.fresh:
+            self.future = _in_background(self.classify)
+        return self
+
+    def result(self) -> list[Routed]:
+        return self.classify() if self.future is None else self.future.result()
+
+
 class DestinationMarks:
     """Each destination's (UIDVALIDITY, UIDNEXT) as it was before a batch's first action there: one
     STATUS per folder and batch, not per message.
@@ -169,6 +191,7 @@ class Filing:
         self.dry_run = account.dry_run
         self.action = account.action
         self.link: Link | None = None
+        self._ahead: _Batch | None = None  # the next batch of a backlog, already with the model
         # The login the account reaches, whatever it is called: claims and dedupe count every
         # account name with this origin, so a second spelling of the server never refiles a message.
         self.origin = identity.login_id(account.username, account.host)
@@ -199,20 +222,15 @@ class Filing:
         count = 0
         batch_size = self.account.fetch_batch
         batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
-        ahead: list[list[Fetched]] = []  # the next batch, fetched while the model classified this one
+        self._ahead = None
         for n, batch in enumerate(batches):
             following = batches[n + 1] if n + 1 < len(batches) else None
-
-            def fetch_following(uids: list[int] | None = following) -> None:
-                if uids is not None and not self.stopping():
-                    ahead.append(self.fetch(uids))
-
-            fetched = ahead.pop() if ahead else None
-            count += self.process_batch(batch, uidvalidity, fetched=fetched, meanwhile=fetch_following)
+            count += self.process_batch(batch, uidvalidity, following=following)
             self.state.set_last_uid(self.account.name, self.mailbox, uidvalidity, batch[-1], dry_run=self.dry_run)
             self._queue_depth(len(todo) - n * batch_size - len(batch))
             if self.stopping():
                 break
+        self._ahead = None
         if found and not todo:
             self.state.set_last_uid(self.account.name, self.mailbox, uidvalidity, found[-1], dry_run=self.dry_run)
         return count
@@ -259,37 +277,41 @@ class Filing:
             del data
         return [got[uid] for uid in uids if uid in got]
 
-    def process_batch(
-        self, uids: list[int], uidvalidity: int, *, fetched: list[Fetched] | None = None,
-        meanwhile: Callable[[], None] | None = None,
-    ) -> int:
-        """Fetch (unless ``fetched``), dedupe, classify and act on one batch of UIDs; returns how many
-        were decided.
+    def process_batch(self, uids: list[int], uidvalidity: int, *, following: list[int] | None = None) -> int:
+        """Fetch, dedupe, classify and act on one batch of UIDs; returns how many were decided.
 
-        ``meanwhile`` is IMAP work for this thread while the model classifies the batch (the backlog
-        fetches the next batch then): the classify call waits on a helper thread that never touches
-        the connection, which only this thread uses (imapclient is not thread-safe)."""
-        fresh = self._dedupe(self.fetch(uids) if fetched is None else fetched, uidvalidity)
-        if not fresh:
-            if meanwhile is not None:
-                meanwhile()
+        ``following``, the next batch's UIDs (a backlog), keeps the model and the IMAP work
+        overlapped: that batch is fetched and prepared while the model classifies this one, and
+        handed to the model before this one's actions. Only this thread touches the connection
+        (imapclient is not thread-safe); a helper thread just waits for the model."""
+        work, self._ahead = self._ahead, None
+        if work is None or work.uids != uids or work.uidvalidity != uidvalidity:
+            work = self._prepare(self.fetch(uids), uids, uidvalidity)
+        if following is not None:
+            work.start()
+        ahead = None
+        if following is not None and not self.stopping():
+            ahead = self._prepare(self.fetch(following), following, uidvalidity)
+            ahead.early = True
+        if not work.fresh:
+            self._ahead = ahead.start() if ahead is not None else None
             return 0
-        texts = [mail_text(item.raw) for item in fresh]  # never raises, bounded time
         deferred: list[Fetched] = []
         try:
-            if meanwhile is None:
-                routed = pipeline.classify_and_route(texts, self.classify, self.rules)
-            else:
-                waiting = _in_background(pipeline.classify_and_route, texts, self.classify, self.rules)
-                meanwhile()
-                routed = waiting.result()
-            decided = list(zip(fresh, routed))
+            decided = list(zip(work.fresh, work.result()))
         except (LabelMismatchError, InferenceUnavailable):
             # The adapter does not fit the config, or the server is down or overloaded: no message is
             # at fault, so none is isolated; the batch waits (the cursor stays) and the watcher backs off.
             raise
         except Exception as exc:  # noqa: BLE001 - one poison message must not stall the mailbox
-            decided, deferred = self._classify_one_by_one(fresh, texts, uidvalidity, exc)
+            decided, deferred = self._classify_one_by_one(work.fresh, work.texts, uidvalidity, exc)
+        if ahead is not None:
+            self._ahead = ahead.start()  # the model works on the next batch while this one is filed
+        if work.early:
+            # Deduped before the previous batch was filed: a message that batch decided meanwhile is
+            # skipped here, as it would have been then (a claim would refuse it too; a dry run does not claim).
+            still = {id(item) for item in self._dedupe([item for item, _ in decided], uidvalidity)}
+            decided = [(item, routed) for item, routed in decided if id(item) in still]
         marks = DestinationMarks()
         for item, routed in decided:
             self._decide_and_act(item, routed, uidvalidity, marks)
@@ -302,6 +324,12 @@ class Filing:
                 "next pass, they are not quarantined"
             )
         return len(decided)
+
+    def _prepare(self, fetched: list[Fetched], uids: list[int], uidvalidity: int) -> _Batch:
+        fresh = self._dedupe(fetched, uidvalidity)
+        texts = [mail_text(item.raw) for item in fresh]  # never raises, bounded time
+        return _Batch(uids, uidvalidity, fresh, texts,
+                      lambda: pipeline.classify_and_route(texts, self.classify, self.rules))
 
     def _dedupe(self, fetched: list[Fetched], uidvalidity: int) -> list[Fetched]:
         fresh: list[Fetched] = []

@@ -37,6 +37,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quantize", choices=["none", "int8"])
     ap.add_argument("--model", help="model directory (default: benchmarks.daemon's 20 Newsgroups model)")
     args = ap.parse_args(argv)
+    import logging
+
+    import structlog
+
+    # The daemon writes one JSON line per message; rendering 300 console lines here would be noise.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
     from benchmarks.daemon import UNSURE, news_backlog, news_categories, news_model
     from mailtriage.config import AccountConfig, Config, ModelConfig

@@ -131,8 +131,10 @@ def news_backlog(work: Path, n: int) -> tuple[list[Path], dict[str, str]]:
     written to ``work/inbox``; the files and each file's answer (its label)."""
     from benchmarks.accuracy import extract_news, news_groups, news_older
 
+    from mailtriage.core.mailtext import message_key
+
     by_group, _ = news_groups()
-    per = -(-n // len(by_group))
+    per = -(-n // len(by_group)) + 3  # a few spare: the archive holds some messages twice
     dest: dict[str, Path] = {}
     answers: dict[str, str] = {}
     for group, names in by_group.items():
@@ -142,7 +144,15 @@ def news_backlog(work: Path, n: int) -> tuple[list[Path], dict[str, str]]:
             dest[name] = path
             answers[path.name] = news_label(group)
     extract_news(dest)
-    files = sorted(dest.values(), key=lambda p: (int(p.stem.rsplit("-", 1)[1]), p.name))[:n]
+    # A repeated message would be skipped as already decided and stay in INBOX: keep one of each.
+    seen: set[str] = set()
+    files = []
+    for p in sorted(dest.values(), key=lambda p: (int(p.stem.rsplit("-", 1)[1]), p.name)):
+        key = message_key(p.read_bytes())
+        if key not in seen:
+            seen.add(key)
+            files.append(p)
+    files = files[:n]
     return files, {p.name: answers[p.name] for p in files}
 
 

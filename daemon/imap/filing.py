@@ -9,6 +9,10 @@ fingerprint, above the destination's UIDNEXT recorded before acting) — and end
 place: the copy kept and the original removed, the action redone, or the row marked failed when
 the message left both.
 
+A backlog goes in batches, each one FETCH, overlapped with the model: the next batch is fetched
+while this one is classified, and handed to the model before this one's actions. The connection
+stays on the watcher's thread; only the wait for the model runs on a helper thread.
+
 The watcher (imap/watcher.py) owns the connection, the lock and IDLE; it hands this module a
 ``Link`` to the selected mailbox and calls ``recover_pending`` and ``backlog_pass``.
 """

@@ -1,4 +1,4 @@
-"""`make bench`: every benchmark in turn (accuracy, then speed, then the daemon, which reuses the demo model).
+"""`make bench`: every benchmark in turn (accuracy, then speed, then the daemon on 20 Newsgroups mail).
 
     .venv/bin/python -m benchmarks.run_all [--quick]
 

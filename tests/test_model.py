@@ -537,3 +537,50 @@ def test_config_runtime_reaches_the_local_loader(tiny_model_dir: Path) -> None:
     clf = backend.load(cfg)
     assert isinstance(clf.model, OrtModel) and clf.model.quantize == "int8"
     assert {p.label for p in clf.classify(TEXTS)} <= set(TOY_LABELS)
+
+
+_HEAP_PROBE = """
+import ctypes, sys
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "bounded":
+    from mailtriage.model.transformers import bound_cpu_heap
+    assert bound_cpu_heap()
+libc.free(libc.malloc(20 << 20))  # a forward pass's big block, freed
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(8 << 20)      # the next batch's
+print(libc.mallinfo2().hblkhd - before >= 8 << 20)
+"""
+
+
+@pytest.mark.component
+@pytest.mark.parametrize("mode, mapped", [("default", False), ("bounded", True)])
+def test_cpu_serving_gives_big_blocks_back_to_the_system(mode: str, mapped: bool) -> None:
+    """glibc raises its mmap threshold each time a big mapped block is freed; from then on a batch's
+    activations are carved from the heap and its peak stays resident. Serving on a CPU fixes the
+    threshold (``bound_cpu_heap``, called by ``load_classifier``): a big block is mapped on its own,
+    so it is unmapped when freed. The default case shows the glibc behaviour this guards against."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallinfo2  # noqa: B018 - glibc >= 2.33
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc's mallinfo2")
+    r = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == str(mapped)
+
+
+@pytest.mark.component
+def test_loading_on_cpu_bounds_the_heap(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailtriage.model import transformers
+
+    calls: list[bool] = []
+    monkeypatch.setattr(transformers, "bound_cpu_heap", lambda: calls.append(True) or True)
+    transformers.load_classifier(tiny_model_dir, device="cpu", batch_size=4)
+    assert calls == [True]

@@ -213,22 +213,212 @@ def test_a_backlog_of_big_messages_is_fetched_a_few_at_a_time(
     big = [msg(n, f"Invoice {n} attached").replace(b"\r\n\r\n", filler, 1) for n in range(1, 5)]
     load_messages(client, "INBOX", big)
     w, _ = watcher_for(make_account(dovecot, name, password, fetch_batch=10, max_message_bytes=1 << 20), config)
-    fetched: list[int] = []
+    fetched: list[tuple[int, int]] = []  # (messages, body bytes) per FETCH
     try:
         w.connect()
         real_fetch = w.client.fetch
 
         def spy(uids: Any, items: Any, *a: Any, **kw: Any) -> Any:
+            data = real_fetch(uids, items, *a, **kw)
             if any("BODY" in str(i) for i in items):
-                fetched.append(len(uids))
-            return real_fetch(uids, items, *a, **kw)
+                fetched.append((len(uids), sum(len(v) for d in data.values() for k, v in d.items()
+                                               if k.startswith(b"BODY"))))
+            return data
 
         w.client.fetch = spy  # type: ignore[method-assign]
         assert w.process_backlog() == 4
     finally:
         w.close()
-    assert fetched == [1, 1, 1, 1]  # 0.6 MB + 0.6 MB > 1 MiB: one message per FETCH
+    # The batch's FETCH brings each message's first quarter MiB (a fair share of the 1 MiB budget);
+    # none fits, so each comes again whole, alone: 0.6 MB + 0.6 MB > 1 MiB.
+    assert [n for n, _ in fetched] == [4, 1, 1, 1, 1]
+    assert all(size <= 1 << 20 for _, size in fetched)
     assert count_where(client)["Support/Billing"] == 4
+
+
+class Spy:
+    """Counts what the watcher asks of the server on its connection, and from which thread."""
+
+    def __init__(self, client: IMAPClient) -> None:
+        self.fetches: list[tuple[list[int], list[str]]] = []
+        self.statuses: list[str] = []
+        self.threads: set[threading.Thread] = set()
+        self.fetched = threading.Condition()
+        real_fetch, real_status = client.fetch, client.folder_status
+
+        def fetch(uids: Any, items: Any, *a: Any, **kw: Any) -> Any:
+            self.threads.add(threading.current_thread())
+            data = real_fetch(uids, items, *a, **kw)
+            with self.fetched:
+                self.fetches.append((list(uids), [str(i) for i in items]))
+                self.fetched.notify_all()
+            return data
+
+        def folder_status(folder: Any, *a: Any, **kw: Any) -> Any:
+            self.threads.add(threading.current_thread())
+            self.statuses.append(folder)
+            return real_status(folder, *a, **kw)
+
+        client.fetch = fetch  # type: ignore[method-assign]
+        client.folder_status = folder_status  # type: ignore[method-assign]
+
+    def body_fetches(self) -> list[tuple[list[int], list[str]]]:
+        return [f for f in self.fetches if any("BODY" in i for i in f[1])]
+
+
+def test_each_batch_is_one_fetch_and_one_status_per_destination(
+    dovecot: Dovecot, user: Any, make_account: Any, config: Config
+) -> None:
+    """A batch's sizes and texts come in one FETCH (no size round trip first), and each destination's
+    UIDNEXT, recorded with every claim for crash recovery, in one STATUS per batch, not per message;
+    each recorded UIDNEXT is still at or below the UID its copy got."""
+    name, password, client = user
+    load_messages(client, "INBOX", MIXED)
+    w, _ = watcher_for(make_account(dovecot, name, password, fetch_batch=7), config)
+    try:
+        w.connect()
+        assert w.client is not None
+        spy = Spy(w.client)
+        assert w.process_backlog() == 7
+    finally:
+        w.close()
+    fetches = spy.body_fetches()
+    assert len(fetches) == 1 and sorted(fetches[0][0]) == [1, 2, 3, 4, 5, 6, 7]
+    assert "RFC822.SIZE" in fetches[0][1]
+    assert [f for f in spy.fetches if f not in fetches] == []  # no FETCH of sizes alone
+    assert sorted(spy.statuses) == sorted(set(spy.statuses))  # one STATUS per destination
+    copies = {header_key(h["header"]): (folder, uid) for folder in ALL_FOLDERS
+              for uid, h in contents(client, folder).items()}
+    rows = w.state.rows("acct")
+    assert len(rows) == 7 and {r.status for r in rows} == {"done"}
+    for r in rows:
+        folder, uid = copies[r.key]
+        assert r.folder == folder and r.dest_uidnext is not None and r.dest_uidnext <= uid
+
+
+def header_key(header: bytes) -> str:
+    from mailtriage.core.mailtext import message_key
+
+    return message_key(header + b"\r\n")
+
+
+def test_a_second_message_with_the_same_header_block_gets_its_own_status(
+    dovecot: Dovecot, user: Any, make_account: Any, config: Config
+) -> None:
+    """Two messages with one header block and other bodies are two messages, both filed. Recovery
+    tells copies apart by header fingerprint above the recorded UIDNEXT, so the second may not
+    reuse a mark taken before the first one's copy arrived: it gets a STATUS of its own."""
+    name, password, client = user
+    first = msg(1, "Invoice twice")
+    load_messages(client, "INBOX", [first, first.replace(b"Hello", b"Hello again")])
+    w, _ = watcher_for(make_account(dovecot, name, password, fetch_batch=5), config)
+    try:
+        w.connect()
+        assert w.client is not None
+        spy = Spy(w.client)
+        assert w.process_backlog() == 2
+    finally:
+        w.close()
+    assert len([s for s in spy.statuses if s == "Support/Billing"]) == 2
+    rows = sorted(w.state.rows("acct"), key=lambda r: r.uid)
+    billing = sorted(contents(client, "Support/Billing"))
+    assert len(billing) == 2 and [r.status for r in rows] == ["done", "done"]
+    assert rows[1].dest_uidnext is not None and rows[1].dest_uidnext > billing[0]
+
+
+def test_the_next_batch_is_fetched_while_the_model_classifies(
+    dovecot: Dovecot, user: Any, make_account: Any, config: Config
+) -> None:
+    """While the model works on one batch the watcher fetches the next, on its own thread (the one
+    connection is used by that thread only): the first classify call sees the second batch's FETCH
+    arrive before it returns."""
+    name, password, client = user
+    load_messages(client, "INBOX", MIXED)
+    clf = fake_classifier()
+    spies: list[Spy] = []
+    overlapped: list[bool] = []
+
+    def classify(texts: Any) -> Any:
+        if not overlapped:
+            spy = spies[0]
+            with spy.fetched:  # a deadline, not a sleep: the answer is whether the FETCH came
+                overlapped.append(spy.fetched.wait_for(lambda: any(4 in u for u, _ in spy.body_fetches()),
+                                                       timeout=10))
+        return clf(texts)
+
+    w = MailboxWatcher(make_account(dovecot, name, password, fetch_batch=3), "INBOX", config,
+                       StateDB(config.state_path), classify, idle_slice=0.2, backoff_start=0.1)
+    try:
+        w.connect()
+        assert w.client is not None
+        spies.append(Spy(w.client))
+        assert w.process_backlog() == 7
+    finally:
+        w.close()
+    assert overlapped == [True]
+    assert spies[0].threads == {threading.current_thread()}
+    assert [sorted(u) for u, _ in spies[0].body_fetches()] == [[1, 2, 3], [4, 5, 6], [7]]
+    assert count_where(client)["INBOX"] == 0 and {r.status for r in w.state.rows("acct")} == {"done"}
+
+
+def test_the_model_gets_the_next_batch_before_this_one_is_filed(
+    dovecot: Dovecot, user: Any, make_account: Any, config: Config
+) -> None:
+    """The model does not wait for a batch's MOVEs: the next batch is handed to it before them,
+    so classifying and filing overlap. The first MOVE waits (with a deadline) for the model's
+    second call to start."""
+    name, password, client = user
+    load_messages(client, "INBOX", MIXED)
+    clf = fake_classifier()
+    calls = threading.Condition()
+    started: list[int] = []
+
+    def classify(texts: Any) -> Any:
+        with calls:
+            started.append(len(texts))
+            calls.notify_all()
+        return clf(texts)
+
+    w = MailboxWatcher(make_account(dovecot, name, password, fetch_batch=3), "INBOX", config,
+                       StateDB(config.state_path), classify, idle_slice=0.2, backoff_start=0.1)
+    overlapped: list[bool] = []
+    try:
+        w.connect()
+        assert w.client is not None
+        real_move = w.client.move
+
+        def move(*a: Any, **kw: Any) -> Any:
+            if not overlapped:
+                with calls:
+                    overlapped.append(calls.wait_for(lambda: len(started) >= 2, timeout=10))
+            return real_move(*a, **kw)
+
+        w.client.move = move  # type: ignore[method-assign]
+        assert w.process_backlog() == 7
+    finally:
+        w.close()
+    assert overlapped == [True] and started == [3, 3, 1]
+    assert count_where(client)["INBOX"] == 0 and {r.status for r in w.state.rows("acct")} == {"done"}
+
+
+def test_a_message_decided_by_the_batch_before_is_skipped_in_a_dry_run(
+    dovecot: Dovecot, user: Any, make_account: Any, config: Config
+) -> None:
+    """The next batch is deduped before this one is filed (it goes to the model early); a copy of a
+    message this batch decides (same Message-ID and content, another UID) is still recorded once
+    and skipped once, in a dry run too, where no claim would refuse it."""
+    name, password, client = user
+    load_messages(client, "INBOX", [msg(1, "Invoice 1"), msg(2, "Password reset"), msg(3, "Refund please"),
+                                    msg(3, "Refund please"), msg(5, "Invoice 5")])
+    w, _ = watcher_for(make_account(dovecot, name, password, fetch_batch=3, dry_run=True), config)
+    try:
+        w.connect()
+        assert w.process_backlog() == 4
+    finally:
+        w.close()
+    rows = sorted(w.state.rows("acct"), key=lambda r: r.uid)
+    assert [(r.uid, r.status) for r in rows] == [(1, "done"), (2, "done"), (3, "done"), (4, "skipped"), (5, "done")]
+    assert count_where(client)["INBOX"] == 5
 
 
 def test_dry_run_touches_nothing(dovecot: Dovecot, user: Any, make_account: Any, config: Config) -> None:

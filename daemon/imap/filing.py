@@ -9,17 +9,23 @@ fingerprint, above the destination's UIDNEXT recorded before acting) — and end
 place: the copy kept and the original removed, the action redone, or the row marked failed when
 the message left both.
 
+A backlog goes in batches, each one FETCH, overlapped with the model: the next batch is fetched
+while this one is classified, and handed to the model before this one's actions. The connection
+stays on the watcher's thread; only the wait for the model runs on a helper thread.
+
 The watcher (imap/watcher.py) owns the connection, the lock and IDLE; it hands this module a
 ``Link`` to the selected mailbox and calls ``recover_pending`` and ``backlog_pass``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from imapclient import IMAPClient
@@ -42,6 +48,7 @@ CLASSIFY_FETCH_BYTES = mailtext.MAX_INPUT_BYTES
 CANARY_TEXT = "mailtriage: a plain test message about an invoice"  # tells a broken model from poison
 RETRY_MAX_S = 3600.0  # longest wait between two attempts at a refused action
 _FLAGS, _DATE = b"FLAGS", b"INTERNALDATE"
+T = TypeVar("T")
 
 
 @dataclass
@@ -71,6 +78,32 @@ def _same(a: BaseException, b: BaseException) -> bool:
     return type(a) is type(b) and str(a) == str(b)
 
 
+def _body(d: Mapping[bytes, Any], key: bytes) -> bytes:
+    raw = d.get(key)
+    return d.get(b"BODY[]", b"") if raw is None else raw
+
+
+def _fetched(uid: int, raw: bytes, d: Mapping[bytes, Any], started: float) -> Fetched:
+    return Fetched(uid, raw, tuple(d.get(_FLAGS, ())), d.get(_DATE), message_key(raw), started,
+                   content_fingerprint(raw))
+
+
+def _in_background(fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+    """``fn(*args)`` on a daemon thread of its own: a classify call stuck in the model never keeps
+    the process from exiting (the service abandons its inference worker the same way)."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting watcher, as a direct call would raise it
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="classify-wait", daemon=True).start()
+    return future
+
+
 def byte_groups(uids: Sequence[int], sizes: Mapping[int, int], cap: int, budget: int) -> list[list[int]]:
     """Split ``uids`` (in order) into FETCH groups whose messages, each counted up to ``cap``
     bytes, add up to at most ``budget``; a group holds at least one message."""
@@ -85,6 +118,58 @@ def byte_groups(uids: Sequence[int], sizes: Mapping[int, int], cap: int, budget:
             groups.append([uid])
             used = cost
     return groups
+
+
+@dataclass
+class _Batch:
+    """One batch ready for the model: the fresh messages, their texts, and the classify call, run
+    here when asked for its result or started ahead on a helper thread."""
+
+    uids: list[int]
+    uidvalidity: int
+    fresh: list[Fetched]
+    texts: list[str]
+    classify: Callable[[], list[Routed]]
+    early: bool = False  # deduped before the previous batch was filed
+    future: concurrent.futures.Future[list[Routed]] | None = None
+
+    def start(self) -> _Batch:
+        if self.future is None and self.fresh:
+            self.future = _in_background(self.classify)
+        return self
+
+    def result(self) -> list[Routed]:
+        return self.classify() if self.future is None else self.future.result()
+
+
+class DestinationMarks:
+    """Each destination's (UIDVALIDITY, UIDNEXT) as it was before a batch's first action there: one
+    STATUS per folder and batch, not per message.
+
+    A claim records the mark so crash recovery looks for the copy only from there on (by header
+    fingerprint). A mark taken before earlier moves of the same batch is lower than the folder's
+    UIDNEXT at this message's action, so the copy is still above it; the search just also meets
+    those earlier copies. Should one of them carry the same header block (same fingerprint, other
+    content), recovery could take it for this message's copy: such a message gets a fresh STATUS,
+    taken after that copy arrived. A refused STATUS is remembered for the batch too: every message
+    of that folder waits for its retry, as it would after its own refused STATUS."""
+
+    def __init__(self) -> None:
+        self._marks: dict[str, tuple[int, int] | MailboxError] = {}
+        self._placed: set[tuple[str, str]] = set()
+
+    def before(self, client: IMAPClient, folder: str, fingerprint: str) -> tuple[int, int]:
+        mark = self._marks.get(folder)
+        if mark is None or (folder, fingerprint) in self._placed:
+            try:
+                mark = actions.folder_uidnext(client, folder)
+            except MailboxError as exc:
+                mark = exc
+            self._marks[folder] = mark
+        self._placed.add((folder, fingerprint))
+        if isinstance(mark, MailboxError):
+            raise mark
+        return mark
 
 
 class Filing:
@@ -110,6 +195,7 @@ class Filing:
         self.dry_run = account.dry_run
         self.action = account.action
         self.link: Link | None = None
+        self._ahead: _Batch | None = None  # the next batch of a backlog, already with the model
         # The login the account reaches, whatever it is called: claims and dedupe count every
         # account name with this origin, so a second spelling of the server never refiles a message.
         self.origin = identity.login_id(account.username, account.host)
@@ -139,59 +225,100 @@ class Filing:
             self.log.info("backlog", messages=len(todo), last_uid=last)
         count = 0
         batch_size = self.account.fetch_batch
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            count += self.process_batch(batch, uidvalidity)
+        batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+        self._ahead = None
+        for n, batch in enumerate(batches):
+            following = batches[n + 1] if n + 1 < len(batches) else None
+            count += self.process_batch(batch, uidvalidity, following=following)
             self.state.set_last_uid(self.account.name, self.mailbox, uidvalidity, batch[-1], dry_run=self.dry_run)
-            self._queue_depth(len(todo) - start - len(batch))
+            self._queue_depth(len(todo) - n * batch_size - len(batch))
             if self.stopping():
                 break
+        self._ahead = None
         if found and not todo:
             self.state.set_last_uid(self.account.name, self.mailbox, uidvalidity, found[-1], dry_run=self.dry_run)
         return count
 
     def fetch(self, uids: list[int]) -> list[Fetched]:
+        """The messages of ``uids`` (those still there), in order, holding at most max_message_bytes
+        of message text at a time.
+
+        One FETCH for the batch asks each message's size with its first ``share`` bytes (the byte
+        budget split evenly): every message that fits its share, nearly all mail, arrives whole in
+        that one round trip. Only a larger one (an attachment) is fetched again, up to ``cap``, a few
+        at a time (``byte_groups``)."""
         client = self._link().client
-        cap = self.account.max_message_bytes
+        cap = budget = self.account.max_message_bytes
         if self.action == "header" and not self.dry_run:
-            body_item, body_key = "BODY.PEEK[]", b"BODY[]"
+            whole_item, whole_key = "BODY.PEEK[]", b"BODY[]"
         else:
             cap = min(cap, CLASSIFY_FETCH_BYTES)
-            body_item, body_key = f"BODY.PEEK[]<0.{cap}>", b"BODY[]<0>"
+            whole_item, whole_key = f"BODY.PEEK[]<0.{cap}>", b"BODY[]<0>"
+        share = max(1, min(cap, budget // max(1, len(uids))))
         started = time.monotonic()
-        sizes = {uid: int(d.get(b"RFC822.SIZE", 0)) for uid, d in client.fetch(uids, ["RFC822.SIZE"]).items()}
-        out = []
-        # A batch of big messages is fetched a few at a time: at most max_message_bytes per FETCH.
-        for group in byte_groups([u for u in uids if u in sizes], sizes, cap, self.account.max_message_bytes):
-            data = client.fetch(group, [body_item, "FLAGS", "INTERNALDATE"])
+        got: dict[int, Fetched] = {}
+        sizes: dict[int, int] = {}
+        data = client.fetch(uids, ["RFC822.SIZE", f"BODY.PEEK[]<0.{share}>", "FLAGS", "INTERNALDATE"])
+        for uid in uids:
+            d = data.pop(uid, None)
+            if d is None:  # expunged between SEARCH and FETCH: nothing to do
+                continue
+            raw = _body(d, b"BODY[]<0>")
+            size = int(d.get(b"RFC822.SIZE", 0))
+            # Cut at its share (by the size the server gave, or by the bytes that came, should the two
+            # disagree) and more was wanted: fetched again below.
+            if share < cap and (size > share or len(raw) >= share):
+                sizes[uid] = size
+                continue
+            got[uid] = _fetched(uid, raw, d, started)
+        del data
+        for group in byte_groups(list(sizes), sizes, cap, budget):
+            data = client.fetch(group, [whole_item, "FLAGS", "INTERNALDATE"])
             for uid in group:
-                d = data.get(uid)
-                if d is None:  # expunged between SEARCH and FETCH: nothing to do
-                    continue
-                raw = d.get(body_key)
-                if raw is None:
-                    raw = d.get(b"BODY[]", b"")
-                out.append(Fetched(uid, raw, tuple(d.get(_FLAGS, ())), d.get(_DATE), message_key(raw), started,
-                                   content_fingerprint(raw)))
-        return out
+                d = data.pop(uid, None)
+                if d is not None:
+                    got[uid] = _fetched(uid, _body(d, whole_key), d, started)
+            del data
+        return [got[uid] for uid in uids if uid in got]
 
-    def process_batch(self, uids: list[int], uidvalidity: int) -> int:
-        """Fetch, dedupe, classify and act on one batch of UIDs; returns how many were decided."""
-        fresh = self._dedupe(self.fetch(uids), uidvalidity)
-        if not fresh:
+    def process_batch(self, uids: list[int], uidvalidity: int, *, following: list[int] | None = None) -> int:
+        """Fetch, dedupe, classify and act on one batch of UIDs; returns how many were decided.
+
+        ``following``, the next batch's UIDs (a backlog), keeps the model and the IMAP work
+        overlapped: that batch is fetched and prepared while the model classifies this one, and
+        handed to the model before this one's actions. Only this thread touches the connection
+        (imapclient is not thread-safe); a helper thread just waits for the model."""
+        work, self._ahead = self._ahead, None
+        if work is None or work.uids != uids or work.uidvalidity != uidvalidity:
+            work = self._prepare(self.fetch(uids), uids, uidvalidity)
+        if following is not None:
+            work.start()
+        ahead = None
+        if following is not None and not self.stopping():
+            ahead = self._prepare(self.fetch(following), following, uidvalidity)
+            ahead.early = True
+        if not work.fresh:
+            self._ahead = ahead.start() if ahead is not None else None
             return 0
-        texts = [mail_text(item.raw) for item in fresh]  # never raises, bounded time
         deferred: list[Fetched] = []
         try:
-            decided = list(zip(fresh, pipeline.classify_and_route(texts, self.classify, self.rules)))
+            decided = list(zip(work.fresh, work.result()))
         except (LabelMismatchError, InferenceUnavailable):
             # The adapter does not fit the config, or the server is down or overloaded: no message is
             # at fault, so none is isolated; the batch waits (the cursor stays) and the watcher backs off.
             raise
         except Exception as exc:  # noqa: BLE001 - one poison message must not stall the mailbox
-            decided, deferred = self._classify_one_by_one(fresh, texts, uidvalidity, exc)
+            decided, deferred = self._classify_one_by_one(work.fresh, work.texts, uidvalidity, exc)
+        if ahead is not None:
+            self._ahead = ahead.start()  # the model works on the next batch while this one is filed
+        if work.early:
+            # Deduped before the previous batch was filed: a message that batch decided meanwhile is
+            # skipped here, as it would have been then (a claim would refuse it too; a dry run does not claim).
+            still = {id(item) for item in self._dedupe([item for item, _ in decided], uidvalidity)}
+            decided = [(item, routed) for item, routed in decided if id(item) in still]
+        marks = DestinationMarks()
         for item, routed in decided:
-            self._decide_and_act(item, routed, uidvalidity)
+            self._decide_and_act(item, routed, uidvalidity, marks)
         if deferred:
             # Raised after the others were filed, before the cursor passes the deferred ones: the
             # next pass fetches them again, with no attempt counted against them.
@@ -201,6 +328,12 @@ class Filing:
                 "next pass, they are not quarantined"
             )
         return len(decided)
+
+    def _prepare(self, fetched: list[Fetched], uids: list[int], uidvalidity: int) -> _Batch:
+        fresh = self._dedupe(fetched, uidvalidity)
+        texts = [mail_text(item.raw) for item in fresh]  # never raises, bounded time
+        return _Batch(uids, uidvalidity, fresh, texts,
+                      lambda: pipeline.classify_and_route(texts, self.classify, self.rules))
 
     def _dedupe(self, fetched: list[Fetched], uidvalidity: int) -> list[Fetched]:
         fresh: list[Fetched] = []
@@ -272,7 +405,8 @@ class Filing:
     def _placed_folder(self, decision: Decision) -> str:
         return self.mailbox if self.action == "keyword" else decision.folder
 
-    def _decide_and_act(self, item: Fetched, routed: Routed, uidvalidity: int) -> None:
+    def _decide_and_act(self, item: Fetched, routed: Routed, uidvalidity: int,
+                        marks: DestinationMarks | None = None) -> None:
         acct, mbox = self.account.name, self.mailbox
         decision, model_version = routed.decision, routed.model_version
         placed = self._placed_folder(decision)
@@ -288,7 +422,8 @@ class Filing:
         status_error = None
         try:
             if self.action in ("move", "header", "label"):
-                dest_validity, dest_next = actions.folder_uidnext(client, decision.folder)
+                marks = marks if marks is not None else DestinationMarks()
+                dest_validity, dest_next = marks.before(client, decision.folder, fingerprint)
         except MailboxError as exc:
             status_error = str(exc)
         # Claimed ('pending') before acting, in one transaction: after a crash recover_pending finds

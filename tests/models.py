@@ -186,6 +186,9 @@ def toy_params(**overrides: object) -> object:
     return TrainParams(**values)  # type: ignore[arg-type]
 
 
+TINY_MODEL_SEED = 7
+
+
 def build_tiny_model_dir(model_dir: Path, base: Path) -> Path:
     """Fine-tune ``base`` on the toy set into a new version of ``model_dir`` and promote it."""
     from mailtriage.model import modeldir
@@ -194,7 +197,10 @@ def build_tiny_model_dir(model_dir: Path, base: Path) -> Path:
 
     train, val = toy_dataset()
     version = modeldir.new_version_dir(model_dir)
-    finetune(base, train, val, LabelSet(TOY_LABELS), version, toy_params(), progress=False)  # type: ignore[arg-type]
+    # Every seed teaches the keywords; how unsure keyword-free "hello" comes out depends on which
+    # rows share a batch, and seed 13 leaves it at 0.69 with length-grouped batches (seeds 7 and 1:
+    # 0.46, 0.38). The daemon tests need it below the 0.6 threshold.
+    finetune(base, train, val, LabelSet(TOY_LABELS), version, toy_params(seed=TINY_MODEL_SEED), progress=False)  # type: ignore[arg-type]
     modeldir.promote(model_dir, version)
     return model_dir
 

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from mailtriage.model import modeldir
 from mailtriage.errors import TrainingDataError
 from mailtriage.core.labels import LabelSet
-from tests.models import TOY_LABELS, toy_dataset, toy_params
+from tests.models import TINY_MODEL_SEED, TOY_LABELS, toy_dataset, toy_params
 
 
 LABELS = LabelSet(TOY_LABELS)
@@ -30,7 +30,7 @@ def test_the_fixture_model_learned_the_toy_set(tiny_model_dir: Path) -> None:
     assert LabelSet.load(version) == LABELS
     manifest = modeldir.read_manifest(version)
     result = manifest["training"]["result"]
-    assert manifest["base_model"] and manifest["training"]["params"]["seed"] == 13
+    assert manifest["base_model"] and manifest["training"]["params"]["seed"] == TINY_MODEL_SEED
     assert result["val_accuracy"] >= 0.8, result["history"]
     assert 1 <= result["best_epoch"] <= len(result["history"])
     assert result["steps"] == len(result["history"]) * 8  # 114 train rows / batch 16 = 7 steps + 1 partial

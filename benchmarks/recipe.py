@@ -114,10 +114,12 @@ def run_try(name: str, try_name: str, n_train: int, n_dev: int, epochs: int | No
         labels = sources.labels_of(pool)
         train, val = dataset.split(pool, VALIDATION_FRACTION, SEED, name="validation")
         load_before = loadavg()
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.process_time()
         result = finetune(base_model(), [(e.text, e.label) for e in train], [(e.text, e.label) for e in val],
                           LabelSet(tuple(labels)), out_dir, params, progress=False)
         train_s = time.monotonic() - started
+        # CPU seconds of this process (all its threads): less sensitive than wall time to what else runs
+        train_cpu_s = time.process_time() - cpu_started
         load_after_train = loadavg()
         clf = load_classifier(out_dir, device="cpu", batch_size=16, max_length=params.max_length,
                               expected_labels=labels)
@@ -152,6 +154,7 @@ def run_try(name: str, try_name: str, n_train: int, n_dev: int, epochs: int | No
             "finetune": {k: v for k, v in dataclasses.asdict(result).items() if k != "history"},
             "history": result.history,
             "train_seconds": round(train_s, 1),
+            "train_cpu_seconds": round(train_cpu_s, 1),
             "loadavg_before_train": load_before, "loadavg_after_train": load_after_train,
             "loadavg_after": loadavg(),
         }

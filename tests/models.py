@@ -186,6 +186,9 @@ def toy_params(**overrides: object) -> object:
     return TrainParams(**values)  # type: ignore[arg-type]
 
 
+TINY_MODEL_SEED = 1
+
+
 def build_tiny_model_dir(model_dir: Path, base: Path) -> Path:
     """Fine-tune ``base`` on the toy set into a new version of ``model_dir`` and promote it."""
     from mailtriage.model import modeldir
@@ -194,7 +197,10 @@ def build_tiny_model_dir(model_dir: Path, base: Path) -> Path:
 
     train, val = toy_dataset()
     version = modeldir.new_version_dir(model_dir)
-    finetune(base, train, val, LabelSet(TOY_LABELS), version, toy_params(), progress=False)  # type: ignore[arg-type]
+    # Every seed teaches the keywords; how unsure keyword-free mail ("hello", or a mail saying only
+    # hello) comes out depends on which rows share a batch: with length-grouped batches seeds 13, 7
+    # and 2 leave one of them above the 0.6 threshold the daemon tests need, seed 1 none.
+    finetune(base, train, val, LabelSet(TOY_LABELS), version, toy_params(seed=TINY_MODEL_SEED), progress=False)  # type: ignore[arg-type]
     modeldir.promote(model_dir, version)
     return model_dir
 

@@ -363,7 +363,7 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     The merge makes the adapter a plain weight update, so quantization sees ordinary Linear layers and
     the head keeps its trained weights. Per-channel weight scales, not one per tensor: on the demo
     inbox (300 held-out mails, MiniLM) one scale per tensor cost 2.0 points of accuracy (92.3% of
-    predictions unchanged), per channel 0.3 points (97.0% unchanged); benchmarks/RESULTS.md "CPU speed"."""
+    predictions unchanged), per channel 0.3 points (97.0% unchanged); benchmarks/RESULTS.md §3."""
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     with warnings.catch_warnings():

@@ -4,9 +4,7 @@ refused quarantine leaves a message, and who may file a mailbox reached under se
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -16,6 +14,7 @@ from mailtriage.errors import InferenceUnavailable, MailboxError
 from mailtriage.imap.watcher import MailboxWatcher
 from mailtriage.model.remote import HttpClassifier
 from mailtriage.store.state import StateDB
+from mailtriage.testing.httpstub import HttpStub, JsonHandler
 from tests.test_watcher import (  # noqa: F401 - fixtures
     CATEGORIES, UNSURE_FOLDER, backlog_until, config, contents, count_where, fake_classifier, make_account, msg, user,
 )
@@ -23,7 +22,7 @@ from tests.test_watcher import (  # noqa: F401 - fixtures
 pytestmark = pytest.mark.component
 
 
-class FlakyInference:
+class FlakyInference(HttpStub):
     """A TEI-shaped inference server on a real socket: answers 503 to the first ``failures``
     requests, then scores 0.9 for the category whose name is in the text."""
 
@@ -32,37 +31,21 @@ class FlakyInference:
         self.requests = 0
         stub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(JsonHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.requests += 1
                 if stub.requests <= stub.failures:
-                    return self._send(503, b'{"error": "overloaded"}')
+                    return self.send_json(503, b'{"error": "overloaded"}')
                 out = []
                 for (text,) in body["inputs"]:
                     hit = next((c for c in CATEGORIES if c in text.lower()), "billing")
                     out.append([{"label": c, "score": 0.9 if c == hit else 0.05} for c in CATEGORIES])
-                self._send(200, json.dumps(out).encode())
+                self.send_json(200, json.dumps(out).encode())
 
-            def _send(self, code: int, payload: bytes) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.serve(Handler)
 
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from mailtriage.config import Config, ModelConfig, parse_config
 from mailtriage.errors import ConfigError, InferenceError, InferenceUnavailable, LabelMismatchError
 from mailtriage.model import backend
 from mailtriage.model.remote import APIS, HttpClassifier
+from mailtriage.testing.httpstub import HttpStub, JsonHandler
 from mailtriage.testing.builders import account, config_toml, mail, make_config, relay_table
 from mailtriage.testing.waits import async_wait_for, wait_for
 from tests.test_relay import (  # noqa: F401 - next_hop is a fixture
@@ -53,7 +53,7 @@ NOT_A_DISTRIBUTION = {
 HUGE = 100 << 20  # a 100 MB answer
 
 
-class StubInference:
+class StubInference(HttpStub):
     """TEI- and vLLM-shaped classification server; ``mode`` switches its behaviour live.
 
     Modes: ok | 503 | 429 | 400 | junk | slow | hang (never answers) | trickle_body / trickle_status
@@ -72,10 +72,7 @@ class StubInference:
         self.closing = threading.Event()
         stub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(JsonHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.requests.append({"path": self.path, "body": body})
@@ -87,11 +84,11 @@ class StubInference:
 
             def _answer(self, mode: str, body: Any) -> None:
                 if mode in ("503", "429", "400"):
-                    return self._send(int(mode), b'{"error": "model is loading"}')
+                    return self.send_json(int(mode), b'{"error": "model is loading"}')
                 if mode == "junk":
-                    return self._send(200, b"<html>proxy error</html>")
+                    return self.send_json(200, b"<html>proxy error</html>")
                 if mode == "raw":
-                    return self._send(200, stub.raw)
+                    return self.send_json(200, stub.raw)
                 if mode == "redirect":
                     self.send_response(302)
                     self.send_header("Location", stub.redirect_to + self.path)
@@ -138,33 +135,22 @@ class StubInference:
                         )
                         for row in scores
                     ]
-                    return self._send(200, json.dumps(out).encode())
+                    return self.send_json(200, json.dumps(out).encode())
                 if self.path == "/classify":
                     data = []
                     for i, probs in enumerate(scores):
                         data.append({"index": i, "label": stub.labels[probs.index(max(probs))], "probs": probs,
                                      "num_classes": len(probs)})
                     data.reverse()  # answers may come in any order: the index says which is which
-                    return self._send(200, json.dumps({"id": "classify-1", "data": data}).encode())
-                return self._send(404, b'{"error": "not found"}')
+                    return self.send_json(200, json.dumps({"id": "classify-1", "data": data}).encode())
+                return self.send_json(404, b'{"error": "not found"}')
 
-            def _send(self, code: int, payload: bytes) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.serve(Handler)
 
     def close(self) -> None:
         self.closing.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 @pytest.fixture

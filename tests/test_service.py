@@ -328,7 +328,7 @@ def test_scheduler_registers_cron_retrain_and_interval_jobs(tmp_path: Path) -> N
     ],
 )
 def test_crontab_weekdays_follow_cron_not_apscheduler(field: str, weekdays: set[int]) -> None:
-    """crontab says 0 = Sunday; APScheduler 3's from_crontab would say Monday (its issue #286)."""
+    """crontab says 0 = Sunday; APScheduler 3's from_crontab would say Monday (it numbers weekdays from Monday)."""
     from datetime import datetime, timedelta, timezone
 
     from mailtriage.service.jobs import crontab_trigger

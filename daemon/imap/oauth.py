@@ -44,7 +44,7 @@ from mailtriage.errors import ConfigError, MailboxError
 
 log = structlog.get_logger(__name__)
 
-# Refresh this long before the access token expires (Microsoft and Google issue 1-hour tokens).
+# Refresh this long before the access token expires (Microsoft and Google hand out tokens valid for 1 hour).
 REFRESH_MARGIN_S = 300
 CALL_DEADLINE_S = 30.0          # one whole call to an OAuth endpoint: connect, send, the full answer
 MAX_ANSWER_BYTES = 1 << 20      # a token answer is a few KB

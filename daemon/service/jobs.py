@@ -26,7 +26,6 @@ from mailtriage import metrics
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
-    from imapclient import IMAPClient
 
     from mailtriage.store.corrections import KeyCache
     from mailtriage.store.state import StateDB

@@ -104,6 +104,38 @@ def _claim_all(path: str, mailbox: str, start: object, results: object) -> None:
     results.put(mine)  # type: ignore[attr-defined]
 
 
+@pytest.mark.component  # forks
+def test_processes_starting_at_once_on_a_new_file_all_open_it(tmp_path: Path) -> None:
+    """Two `serve` (or a CLI beside the daemon) starting at the same moment on a state file that
+    does not exist yet: each must open it. A schema created statement by statement let a second
+    process see tables without a version and refuse the file as foreign; the WAL switch answered
+    "database is locked" at once. Twenty rounds of four processes: before the fix most rounds failed."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(20):
+        path = tmp_path / f"state-{round_}.sqlite3"
+        start, results = ctx.Event(), ctx.Queue()
+        workers = [ctx.Process(target=_open_at_once, args=(str(path), start, results)) for _ in range(4)]
+        for w in workers:
+            w.start()
+        start.set()
+        got = [results.get(timeout=60) for _ in workers]
+        for w in workers:
+            w.join(30)
+        assert got == ["ok"] * 4, got
+        assert StateDB(path, readonly=True).rows("acct") == []
+
+
+def _open_at_once(path: str, start: object, results: object) -> None:
+    start.wait()  # type: ignore[attr-defined]
+    try:
+        StateDB(path)
+        results.put("ok")  # type: ignore[attr-defined]
+    except Exception as exc:  # the test prints what went wrong
+        results.put(repr(exc))  # type: ignore[attr-defined]
+
+
 @pytest.mark.component  # forks; SIGKILL
 def test_the_mailbox_lock_is_exclusive_and_dies_with_its_process(tmp_path: Path) -> None:
     import os

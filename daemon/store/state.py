@@ -253,8 +253,10 @@ def _private_file(path: Path) -> None:
 def _check_schema(conn: sqlite3.Connection, path: str, *, create: bool) -> None:
     """Refuse a database of another schema version (PRAGMA user_version) with a clear message;
     a new, empty database gets the schema when ``create``."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+    # One statement, one snapshot: another process may create the schema between two reads.
+    version, tables = conn.execute(
+        "SELECT user_version, (SELECT count(*) FROM sqlite_master WHERE type = 'table') FROM pragma_user_version"
+    ).fetchone()
     if version == SCHEMA_VERSION:
         if create:
             conn.executescript(_SCHEMA)  # IF NOT EXISTS: a no-op on a complete database
@@ -270,8 +272,8 @@ def _check_schema(conn: sqlite3.Connection, path: str, *, create: bool) -> None:
                 f"the state database {path!r} is empty (no mailtriage tables yet); it is created by "
                 "`mailtriage serve`, or remove the empty file"
             )
-        conn.executescript(_SCHEMA)
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        _create(conn)
+        _check_schema(conn, path, create=True)  # as created here, or by a process that won the race
         return
     if version == 0:
         raise StateError(
@@ -287,6 +289,39 @@ def _check_schema(conn: sqlite3.Connection, path: str, *, create: bool) -> None:
         f"the state database {path!r} has schema version {version}; this mailtriage needs {SCHEMA_VERSION} "
         "and has no migration from it. Move the file away to start afresh (decisions are forgotten)"
     )
+
+
+def _wal(conn: sqlite3.Connection, wait: float = 30.0) -> None:
+    """Switch to WAL. On a new file another process may be switching at the same moment, and
+    SQLite answers that with "database is locked" at once, without its busy timeout: retry."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def _create(conn: sqlite3.Connection) -> None:
+    """Give an empty database the schema in one transaction. Two processes starting at once on a
+    new file (two `serve` by mistake, a CLI beside the daemon) would otherwise see each other's
+    half-made schema — tables without a version — and one would refuse the file as foreign."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        empty = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+        if empty and conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            # execute(), not executescript(): executescript commits first, outside this transaction
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _migrate(conn: sqlite3.Connection, version: int) -> None:
@@ -341,7 +376,7 @@ class StateDB:
 
     def _open_writable(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
+        _wal(conn)
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=30000")
         return conn

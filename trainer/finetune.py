@@ -366,11 +366,8 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, generator: t
         # A stable sort: equal lengths (common: every mail cut at max_length) keep their shuffled order.
         members = sorted(order[start : start + group], key=lengths.__getitem__)
         batches.extend(members[i : i + batch_size] for i in range(0, len(members), batch_size))
-    shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-    # The longest batch first: the allocator then reserves the largest activations once and reuses
-    # them for the shorter batches, instead of growing the heap when a long batch comes late.
-    longest = max(range(len(shuffled)), key=lambda i: sum(lengths[j] for j in shuffled[i]))
-    return [shuffled[longest], *shuffled[:longest], *shuffled[longest + 1:]]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffled]
 
 
 def _save(run: _Run, best_state: dict[str, torch.Tensor], labels: LabelSet, out_dir: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mailtriage.model import modeldir
-from mailtriage.errors import LabelMismatchError, ModelError
+from mailtriage.errors import ConfigError, LabelMismatchError, ModelError
 from mailtriage.core.labels import LabelSet
 from tests.models import TOY_LABELS, toy_dataset, toy_params
 
@@ -537,6 +537,21 @@ def test_config_runtime_reaches_the_local_loader(tiny_model_dir: Path) -> None:
     clf = backend.load(cfg)
     assert isinstance(clf.model, OrtModel) and clf.model.quantize == "int8"
     assert {p.label for p in clf.classify(TEXTS)} <= set(TOY_LABELS)
+
+
+@pytest.mark.component
+def test_compile_is_a_gpu_option(tiny_model_dir: Path) -> None:
+    """[model] compile reaches the loader, which refuses it off a GPU with the fix; the http backend
+    refuses it like the other local-model settings."""
+    from mailtriage.config import Config, ModelConfig
+    from mailtriage.model import backend
+
+    cfg = Config(categories={label: f"Support/{label}" for label in TOY_LABELS},
+                 model=ModelConfig(path=str(tiny_model_dir), device="cpu", compile=True))
+    with pytest.raises(ModelError, match=r"compile = true is a GPU speed-up.*set compile = false"):
+        backend.load(cfg)
+    with pytest.raises(ConfigError, match=r"model.compile = true tune the local model.*backend = \"local\""):
+        ModelConfig(backend="http", url="http://127.0.0.1:1", compile=True)
 
 
 _HEAP_PROBE = """

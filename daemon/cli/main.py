@@ -75,6 +75,7 @@ def _classifier(args: argparse.Namespace, cfg: Config | None) -> Classifier:
         quantize=cfg.model.quantize if cfg else "auto",
         threads=cfg.model.threads if cfg else 0,
         runtime=cfg.model.runtime if cfg else "auto",
+        compile=cfg.model.compile if cfg else False,
     )
 
 

@@ -48,6 +48,7 @@ def load(config: Config, path: Path | None = None, *, probe: bool = True) -> Cla
         quantize=m.quantize,
         threads=m.threads,
         runtime=m.runtime,
+        compile=m.compile,
     )
 
 

@@ -403,6 +403,7 @@ def load_classifier(
     quantize: str = "none",
     threads: int = 0,
     runtime: str = "torch",
+    compile: bool = False,
 ) -> TransformersClassifier | ensemble.BaselineClassifier:
     """Load MODEL_DIR, MODEL_DIR/current or a version directory; refuse labels that differ from config.
 
@@ -412,8 +413,9 @@ def load_classifier(
     ``threads`` > 0 sets torch's CPU thread count first. ``runtime="onnxruntime"`` serves the model
     from an ONNX Runtime session instead (CPU only; see ``mailtriage.model.onnxrt``), int8 there too.
     "auto" for either lets the device and the version choose (``choose_runtime``); the config's
-    default. This function's own defaults stay torch fp32: the trainer scores versions with it, and
-    fp32 is the reference the int8 check compares against.
+    default. ``compile=True`` (GPU only) serves the model under ``torch.compile``. This function's
+    own defaults stay torch fp32: the trainer scores versions with it, and fp32 is the reference the
+    int8 check compares against.
     """
     if quantize not in QUANTIZE_CHOICES:
         raise ModelError(f"quantize = {quantize!r} is unknown; use one of {', '.join(QUANTIZE_CHOICES)}")
@@ -437,6 +439,12 @@ def load_classifier(
             f"quantize = {quantize!r} / runtime = {runtime!r} are CPU speed-ups, but the model runs on "
             f"{resolved_device!r}; set device = \"cpu\", or quantize = \"none\" and runtime = \"torch\" "
             "(on a GPU bf16 is used already)"
+        )
+    if compile and resolved_device != "cuda":
+        raise ModelError(
+            f"compile = true is a GPU speed-up (torch.compile of the bf16 model), but the model runs on "
+            f"{resolved_device!r}; set compile = false (on a CPU, runtime = \"auto\" already serves a fused "
+            "ONNX graph where the version allows it)"
         )
     dtype = pick_dtype(resolved_device)
     if resolved_device == "cpu":
@@ -470,6 +478,9 @@ def load_classifier(
             # Linear is one matrix product instead of three plus an add (benchmarks/gpu.py measures
             # both). On a CPU torch fp32 stays as trained: it is the reference int8 is checked against.
             model = model.merge_and_unload()
+            if compile:
+                # Compiled on the first batches (tens of seconds, again once when lengths vary).
+                model = torch.compile(model)
     log.info(
         "model_loaded",
         version=version_dir.name,
@@ -481,6 +492,7 @@ def load_classifier(
         quantize=quantize,
         runtime=runtime,
         chosen_by="auto" if auto else "config",
+        compiled=compile,
         threads=torch.get_num_threads(),
     )
     return TransformersClassifier(

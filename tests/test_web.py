@@ -22,7 +22,6 @@ from mailtriage.testing.dovecot import Dovecot, load_messages
 from mailtriage.web import auth
 from mailtriage.web.app import create_app
 from tests.console_fixtures import FOLDERS, UNSURE, csrf_of, decide, make_version
-from tests.dovecot_fixtures import dovecot  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.component
 
@@ -241,7 +240,7 @@ def test_enabled_console_needs_a_way_to_sign_in(tmp_path: Path) -> None:
 
 
 def test_file_as_moves_on_the_server_and_records_a_correction(dovecot: Dovecot, make_app: Any, tmp_path: Path
-                                                              ) -> None:  # noqa: F811
+                                                              ) -> None:
     user, password = "console-q", "pw-console-q"
     dovecot.add_user(user, password)
     acct = account(port=dovecot.port, username=user, password=password, secret_dir=tmp_path, mailboxes=["INBOX"])

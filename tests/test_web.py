@@ -269,3 +269,27 @@ def test_file_as_moves_on_the_server_and_records_a_correction(dovecot: Dovecot, 
     again = client.post("/queues/file", data={"csrf": csrf_of(page.text), "account": "support", "folder": UNSURE,
                                               "label": "refunds", **form})
     assert again.status_code == 409 and "no longer in" in again.text
+
+
+def test_charts_are_svg_with_escaped_labels() -> None:
+    from mailtriage.web import charts
+
+    svg = charts.stacked_bars("t", [("2026-01-01", {"filed": 3, "unsure": 2}), ("2026-01-02", {})])
+    assert svg.startswith("<svg") and svg.count("<rect") == 2 + 4  # two bars' parts + four legend boxes
+    assert ">4<" in svg and ">8<" in svg  # whole-number grid up to 8 for a peak of 5
+    line = charts.lines("t", ["2026-01-01", "2026-01-08"], {"<b>x</b>": [0.5, None]})
+    assert "<b>x</b>" not in line and "&lt;b&gt;x&lt;/b&gt;" in line
+
+
+def test_rate_limit_counts_per_client_behind_the_proxy(make_app: Any) -> None:
+    client, *_ = make_app(web={"login_attempts": 1})  # the TestClient's peer, 127.0.0.1, is a trusted proxy
+
+    def attempt(forwarded: str, password: str) -> int:
+        page = client.get("/login")
+        return client.post("/login", headers={"X-Forwarded-For": forwarded},
+                           data={"user": "lead", "password": password, "csrf": csrf_of(page.text)}).status_code
+
+    assert attempt("203.0.113.5", "wrong") == 401
+    assert attempt("203.0.113.5", PASSWORD) == 429
+    # Another client is not locked out; a forged first entry does not pick the address.
+    assert attempt("203.0.113.5, 198.51.100.7", PASSWORD) == 303

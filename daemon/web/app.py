@@ -149,6 +149,15 @@ class Console:
             return str(user)
         return None
 
+    def client_address(self, request: Request) -> str:
+        """Who is signing in, for the rate limit: the TCP peer, or behind a trusted reverse proxy the
+        address it put last into X-Forwarded-For (the one it saw itself; earlier ones the client wrote)."""
+        peer = request.client.host if request.client else "unknown"
+        forwarded = request.headers.get("x-forwarded-for")
+        if forwarded and auth.trusted_peer(peer, self.web.trusted_proxies):
+            return forwarded.split(",")[-1].strip()[:64] or peer
+        return peer
+
     def csrf(self, request: Request) -> str:
         token = request.session.get("csrf")
         if not token:
@@ -180,7 +189,7 @@ class Console:
     async def login(self, request: Request) -> Response:
         if request.method == "GET":
             return self.page(request, "login.html", next=_safe_next(request.query_params.get("next", "/")))
-        client = request.client.host if request.client else "unknown"
+        client = self.client_address(request)
         wait = self.limiter.retry_after(client)
         if wait > 0:
             log.warning("web_login_rate_limited", client=client)

@@ -42,7 +42,8 @@ def _axis(top_value: float, fmt: str) -> list[str]:
 def stacked_bars(title: str, days: Sequence[tuple[str, Mapping[str, int]]],
                  colours: Mapping[str, str] = OUTCOME_COLOURS) -> str:
     """One bar per day, stacked by outcome (``days``: (YYYY-MM-DD, {outcome: count}) oldest first)."""
-    peak = max([sum(c.values()) for _, c in days] + [1])
+    # Rounded up to a multiple of 4, so the four grid lines fall on whole messages.
+    peak = -(-max([sum(c.values()) for _, c in days] + [1]) // 4) * 4
     plot_w, plot_h = WIDTH - _LEFT - 5, HEIGHT - _BOTTOM - _TOP
     step = plot_w / max(len(days), 1)
     body = _axis(peak, "{:.0f}")

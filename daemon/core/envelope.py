@@ -8,9 +8,6 @@ characters removed), never an exception, whatever the mail holds.
 from __future__ import annotations
 
 import email.header
-import email.parser
-import email.policy
-import email.utils
 import re
 from dataclasses import dataclass
 
@@ -42,14 +39,31 @@ def _decoded(raw: str | None) -> str:
         return raw
 
 
+_FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:(.*)$", re.DOTALL)
+_WANTED = {b"subject": "subject", b"from": "sender", b"date": "date"}
+
+
 def envelope_of(raw: bytes) -> Envelope:
-    """The message's Subject, From and Date, decoded and bounded."""
+    """The message's first Subject, From and Date, decoded and bounded.
+
+    Read line by line rather than with the email package's parser, which stops at the first
+    malformed line (``X-Foo : bar``, a bare word) and would then see no Subject at all, although the
+    mail client shows one."""
     head = raw[:_HEAD_BYTES]
     end = re.search(rb"\r?\n\r?\n", head)
     head = head[: end.start()] if end else head
-    try:
-        msg = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
-        return Envelope(_clean(_decoded(msg.get("Subject"))), _clean(_decoded(msg.get("From"))),
-                        _clean(str(msg.get("Date") or "")))
-    except Exception:  # noqa: BLE001 - hostile headers: nothing to show rather than a failed decision
-        return Envelope("", "", "")
+    found: dict[str, bytes] = {}
+    current: str | None = None
+    for line in re.split(rb"\r?\n", head):
+        if line[:1] in (b" ", b"\t"):  # a folded continuation of the field before
+            if current is not None and current in found and len(found[current]) < _HEAD_BYTES:
+                found[current] += b" " + line.strip()
+            continue
+        match = _FIELD.match(line)
+        current = _WANTED.get(match.group(1).lower()) if match else None
+        if current is not None and current in found:
+            current = None  # the first one counts, as for the mail client
+        elif current is not None and match:
+            found[current] = match.group(2).strip()
+    values = {k: _decoded(v.decode("utf-8", errors="replace")) for k, v in found.items()}
+    return Envelope(_clean(values.get("subject", "")), _clean(values.get("sender", "")), _clean(values.get("date", "")))

@@ -598,7 +598,7 @@ class StateDB:
 
     def record_relayed(
         self, key: str, decision: Decision, model_version: str | None, *, intake: str = SMTP_INTAKE,
-        explanation: Explanation | None = None,
+        explanation: Explanation | None = None, envelope: Envelope | None = None,
     ) -> None:
         """One message the SMTP content filter tagged and the next hop accepted, or the milter
         (``intake=MILTER_INTAKE``) tagged (action 'header'; ``folder`` is where its category header
@@ -613,6 +613,8 @@ class StateDB:
             (intake, mailbox, key, decision.label, decision.confidence, int(decision.unsure),
              decision.folder, model_version, _json(explanation), now, now, intake, mailbox),
         )
+        if envelope is not None:
+            self.record_envelope(key, envelope)
 
     def set_status(
         self, account: str, mailbox: str, uidvalidity: int, uid: int, status: str, error: str | None = None

@@ -293,3 +293,30 @@ def test_rate_limit_counts_per_client_behind_the_proxy(make_app: Any) -> None:
     assert attempt("203.0.113.5", PASSWORD) == 429
     # Another client is not locked out; a forged first entry does not pick the address.
     assert attempt("203.0.113.5, 198.51.100.7", PASSWORD) == 303
+
+
+def test_check_reports_the_console(tmp_path: Path) -> None:
+    import io
+
+    from mailtriage.cli.check import run_check
+
+    pw = tmp_path / "pw"
+    auth.write_password(pw, "lead", "x")
+    out = io.StringIO()
+    cfg = make_config(tmp_path, web={"enabled": True, "password_file": str(pw), "listen_host": "0.0.0.0",
+                                     "listen_port": 18025})
+    run_check(cfg, out=out, check_model=False)
+    assert "OK    web password_file: 1 user(s): lead" in out.getvalue()
+    assert "reachable from other hosts without TLS" in out.getvalue()
+    os.chmod(pw, 0o644)
+    out = io.StringIO()
+    assert run_check(cfg, out=out, check_model=False) == 1 and "chmod 600" in out.getvalue()
+
+
+@pytest.mark.parametrize("target", ["//evil.example/", "/\t/evil.example", "https://evil.example/", "/\\evil"])
+def test_sign_in_never_redirects_off_site(make_app: Any, target: str) -> None:
+    client, *_ = make_app()
+    page = client.get("/login")
+    response = client.post("/login", data={"user": "lead", "password": PASSWORD, "csrf": csrf_of(page.text),
+                                           "next": target})
+    assert response.status_code == 303 and response.headers["location"] == "/"

@@ -377,7 +377,10 @@ def _logout(client: Any) -> None:
 
 def _safe_next(target: str) -> str:
     """Only a path on this site: a sign-in must never redirect to another host."""
-    return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
+    # Browsers drop tabs and newlines from URLs ("/\t/evil.example" becomes "//evil.example"): refuse
+    # anything but printable, space-free paths.
+    ok = target.startswith("/") and not target.startswith("//") and "\\" not in target
+    return target if ok and target.isprintable() and not any(c.isspace() for c in target) else "/"
 
 
 def _signed_in(console: Console, endpoint: Callable[[Request], Any]) -> Callable[[Request], Awaitable[Response]]:

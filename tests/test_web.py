@@ -320,3 +320,38 @@ def test_sign_in_never_redirects_off_site(make_app: Any, target: str) -> None:
     response = client.post("/login", data={"user": "lead", "password": PASSWORD, "csrf": csrf_of(page.text),
                                            "next": target})
     assert response.status_code == 303 and response.headers["location"] == "/"
+
+
+def test_mailtriage_web_command_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from mailtriage.testing.builders import write_config
+    from mailtriage.testing.imapserver import free_port
+    from mailtriage.testing.waits import wait_for
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    pw = tmp_path / "console.passwd"
+    made = subprocess.run([sys.executable, "-m", "mailtriage.cli.main", "web", "--hash-password", str(pw), "--user",
+                           "lead"], input="s3cret\n", capture_output=True, text=True, env=env, timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert auth.check_password(auth.read_password_file(pw), "lead", "s3cret")
+    port = free_port()
+    config = write_config(tmp_path / "config.toml", tmp_path, web={"password_file": str(pw), "listen_port": port})
+    proc = subprocess.Popen([sys.executable, "-m", "mailtriage.cli.main", "--config", str(config), "web"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        def answers() -> bool:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=2).status == 200
+            except OSError:
+                return False
+        wait_for(answers, 60, "the console answering")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0].decode()
+    assert proc.returncode == 0, out
+    assert f"console: http://127.0.0.1:{port}/ (read-only)" in out

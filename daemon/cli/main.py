@@ -183,7 +183,17 @@ def cmd_web(args: argparse.Namespace) -> int:
         raise ConfigError("nobody could sign in to the console: set [web] password_file (write it with "
                           "`mailtriage web --hash-password FILE`) or [web] trusted_user_header")
     print(f"console: {console_url(cfg)} ({'actions allowed' if web.allow_actions else 'read-only'})", flush=True)
-    asyncio.run(run_console(cfg))
+
+    async def until_signalled() -> None:
+        import signal
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # systemd's stop and Ctrl-C: finish open requests, exit 0
+            loop.add_signal_handler(sig, stop.set)
+        await run_console(cfg, stop=stop)
+
+    asyncio.run(until_signalled())
     return 0
 
 

@@ -171,6 +171,7 @@ def test_overview_shows_charts_and_the_serving_model(make_app: Any, tmp_path: Pa
     sign_in(client)
     page = client.get("/").text
     assert page.count("<svg") == 2 and "20260101-000000" in page and "50.0%" in page  # unsure share
+    assert ", promoted 20" in page and "0 3 * * 0" in page
 
 
 def test_read_only_refuses_actions(make_app: Any, tmp_path: Path) -> None:

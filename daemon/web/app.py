@@ -237,7 +237,8 @@ class Console:
             per_day=Markup(charts.stacked_bars("Decisions per day by outcome", days)),
             accuracy=Markup(charts.lines("Live accuracy per category, by week filed", weeks,
                                          {k: v for k, v in series.items() if any(x is not None for x in v)})),
-            serving=version, promoted=created, latest=versions[0] if versions else None,
+            serving=version, created=created, promoted=models.promoted_at(self.model_dir),
+            latest=versions[0] if versions else None,
             schedule=self.config.training.schedule, next_retrain=next_retrain_examples(self.state, created),
         )
 

@@ -57,6 +57,14 @@ def list_versions(model_dir: Path) -> list[Version]:
     return out
 
 
+def promoted_at(model_dir: Path) -> float | None:
+    """When ``current`` was last switched (promote replaces the link, so its own mtime is that moment)."""
+    try:
+        return (Path(model_dir) / modeldir.CURRENT).lstat().st_mtime
+    except OSError:
+        return None
+
+
 def version_dir(model_dir: Path, name: str) -> Path:
     """The directory of version ``name``; ModelError unless it is a complete version listed there
     (so a name can never reach outside the model directory)."""

@@ -3,8 +3,9 @@ against `mailtriage serve` with ``[web] enabled = true`` (the tiny model, a real
 open a decision and its explanation, file an unsure message (it leaves the unsure folder on the
 server and is recorded as a correction), roll back a model version.
 
-Each page is photographed: into tmp_path, or into $MAILTRIAGE_CONSOLE_SCREENSHOTS when set (that is
-how docs/console/*.png are made). A missing Chromium fails the test: `make deps` installs it.
+Each page is photographed into tmp_path, or into $MAILTRIAGE_CONSOLE_SCREENSHOTS when set (the
+pictures in docs/console/ come from the demo: demo/screenshots.py). A missing Chromium fails the
+test: `make deps` installs it.
 """
 
 from __future__ import annotations

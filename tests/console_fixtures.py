@@ -23,7 +23,7 @@ UNSURE = "Support/Unsure"
 
 
 def decide(state: StateDB, raw: bytes, uid: int, label: str, confidence: float, *, threshold: float = 0.6,
-           account: str = "support", version: str = "20260101-000000", when: float | None = None) -> str:
+           account: str = "support", version: str = "20260101-000000") -> str:
     """Record ``raw`` as the IMAP watcher does: claimed, moved (to its category or the unsure
     folder), done, with its explanation and envelope. Returns the message key."""
     key = message_key(raw)
@@ -34,8 +34,6 @@ def decide(state: StateDB, raw: bytes, uid: int, label: str, confidence: float, 
     state.record_envelope(key, envelope_of(raw))
     assert state.claim(account, "INBOX", 1, uid, key, decision, "move", version, explanation=why) == Claim.CLAIMED
     state.set_status(account, "INBOX", 1, uid, Status.DONE)
-    if when is not None:  # back-date it, for the per-day chart
-        state._exec("UPDATE messages SET decided_at=? WHERE uid=? AND account=?", (when, uid, account))
     return key
 
 

@@ -122,7 +122,7 @@ def test_hostile_subject_and_sender_are_escaped(make_app: Any) -> None:
     client, _cfg, state = make_app()
     decide(state, mail("x", HOSTILE, sender=f'"{HOSTILE}" <evil@example.com>'), 1, "billing", 0.3)
     sign_in(client)
-    for path in ("/decisions", "/decisions/1", f"/decisions?subject=<script>"):
+    for path in ("/decisions", "/decisions/1", "/decisions?subject=<script>"):
         page = client.get(path)
         assert page.status_code == 200
         assert "<script>alert" not in page.text and "<img src=x" not in page.text
@@ -171,7 +171,7 @@ def test_overview_shows_charts_and_the_serving_model(make_app: Any, tmp_path: Pa
     sign_in(client)
     page = client.get("/").text
     assert page.count("<svg") == 2 and "20260101-000000" in page and "50.0%" in page  # unsure share
-    assert ", promoted 20" in page and "0 3 * * 0" in page
+    assert ", promoted 20" in page and "0 3 * * 0" in page and ", next 20" in page
 
 
 def test_read_only_refuses_actions(make_app: Any, tmp_path: Path) -> None:

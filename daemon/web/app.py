@@ -238,7 +238,7 @@ class Console:
             accuracy=Markup(charts.lines("Live accuracy per category, by week filed", weeks,
                                          {k: v for k, v in series.items() if any(x is not None for x in v)})),
             serving=version, created=created, promoted=models.promoted_at(self.model_dir),
-            latest=versions[0] if versions else None,
+            latest=versions[0] if versions else None, next_run=_next_run(self.config.training.schedule),
             schedule=self.config.training.schedule, next_retrain=next_retrain_examples(self.state, created),
         )
 
@@ -359,6 +359,19 @@ class Console:
             return self.refuse(request, 409, f"Not promoted: {exc}")
         log.info("web_promoted", user=self.user(request), version=name, was=was)
         return RedirectResponse("/models", status_code=303)
+
+
+def _next_run(schedule: str) -> float | None:
+    """When the scheduler fires the retrain next (UTC), from the same crontab parser it uses."""
+    if not schedule:
+        return None
+    import datetime
+
+    from mailtriage.core.cron import crontab_trigger
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    fire = crontab_trigger(schedule, timezone="UTC").get_next_fire_time(None, now)
+    return fire.timestamp() if fire is not None else None
 
 
 def _with_page(params: Any, page: int) -> str:

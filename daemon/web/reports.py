@@ -7,6 +7,7 @@ the console and `mailtriage stats` never disagree.
 
 from __future__ import annotations
 
+import calendar
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,7 +80,7 @@ class Filters:
 
 def _day(text: str, name: str) -> float:
     try:
-        return time.mktime(time.strptime(text, "%Y-%m-%d")) - time.timezone
+        return float(calendar.timegm(time.strptime(text, "%Y-%m-%d")))  # the day's start, UTC
     except ValueError:
         raise QueryError(f"{name} = {text!r} is not a date; write it as YYYY-MM-DD, e.g. 2026-03-31") from None
 

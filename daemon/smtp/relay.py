@@ -36,7 +36,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 from mailtriage.config import Config
 from mailtriage.core.pipeline import UNKNOWN_KEY, ClassifyAsync, Rules, classify_and_route_async, prepare
 from mailtriage.core.routing import Decision
-from mailtriage.core.envelope import Envelope, envelope_of
+from mailtriage.core.envelope import Envelope as MailEnvelope, envelope_of
 from mailtriage.core.explain import Explanation, why_header
 from mailtriage.core.tagging import category_value, tagged_parts
 from mailtriage.errors import ConfigError
@@ -53,7 +53,7 @@ class RecordFn(Protocol):
     """Records one tagged message's decision (StateDB.record_relayed)."""
 
     def __call__(self, key: str, decision: Decision, model_version: str, *,
-                 explanation: Explanation | None = None, envelope: Envelope | None = None) -> None: ...
+                 explanation: Explanation | None = None, envelope: MailEnvelope | None = None) -> None: ...
 
 
 # Postfix's default message_size_limit is 10 MB; 50 MB leaves room for big attachments while

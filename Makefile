@@ -9,7 +9,8 @@ PYTEST_ARGS ?=
 
 # Dovecot is the real IMAP server the tests and the demo start on 127.0.0.1; Pigeonhole
 # (dovecot-sieve, which brings sievec) runs the IMAPSieve "learn on move" hook in tests/test_learn.py;
-# systemd-analyze verifies and scores the units in tests/test_systemd.py. Postfix runs the README's
+# systemd-analyze verifies and scores the units in tests/test_systemd.py. Chromium and chromium-driver
+# (Debian's packages, no browser download) run the web console's browser test, tests/test_web_browser.py. Postfix runs the README's
 # content-filter and milter recipes in tests/test_postfix.py and tests/test_postfix_milter.py (a
 # throwaway instance each; openssl makes the DKIM test key). "No configuration" writes no
 # /etc/postfix/main.cf, so no system Postfix starts on port 25; --no-remove makes apt stop rather
@@ -38,6 +39,9 @@ deps:
 	    && rm -rf $(CYRUS_DIR) && mkdir -p $(CYRUS_DIR) && for deb in *.deb; do dpkg -x $$deb $(CYRUS_DIR) || exit 1; done) \
 	    && rm -rf $$tmp && touch $(CYRUS_DIR)/.complete; \
 	  else echo "Cyrus IMAP is missing (tests/test_cyrus.py): run 'sudo make deps', or unpack cyrus-imapd, cyrus-common and sasl2-bin into $(CYRUS_DIR) with apt-get download + dpkg -x" >&2; exit 1; fi; }
+	@{ command -v chromium || command -v chromium-browser; } >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "Chromium or chromium-driver is missing (tests/test_web_browser.py drives the console in it): run 'sudo apt-get install -y chromium chromium-driver'" >&2; exit 1; fi; }
 	@command -v systemd-analyze >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; \
 	  else echo "systemd-analyze is missing (tests verify the units): run 'sudo apt-get install -y systemd'" >&2; exit 1; fi; }
@@ -55,8 +59,9 @@ $(BIN)/mailtriage: pyproject.toml
 
 venv: $(BIN)/mailtriage
 
+# CONSOLE=1 leaves the web console running at the end (Ctrl-C stops it).
 demo: deps venv
-	$(BIN)/python -m demo.run
+	$(BIN)/python -m demo.run $(if $(CONSOLE),--console)
 
 test: deps venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

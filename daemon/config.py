@@ -326,6 +326,53 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """[web]: the support lead's console (``mailtriage web``, or inside ``serve`` when enabled)."""
+
+    enabled: bool = False
+    # 127.0.0.1: the console is meant to sit behind the host's reverse proxy (TLS, the proxy's sign-in).
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8025
+    # scrypt hash written by `mailtriage web --hash-password FILE`; one "user:hash" line per person.
+    password_file: str = ""
+    # A header (e.g. "X-Remote-User") naming the user the reverse proxy signed in. Off unless set:
+    # anyone who can reach the port could send it, so it is believed only from trusted_proxies.
+    trusted_user_header: str = ""
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    # The session cookie gets Secure (sent over https only): true behind a TLS proxy.
+    secure_cookies: bool = False
+    # A file with the key that signs session cookies (kept across restarts); "" = a new key per start.
+    session_secret_file: str = ""
+    session_hours: float = 8.0
+    # Read-only unless true: "file as CATEGORY", promote and roll back change mail and the model.
+    allow_actions: bool = False
+    # Characters of each queued message's text shown in Queues (0: none).
+    snippet_chars: int = 160
+    # Failed sign-ins per client address within login_window seconds before it is refused (429).
+    login_attempts: int = 5
+    login_window: float = 900.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.listen_port < 65536:
+            raise ConfigError(f"web.listen_port = {self.listen_port!r} is not a TCP port (1..65535)")
+        if self.enabled and not self.password_file and not self.trusted_user_header:
+            raise ConfigError(
+                "web.enabled = true but nobody can sign in: set web.password_file (write it with "
+                "`mailtriage web --hash-password FILE`) or web.trusted_user_header behind a reverse proxy"
+            )
+        if self.trusted_user_header and not self.trusted_proxies:
+            raise ConfigError(
+                f"web.trusted_user_header = {self.trusted_user_header!r} needs web.trusted_proxies, the "
+                "addresses of the reverse proxy that sets it (e.g. [\"127.0.0.1\"])"
+            )
+        if not 0 <= self.snippet_chars <= 2000:
+            raise ConfigError(f"web.snippet_chars = {self.snippet_chars!r}: allowed 0..2000")
+        _positive("web.login_attempts", self.login_attempts)
+        _positive_seconds("web.login_window", self.login_window)
+        _positive_seconds("web.session_hours", self.session_hours)
+
+
+@dataclass(frozen=True)
 class Config:
     # category name -> IMAP folder it is filed into; order is the label order shown in reports
     categories: Mapping[str, str]
@@ -348,6 +395,7 @@ class Config:
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     milter: MilterConfig = field(default_factory=MilterConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    web: WebConfig = field(default_factory=WebConfig)
 
     def __post_init__(self) -> None:
         if len(self.categories) < 2:

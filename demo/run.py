@@ -7,7 +7,9 @@
    (`mailtriage-train`, exactly as the weekly retrain does);
 4. checks the setup (`mailtriage check`), runs the daemon (`mailtriage serve`) until it has filed the inbox, then stops it with SIGTERM;
 5. scores where each inbox message landed against the generator's answer key and prints the
-   evaluation report and `mailtriage stats`.
+   evaluation report and `mailtriage stats`;
+6. prints the web console's URL; with --console (`make demo CONSOLE=1`) runs the daemon again with
+   the console and leaves it running until Ctrl-C.
 Everything lives under ./demo-run/ and is thrown away by the next run.
 """
 
@@ -31,6 +33,8 @@ from demo.corpus import CATEGORIES, generate
 from mailtriage.store.corrections import folder_keys
 from mailtriage.core.mailtext import message_key
 from mailtriage.testing.dovecot import Dovecot, load_messages
+from mailtriage.testing.imapserver import free_port
+from mailtriage.web.auth import write_password
 
 UNSURE = "Support/Unsure"
 
@@ -39,7 +43,11 @@ def _step(msg: str) -> None:
     print(f"\n\033[1m==> {msg}\033[0m" if sys.stdout.isatty() else f"\n==> {msg}", flush=True)
 
 
-def _write_config(run: Path, port: int, epochs: int) -> Path:
+CONSOLE_USER, CONSOLE_PASSWORD = "demo", "demo"
+
+
+def _write_config(run: Path, port: int, epochs: int, web_port: int) -> Path:
+    write_password(run / "console.passwd", CONSOLE_USER, CONSOLE_PASSWORD)
     (run / "imap-password").write_text("secret\n")
     (run / "imap-password").chmod(0o600)  # `mailtriage check` fails a world-readable secret
     cats = "\n".join(f'{label} = "{folder}"' for label, folder in CATEGORIES.items())
@@ -76,6 +84,13 @@ model_dir = "{run}/models"
 schedule = ""
 epochs = {epochs}
 min_examples_per_class = 10
+
+[web]
+# The console runs inside `mailtriage serve`; the demo mailbox is a throwaway, so actions are on.
+enabled = true
+listen_port = {web_port}
+password_file = "{run}/console.passwd"
+allow_actions = true
 """
     )
     return cfg
@@ -138,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--per-category", type=int, default=60, help="history messages per category")
     ap.add_argument("--inbox", type=int, default=150, help="unsorted messages in INBOX")
     ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--console", action="store_true",
+                    help="at the end, run the daemon with the web console until Ctrl-C (default: exit)")
+    ap.add_argument("--console-port", type=int, default=0, help="the console's port (default: 8025 if free)")
     args = ap.parse_args(argv)
 
     run = Path(args.dir).resolve()
@@ -162,7 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_messages(client, "INBOX", inbox_files)
         print(f"   loaded {sum(counts.values())} sorted messages into {len(counts)} folders, {len(inbox_files)} into INBOX")
         answers = {message_key(p.read_bytes()): answers_by_file[p.name] for p in inbox_files}
-        cfg = _write_config(run, dovecot.port, args.epochs)
+        web_port = args.console_port or (8025 if _port_free(8025) else free_port())
+        url = f"http://127.0.0.1:{web_port}/"
+        cfg = _write_config(run, dovecot.port, args.epochs, web_port)
 
         _step("Training an adapter from the IMAP category folders (mailtriage-train)")
         t0 = time.monotonic()
@@ -197,11 +217,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         _step("mailtriage stats")
         subprocess.call([_bin("mailtriage"), "stats", "--config", str(cfg)], env=env)
 
-    report = run / "models" / "current" / "report.md"
-    _step(f"Evaluation report: {report}  (confusion matrix: {report.parent / 'confusion.png'})")
-    if report.exists():
-        print(report.read_text())
-    return 0
+        report = run / "models" / "current" / "report.md"
+        _step(f"Evaluation report: {report}  (confusion matrix: {report.parent / 'confusion.png'})")
+        if report.exists():
+            print(report.read_text())
+
+        login = f"user {CONSOLE_USER!r}, password {CONSOLE_PASSWORD!r}"
+        if not args.console:
+            _step(f"Web console: {url} ({login}); not left running: `make demo CONSOLE=1` (or --console) keeps it up")
+            return 0
+        _step(f"Web console: {url} ({login}); the daemon keeps running with it. Ctrl-C stops both")
+        proc = subprocess.Popen([_bin("mailtriage"), "serve", "--config", str(cfg)], env=env,
+                                stderr=(run / "serve-console.log").open("wb"), stdout=subprocess.DEVNULL)
+        print(f"   console: {url}  (daemon log: {run / 'serve-console.log'})", flush=True)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+            return 0
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 if __name__ == "__main__":

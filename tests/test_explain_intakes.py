@@ -76,6 +76,9 @@ def test_a_filed_message_row_holds_its_explanation(
     assert why.unsure == rows["billing"].unsure and why.confidence == pytest.approx(rows["billing"].confidence, abs=1e-4)
     assert why.terms is not None and "invoice" in {t.text for t in why.terms.toward}
     assert "refund" in {t.text for t in _why_of(rows["refunds"].explanation).terms.toward}  # type: ignore[union-attr]
+    # The console finds each decision by subject and sender.
+    envelopes = {r["key"]: r for r in w.state.query("SELECT * FROM envelopes")}
+    assert {envelopes[r.key]["sender"] for r in rows.values()} == {"Customer 1 <c1@example.com>", "Customer 2 <c2@example.com>"}
     # No X-Mailtriage-Why unless asked (the move action writes no header at all).
     (filed,) = contents(client, "Support/Billing").values()
     assert b"X-Mailtriage" not in filed["header"]
@@ -147,6 +150,8 @@ def test_the_relay_stores_the_explanation_and_adds_why_only_when_asked(
         assert whys == []
     (row,) = state.rows(SMTP_INTAKE)
     why = _why_of(row.explanation)
+    (env,) = state.query("SELECT * FROM envelopes")
+    assert (env["key"], env["subject"], env["sender"]) == (row.key, "help", "customer@example.com")
     assert (why.label, why.part, row.label) == ("billing", "baseline", "billing")
     assert why.terms is not None and "invoice" in {t.text for t in why.terms.toward}
 
@@ -203,4 +208,6 @@ def test_the_served_milter_stores_the_explanation_and_adds_a_one_line_why(
     (row,) = [r for r in StateDB(config.state_path).rows() if r.account == MILTER_INTAKE]
     stored = _why_of(row.explanation)
     assert (stored.label, stored.part) == ("refunds", "baseline")
+    (env,) = StateDB(config.state_path).query("SELECT * FROM envelopes")
+    assert env["key"] == row.key and env["sender"]
     assert stored.terms is not None and "refund" in {t.text for t in stored.terms.toward}

@@ -387,7 +387,7 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
 
-    def __call__(self, key: str, decision: Any, version: str, explanation: Any = None) -> None:
+    def __call__(self, key: str, decision: Any, version: str, explanation: Any = None, envelope: Any = None) -> None:
         self.calls.append((key, decision.label))
 
 

@@ -1,5 +1,5 @@
 """The systemd units: `systemd-analyze verify` accepts every one, and the services stay hardened
-(`systemd-analyze security` exposure <= 4, "OK"). `make deps` installs systemd."""
+(`systemd-analyze security` exposure <= 2, "OK"; the web console must not raise it). `make deps` installs systemd."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 SERVICES = ("mailtriage.service", "mailtriage-train.service")
-MAX_EXPOSURE = 4.0
+MAX_EXPOSURE = 2.0
 
 pytestmark = pytest.mark.component  # runs systemd-analyze
 

@@ -184,6 +184,40 @@ def _check_smtp(report: _Report, config: Config, rcpt: str) -> None:
     report.extend(check_smtp.next_hop(config.smtp, rcpt))
 
 
+def _check_web(report: _Report, config: Config) -> None:
+    """[web]: who can sign in, and where the console listens (it is meant to sit behind a TLS proxy)."""
+    import ipaddress
+
+    from mailtriage.errors import ConfigError
+    from mailtriage.web.auth import read_password_file
+    from mailtriage.web.server import bind
+
+    web = config.web
+    subject = f"web console {web.listen_host}:{web.listen_port}"
+    if web.password_file:
+        try:
+            users = read_password_file(web.password_file)
+            report.add(OK, "web password_file", f"{len(users)} user(s): {', '.join(sorted(users))}")
+        except ConfigError as exc:
+            report.add(FAIL, "web password_file", str(exc))
+    if web.trusted_user_header:
+        report.add(WARN, "web trusted_user_header", f"{web.trusted_user_header!r} signs in whoever it names when "
+                   f"sent from {list(web.trusted_proxies)}", "make sure the reverse proxy overwrites the header "
+                   "a client sends (docs/INSTALL.md, section 10)")
+    try:
+        bind(web.listen_host, web.listen_port).close()
+        report.add(OK, subject, "free to listen on" + ("" if web.allow_actions else "; read-only (allow_actions = false)"))
+    except ConfigError as exc:
+        report.add(WARN, subject, f"{exc} (fine if `mailtriage serve` is running and serves it)")
+    try:
+        loopback = ipaddress.ip_address(web.listen_host).is_loopback
+    except ValueError:
+        loopback = web.listen_host == "localhost"
+    if not loopback:
+        report.add(WARN, subject, "reachable from other hosts without TLS",
+                   "listen on 127.0.0.1 and put nginx or Apache with TLS in front (docs/INSTALL.md, section 10)")
+
+
 def _check_intakes(report: _Report, config: Config) -> None:
     """Which intakes `serve` runs. A relay- or milter-only set-up watches no mailbox, and that is fine."""
     intakes = [f"IMAP watcher ({len(config.accounts)} account(s))"] if config.accounts else []
@@ -225,6 +259,8 @@ def run_check(
     if config.milter.enabled:
         _check_milter(report, config)
     _check_intakes(report, config)
+    if config.web.enabled:
+        _check_web(report, config)
     _check_state(report, config)
     if config.training.schedule:
         _check_writable_dir(

@@ -1,4 +1,4 @@
-"""`mailtriage` command line: serve, classify, explain, check, stats, auth, learn, text.
+"""`mailtriage` command line: serve, classify, explain, check, stats, web, auth, learn, text.
 
 Heavy imports (torch, imapclient) happen inside the subcommand that needs them, so
 `mailtriage text` and `--help` start instantly.
@@ -155,6 +155,49 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return print_stats(_load(args), window_days=args.days, as_json=args.json)
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    """The web console on its own (``[web] enabled = true`` runs it inside `serve` instead), or
+    ``--hash-password FILE``: add a user to the console's password file."""
+    if args.hash_password:
+        import getpass
+
+        from mailtriage.web.auth import write_password
+
+        if sys.stdin.isatty():
+            password = getpass.getpass(f"password for {args.user}: ")
+            if getpass.getpass("again: ") != password:
+                raise ConfigError("the two passwords differ; nothing written")
+        else:
+            password = sys.stdin.readline().rstrip("\r\n")  # scripts: the password on one line of stdin
+        write_password(args.hash_password, args.user, password)
+        print(f"{args.hash_password}: user {args.user!r} set (scrypt); point [web] password_file at it")
+        return 0
+    import asyncio
+
+    from mailtriage.web.server import console_url, run_console
+
+    cfg = _load(args)
+    web = dataclasses.replace(cfg.web, listen_host=args.host or cfg.web.listen_host,
+                              listen_port=args.port or cfg.web.listen_port)
+    cfg = dataclasses.replace(cfg, web=web)
+    if not web.password_file and not web.trusted_user_header:
+        raise ConfigError("nobody could sign in to the console: set [web] password_file (write it with "
+                          "`mailtriage web --hash-password FILE`) or [web] trusted_user_header")
+    print(f"console: {console_url(cfg)} ({'actions allowed' if web.allow_actions else 'read-only'})", flush=True)
+
+    async def until_signalled() -> None:
+        import signal
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # systemd's stop and Ctrl-C: finish open requests, exit 0
+            loop.add_signal_handler(sig, stop.set)
+        await run_console(cfg, stop=stop)
+
+    asyncio.run(until_signalled())
+    return 0
+
+
 def cmd_auth(args: argparse.Namespace) -> int:
     """Sign an account in once (OAuth2) and store its refresh token for the daemon."""
     from mailtriage.imap import oauth
@@ -262,6 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=30, help="window in days (default 30)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("web", parents=[common], help="the web console for the support lead ([web] in the config)")
+    p.add_argument("--host", help="address to listen on (default: web.listen_host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: web.listen_port)")
+    p.add_argument("--hash-password", metavar="FILE",
+                   help="add or replace --user's line in the console's password file (asks twice on a terminal, "
+                        "else reads one line of stdin), then exit")
+    p.add_argument("--user", default="admin", help="user name for --hash-password (default admin)")
+    p.set_defaults(func=cmd_web)
 
     p = sub.add_parser("auth", parents=[common], help="sign an IMAP account in with OAuth2 (Microsoft 365, Gmail)")
     p.add_argument("account", help="the [[accounts]] name")

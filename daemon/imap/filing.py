@@ -32,6 +32,7 @@ from imapclient import IMAPClient
 
 from mailtriage.config import AccountConfig, Config
 from mailtriage.core import backoff, explain, identity, mailtext, pipeline, tagging
+from mailtriage.core.envelope import envelope_of
 from mailtriage.core.mailtext import content_fingerprint, mail_text, message_key
 from mailtriage.core.pipeline import ClassifyFn, Routed
 from mailtriage.core.routing import Decision
@@ -410,6 +411,7 @@ class Filing:
         acct, mbox = self.account.name, self.mailbox
         decision, model_version = routed.decision, routed.model_version
         placed = self._placed_folder(decision)
+        self._remember_envelope(item)
         if self.dry_run:
             self.state.record_decision(
                 acct, mbox, uidvalidity, item.uid, item.key, decision, self.action, model_version, True, Status.DONE,
@@ -451,6 +453,13 @@ class Filing:
             return self._done(item, decision, "failed", placed, error=str(exc), status=status)
         self.state.set_status(acct, mbox, uidvalidity, item.uid, Status.DONE)
         self._done(item, decision, "unsure" if decision.unsure else "filed", placed)
+
+    def _remember_envelope(self, item: Fetched) -> None:
+        # The console finds a decision by subject and sender; losing that must never stop the filing.
+        try:
+            self.state.record_envelope(item.key, envelope_of(item.raw))
+        except Exception as exc:  # noqa: BLE001
+            self.log.warning("envelope_not_recorded", uid=item.uid, error=str(exc))
 
     def act(
         self, action: str, uid: int, decision: Decision, item: Fetched | None, uidvalidity: int,

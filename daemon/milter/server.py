@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from mailtriage.config import Config
+from mailtriage.core.envelope import Envelope, envelope_of
 from mailtriage.core.explain import Explanation, why_header
 from mailtriage.core.pipeline import UNKNOWN_KEY, ClassifyAsync, Routed, Rules, classify_and_route_async, prepare
 from mailtriage.core.routing import Decision
@@ -40,7 +41,7 @@ class RecordFn(Protocol):
     """Records one tagged message's decision (StateDB.record_relayed under intake "milter")."""
 
     def __call__(self, key: str, decision: Decision, model_version: str, *,
-                 explanation: Explanation | None = None) -> None: ...
+                 explanation: Explanation | None = None, envelope: Envelope | None = None) -> None: ...
 
 
 CLOSE_GRACE = 10.0  # seconds a shutdown waits for messages being classified
@@ -203,7 +204,9 @@ class MilterServer:
         bound = bound.bind(message=key)
         if self.record is not None and key != UNKNOWN_KEY:
             try:
-                await asyncio.to_thread(self.record, key, decision, version, explanation=routed.explanation)
+                record = self.record  # the subject and sender for the console are parsed in the thread too
+                await asyncio.to_thread(lambda: record(key, decision, version, explanation=routed.explanation,
+                                                       envelope=envelope_of(message.raw)))
             except Exception as exc:  # noqa: BLE001 - the mail must not wait on the state database
                 bound.error("milter_decision_not_recorded", error=str(exc), error_type=type(exc).__name__)
         metrics.MESSAGES.labels(category=decision.label, outcome="unsure" if decision.unsure else "filed").inc()
@@ -267,8 +270,10 @@ async def start_milter(service: Service) -> Callable[[], Awaitable[None]]:
     if state is not None:
         from mailtriage.store.state import MILTER_INTAKE
 
-        def record(key: str, decision: Decision, version: str, explanation: Explanation | None = None) -> None:
-            state.record_relayed(key, decision, version, intake=MILTER_INTAKE, explanation=explanation)
+        def record(key: str, decision: Decision, version: str, explanation: Explanation | None = None,
+                   envelope: Envelope | None = None) -> None:
+            state.record_relayed(key, decision, version, intake=MILTER_INTAKE, explanation=explanation,
+                                 envelope=envelope)
 
     server = MilterServer(service.config, service.classify_async, record=record)
     await server.start()

@@ -60,6 +60,10 @@ def _default_hooks(config: Config) -> list[StartHook]:
         from mailtriage.milter.server import start_milter
 
         hooks.append(start_milter)
+    if config.web.enabled:
+        from mailtriage.web.server import start_web  # starlette and uvicorn are only imported when used
+
+        hooks.append(start_web)
     return hooks
 
 

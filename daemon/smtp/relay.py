@@ -36,6 +36,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 from mailtriage.config import Config
 from mailtriage.core.pipeline import UNKNOWN_KEY, ClassifyAsync, Rules, classify_and_route_async, prepare
 from mailtriage.core.routing import Decision
+from mailtriage.core.envelope import Envelope as MailEnvelope, envelope_of
 from mailtriage.core.explain import Explanation, why_header
 from mailtriage.core.tagging import category_value, tagged_parts
 from mailtriage.errors import ConfigError
@@ -52,7 +53,7 @@ class RecordFn(Protocol):
     """Records one tagged message's decision (StateDB.record_relayed)."""
 
     def __call__(self, key: str, decision: Decision, model_version: str, *,
-                 explanation: Explanation | None = None) -> None: ...
+                 explanation: Explanation | None = None, envelope: MailEnvelope | None = None) -> None: ...
 
 
 # Postfix's default message_size_limit is 10 MB; 50 MB leaves room for big attachments while
@@ -170,7 +171,9 @@ class ContentFilter:
             self.busy = False
         if self.record is not None and key != UNKNOWN_KEY:
             try:
-                await asyncio.to_thread(self.record, key, decision, version, explanation=routed.explanation)
+                record = self.record  # the subject and sender for the console are parsed in the thread too
+                await asyncio.to_thread(lambda: record(key, decision, version, explanation=routed.explanation,
+                                                       envelope=envelope_of(raw)))
             except Exception as exc:  # noqa: BLE001 - the next hop has it: a 4xx now would duplicate it
                 bound.error("smtp_decision_not_recorded", error=str(exc), error_type=type(exc).__name__)
         outcome = "unsure" if decision.unsure else "filed"

@@ -38,6 +38,9 @@ any other version is refused)::
                      dry_run off later still files the backlog for real
     corrections    (key, actual) PRIMARY KEY -> account, predicted, was_unsure, corrected_at
                      staff moved a filed message into another category folder (feedback path)
+    envelopes      key PRIMARY KEY -> subject, sender, sent (core.envelope: decoded, at most 300
+                     characters each): what the web console shows and searches. Created IF NOT EXISTS
+                     on any writable open, without a version change: older code ignores the table
 
 Thread safety: one sqlite3 connection per thread (``threading.local``); WAL lets watcher threads
 write while ``mailtriage stats`` reads. ``claim`` takes a message in one IMMEDIATE transaction, so
@@ -59,6 +62,7 @@ from enum import StrEnum
 from typing import Any
 
 from mailtriage.errors import StateError
+from mailtriage.core.envelope import Envelope
 from mailtriage.core.explain import Explanation
 from mailtriage.core.routing import Decision
 
@@ -131,6 +135,12 @@ CREATE TABLE IF NOT EXISTS corrections (
     was_unsure INTEGER NOT NULL,
     corrected_at REAL NOT NULL,
     PRIMARY KEY (key, actual)
+);
+CREATE TABLE IF NOT EXISTS envelopes (
+    key TEXT PRIMARY KEY,
+    subject TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    sent TEXT NOT NULL
 );
 """
 
@@ -588,7 +598,7 @@ class StateDB:
 
     def record_relayed(
         self, key: str, decision: Decision, model_version: str | None, *, intake: str = SMTP_INTAKE,
-        explanation: Explanation | None = None,
+        explanation: Explanation | None = None, envelope: Envelope | None = None,
     ) -> None:
         """One message the SMTP content filter tagged and the next hop accepted, or the milter
         (``intake=MILTER_INTAKE``) tagged (action 'header'; ``folder`` is where its category header
@@ -603,6 +613,8 @@ class StateDB:
             (intake, mailbox, key, decision.label, decision.confidence, int(decision.unsure),
              decision.folder, model_version, _json(explanation), now, now, intake, mailbox),
         )
+        if envelope is not None:
+            self.record_envelope(key, envelope)
 
     def set_status(
         self, account: str, mailbox: str, uidvalidity: int, uid: int, status: str, error: str | None = None
@@ -785,6 +797,23 @@ class StateDB:
             (key, actual, account, predicted, int(was_unsure), time.time()),
         )
         return cur.rowcount == 1
+
+    def record_envelope(self, key: str, envelope: Envelope) -> None:
+        """Remember the subject, sender and date of ``key`` for the web console (the latest wins)."""
+        self._exec(
+            "INSERT OR REPLACE INTO envelopes (key, subject, sender, sent) VALUES (?,?,?,?)",
+            (key, envelope.subject, envelope.sender, envelope.date),
+        )
+
+    def has_table(self, name: str) -> bool:
+        """Whether the database has table ``name`` (a read-only open of an older file may lack one)."""
+        return self._exec("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
+
+    def query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        """Rows of one read-only SELECT (the web console's reports); writes go through the methods above."""
+        if not sql.lstrip().upper().startswith(("SELECT", "WITH")):
+            raise ValueError("StateDB.query runs SELECT statements only")
+        return self._exec(sql, params).fetchall()
 
     def corrections(self) -> list[dict[str, Any]]:
         rows = self._exec("SELECT * FROM corrections ORDER BY corrected_at").fetchall()

@@ -80,7 +80,7 @@ class ModelConfig:
                                        or self.runtime not in ("auto", "torch") or self.compile):
             raise ConfigError(
                 f"model.quantize = {self.quantize!r} / model.threads = {self.threads!r} / model.runtime = "
-                f"{self.runtime!r} / model.compile = {str(self.compile).lower()} tune the local model, but "
+                f"{self.runtime!r}{' / model.compile = true' if self.compile else ''} tune the local model, but "
                 "model.backend = \"http\" runs it on the inference server: remove them, or use backend = \"local\""
             )
         if self.backend == "http":

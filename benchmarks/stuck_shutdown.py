@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import ENV, REPO, loadavg, md_table, write_json
+from mailtriage.testing.waits import port_open
 
 LABELS = ("billing", "login", "refunds")
 
@@ -115,14 +116,6 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
 def _hop(port: int) -> Any:
     from aiosmtpd.controller import Controller
 
@@ -170,7 +163,7 @@ schedule = ""
         proc = subprocess.Popen([sys.executable, "-m", "mailtriage.cli.main", "--config", str(config), "serve"],
                                 cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait(lambda: _port_open(listen), 120, "the SMTP filter")
+        _wait(lambda: port_open(listen), 120, "the SMTP filter")
         stub.mode = mode
         if timeout <= 60:  # one message alone: how long the sender waits for its 451
             outcome, seconds = _send(listen, 0)

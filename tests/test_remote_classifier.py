@@ -25,7 +25,7 @@ from mailtriage.model import backend
 from mailtriage.model.remote import APIS, HttpClassifier
 from mailtriage.testing.httpstub import HttpStub, JsonHandler
 from mailtriage.testing.builders import account, config_toml, mail, make_config, relay_table
-from mailtriage.testing.waits import async_wait_for, wait_for
+from mailtriage.testing.waits import async_wait_for, port_open, wait_for
 from tests.test_relay import (  # noqa: F401 - next_hop is a fixture
     LoopThread, NextHop, NextHopHandler, SmtpFilter, free_port, next_hop, relay_config, send,
 )
@@ -564,7 +564,7 @@ def test_mailtriage_serve_exits_on_sigterm_while_the_inference_server_hangs(
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
         wait_for(lambda: len(stub.requests) >= 1, 60, "the start-up probe")
-        wait_for(lambda: _port_open(listen), 30, "the SMTP filter listening")
+        wait_for(lambda: port_open(listen), 30, "the SMTP filter listening")
         stub.mode = "hang"
         result: list[str] = []
         sender = threading.Thread(target=lambda: result.append(_send_outcome(listen)), daemon=True)
@@ -586,14 +586,6 @@ def test_mailtriage_serve_exits_on_sigterm_while_the_inference_server_hangs(
     assert result in (["451"], ["dropped"]) and hop.received == []
 
 
-def _port_open(port: int) -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
 
 
 @pytest.mark.component

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -77,24 +78,30 @@ def test_two_processes_racing_for_the_same_messages_claim_each_once(tmp_path: Pa
     """Two workers (separate processes, separate connections to one file) claim
     the same 300 messages at once, one under the same UIDs, one under other UIDs (the same message
     in two mailboxes): each message is claimed exactly once; the loser sees 'taken' or 'duplicate'."""
-    import multiprocessing
-
     path = tmp_path / "state.sqlite3"
     StateDB(path).close()
+    got = _together(_claim_all, [(str(path), mbox) for mbox in ("INBOX", "INBOX", "Other")])
+    claimed = [uid for side in got for uid in side]
+    assert sorted(claimed) == list(range(300)), "each message claimed exactly once"
+    rows = StateDB(path).rows("acct")
+    assert sorted(r.status for r in rows) == ["pending"] * 300 + ["skipped"] * 300
+
+
+def _together(target: Any, args: list[tuple[Any, ...]]) -> list[Any]:
+    """Run ``target(*a, start, results)`` in one forked process per ``a``, released at the same moment;
+    what each put on ``results``, in the order they finished."""
+    import multiprocessing
+
     ctx = multiprocessing.get_context("fork")
-    start = ctx.Event()
-    results = ctx.Queue()
-    workers = [ctx.Process(target=_claim_all, args=(str(path), mbox, start, results)) for mbox in ("INBOX", "INBOX", "Other")]
+    start, results = ctx.Event(), ctx.Queue()
+    workers = [ctx.Process(target=target, args=(*a, start, results)) for a in args]
     for w in workers:
         w.start()
     start.set()
     got = [results.get(timeout=120) for _ in workers]
     for w in workers:
         w.join(30)
-    claimed = [uid for side in got for uid in side]
-    assert sorted(claimed) == list(range(300)), "each message claimed exactly once"
-    rows = StateDB(path).rows("acct")
-    assert sorted(r.status for r in rows) == ["pending"] * 300 + ["skipped"] * 300
+    return got
 
 
 def _claim_all(path: str, mailbox: str, start: object, results: object) -> None:
@@ -110,19 +117,9 @@ def test_processes_starting_at_once_on_a_new_file_all_open_it(tmp_path: Path) ->
     does not exist yet: each must open it. A schema created statement by statement let a second
     process see tables without a version and refuse the file as foreign; the WAL switch answered
     "database is locked" at once. Twenty rounds of four processes: before the fix most rounds failed."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("fork")
     for round_ in range(20):
         path = tmp_path / f"state-{round_}.sqlite3"
-        start, results = ctx.Event(), ctx.Queue()
-        workers = [ctx.Process(target=_open_at_once, args=(str(path), start, results)) for _ in range(4)]
-        for w in workers:
-            w.start()
-        start.set()
-        got = [results.get(timeout=60) for _ in workers]
-        for w in workers:
-            w.join(30)
+        got = _together(_open_at_once, [(str(path),)] * 4)
         assert got == ["ok"] * 4, got
         assert StateDB(path, readonly=True).rows("acct") == []
 

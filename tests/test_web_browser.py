@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from mailtriage.store.state import StateDB
 from mailtriage.testing.builders import account, mail, write_config
 from mailtriage.testing.dovecot import Dovecot, load_messages
 from mailtriage.testing.imapserver import free_port
-from mailtriage.testing.waits import wait_for
+from mailtriage.testing.waits import port_open, wait_for
 from mailtriage.web import auth
 from tests.console_fixtures import FOLDERS, UNSURE
 
@@ -63,14 +62,6 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
-
-
-def _port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
 
 
 def _copy_model_dir(source: Path, target: Path) -> tuple[str, str]:
@@ -135,7 +126,7 @@ def test_console_in_a_real_browser(browser: Any, dovecot: Dovecot, tiny_model_di
             with dovecot.client(user, imap_password) as imap:
                 return imap.folder_status("INBOX", [b"MESSAGES"])[b"MESSAGES"] == 0
         wait_for(filed, 90, "the daemon filing the inbox")
-        wait_for(lambda: _port_open(port), 30, "the console listening")
+        wait_for(lambda: port_open(port), 30, "the console listening")
 
         # Sign in (the page asked for first redirects to the sign-in and back).
         browser.get(f"{base}/decisions")

@@ -8,6 +8,7 @@ waste time or, on a loaded machine, be too short.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 
@@ -61,3 +62,12 @@ async def async_wait_for(
     while (done := deadline.outcome()) is None:
         await asyncio.sleep(interval)
     return done
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on ``host:port`` now (a server up, or still up)."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True

@@ -80,6 +80,20 @@ def _copy_model_dir(source: Path, target: Path) -> tuple[str, str]:
     return older.name, current.name
 
 
+def _go(driver: Any, element: Any) -> None:
+    """Click a link or a form's button and wait until the next page has replaced this one: click()
+    returns once the navigation starts, and a check made before the answer (a sign-in's scrypt, an
+    IMAP MOVE) arrives would read the old page."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    page = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(page))
+    WebDriverWait(driver, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def _shoot(driver: Any, out: Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(out / f"{name}.png"))
@@ -133,34 +147,34 @@ def test_console_in_a_real_browser(browser: Any, dovecot: Dovecot, tiny_model_di
         assert "/login" in browser.current_url
         browser.find_element(By.ID, "user").send_keys("lead")
         browser.find_element(By.ID, "password").send_keys("wrong")
-        browser.find_element(By.ID, "sign-in").click()
+        _go(browser, browser.find_element(By.ID, "sign-in"))
         assert "Wrong user name or password" in browser.find_element(By.ID, "login-error").text
         browser.find_element(By.ID, "user").clear()
         browser.find_element(By.ID, "user").send_keys("lead")
         browser.find_element(By.ID, "password").send_keys(PASSWORD)
-        browser.find_element(By.ID, "sign-in").click()
+        _go(browser, browser.find_element(By.ID, "sign-in"))
         assert browser.current_url.endswith("/decisions")
         _shoot(browser, shots, "decisions")
 
         # Open the unsure decision and read its explanation.
         row = next(r for r in browser.find_elements(By.CSS_SELECTOR, "#decisions tr.o-unsure"))
         assert "Quick question <b>about</b> my order" in row.text  # shown as text, not markup
-        row.find_element(By.CSS_SELECTOR, "a.decision-link").click()
+        _go(browser, row.find_element(By.CSS_SELECTOR, "a.decision-link"))
         why = browser.find_element(By.ID, "explanation").text
         assert "unsure:" in why and "top labels:" in why and "below the threshold 60.0%" in why
         _shoot(browser, shots, "decision")
 
-        browser.find_element(By.ID, "nav-overview").click()
+        _go(browser, browser.find_element(By.ID, "nav-overview"))
         assert len(browser.find_elements(By.CSS_SELECTOR, "figure svg")) == 2
         assert current in browser.find_element(By.ID, "serving").text
         _shoot(browser, shots, "overview")
 
         # File the unsure message as refunds.
-        browser.find_element(By.ID, "nav-queues").click()
+        _go(browser, browser.find_element(By.ID, "nav-queues"))
         _shoot(browser, shots, "queues")
         form = browser.find_element(By.CSS_SELECTOR, "table.queue form.file-as")
         Select(form.find_element(By.NAME, "label")).select_by_visible_text("refunds")
-        form.find_element(By.CSS_SELECTOR, "button").click()
+        _go(browser, form.find_element(By.CSS_SELECTOR, "button"))
         assert "Filed as refunds" in browser.find_element(By.ID, "filed-note").text
         with dovecot.client(user, imap_password) as imap:
             assert imap.folder_status(UNSURE, [b"MESSAGES"])[b"MESSAGES"] == 0
@@ -171,13 +185,13 @@ def test_console_in_a_real_browser(browser: Any, dovecot: Dovecot, tiny_model_di
         state.close()
 
         # Roll back to the older version.
-        browser.find_element(By.ID, "nav-models").click()
-        browser.find_element(By.LINK_TEXT, "report").click()
+        _go(browser, browser.find_element(By.ID, "nav-models"))
+        _go(browser, browser.find_element(By.LINK_TEXT, "report"))
         assert browser.find_element(By.CSS_SELECTOR, "img.confusion").get_property("naturalWidth") > 0
         _shoot(browser, shots, "report")
-        browser.find_element(By.ID, "nav-models").click()
+        _go(browser, browser.find_element(By.ID, "nav-models"))
         _shoot(browser, shots, "models")
-        browser.find_element(By.ID, "rollback").click()
+        _go(browser, browser.find_element(By.ID, "rollback"))
         assert browser.current_url.endswith("/models")
         assert modeldir.current_version(models) == (models / older).resolve()
         assert "current" in browser.find_element(By.CSS_SELECTOR, "#versions tr.current").get_attribute("class")

@@ -145,4 +145,3 @@ def test_bad_config_fails_fast_with_dovecots_own_words() -> None:
             server.start()
     finally:
         server.stop()
-

@@ -47,6 +47,9 @@ TRIES: dict[str, dict[str, Any]] = {
                 "learning_rate": 6e-5, "head_lr_scale": 5.0},
     # More epochs, more patience: twice the plan's epochs, early stopping after 3 stale epochs (not 2).
     "long": {"epochs": "2x", "patience": 3},
+    # The training steps' number format, explicitly (the control's "auto" is bf16 on a CPU with AMX).
+    "fp32": {"precision": "fp32"},
+    "bf16": {"precision": "bf16"},
 }
 DEFAULT_SIZES = {"20news": (20, 15), "banking77-10shot": (10, 20)}
 

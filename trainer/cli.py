@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import structlog
 
 from mailtriage.config import DEVICES
-from mailtriage.core.training import SERVE_SETTINGS, TRUNCATION_CHOICES
+from mailtriage.core.training import PRECISION_CHOICES, SERVE_SETTINGS, TRUNCATION_CHOICES
 from mailtriage.errors import ConfigError, MailtriageError, ModelDirBusyError, ModelError
 from mailtriage.cli.logs import configure_logging
 from mailtriage_trainer import pipeline
@@ -127,6 +127,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--truncation", choices=TRUNCATION_CHOICES,
                    help="what a message over --max-length tokens keeps (default: training.truncation)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES,
+                   help="number format of the training steps: auto = bf16 on a GPU or an AMX CPU, else fp32 "
+                        "(default: training.precision)")
     p.add_argument("--holdout-fraction", type=float, metavar="F")
     p.add_argument("--min-examples", type=int, metavar="N", help="per class (default: training.min_examples_per_class)")
     p.add_argument("--serve", choices=SERVE_SETTINGS,
@@ -277,7 +280,7 @@ def _settings(args: argparse.Namespace, cfg: Any) -> Settings:
         cfg.training if cfg is not None else TrainingConfig(),
         holdout_fraction=args.holdout_fraction, min_examples_per_class=args.min_examples, seed=args.seed,
         epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size, lora_r=args.lora_r,
-        truncation=args.truncation, serve=args.serve, refit_all=args.refit_all, calibrate=args.calibrate,
+        truncation=args.truncation, precision=args.precision, serve=args.serve, refit_all=args.refit_all, calibrate=args.calibrate,
         target_accuracy=args.target_accuracy,
     )
     # max_length and device are the fine-tune's (TrainParams checks them); the threshold is [model]'s.

@@ -14,6 +14,9 @@ from mailtriage.errors import ConfigError
 
 # What a text longer than max_length keeps (mailtriage.model.transformers.tokenize cuts it).
 TRUNCATION_CHOICES = ("head", "head_tail")
+# The number format of the training steps: "auto" is bf16 where the hardware computes it fast (a
+# CUDA GPU, or a CPU with AMX matrix units) and fp32 elsewhere; the saved weights are fp32 either way.
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
 
 # What a version serves (its manifest's "serve"; mailtriage.model.ensemble serves each), and what
 # [training] serve / --serve accept: one of those, or "auto" = the best of them on held-out mail.
@@ -47,6 +50,7 @@ class TrainParams:
     device: str = "auto"
     num_threads: int | None = None       # CPU threads for torch while training; None keeps torch's default
     truncation: str = "head"             # a text over max_length keeps its "head", or "head_tail" (first quarter + end)
+    precision: str = "auto"              # training steps in bf16 where fast (GPU, AMX CPU), else fp32: PRECISION_CHOICES
 
     def __post_init__(self) -> None:
         # The one validator: the [training] table, the trainer's flags and the benchmarks all get here.
@@ -70,5 +74,9 @@ class TrainParams:
         if self.truncation not in TRUNCATION_CHOICES:
             raise ConfigError(f"training parameter truncation = {self.truncation!r}: expected \"head\" (the "
                               "first max_length tokens) or \"head_tail\" (the first quarter and the end)")
+        if self.precision not in PRECISION_CHOICES:
+            raise ConfigError(f"training parameter precision = {self.precision!r}: expected \"auto\" (bf16 on a GPU "
+                              "or a CPU with AMX, else fp32), \"fp32\" or \"bf16\" ([training] precision in the "
+                              "config, or --precision)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"training parameter num_threads = {self.num_threads!r}: must be >= 1 (or unset)")

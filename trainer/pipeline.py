@@ -171,8 +171,10 @@ def sort_origins(s: Settings, cfg: Any, account: str | None, examples: Sequence[
             state.close()
         sorted_ = origins.sort_examples(examples, filings, corrections, policy, now=time.time())
     c = sorted_.counts
-    log.info("training_origins", staff=c["staff"], corrections=c["corrections"], daemon=c["daemon"],
-             daemon_skipped=c["daemon_skipped"], auto_filed=c["auto_filed"], summary=origins.describe_daemon(c))
+    # Harvesting the live folders without the daemon's record may train on its own guesses: a warning.
+    (log.warning if c.get("unchecked") and not s.data else log.info)(
+        "training_origins", staff=c["staff"], corrections=c["corrections"], daemon=c["daemon"],
+        daemon_skipped=c["daemon_skipped"], auto_filed=c["auto_filed"], summary=origins.describe_daemon(c))
     return sorted_
 
 

@@ -21,7 +21,7 @@ the trade on BANKING77's train split (its test split is never read):
    it keeps), fits the baseline and is scored on the dev set. ``after_days N`` keeps filings at
    least N days old.
 
-    .venv/bin/python -m benchmarks.auto_filed --threads 1 [--seeds 13 14 15] [--json OUT]
+    .venv/bin/python -m benchmarks.auto_filed --threads 1 [--seeds 13 14 15] [--staff-share 0.3] [--json OUT] [--quick]
 
 The TF-IDF baseline stands in for the fine-tune because it is cheap (seconds per fit); the question
 is about the labels, not the learner.
@@ -130,11 +130,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--sort-delay", type=float, default=1.0, help="mean days before unsure mail is sorted")
     ap.add_argument("--threads", default="1", help="BLAS/OpenMP threads (set before numpy loads)")
     ap.add_argument("--json", metavar="OUT", help="write every number here too")
+    ap.add_argument("--quick", action="store_true", help="1,500 rows, one seed: a plumbing check, never reported")
     args = ap.parse_args(argv)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
     with DATA.open(newline="", encoding="utf-8") as fh:
         rows = [(r["text"], r["category"]) for r in csv.DictReader(fh)]
+    if args.quick:
+        rows, args.seeds = rows[::7], args.seeds[:1]
     started = time.process_time()
     runs = []
     for seed in args.seeds:
@@ -148,8 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         got = [r["settings"][name] for r in runs]
         base = [r["settings"]["exclude"]["macro_f1"] for r in runs]
         diffs = ", ".join(f"{(g['macro_f1'] - b) * 100:+.1f}" for g, b in zip(got, base, strict=True))
-        mean = lambda key: sum(g[key] for g in got) / len(got)  # noqa: E731
-        print(f"| `{name}` | {mean('daemon_kept'):.0f} | {mean('accuracy'):.1%} | {mean('macro_f1'):.3f} | {diffs} |")
+        mean = {key: sum(g[key] for g in got) / len(got) for key in ("daemon_kept", "accuracy", "macro_f1")}
+        print(f"| `{name}` | {mean['daemon_kept']:.0f} | {mean['accuracy']:.1%} | {mean['macro_f1']:.3f} | {diffs} |")
     print("\nper seed: " + "; ".join(
         f"seed {r['seed']}: staff {r['staff']}, corrections {r['corrections']}, daemon filings left "
         f"{r['daemon_left']} ({r['daemon_wrong_left']} wrong), filed accuracy {r['filed_accuracy']:.1%}" for r in runs))

@@ -101,8 +101,8 @@ def test_the_latest_decision_of_a_key_counts() -> None:
     ({"daemon": 0, "daemon_skipped": 148, "auto_filed": "exclude", "auto_filed_days": 7},
      '148 filed by the daemon and left in place: left out (training.auto_filed = "exclude")'),
     ({"daemon": 120, "daemon_skipped": 28, "auto_filed": "after_days", "auto_filed_days": 7},
-     "148 filed by the daemon and left in place: 120 filed at least 7 days ago included, 28 newer left out "
-     '(training.auto_filed = "after_days")'),
+     ("148 filed by the daemon and left in place: 120 filed at least 7 days ago included, 28 newer left out "
+      '(training.auto_filed = "after_days")')),
     ({"daemon": 0, "daemon_skipped": 0, "auto_filed": "exclude", "auto_filed_days": 7},
      "none filed by the daemon and left in place"),
 ])

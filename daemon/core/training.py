@@ -27,6 +27,18 @@ SERVE_CHOICES = (SERVE_MODEL, SERVE_BASELINE, SERVE_ENSEMBLE)
 SERVE_AUTO = "auto"
 SERVE_SETTINGS = (SERVE_AUTO, *SERVE_CHOICES)
 
+# What a retrain does with mail the daemon filed into a category folder and nobody moved
+# ([training] auto_filed, --auto-filed; mailtriage_trainer.origins applies it): its label is the
+# daemon's own guess, not a staff decision. "after_days" keeps the filings at least
+# auto_filed_days old (staff had time to move them); the default was chosen by
+# benchmarks/auto_filed.py (benchmarks/RESULTS.md, "Learning from its own filings").
+AUTO_FILED_INCLUDE = "include"
+AUTO_FILED_EXCLUDE = "exclude"
+AUTO_FILED_AFTER_DAYS = "after_days"
+AUTO_FILED_CHOICES = (AUTO_FILED_INCLUDE, AUTO_FILED_EXCLUDE, AUTO_FILED_AFTER_DAYS)
+AUTO_FILED_DEFAULT = AUTO_FILED_EXCLUDE
+AUTO_FILED_DAYS_DEFAULT = 7
+
 
 @dataclass
 class TrainParams:

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from mailtriage.core.training import TRUNCATION_CHOICES
+from mailtriage.core.training import AUTO_FILED_CHOICES, TRUNCATION_CHOICES
 from mailtriage.errors import ModelError
 from mailtriage.model import modeldir
 from mailtriage.model.ensemble import DEFAULT_ENSEMBLE_WEIGHT, SERVE_CHOICES, SERVE_MODEL
@@ -34,6 +34,9 @@ TEMPERATURE_MAX = 100.0
 INT8_TOLERANCE = 0.005
 CPU_RUNTIMES = ("torch", "onnxruntime")
 CPU_QUANTIZE = ("none", "int8")
+# The counts in "origins": labels sorted by staff, staff corrections, daemon filings trained on, and
+# daemon filings training.auto_filed left out.
+ORIGIN_COUNTS = ("staff", "corrections", "daemon", "daemon_skipped")
 
 
 def int8_tolerance(holdout_n: int | None) -> float:
@@ -74,6 +77,9 @@ class Manifest:
     # What the trainer measured for CPU serving: {"cpu_runtime", "quantize", "holdout_accuracy_fp32",
     # "holdout_accuracy_int8", "holdout_n", "reason"}; empty for versions from before the check (torch fp32 then).
     serving: Mapping[str, Any] = field(default_factory=_empty)
+    # Where the training labels came from (mailtriage_trainer.origins): {"staff", "corrections", "daemon",
+    # "daemon_skipped", "auto_filed", "auto_filed_days"}; empty for versions from before it was counted.
+    origins: Mapping[str, Any] = field(default_factory=_empty)
     # The whole JSON object as read, for the keys not modelled above (reports read them).
     raw: Mapping[str, Any] = field(default_factory=_empty, compare=False, repr=False)
 
@@ -107,6 +113,7 @@ class Manifest:
             "metrics": data.get("metrics") or {},
             "gate": data.get("gate") or {},
             "serving": data.get("serving") or {},
+            "origins": data.get("origins") or {},
         }
         _check_types(values, where)
         if isinstance(values["mailtext_version"], int):
@@ -119,6 +126,7 @@ class Manifest:
         values["metrics"] = MappingProxyType(dict(values["metrics"]))
         values["gate"] = MappingProxyType(dict(values["gate"]))
         values["serving"] = MappingProxyType(dict(values["serving"]))
+        values["origins"] = MappingProxyType(dict(values["origins"]))
         _validate(values, where)  # here, so the message names the file
         return cls(**values, raw=MappingProxyType(dict(data)))
 
@@ -154,6 +162,8 @@ class Manifest:
             out["gate"] = dict(self.gate)
         if self.serving:
             out["serving"] = dict(self.serving)
+        if self.origins:
+            out["origins"] = dict(self.origins)
         if self.truncation != "head" or "params" in out:
             out["params"] = {**(out.get("params") or {}), "truncation": self.truncation}
         return out
@@ -217,6 +227,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "metrics": ((Mapping,), "a JSON object"),
     "gate": ((Mapping,), "a JSON object"),
     "serving": ((Mapping,), "a JSON object"),
+    "origins": ((Mapping,), "a JSON object"),
 }
 _OPTIONAL = {"base_model", "mailtext_version", "version", "created", "threshold", "labels"}
 
@@ -294,6 +305,12 @@ def _validate(m: Mapping[str, Any], where: str) -> None:
     n = serving.get("holdout_n")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise _bad(where, "serving.holdout_n", n, "a whole number >= 1 (how many held-out messages were compared)")
+    for key in ORIGIN_COUNTS:
+        value = m["origins"].get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise _bad(where, f"origins.{key}", value, "a count (a whole number, 0 or more)")
+    if "auto_filed" in m["origins"] and m["origins"]["auto_filed"] not in AUTO_FILED_CHOICES:
+        raise _bad(where, "origins.auto_filed", m["origins"]["auto_filed"], f"one of {list(AUTO_FILED_CHOICES)}")
 
 
 def _float(value: float) -> float:

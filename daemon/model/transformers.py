@@ -15,18 +15,11 @@ import json
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
-from peft import PeftModel
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from mailtriage.config import QUANTIZE_CHOICES, RUNTIME_CHOICES
@@ -39,6 +32,10 @@ from mailtriage.core.classifier import Prediction
 from mailtriage.errors import ModelError
 from mailtriage.core.labels import LabelSet
 from mailtriage.core.training import TRUNCATION_CHOICES
+
+if TYPE_CHECKING:  # transformers' modeling half costs ~90 MiB of RSS (torch._dynamo, sympy, accelerate);
+    # a daemon serving a saved ONNX graph needs only the tokenizer, so it is imported where a model is built.
+    from transformers import PreTrainedModel
 
 log = structlog.get_logger(__name__)
 
@@ -177,6 +174,8 @@ def load_base_model(
     location = modeldir.resolve_base_model(base)
     try:
         with quiet_transformers():
+            from transformers import AutoModelForSequenceClassification
+
             return AutoModelForSequenceClassification.from_pretrained(
                 location,
                 num_labels=len(labels.labels),
@@ -384,7 +383,7 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     the head keeps its trained weights. Per-channel weight scales, not one per tensor: on the demo
     inbox (300 held-out mails, MiniLM) one scale per tensor cost 2.0 points of accuracy (92.3% of
     predictions unchanged), per channel 0.3 points (97.0% unchanged); benchmarks/RESULTS.md §3."""
-    if isinstance(model, PeftModel):
+    if hasattr(model, "merge_and_unload"):  # a PeftModel: the adapter folded into the weights first
         model = model.merge_and_unload()
     with warnings.catch_warnings():
         # torch.ao.quantization announces its move to torchao; the dynamic int8 path still works here.
@@ -566,6 +565,10 @@ def _load_adapted(version_dir: Path, base: str, labels: LabelSet, tokenizer: Pre
     model = load_base_model(base, labels, tokenizer, dtype)
     try:
         with quiet_transformers():
+            # Imported here, not at the top: peft costs ~135 MiB of RSS, and a daemon serving a saved
+            # ONNX graph never loads the torch model.
+            from peft import PeftModel
+
             model = PeftModel.from_pretrained(model, str(version_dir), is_trainable=False)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelError(

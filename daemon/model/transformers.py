@@ -48,6 +48,7 @@ _LORA_TARGETS: tuple[tuple[str, ...], ...] = (
     ("q_proj", "v_proj"),     # Qwen2, Llama, Mistral, Gemma, Phi-3 ...
     ("query", "value"),       # BERT, RoBERTa, MiniLM, XLM-R, ELECTRA
     ("q_lin", "v_lin"),       # DistilBERT
+    ("q", "v"),               # MPNet (all-mpnet-base-v2): attention.attn.q / .k / .v / .o
 )
 
 

@@ -289,6 +289,7 @@ class TrainingConfig:
     calibrate: bool = True
     target_accuracy: float = 0.0
     truncation: str = "head"
+    chunks: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.calibrate, bool):
@@ -314,13 +315,13 @@ class TrainingConfig:
             raise ConfigError(f"training.holdout_fraction = {self.holdout_fraction!r} (or --holdout-fraction): "
                               "allowed 0.05..0.5 (0.2 is usual)")
         _positive("training.min_examples_per_class (or --min-examples)", self.min_examples_per_class)
-        self.params()  # epochs, learning_rate, batch_size, lora_r, seed, truncation: TrainParams' one validator
+        self.params()  # epochs, learning_rate, batch_size, lora_r, seed, truncation, chunks: TrainParams' one validator
 
     def params(self, **overrides: Any) -> TrainParams:
         """The fine-tune's parameters from this table (``overrides``: the trainer's flags), validated."""
         wanted: dict[str, Any] = {"epochs": self.epochs, "learning_rate": self.learning_rate,
                                   "batch_size": self.batch_size, "lora_r": self.lora_r, "seed": self.seed,
-                                  "truncation": self.truncation}
+                                  "truncation": self.truncation, "chunks": self.chunks}
         wanted.update({k: v for k, v in overrides.items() if v is not None})
         return TrainParams(**wanted)
 

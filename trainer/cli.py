@@ -127,6 +127,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--truncation", choices=TRUNCATION_CHOICES,
                    help="what a message over --max-length tokens keeps (default: training.truncation)")
+    p.add_argument("--chunks", type=int, metavar="N",
+                   help="read a long message in up to N windows of --max-length tokens, scores averaged "
+                        "(default: training.chunks = 1)")
     p.add_argument("--holdout-fraction", type=float, metavar="F")
     p.add_argument("--min-examples", type=int, metavar="N", help="per class (default: training.min_examples_per_class)")
     p.add_argument("--serve", choices=SERVE_SETTINGS,
@@ -277,7 +280,7 @@ def _settings(args: argparse.Namespace, cfg: Any) -> Settings:
         cfg.training if cfg is not None else TrainingConfig(),
         holdout_fraction=args.holdout_fraction, min_examples_per_class=args.min_examples, seed=args.seed,
         epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size, lora_r=args.lora_r,
-        truncation=args.truncation, serve=args.serve, refit_all=args.refit_all, calibrate=args.calibrate,
+        truncation=args.truncation, chunks=args.chunks, serve=args.serve, refit_all=args.refit_all, calibrate=args.calibrate,
         target_accuracy=args.target_accuracy,
     )
     # max_length and device are the fine-tune's (TrainParams checks them); the threshold is [model]'s.

@@ -15,6 +15,10 @@ from mailtriage.errors import ConfigError
 # What a text longer than max_length keeps (mailtriage.model.transformers.tokenize cuts it).
 TRUNCATION_CHOICES = ("head", "head_tail")
 
+# [training] chunks: a text is read in up to this many windows of max_length tokens, their logits
+# averaged (mailtriage.model.transformers.tokenize_windows). Each window costs one more forward pass.
+CHUNKS_MAX = 8
+
 # What a version serves (its manifest's "serve"; mailtriage.model.ensemble serves each), and what
 # [training] serve / --serve accept: one of those, or "auto" = the best of them on held-out mail.
 SERVE_MODEL = "model"
@@ -47,6 +51,7 @@ class TrainParams:
     device: str = "auto"
     num_threads: int | None = None       # CPU threads for torch while training; None keeps torch's default
     truncation: str = "head"             # a text over max_length keeps its "head", or "head_tail" (first quarter + end)
+    chunks: int = 1                      # read a long text in up to N windows of max_length, logits averaged
 
     def __post_init__(self) -> None:
         # The one validator: the [training] table, the trainer's flags and the benchmarks all get here.
@@ -70,5 +75,9 @@ class TrainParams:
         if self.truncation not in TRUNCATION_CHOICES:
             raise ConfigError(f"training parameter truncation = {self.truncation!r}: expected \"head\" (the "
                               "first max_length tokens) or \"head_tail\" (the first quarter and the end)")
+        if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or not 1 <= self.chunks <= CHUNKS_MAX:
+            raise ConfigError(f"training parameter chunks = {self.chunks!r}: expected a whole number 1..{CHUNKS_MAX} "
+                              "(1 reads the first max_length tokens as before; N reads up to N windows of "
+                              "max_length tokens and averages their scores; [training] chunks, or --chunks)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"training parameter num_threads = {self.num_threads!r}: must be >= 1 (or unset)")

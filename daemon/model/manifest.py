@@ -150,7 +150,10 @@ class Manifest:
         if self.serving:
             out["serving"] = dict(self.serving)
         if self.truncation != "head" or self.chunks != 1 or "params" in out:
-            out["params"] = {**(out.get("params") or {}), "truncation": self.truncation, "chunks": self.chunks}
+            params = {**(out.get("params") or {}), "truncation": self.truncation}
+            if self.chunks != 1 or "chunks" in params:  # a manifest from before the option reads back unchanged
+                params["chunks"] = self.chunks
+            out["params"] = params
         return out
 
     def save(self, version_dir: Path) -> None:

@@ -34,7 +34,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -62,14 +61,9 @@ from benchmarks.common import (
     tail,
     write_json,
 )
+from mailtriage.testing.imapserver import free_port
 
 UNSURE = "Support/Unsure"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pick_model(arg: str | None, quick: bool) -> tuple[Path, str]:
@@ -480,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 t = time.monotonic()
                 load_messages(c, "INBOX", files[:backlog])
                 out["append_backlog_s"] = round(time.monotonic() - t, 2)
-            metrics_port = _free_port()
+            metrics_port = free_port()
             cfg = write_config(work, dovecot.port, models / "current", metrics_port, categories, model_settings)
             log_path = OUT / "logs" / f"{tag}-serve.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,14 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import ENV, REPO, loadavg, md_table, write_json
+from mailtriage.testing.imapserver import free_port
 
 CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _daemon_child(work: str, listen: int, hop_port: int, metrics_port: int) -> None:
@@ -159,7 +154,7 @@ def main() -> None:
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, args.clients * 2 + 512)), hard))
-    hop_port, listen, metrics_port = _free_port(), _free_port(), _free_port()
+    hop_port, listen, metrics_port = free_port(), free_port(), free_port()
     hop = _Hop()
     controller = Controller(hop, hostname="127.0.0.1", port=hop_port, server_hostname="nexthop.bench")
     controller.start()

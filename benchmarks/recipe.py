@@ -51,6 +51,9 @@ TRIES: dict[str, dict[str, Any]] = {
     # (training pools before the loss); costs up to 2x / 3x the forward passes on long mail.
     "chunks2": {"chunks": 2},
     "chunks3": {"chunks": 3},
+    # The training steps' number format, explicitly (the control's "auto" is bf16 on a CPU with AMX).
+    "fp32": {"precision": "fp32"},
+    "bf16": {"precision": "bf16"},
 }
 DEFAULT_SIZES = {"20news": (20, 15), "banking77-10shot": (10, 20)}
 

@@ -61,17 +61,12 @@ from benchmarks.common import (
     tail,
     write_json,
 )
+from mailtriage.testing.imapserver import free_port
 
 TOKENS = 256
 ALONE_BATCH = 8
 ALONE_TEXTS = 128
 SEED = 13
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _label(group: str) -> str:
@@ -324,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     labels = list(LabelSet.load(version).labels)
     work = Path(tempfile.mkdtemp(prefix="mt-bench-smtpc-"))
     hop_handler = Hop()
-    hop_port, listen, metrics_port = _free_port(), _free_port(), _free_port()
+    hop_port, listen, metrics_port = free_port(), free_port(), free_port()
     cfg_path = write_config(work, version, labels, listen, hop_port, metrics_port, args.batch_wait_ms)
     config = load_config(cfg_path)
     out["model_config"] = {"runtime": config.model.runtime, "quantize": config.model.quantize,

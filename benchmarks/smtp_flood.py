@@ -32,12 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import ENV, REPO, loadavg, md_table, run_keyword_relay, write_json
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from mailtriage.testing.imapserver import free_port
 
 
 def _relay_child(port: int, hop_port: int, max_connections: int, idle_timeout: float) -> None:
@@ -120,7 +115,7 @@ def main() -> None:
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, args.clients * 2 + 512)), hard))
-    hop_port, port = _free_port(), _free_port()
+    hop_port, port = free_port(), free_port()
     controller, hop = _start_hop(hop_port)
     log_path = Path(tempfile.mkstemp(prefix="smtp-flood-", suffix=".log")[1])
 

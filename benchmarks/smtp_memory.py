@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import ENV, REPO, loadavg, md_table, run_keyword_relay, write_json
-from benchmarks.smtp_flood import _free_port
+from mailtriage.testing.imapserver import free_port
 
 MIB = 1024 * 1024
 
@@ -74,7 +74,7 @@ def main() -> None:
             return "250 2.0.0 Ok: queued"
 
     size = int(args.size_mb * MIB)
-    hop_port, port = _free_port(), _free_port()
+    hop_port, port = free_port(), free_port()
     controller = Controller(Hop(), hostname="127.0.0.1", port=hop_port, data_size_limit=size + MIB)
     controller.start()
     child = subprocess.Popen(

@@ -19,7 +19,6 @@ import argparse
 import json
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from typing import Any
 
 from benchmarks.common import ENV, REPO, loadavg, md_table, write_json
 from mailtriage.testing.waits import port_open
+from mailtriage.testing.imapserver import free_port
 
 LABELS = ("billing", "login", "refunds")
 
@@ -81,12 +81,6 @@ class StuckInference:
         self.server.server_close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _mail(n: int) -> bytes:
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = "customer@example.com", "support@example.com", f"login {n}"
@@ -133,7 +127,7 @@ def _hop(port: int) -> Any:
 
 def scenario(mode: str, timeout: float, clients: int, workdir: Path) -> dict[str, Any]:
     stub = StuckInference()
-    hop_port, listen = _free_port(), _free_port()
+    hop_port, listen = free_port(), free_port()
     controller, hop = _hop(hop_port)
     config = workdir / f"config-{mode}-{timeout:g}.toml"
     config.write_text(f"""

@@ -21,7 +21,9 @@ from typing import Any, Literal
 
 from mailtriage.core.cron import crontab_trigger
 from mailtriage.core.identity import login_id
-from mailtriage.core.training import SERVE_SETTINGS, TrainParams
+from mailtriage.core.training import (
+    AUTO_FILED_CHOICES, AUTO_FILED_DAYS_DEFAULT, AUTO_FILED_DEFAULT, SERVE_SETTINGS, TrainParams,
+)
 from mailtriage.errors import ConfigError
 
 Action = Literal["move", "keyword", "header", "label"]
@@ -290,8 +292,23 @@ class TrainingConfig:
     target_accuracy: float = 0.0
     truncation: str = "head"
     chunks: int = 1
+    precision: str = "auto"
+    # Mail the daemon filed into a category folder and nobody moved: "include", "exclude" or
+    # "after_days" (only filings at least auto_filed_days old); see mailtriage_trainer.origins.
+    auto_filed: str = AUTO_FILED_DEFAULT
+    auto_filed_days: int = AUTO_FILED_DAYS_DEFAULT
 
     def __post_init__(self) -> None:
+        if self.auto_filed not in AUTO_FILED_CHOICES:
+            raise ConfigError(
+                f"training.auto_filed = {self.auto_filed!r} (or --auto-filed): expected \"include\" (train on mail "
+                "the daemon filed and nobody moved), \"exclude\" (only mail staff sorted or corrected) or "
+                "\"after_days\" (the daemon's filings once they are training.auto_filed_days old)")
+        if isinstance(self.auto_filed_days, bool) or not isinstance(self.auto_filed_days, int) \
+                or not 1 <= self.auto_filed_days <= 3650:
+            raise ConfigError(
+                f"training.auto_filed_days = {self.auto_filed_days!r} (or --auto-filed-days): expected whole days "
+                "from 1 to 3650 that staff get to move a wrong filing before it counts as a label, e.g. 7")
         if not isinstance(self.calibrate, bool):
             raise ConfigError(f"training.calibrate = {self.calibrate!r}: expected true or false")
         # The trainer puts its flags over this table, so one message serves the key and the flag.
@@ -315,13 +332,13 @@ class TrainingConfig:
             raise ConfigError(f"training.holdout_fraction = {self.holdout_fraction!r} (or --holdout-fraction): "
                               "allowed 0.05..0.5 (0.2 is usual)")
         _positive("training.min_examples_per_class (or --min-examples)", self.min_examples_per_class)
-        self.params()  # epochs, learning_rate, batch_size, lora_r, seed, truncation, chunks: TrainParams' one validator
+        self.params()  # epochs, learning_rate, batch_size, lora_r, seed, truncation, chunks, precision: TrainParams' one validator
 
     def params(self, **overrides: Any) -> TrainParams:
         """The fine-tune's parameters from this table (``overrides``: the trainer's flags), validated."""
         wanted: dict[str, Any] = {"epochs": self.epochs, "learning_rate": self.learning_rate,
                                   "batch_size": self.batch_size, "lora_r": self.lora_r, "seed": self.seed,
-                                  "truncation": self.truncation, "chunks": self.chunks}
+                                  "truncation": self.truncation, "chunks": self.chunks, "precision": self.precision}
         wanted.update({k: v for k, v in overrides.items() if v is not None})
         return TrainParams(**wanted)
 

@@ -181,6 +181,7 @@ def toy_params(**overrides: object) -> object:
         # pooler too makes the keywords stick for every seed tried (val 1.0, 20 epochs, under a second).
         modules_to_save=["pooler", "word_embeddings"],
         num_threads=1,  # for a model this small, threads only wait on each other (3x slower on 2 busy cores)
+        precision="fp32",  # "auto" would be bf16 on a CPU with AMX: the same fixture model on every machine
     )
     values.update(overrides)
     return TrainParams(**values)  # type: ignore[arg-type]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import io
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -21,16 +20,11 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailtriage.cli.check import run_check
 from mailtriage.config import AccountConfig, Config, MilterConfig, SmtpConfig, TrainingConfig
+from mailtriage.testing.imapserver import free_port
 
 pytestmark = pytest.mark.component
 
 CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _config(tmp_path: Path, listen_port: int, next_hop_port: int, **extra: Any) -> Config:
@@ -95,7 +89,7 @@ class Hop:
 @pytest.fixture
 def hop() -> Iterator[tuple[Hop, int]]:
     handler = Hop()
-    port = _free_port()  # aiosmtpd's Controller cannot start on port 0
+    port = free_port()  # aiosmtpd's Controller cannot start on port 0
     controller = Controller(handler, hostname="127.0.0.1", port=port, server_hostname="nexthop.test",
                             enable_SMTPUTF8=True)
     controller.start()
@@ -107,7 +101,7 @@ def hop() -> Iterator[tuple[Hop, int]]:
 
 def test_relay_only_with_a_real_next_hop_is_ok_and_sends_no_mail(tmp_path: Path, hop: tuple[Hop, int]) -> None:
     handler, hop_port = hop
-    listen = _free_port()
+    listen = free_port()
     rc, lines = _run(_config(tmp_path, listen, hop_port))
     assert rc == 0, "\n".join(lines)
     assert not any("none configured" in line for line in lines)  # a relay-only set-up is not a mistake
@@ -132,7 +126,7 @@ def test_check_command_asks_the_next_hop_for_the_given_address(
     conf = tmp_path / "config.toml"
     conf.write_text(
         f'state_path = "{tmp_path / "state.sqlite3"}"\n[training]\nschedule = ""\n'
-        f'[smtp]\nenabled = true\nlisten_port = {_free_port()}\nnext_hop_port = {hop_port}\n'
+        f'[smtp]\nenabled = true\nlisten_port = {free_port()}\nnext_hop_port = {hop_port}\n'
         '[categories]\nbilling = "Support/Billing"\nlogin = "Support/Login"\n'
     )
     assert main(["check", "--config", str(conf), "--rcpt", "team@example.com"]) == 1  # no model at the default path
@@ -141,8 +135,8 @@ def test_check_command_asks_the_next_hop_for_the_given_address(
 
 
 def test_nothing_on_the_next_hop_port_fails_with_the_postfix_hint(tmp_path: Path) -> None:
-    hop_port = _free_port()  # bound, then released: nothing listens there
-    rc, lines = _run(_config(tmp_path, _free_port(), hop_port))
+    hop_port = free_port()  # bound, then released: nothing listens there
+    rc, lines = _run(_config(tmp_path, free_port(), hop_port))
     assert rc == 1
     line = _line(lines, f"smtp next hop 127.0.0.1:{hop_port}")
     assert line.startswith("FAIL") and "connection refused" in line
@@ -157,7 +151,7 @@ def test_a_hop_that_refuses_rcpt_is_reported_with_its_reply(
 ) -> None:
     handler, hop_port = hop
     handler.rcpt_reply = reply
-    rc, lines = _run(_config(tmp_path, _free_port(), hop_port))
+    rc, lines = _run(_config(tmp_path, free_port(), hop_port))
     assert rc == (1 if status == "FAIL" else 0), "\n".join(lines)
     line = _line(lines, "RCPT TO:<postmaster>")
     assert line.startswith(status) and reply in line
@@ -166,7 +160,7 @@ def test_a_hop_that_refuses_rcpt_is_reported_with_its_reply(
 
 
 def test_next_hop_that_is_our_own_listen_address_fails(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     rc, lines = _run(_config(tmp_path, port, port))
     assert rc == 1 and "loop back into mailtriage" in _line(lines, "smtp next hop")
 
@@ -197,12 +191,12 @@ def test_listen_port_held_by_another_smtp_server_fails_but_our_running_filter_is
 
     _handler, hop_port = hop
     # Another SMTP server (the next hop itself) on the listen port: Postfix's smtpd there, say.
-    rc, lines = _run(_config(tmp_path, hop_port, _free_port()))
+    rc, lines = _run(_config(tmp_path, hop_port, free_port()))
     line = _line(lines, f"smtp listen 127.0.0.1:{hop_port}")
     assert rc == 1 and line.startswith("FAIL") and "another SMTP server" in line and "nexthop.test" in line
 
     # mailtriage serve's own filter on it: that is the running service, not a conflict.
-    config = _config(tmp_path, _free_port(), hop_port)
+    config = _config(tmp_path, free_port(), hop_port)
     started, stop = threading.Event(), threading.Event()
     ports: list[int] = []
 
@@ -231,7 +225,7 @@ def test_listen_port_held_by_another_smtp_server_fails_but_our_running_filter_is
 
 def test_milter_only_config_names_its_intake(tmp_path: Path) -> None:
     config = Config(categories=CATEGORIES, state_path=str(tmp_path / "state.sqlite3"),
-                    training=TrainingConfig(schedule=""), milter=MilterConfig(enabled=True, listen_port=_free_port()))
+                    training=TrainingConfig(schedule=""), milter=MilterConfig(enabled=True, listen_port=free_port()))
     rc, lines = _run(config)
     assert rc == 0, "\n".join(lines)
     assert not any("none configured" in line or line.startswith("WARN") for line in lines), "\n".join(lines)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mailtriage.config import load_config, parse_config
+from mailtriage.config import TrainingConfig, load_config, parse_config
 from mailtriage.credentials import read_secret
 from mailtriage.errors import ConfigError
 
@@ -24,6 +24,9 @@ def test_example_config_loads() -> None:
     assert cfg.accounts[0].verify_tls is True
     assert cfg.model.threshold == 0.6
     assert cfg.why_header is False  # opt-in: it tells every recipient how the model decided
+    # The documented default is the code's default (the simulation in benchmarks/auto_filed.py chose it).
+    assert (cfg.training.auto_filed, cfg.training.auto_filed_days) == (
+        TrainingConfig().auto_filed, TrainingConfig().auto_filed_days)
 
 
 def test_defaults_fill_in() -> None:
@@ -78,6 +81,12 @@ def _with(**overrides: object) -> dict[str, object]:
         (_with(training={"learning_rate": 2.0}), r"training parameter learning_rate = 2.0: allowed 0 < lr < 1"),
         (_with(training={"schedule": "every sunday"}), r"training.schedule = 'every sunday' is not a 5-field cron"),
         (_with(training={"holdout_fraction": 0.9}), r"holdout_fraction = 0.9"),
+        # what a retrain does with the daemon's own filings
+        (_with(training={"auto_filed": "always"}),
+         r"training.auto_filed = 'always' \(or --auto-filed\): expected \"include\".*\"exclude\".*\"after_days\""),
+        (_with(training={"auto_filed": True}), r"training.auto_filed = True: expected a string"),
+        (_with(training={"auto_filed_days": 0}), r"training.auto_filed_days = 0 \(or --auto-filed-days\): expected whole days from 1"),
+        (_with(training={"auto_filed_days": 7.5}), r"training.auto_filed_days = 7.5: expected an integer"),
         # the scheduler's own parser: out-of-range fields were accepted here and refused by `serve`
         (_with(training={"schedule": "61 25 * * 9"}), r"training.schedule = '61 25 \* \* 9' is not a 5-field cron"),
         (_with(training={"schedule": "0 3 * * 8"}), r"day-of-week field '8'"),

@@ -37,6 +37,14 @@ VOUCHED = {"cpu_runtime": "onnxruntime", "quantize": "int8", "holdout_accuracy_f
         ("auto", "auto", "cpu", VOUCHED, ("onnxruntime", "int8")),
         ("auto", "auto", "cpu", {**VOUCHED, "holdout_accuracy_int8": 0.895}, ("onnxruntime", "int8")),  # 0.5 points
         ("auto", "auto", "cpu", {**VOUCHED, "holdout_accuracy_int8": 0.89}, ("torch", "none")),          # 1 point
+        # a small holdout: one message apart is allowed (more than 0.5 points there), two are not
+        ("auto", "auto", "cpu", {**VOUCHED, "holdout_accuracy_fp32": 49 / 60, "holdout_accuracy_int8": 48 / 60,
+                                 "holdout_n": 60}, ("onnxruntime", "int8")),
+        ("auto", "auto", "cpu", {**VOUCHED, "holdout_accuracy_fp32": 49 / 60, "holdout_accuracy_int8": 47 / 60,
+                                 "holdout_n": 60}, ("torch", "none")),
+        ("auto", "auto", "cpu", {**VOUCHED, "holdout_accuracy_fp32": 49 / 60, "holdout_accuracy_int8": 48 / 60},
+         ("torch", "none")),                                                                             # n unknown: 0.5 points
+        ("auto", "auto", "cpu", {**VOUCHED, "holdout_accuracy_int8": 0.89, "holdout_n": 1000}, ("torch", "none")),
         ("auto", "auto", "cpu", {**VOUCHED, "cpu_runtime": "torch"}, ("torch", "none")),
         ("auto", "auto", "cpu", {**VOUCHED, "holdout_accuracy_int8": None}, ("torch", "none")),
         ("auto", "auto", "cpu", {}, ("torch", "none")),                                                 # older versions
@@ -75,6 +83,8 @@ def test_the_serving_block_is_validated_and_kept() -> None:
         ({"serving": {**VOUCHED, "quantize": "int4"}}, r'"serving.quantize"'),
         ({"serving": {**VOUCHED, "holdout_accuracy_int8": 1.5}}, r'"serving.holdout_accuracy_int8": 1.5; expected a finite'),
         ({"serving": {**VOUCHED, "holdout_accuracy_fp32": True}}, r'"serving.holdout_accuracy_fp32"'),
+        ({"serving": {**VOUCHED, "holdout_n": 0}}, r'"serving.holdout_n": 0; expected a whole number'),
+        ({"serving": {**VOUCHED, "holdout_n": 6.5}}, r'"serving.holdout_n"'),
     ]:
         with pytest.raises(ModelError, match=match):
             Manifest.from_dict(bad)

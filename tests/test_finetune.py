@@ -72,6 +72,38 @@ def test_gradient_accumulation_counts_optimizer_steps(tiny_encoder_base: Path, t
     assert result.steps == 2
 
 
+@pytest.mark.component
+def test_bf16_training_steps_learn_and_are_recorded(tiny_encoder_base: Path, tmp_path: Path) -> None:
+    """precision = "bf16" on a CPU: the steps run under bf16 autocast (fast on AMX), the saved weights
+    are fp32, validation and serving compute in fp32, and the manifest says what the steps ran in."""
+    from safetensors.torch import load_file
+
+    from mailtriage.model.transformers import load_classifier
+
+    train, val = toy_dataset()
+    result = finetune_into(tiny_encoder_base, tmp_path, toy_params(precision="bf16"), train, val)
+    assert result.precision == "bf16" and result.val_accuracy >= 0.8, result.history
+    manifest = modeldir.read_manifest(tmp_path)
+    assert manifest["training"]["result"]["precision"] == "bf16"
+    assert manifest["training"]["params"]["precision"] == "bf16"
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}
+    clf = load_classifier(tmp_path, device="cpu", max_length=64)
+    [pred] = clf.classify(["please fix my invoice"])
+    assert pred.label in TOY_LABELS
+
+
+@pytest.mark.pure
+def test_precision_auto_is_bf16_only_where_it_is_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailtriage.model import transformers as mt
+
+    monkeypatch.setattr(mt, "cpu_has_amx_bf16", lambda: True)
+    assert [mt.training_precision(d, "auto") for d in ("cpu", "cuda", "mps")] == ["bf16", "bf16", "fp32"]
+    monkeypatch.setattr(mt, "cpu_has_amx_bf16", lambda: False)
+    assert [mt.training_precision(d, "auto") for d in ("cpu", "cuda", "mps")] == ["fp32", "bf16", "fp32"]
+    assert mt.training_precision("cpu", "bf16") == "bf16" and mt.training_precision("cuda", "fp32") == "fp32"
+
+
 @pytest.mark.pure
 def test_bad_data_is_refused_before_any_loading(tmp_path: Path) -> None:
     train, val = toy_dataset(augment=0)

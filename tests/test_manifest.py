@@ -94,6 +94,11 @@ HOSTILE = [
     ({"gate": "promoted"}, r'"gate": \'promoted\' \(str\); expected a JSON object'),
     ({"created": 20260101}, r'"created": 20260101 \(int\); expected a UTC time'),
     ({"temperature": "x" * 10_000}, r'"temperature": \'x{70,}\.\.\. \(str\)'),  # cut, not megabytes
+    ({"origins": {"daemon": -3}}, r'"origins.daemon": -3; expected a count'),
+    ({"origins": {"staff": 1.5}}, r'"origins.staff": 1.5; expected a count'),
+    ({"origins": {"corrections": True}}, r'"origins.corrections": True; expected a count'),
+    ({"origins": {"auto_filed": "sometimes"}}, r"\"origins.auto_filed\": 'sometimes'; expected one of \['include'"),
+    ({"origins": [1, 2]}, r'"origins": \[1, 2\] \(list\); expected a JSON object'),
 ]
 
 
@@ -181,8 +186,10 @@ def test_list_shows_a_version_with_a_hostile_manifest_without_a_traceback(
     monkeypatch.delenv("MAILTRIAGE_CONFIG", raising=False)
     monkeypatch.setattr("mailtriage_trainer.cli.DEFAULT_CONFIG", "/nonexistent/mailtriage.toml")
     models = tmp_path / "models"
+    origins = {"staff": 40, "corrections": 2, "daemon": 5, "daemon_skipped": 3, "auto_filed": "after_days",
+               "auto_filed_days": 7}
     good = _version(models, {"serve": "ensemble", "base_model": "b", "metrics": {"macro_f1": 0.9, "accuracy": 0.8},
-                             "gate": {"promoted": True}})
+                             "gate": {"promoted": True}, "origins": origins})
     bad = _version(models, {"metrics": {"macro_f1": "high", "accuracy": "x"}, "temperature": "abc"})
     old = _version(models, {"base_model": "b"})  # before ensemble serving: it serves the model
     modeldir.promote(models, good)
@@ -190,12 +197,12 @@ def test_list_shows_a_version_with_a_hostile_manifest_without_a_traceback(
     assert main(["list", "--model-dir", str(models), "--json"]) == 0
     rows = {r["version"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows[good.name] == {"version": good.name, "current": True, "macro_f1": 0.9, "accuracy": 0.8,
-                               "serve": "ensemble", "gate": "promoted", "base_model": "b"}
+                               "serve": "ensemble", "gate": "promoted", "base_model": "b", "origins": origins}
     assert rows[bad.name]["macro_f1"] is None and rows[bad.name]["serve"] is None
     assert rows[old.name]["serve"] == "model" and rows[old.name]["gate"] is None
     assert main(["list", "--model-dir", str(models)]) == 0
     table = capsys.readouterr().out
-    assert f"* {good.name}" in table and "0.900" in table
+    assert f"* {good.name}" in table and "0.900" in table and "40/2/5 (+3 skipped)" in table
 
 
 def test_stats_reads_created_from_the_manifest_and_falls_back_on_a_hostile_one(tmp_path: Path) -> None:

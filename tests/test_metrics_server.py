@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
-import socket
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,14 +22,9 @@ from mailtriage.service.metrics_server import MAX_CONNECTIONS, MetricsServer, re
 from mailtriage.testing.builders import mail, make_config, relay_table
 from mailtriage.testing.fakes import KeywordClassifier
 from mailtriage.testing.waits import async_wait_for
+from mailtriage.testing.imapserver import free_port
 
 CATEGORIES = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _scrape(port: int) -> str:
@@ -65,7 +59,7 @@ def test_respond_serves_only_get_metrics() -> None:
 def test_metrics_server_serves_registry() -> None:
     async def main() -> str:
         assert await start_metrics_server("127.0.0.1", 0) is None  # port 0: off
-        server = await start_metrics_server("127.0.0.1", _free_port())
+        server = await start_metrics_server("127.0.0.1", free_port())
         assert server is not None
         try:
             metrics.MESSAGES.labels(category="billing", outcome="filed").inc()
@@ -125,7 +119,7 @@ class _NextHop:
 
 @pytest.fixture
 def next_hop() -> Iterator[tuple[_NextHop, int]]:
-    handler, port = _NextHop(), _free_port()
+    handler, port = _NextHop(), free_port()
     controller = Controller(handler, hostname="127.0.0.1", port=port, server_hostname="nexthop.test")
     controller.start()
     try:
@@ -148,7 +142,7 @@ def test_idle_flood_on_the_metrics_port_holds_no_threads_and_blocks_nothing(
     from mailtriage.service.app import Service
 
     hop, hop_port = next_hop
-    listen, metrics_port = _free_port(), _free_port()
+    listen, metrics_port = free_port(), free_port()
     models = tmp_path / "models"
     (models / "v1").mkdir(parents=True)
     LabelSet(tuple(CATEGORIES)).save(models / "v1")

@@ -33,6 +33,7 @@ from mailtriage.testing.builders import mail, make_config
 from mailtriage.testing.fakes import KeywordClassifier
 from mailtriage.testing.milter import MilterClient, split_message, tag_once
 from mailtriage.testing.waits import wait_for
+from mailtriage.testing.imapserver import free_port
 
 pytestmark = pytest.mark.component
 
@@ -276,12 +277,6 @@ def test_listen_port_taken_is_a_config_error(start_milter: StartMilter) -> None:
 # -- the daemon: `serve` starts it, decisions land in the state database and in `stats` -------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_serve_starts_the_milter_and_records_decisions_for_stats(tmp_path: Path) -> None:
     from mailtriage.store.stats import print_stats
 
@@ -290,7 +285,7 @@ def test_serve_starts_the_milter_and_records_decisions_for_stats(tmp_path: Path)
     version.mkdir(parents=True)
     LabelSet(LABELS).save(version)
     modeldir.promote(models, version)
-    port = _free_port()
+    port = free_port()
     config = make_config(tmp_path, categories=CATEGORIES, model={"path": str(models), "device": "cpu", "threshold": 0.6},
                          training={"schedule": "", "model_dir": str(models)}, milter={"enabled": True, "listen_port": port})
 
@@ -336,7 +331,7 @@ def test_check_milter_port_free_taken_by_our_milter_or_by_something_else(
         return make_config(tmp_path, categories=CATEGORIES, training={"schedule": ""},
                            milter={"enabled": True, "listen_port": port})
 
-    rc, lines = _check_lines(config(_free_port()))
+    rc, lines = _check_lines(config(free_port()))
     assert rc == 0 and "free to listen on" in lines[0] and "smtpd_milters = inet:127.0.0.1:" in lines[0]
 
     running = start_milter()

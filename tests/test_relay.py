@@ -34,6 +34,7 @@ from mailtriage.errors import ConfigError
 from mailtriage.core.pipeline import ClassifyAsync
 from mailtriage.smtp.nexthop import NextHop
 from mailtriage.smtp.relay import SmtpFilter
+from mailtriage.testing.imapserver import free_port
 from mailtriage.testing.loop import LoopThread
 from mailtriage.testing.builders import mail, make_config, relay_table
 from mailtriage.testing.fakes import KeywordClassifier
@@ -46,13 +47,6 @@ KEYWORDS = {"invoice": "billing", "password": "login", "refund": "refunds"}
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    # aiosmtpd's Controller cannot start on port 0 (its self-check connects to it): pick one first.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def keyword_classifier(version: str = "kw-1") -> KeywordClassifier:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mailtriage.config import ModelConfig, TrainingConfig, load_config
-from mailtriage.core.training import SERVE_SETTINGS, TRUNCATION_CHOICES
+from mailtriage.core.training import PRECISION_CHOICES, SERVE_SETTINGS, TRUNCATION_CHOICES
 from mailtriage.errors import ConfigError
 from mailtriage.model import ensemble
 from mailtriage_trainer.cli import EXIT_ERROR, _settings, build_train_parser, main
@@ -85,6 +85,9 @@ def test_choices_are_the_configs_allowed_values() -> None:
     actions = {a.dest: a for a in build_train_parser()._actions}
     assert tuple(actions["serve"].choices) == SERVE_SETTINGS
     assert tuple(actions["truncation"].choices) == TRUNCATION_CHOICES
+    assert tuple(actions["precision"].choices) == PRECISION_CHOICES
+    with pytest.raises(ConfigError, match=r"precision = 'fp16'.*\[training\] precision"):
+        TrainingConfig(precision="fp16")
     # What --serve and [training] serve name besides "auto" is what a version can serve.
     assert set(SERVE_SETTINGS) - {"auto"} == set(ensemble.SERVE_CHOICES)
     for serve in SERVE_SETTINGS:

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import structlog
 
 from mailtriage.config import DEVICES
-from mailtriage.core.training import SERVE_SETTINGS, TRUNCATION_CHOICES
+from mailtriage.core.training import AUTO_FILED_CHOICES, PRECISION_CHOICES, SERVE_SETTINGS, TRUNCATION_CHOICES
 from mailtriage.errors import ConfigError, MailtriageError, ModelDirBusyError, ModelError
 from mailtriage.cli.logs import configure_logging
 from mailtriage_trainer import pipeline
@@ -130,6 +130,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=int, metavar="N",
                    help="read a long message in up to N windows of --max-length tokens, scores averaged "
                         "(default: training.chunks = 1)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES,
+                   help="number format of the training steps: auto = bf16 on a GPU or an AMX CPU, else fp32 "
+                        "(default: training.precision)")
     p.add_argument("--holdout-fraction", type=float, metavar="F")
     p.add_argument("--min-examples", type=int, metavar="N", help="per class (default: training.min_examples_per_class)")
     p.add_argument("--serve", choices=SERVE_SETTINGS,
@@ -142,6 +145,12 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-accuracy", type=float, metavar="A",
                    help="derive the confidence threshold giving this accuracy on held-out mail, e.g. 0.98, "
                         "and report its coverage (default: training.target_accuracy; 0 = off)")
+    p.add_argument("--auto-filed", choices=AUTO_FILED_CHOICES,
+                   help="mail the daemon filed into a category folder and nobody moved: train on it, leave it "
+                        "out, or train on it once --auto-filed-days old (default: training.auto_filed); "
+                        "it is never held out")
+    p.add_argument("--auto-filed-days", type=int, metavar="N",
+                   help="days staff get to move a wrong filing under after_days (default: training.auto_filed_days)")
     p.add_argument("--force", action="store_true", help="promote even when the gate would refuse")
     p.add_argument("--dry-run", action="store_true",
                    help="harvest, dedupe, check and split, print the data summary; train nothing")
@@ -210,9 +219,10 @@ def _version_row(version_dir: Path, current: Path | None) -> dict[str, Any]:
         m = Manifest.load(version_dir)
     except ModelError as exc:  # listed anyway: the row says the version cannot be served as it is
         log.warning("manifest_unusable", version=version_dir.name, error=str(exc))
-        return {**row, "macro_f1": None, "accuracy": None, "serve": None, "gate": None, "base_model": None}
+        return {**row, "macro_f1": None, "accuracy": None, "serve": None, "gate": None, "base_model": None,
+                "origins": None}
     return {**row, "macro_f1": m.macro_f1, "accuracy": m.accuracy, "serve": m.serve,
-            "gate": m.gate_decision, "base_model": m.base_model}
+            "gate": m.gate_decision, "base_model": m.base_model, "origins": dict(m.origins) or None}
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -231,14 +241,25 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no model versions in {str(model_dir)!r}: train one with mailtriage-train")
         return 0
-    print(f"{'':2}{'version':<20} {'macro-F1':>8} {'accuracy':>8}  {'serve':<9} gate")
+    print(f"{'':2}{'version':<20} {'macro-F1':>8} {'accuracy':>8}  {'serve':<9} {'gate':<9} labels: staff/corrected/daemon")
     for r in rows:
         f1 = "-" if r["macro_f1"] is None else f"{r['macro_f1']:.3f}"
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
-        print(f"{'*' if r['current'] else ' ':2}{r['version']:<20} {f1:>8} {acc:>8}  {r['serve'] or '-':<9} {r['gate'] or '-'}")
+        print(f"{'*' if r['current'] else ' ':2}{r['version']:<20} {f1:>8} {acc:>8}  {r['serve'] or '-':<9} "
+              f"{r['gate'] or '-':<9} {_origins_cell(r['origins'])}")
     if current is None:
         print("(none promoted: `mailtriage-train promote VERSION`)")
     return 0
+
+
+def _origins_cell(origins: dict[str, Any] | None) -> str:
+    """"1204/37/148" (daemon filings trained on), "+28 skipped" when auto_filed left some out."""
+    if not origins:
+        return "-"
+    cell = f"{origins.get('staff', 0)}/{origins.get('corrections', 0)}/{origins.get('daemon', 0)}"
+    if origins.get("daemon_skipped"):
+        cell += f" (+{origins['daemon_skipped']} skipped)"
+    return cell + (" (unchecked)" if origins.get("unchecked") else "")
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -280,8 +301,9 @@ def _settings(args: argparse.Namespace, cfg: Any) -> Settings:
         cfg.training if cfg is not None else TrainingConfig(),
         holdout_fraction=args.holdout_fraction, min_examples_per_class=args.min_examples, seed=args.seed,
         epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size, lora_r=args.lora_r,
-        truncation=args.truncation, chunks=args.chunks, serve=args.serve, refit_all=args.refit_all, calibrate=args.calibrate,
-        target_accuracy=args.target_accuracy,
+        truncation=args.truncation, chunks=args.chunks, precision=args.precision, serve=args.serve,
+        refit_all=args.refit_all, calibrate=args.calibrate, target_accuracy=args.target_accuracy,
+        auto_filed=args.auto_filed, auto_filed_days=args.auto_filed_days,
     )
     # max_length and device are the fine-tune's (TrainParams checks them); the threshold is [model]'s.
     mc = _overlay(cfg.model if cfg is not None else ModelConfig(), threshold=args.threshold)
@@ -299,6 +321,8 @@ def _settings(args: argparse.Namespace, cfg: Any) -> Settings:
         refit_all=tc.refit_all,
         calibrate=tc.calibrate,
         target_accuracy=tc.target_accuracy,
+        auto_filed=tc.auto_filed,
+        auto_filed_days=tc.auto_filed_days,
     )
 
 
@@ -318,7 +342,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         s.check_can_train()
     data = pipeline.prepare(s, cfg, account=args.account)
     if args.dry_run:
-        print(json.dumps({"labels": data.labels, "data": data.info}, indent=2))
+        print(json.dumps({"labels": data.labels, "data": data.info, "origins": data.origins}, indent=2))
         return 0
     outcome = pipeline.run(s, cfg, data, force=args.force, progress=sys.stderr.isatty())
     if outcome is None:  # one of several torchrun processes; rank 0 reports

@@ -42,6 +42,7 @@ from mailtriage.model.transformers import (
     pick_dtype,
     quiet_transformers,
     tokenize_windows,
+    training_precision,
     windowed_logits,
 )
 
@@ -67,6 +68,7 @@ class FinetuneResult:
     history: list[dict[str, float]] = field(default_factory=list)   # one row per epoch
     device: str = "cpu"
     stopped_early: bool = False
+    precision: str = "fp32"              # what the training steps ran in ("bf16" or "fp32"; params.precision resolved)
 
 
 def finetune(
@@ -123,6 +125,7 @@ def _finetune(
         history=loop.history,
         device=run.device,
         stopped_early=loop.stopped_early,
+        precision=run.precision,
     )
     if out_dir is not None:
         _save(run, loop.best_state, labels, out_dir)
@@ -144,6 +147,7 @@ class _Run:
     """Everything one fine-tuning run trains with: built by ``_setup``, used by ``_epochs`` and ``_save``."""
 
     device: str
+    precision: str                       # of the training steps: "bf16" or "fp32"
     tokenizer: Any
     model: Any                           # the peft model (base + LoRA + trainable head)
     trainable: list[torch.Tensor]
@@ -182,8 +186,11 @@ def _setup(
     set_seed(params.seed)  # python, numpy and torch: the head and LoRA init and the batch order repeat
 
     device = pick_device(params.device)
+    precision = training_precision(device, params.precision)
     tokenizer = load_tokenizer(base)
-    model = load_base_model(base, labels, tokenizer, pick_dtype(device))
+    # bf16 base weights on CUDA (half the memory); on a CPU the weights stay fp32 and autocast runs
+    # the matrix products in bf16, which AMX computes faster without a bf16 copy of the model.
+    model = load_base_model(base, labels, tokenizer, pick_dtype(device) if precision == "bf16" else torch.float32)
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,  # makes peft train and save the classification head (modules_to_save)
         r=params.lora_r,
@@ -234,6 +241,7 @@ def _setup(
         "finetune_start",
         base_model=str(base),
         device=device,
+        precision=precision,
         train=len(train),
         val=len(val),
         labels=len(labels.labels),
@@ -243,7 +251,7 @@ def _setup(
         train_tokens=sum(map(_tokens, train_ids)),
         train_windows=sum(map(len, train_ids)),
     )
-    return _Run(device, tokenizer, model, trainable, optimizer, scheduler, loss_fn, train_ids, train_y,
+    return _Run(device, precision, tokenizer, model, trainable, optimizer, scheduler, loss_fn, train_ids, train_y,
                 val_ids, val_y, batches_per_epoch, total_steps, parallel)
 
 
@@ -279,7 +287,7 @@ def _epochs(run: _Run, params: TrainParams, progress: bool) -> _Loop:
             for b, chunk in enumerate(length_grouped_batches(lengths, params.batch_size, generator)):
                 # Under torchrun this process takes its share of the batch, weighted by its size.
                 mine, share = distributed.my_share(chunk) if run.parallel else (chunk, 1.0)
-                with autocast(device):
+                with autocast(device, run.precision):
                     logits = windowed_logits(model, run.tokenizer, [run.train_ids[i] for i in mine], device)
                 loss = run.loss_fn(logits.float(), run.train_y[mine].to(device))
                 (loss * share / params.grad_accum).backward()
@@ -305,7 +313,8 @@ def _epochs(run: _Run, params: TrainParams, progress: bool) -> _Loop:
 
             # At the training batch size: 4x as large saved little on a pass that is a few percent of
             # the epoch, and peak RSS was 170 MiB higher (2,000 real-length mails, MiniLM, CPU).
-            val_loss, val_acc, val_f1 = _evaluate(model, run.tokenizer, run.val_ids, run.val_y, params.batch_size, device)
+            val_loss, val_acc, val_f1 = _evaluate(model, run.tokenizer, run.val_ids, run.val_y, params.batch_size, device,
+                                                  _serving_precision(run))
             row = {
                 "epoch": float(epoch),
                 "train_loss": running / max(seen, 1),
@@ -424,6 +433,12 @@ def _class_weights(y: torch.Tensor, n_labels: int) -> torch.Tensor:
     return weights
 
 
+def _serving_precision(run: _Run) -> str:
+    """Validation scores the numbers serving will compute: fp32 on a CPU (the daemon serves fp32
+    there, so epochs are chosen on its scores), the training precision on a GPU."""
+    return "fp32" if run.device == "cpu" else run.precision
+
+
 def _evaluate(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -431,12 +446,13 @@ def _evaluate(
     y: torch.Tensor,
     batch_size: int,
     device: str,
+    precision: str,
 ) -> tuple[float, float, float]:
     """Unweighted validation loss, accuracy and macro-F1."""
     model.eval()
     preds: list[int] = []
     total_loss = 0.0
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode(), autocast(device, precision):
         for start in range(0, len(ids), batch_size):
             logits = windowed_logits(model, tokenizer, ids[start : start + batch_size], device).float().cpu()
             target = y[start : start + batch_size]

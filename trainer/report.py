@@ -67,7 +67,7 @@ def render_markdown(manifest: dict[str, Any], confusion_png: bool = True) -> str
     sections = [_head(p), _gate(p)]
     if p.served:
         sections += [_held_out(p), _per_class(p), _calibration(p), _target(p), _thresholds(p)]
-    sections += [_data(p), _training(p)]
+    sections += [_data(p), _origins(p), _training(p)]
     if confusion_png and p.served:
         sections.append(_confusion(p))
     return "\n".join(line for section in sections for line in section)
@@ -262,6 +262,18 @@ def _data(p: _Parts) -> list[str]:
         out += [f"| {_cell(label)} | {n} | " + " | ".join(str(q.get("per_class", {}).get(label, 0)) for _, q in parts)
                 + " |" for label, n in whole["per_class"].items()]
     return [*out, ""]
+
+
+def _origins(p: _Parts) -> list[str]:
+    counts = dict(p.typed.origins)
+    if not counts:
+        return []
+    from mailtriage_trainer.origins import describe
+
+    truth = "" if counts.get("unchecked") else (" Held-out and validation mail is staff-labelled only (sorted or "
+                                                  "corrected by staff): the daemon's own filings are never scored "
+                                                  "as truth.")
+    return ["## Where the labels came from", "", f"{describe(counts)}.{truth}", ""]
 
 
 def _training(p: _Parts) -> list[str]:

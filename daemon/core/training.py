@@ -14,6 +14,9 @@ from mailtriage.errors import ConfigError
 
 # What a text longer than max_length keeps (mailtriage.model.transformers.tokenize cuts it).
 TRUNCATION_CHOICES = ("head", "head_tail")
+# The number format of the training steps: "auto" is bf16 where the hardware computes it fast (a
+# CUDA GPU, or a CPU with AMX matrix units) and fp32 elsewhere; the saved weights are fp32 either way.
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
 
 # [training] chunks: a text is read in up to this many windows of max_length tokens, their logits
 # averaged (mailtriage.model.transformers.tokenize_windows). Each window costs one more forward pass.
@@ -27,6 +30,18 @@ SERVE_ENSEMBLE = "ensemble"
 SERVE_CHOICES = (SERVE_MODEL, SERVE_BASELINE, SERVE_ENSEMBLE)
 SERVE_AUTO = "auto"
 SERVE_SETTINGS = (SERVE_AUTO, *SERVE_CHOICES)
+
+# What a retrain does with mail the daemon filed into a category folder and nobody moved
+# ([training] auto_filed, --auto-filed; mailtriage_trainer.origins applies it): its label is the
+# daemon's own guess, not a staff decision. "after_days" keeps the filings at least
+# auto_filed_days old (staff had time to move them); the default was chosen by
+# benchmarks/auto_filed.py (benchmarks/RESULTS.md, "Learning from its own filings").
+AUTO_FILED_INCLUDE = "include"
+AUTO_FILED_EXCLUDE = "exclude"
+AUTO_FILED_AFTER_DAYS = "after_days"
+AUTO_FILED_CHOICES = (AUTO_FILED_INCLUDE, AUTO_FILED_EXCLUDE, AUTO_FILED_AFTER_DAYS)
+AUTO_FILED_DEFAULT = AUTO_FILED_EXCLUDE
+AUTO_FILED_DAYS_DEFAULT = 7
 
 
 @dataclass
@@ -52,6 +67,7 @@ class TrainParams:
     num_threads: int | None = None       # CPU threads for torch while training; None keeps torch's default
     truncation: str = "head"             # a text over max_length keeps its "head", or "head_tail" (first quarter + end)
     chunks: int = 1                      # read a long text in up to N windows of max_length, logits averaged
+    precision: str = "auto"              # training steps in bf16 where fast (GPU, AMX CPU), else fp32: PRECISION_CHOICES
 
     def __post_init__(self) -> None:
         # The one validator: the [training] table, the trainer's flags and the benchmarks all get here.
@@ -79,5 +95,9 @@ class TrainParams:
             raise ConfigError(f"training parameter chunks = {self.chunks!r}: expected a whole number 1..{CHUNKS_MAX} "
                               "(1 reads the first max_length tokens as before; N reads up to N windows of "
                               "max_length tokens and averages their scores; [training] chunks, or --chunks)")
+        if self.precision not in PRECISION_CHOICES:
+            raise ConfigError(f"training parameter precision = {self.precision!r}: expected \"auto\" (bf16 on a GPU "
+                              "or a CPU with AMX, else fp32), \"fp32\" or \"bf16\" ([training] precision in the "
+                              "config, or --precision)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"training parameter num_threads = {self.num_threads!r}: must be >= 1 (or unset)")

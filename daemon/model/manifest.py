@@ -17,7 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from mailtriage.core.training import CHUNKS_MAX, TRUNCATION_CHOICES
+from mailtriage.core.training import AUTO_FILED_CHOICES, CHUNKS_MAX, TRUNCATION_CHOICES
 from mailtriage.errors import ModelError
 from mailtriage.model import modeldir
 from mailtriage.model.ensemble import DEFAULT_ENSEMBLE_WEIGHT, SERVE_CHOICES, SERVE_MODEL
@@ -34,12 +34,22 @@ TEMPERATURE_MAX = 100.0
 INT8_TOLERANCE = 0.005
 CPU_RUNTIMES = ("torch", "onnxruntime")
 CPU_QUANTIZE = ("none", "int8")
+# The counts in "origins": labels sorted by staff, staff corrections, daemon filings trained on, and
+# daemon filings training.auto_filed left out.
+ORIGIN_COUNTS = ("staff", "corrections", "daemon", "daemon_skipped")
 
 
-def int8_keeps_accuracy(fp32: float, int8: float) -> bool:
-    """True when int8 scored at most ``INT8_TOLERANCE`` below fp32 (1e-9: float noise of n/N fractions)."""
-    return fp32 - int8 <= INT8_TOLERANCE + 1e-9
+def int8_tolerance(holdout_n: int | None) -> float:
+    """How far below fp32 int8 may score: ``INT8_TOLERANCE`` (0.5 points), or one held-out message
+    where the holdout is smaller than 200. There one message is more than 0.5 points, so the rule
+    would demand that int8 never flip a single message against the truth, which no holdout that
+    size can tell from noise (a 60-mail holdout refused int8 one mail apart, 80.0% vs 81.7%)."""
+    return max(INT8_TOLERANCE, 1 / holdout_n) if holdout_n else INT8_TOLERANCE
 
+
+def int8_keeps_accuracy(fp32: float, int8: float, holdout_n: int | None = None) -> bool:
+    """True when int8 scored at most ``int8_tolerance(holdout_n)`` below fp32 (1e-9: float noise of n/N fractions)."""
+    return fp32 - int8 <= int8_tolerance(holdout_n) + 1e-9
 
 
 def _empty() -> Mapping[str, Any]:
@@ -66,8 +76,11 @@ class Manifest:
     metrics: Mapping[str, Any] = field(default_factory=_empty)   # the held-out metrics as served
     gate: Mapping[str, Any] = field(default_factory=_empty)
     # What the trainer measured for CPU serving: {"cpu_runtime", "quantize", "holdout_accuracy_fp32",
-    # "holdout_accuracy_int8", "reason"}; empty for versions from before the check (torch fp32 then).
+    # "holdout_accuracy_int8", "holdout_n", "reason"}; empty for versions from before the check (torch fp32 then).
     serving: Mapping[str, Any] = field(default_factory=_empty)
+    # Where the training labels came from (mailtriage_trainer.origins): {"staff", "corrections", "daemon",
+    # "daemon_skipped", "auto_filed", "auto_filed_days"}; empty for versions from before it was counted.
+    origins: Mapping[str, Any] = field(default_factory=_empty)
     # The whole JSON object as read, for the keys not modelled above (reports read them).
     raw: Mapping[str, Any] = field(default_factory=_empty, compare=False, repr=False)
 
@@ -102,6 +115,7 @@ class Manifest:
             "metrics": data.get("metrics") or {},
             "gate": data.get("gate") or {},
             "serving": data.get("serving") or {},
+            "origins": data.get("origins") or {},
         }
         _check_types(values, where)
         if isinstance(values["mailtext_version"], int):
@@ -114,6 +128,7 @@ class Manifest:
         values["metrics"] = MappingProxyType(dict(values["metrics"]))
         values["gate"] = MappingProxyType(dict(values["gate"]))
         values["serving"] = MappingProxyType(dict(values["serving"]))
+        values["origins"] = MappingProxyType(dict(values["origins"]))
         _validate(values, where)  # here, so the message names the file
         return cls(**values, raw=MappingProxyType(dict(data)))
 
@@ -149,6 +164,8 @@ class Manifest:
             out["gate"] = dict(self.gate)
         if self.serving:
             out["serving"] = dict(self.serving)
+        if self.origins:
+            out["origins"] = dict(self.origins)
         if self.truncation != "head" or self.chunks != 1 or "params" in out:
             params = {**(out.get("params") or {}), "truncation": self.truncation}
             if self.chunks != 1 or "chunks" in params:  # a manifest from before the option reads back unchanged
@@ -189,8 +206,9 @@ class Manifest:
         again, so a hand-edited "cpu_runtime" alone does not switch a version to int8."""
         s = self.serving
         fp32, int8 = _score(s.get("holdout_accuracy_fp32")), _score(s.get("holdout_accuracy_int8"))
+        n = s.get("holdout_n")  # validated at load; absent in versions from before it was recorded
         if (s.get("cpu_runtime") == "onnxruntime" and s.get("quantize") == "int8" and fp32 is not None
-                and int8 is not None and int8_keeps_accuracy(fp32, int8)):
+                and int8 is not None and int8_keeps_accuracy(fp32, int8, n)):
             return ("onnxruntime", "int8")
         return ("torch", "none")
 
@@ -215,6 +233,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "metrics": ((Mapping,), "a JSON object"),
     "gate": ((Mapping,), "a JSON object"),
     "serving": ((Mapping,), "a JSON object"),
+    "origins": ((Mapping,), "a JSON object"),
 }
 _OPTIONAL = {"base_model", "mailtext_version", "version", "created", "threshold", "labels"}
 
@@ -292,6 +311,15 @@ def _validate(m: Mapping[str, Any], where: str) -> None:
         value = serving.get(key)
         if value is not None and _score(value) is None:
             raise _bad(where, f"serving.{key}", value, "a finite number in 0..1 (an accuracy)")
+    n = serving.get("holdout_n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise _bad(where, "serving.holdout_n", n, "a whole number >= 1 (how many held-out messages were compared)")
+    for key in ORIGIN_COUNTS:
+        value = m["origins"].get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise _bad(where, f"origins.{key}", value, "a count (a whole number, 0 or more)")
+    if "auto_filed" in m["origins"] and m["origins"]["auto_filed"] not in AUTO_FILED_CHOICES:
+        raise _bad(where, "origins.auto_filed", m["origins"]["auto_filed"], f"one of {list(AUTO_FILED_CHOICES)}")
 
 
 def _float(value: float) -> float:

@@ -15,18 +15,11 @@ import json
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
-from peft import PeftModel
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from mailtriage.config import QUANTIZE_CHOICES, RUNTIME_CHOICES
@@ -39,6 +32,10 @@ from mailtriage.core.classifier import Prediction
 from mailtriage.errors import ModelError
 from mailtriage.core.labels import LabelSet
 from mailtriage.core.training import CHUNKS_MAX, TRUNCATION_CHOICES
+
+if TYPE_CHECKING:  # transformers' modeling half costs ~90 MiB of RSS (torch._dynamo, sympy, accelerate);
+    # a daemon serving a saved ONNX graph needs only the tokenizer, so it is imported where a model is built.
+    from transformers import PreTrainedModel
 
 log = structlog.get_logger(__name__)
 
@@ -93,10 +90,30 @@ def pick_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device == "cuda" else torch.float32
 
 
-def autocast(device: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA, so fp32 trainable weights (LoRA, head) mix with the bf16 base; a no-op elsewhere."""
-    if device == "cuda":
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX bf16 matrix units (Intel Sapphire Rapids and later), where oneDNN runs
+    bf16 matrix products several times faster than fp32; on other CPUs bf16 is slower than fp32."""
+    try:
+        return bool(torch.cpu.get_capabilities().get("amx_bf16"))
+    except (AttributeError, RuntimeError):  # an older torch without the query: assume no AMX
+        return False
+
+
+def training_precision(device: str, precision: str) -> str:
+    """"bf16" or "fp32" for a training run on ``device`` (``precision`` from TrainParams: auto/fp32/bf16)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device == "cuda" or (device == "cpu" and cpu_has_amx_bf16()) else "fp32"
+
+
+def autocast(device: str, precision: str | None = None) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast, so fp32 trainable weights (LoRA, head) mix with bf16 matrix products: always on
+    CUDA unless ``precision`` is "fp32"; on a CPU only when ``precision`` is "bf16" (training on AMX;
+    serving on a CPU stays fp32, like the holdout it was checked on). A no-op elsewhere."""
+    if device == "cuda" and precision != "fp32":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    if device == "cpu" and precision == "bf16":
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -158,6 +175,8 @@ def load_base_model(
     location = modeldir.resolve_base_model(base)
     try:
         with quiet_transformers():
+            from transformers import AutoModelForSequenceClassification
+
             return AutoModelForSequenceClassification.from_pretrained(
                 location,
                 num_labels=len(labels.labels),
@@ -450,7 +469,7 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     the head keeps its trained weights. Per-channel weight scales, not one per tensor: on the demo
     inbox (300 held-out mails, MiniLM) one scale per tensor cost 2.0 points of accuracy (92.3% of
     predictions unchanged), per channel 0.3 points (97.0% unchanged); benchmarks/RESULTS.md §3."""
-    if isinstance(model, PeftModel):
+    if hasattr(model, "merge_and_unload"):  # a PeftModel: the adapter folded into the weights first
         model = model.merge_and_unload()
     with warnings.catch_warnings():
         # torch.ao.quantization announces its move to torchao; the dynamic int8 path still works here.
@@ -633,6 +652,10 @@ def _load_adapted(version_dir: Path, base: str, labels: LabelSet, tokenizer: Pre
     model = load_base_model(base, labels, tokenizer, dtype)
     try:
         with quiet_transformers():
+            # Imported here, not at the top: peft costs ~135 MiB of RSS, and a daemon serving a saved
+            # ONNX graph never loads the torch model.
+            from peft import PeftModel
+
             model = PeftModel.from_pretrained(model, str(version_dir), is_trainable=False)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelError(

@@ -22,7 +22,7 @@ from mailtriage import metrics
 from mailtriage.config import AccountConfig, Config
 from mailtriage.core.mailtext import message_key
 from mailtriage.imap.namespace import server_folder
-from mailtriage.store.state import MILTER_INTAKE, SMTP_INTAKE, StateDB
+from mailtriage.store.state import MILTER_INTAKE, SMTP_INTAKE, FiledRow, StateDB
 
 log = structlog.get_logger(__name__)
 
@@ -150,11 +150,17 @@ def scan_account(
     return match_corrections(account.name, _filed(state, account), found)
 
 
+def decisions(state: StateDB, account: str) -> list[FiledRow]:
+    """The decisions that put mail into ``account``'s folders: its own, then the SMTP filter's and the
+    milter's (their mail is delivered into the mailboxes, so moving it is a correction too). The
+    correction scan judges them; the trainer (``mailtriage_trainer.origins``) tells the daemon's
+    filings from staff labels with them."""
+    return [*state.filed(account=account), *state.filed(account=SMTP_INTAKE), *state.filed(account=MILTER_INTAKE)]
+
+
 def _filed(state: StateDB, account: AccountConfig) -> list[FiledMessage]:
-    """The account's own decisions, then the SMTP filter's and the milter's: their mail is delivered
-    into the mailboxes, so moving it is a correction too (the account's own decision wins for a key)."""
-    rows = [*state.filed(account=account.name), *state.filed(account=SMTP_INTAKE), *state.filed(account=MILTER_INTAKE)]
-    return [FiledMessage(row.key, row.label, row.unsure) for row in rows]
+    """``decisions`` as the matcher takes them (the account's own decision wins for a key)."""
+    return [FiledMessage(row.key, row.label, row.unsure) for row in decisions(state, account.name)]
 
 
 def scan_corrections(

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,10 +33,25 @@ _running: set[ImapServer] = set()
 Self = TypeVar("Self", bound="ImapServer")
 
 
+# Every port free_port() has handed out in this process. Binding port 0 and closing finds a port
+# nothing uses now, and the kernel may hand the same one to the next call: a test that gives one
+# port to a server meant to be down and the next to a server that is up then connects the two (a
+# Postfix whose "down" milter port was its own smtpd port fed its own milter handshake to smtpd).
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on now and that this process never handed out."""
+    with _handed_out_lock:
+        for _ in range(1000):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = int(sock.getsockname()[1])
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+    raise OSError("no free TCP port on 127.0.0.1 that was not handed out before (1000 tries)")
 
 
 def tail(path: Path, lines: int = 25) -> str:

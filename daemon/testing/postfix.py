@@ -37,6 +37,7 @@ from types import TracebackType
 from typing import Any
 
 from mailtriage.errors import MailtriageError
+from mailtriage.testing.imapserver import free_port
 
 __all__ = [
     "RECIPE_DIR",
@@ -150,12 +151,6 @@ class PostfixNotInstalledError(PostfixError):
     """Postfix (its `master` daemon and `postfix` command) is missing on this machine."""
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -204,7 +199,7 @@ class SmtpSink:
     host = "127.0.0.1"
 
     def __init__(self, port: int | None = None) -> None:
-        self.port = port if port is not None else _free_port()
+        self.port = port if port is not None else free_port()
         self.received: list[Delivered] = []
         self._changed = threading.Condition()
         self._controller: Any = None
@@ -299,10 +294,10 @@ class Postfix:
         virtual_aliases: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.sink_port = sink_port
-        self.filter_port = filter_port if filter_port is not None else _free_port()
-        self.reinject_port = reinject_port if reinject_port is not None else _free_port()
-        self.milter_port = milter_port if milter_port is not None else _free_port()
-        self.smtpd_port = _free_port()
+        self.filter_port = filter_port if filter_port is not None else free_port()
+        self.reinject_port = reinject_port if reinject_port is not None else free_port()
+        self.milter_port = milter_port if milter_port is not None else free_port()
+        self.smtpd_port = free_port()
         name = "content_filter" if recipe is True else None if recipe is False else recipe
         if name is not None and name not in RECIPES:
             raise PostfixError(f"unknown Postfix recipe {recipe!r}; expected one of {sorted(RECIPES)} or False")

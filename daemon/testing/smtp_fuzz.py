@@ -26,6 +26,7 @@ from typing import Any
 from mailtriage.core.routing import Decision
 from mailtriage.core.tagging import add_headers, header_fingerprint, split_header
 from mailtriage.testing.fuzz import hostile_message
+from mailtriage.testing.imapserver import free_port
 
 _BARE_EOL = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _DECISION = Decision("billing", 0.9, False, "Support/Billing")
@@ -316,12 +317,6 @@ class RelayUnderTest:
     errors: list[dict[str, Any]]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def relay_with_next_hop() -> Iterator[RelayUnderTest]:
     """Generator (use with contextlib.contextmanager or as a pytest fixture): a relay with the
     keyword fake model on its own event loop thread, a real aiosmtpd next hop behind it; yields
@@ -351,7 +346,7 @@ def relay_with_next_hop() -> Iterator[RelayUnderTest]:
             return LongLineSMTP(self.handler, **self.SMTP_kwargs)
 
     hop = Hop()
-    hop_port = _free_port()
+    hop_port = free_port()
     controller = HopController(hop, hostname="127.0.0.1", port=hop_port, server_hostname="nexthop.fuzz")
     controller.start()
     categories = {"billing": "Support/Billing", "login": "Support/Login", "refunds": "Support/Refunds"}

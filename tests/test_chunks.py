@@ -148,6 +148,10 @@ def test_a_version_trained_with_chunks_serves_pooled_windows(tiny_encoder_base: 
     [long_pred] = clf.classify([LONG])
     assert sum(long_pred.scores.values()) == pytest.approx(1.0)
     assert all(0 <= p <= 1 for p in long_pred.scores.values())
+    # onnxruntime serves through the same windows and pooling (its session replaces the torch model).
+    onnx = load_classifier(version, device="cpu", max_length=32, runtime="onnxruntime", quantize="none")
+    assert onnx.chunks == 2 and onnx.model is not clf.model
+    assert torch.allclose(onnx.logits(texts), served, atol=1e-4)
     clf.chunks = 1  # the same weights reading only the first window
     assert not torch.allclose(clf.logits([LONG])[0], served[1], atol=1e-5)
     assert torch.allclose(clf.logits(["refund please"])[0], served[0], atol=1e-5)  # short mail: one window either way

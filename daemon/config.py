@@ -291,6 +291,7 @@ class TrainingConfig:
     calibrate: bool = True
     target_accuracy: float = 0.0
     truncation: str = "head"
+    chunks: int = 1
     precision: str = "auto"
     # Mail the daemon filed into a category folder and nobody moved: "include", "exclude" or
     # "after_days" (only filings at least auto_filed_days old); see mailtriage_trainer.origins.
@@ -331,13 +332,13 @@ class TrainingConfig:
             raise ConfigError(f"training.holdout_fraction = {self.holdout_fraction!r} (or --holdout-fraction): "
                               "allowed 0.05..0.5 (0.2 is usual)")
         _positive("training.min_examples_per_class (or --min-examples)", self.min_examples_per_class)
-        self.params()  # epochs, learning_rate, batch_size, lora_r, seed, truncation, precision: TrainParams' one validator
+        self.params()  # epochs, learning_rate, batch_size, lora_r, seed, truncation, chunks, precision: TrainParams' one validator
 
     def params(self, **overrides: Any) -> TrainParams:
         """The fine-tune's parameters from this table (``overrides``: the trainer's flags), validated."""
         wanted: dict[str, Any] = {"epochs": self.epochs, "learning_rate": self.learning_rate,
                                   "batch_size": self.batch_size, "lora_r": self.lora_r, "seed": self.seed,
-                                  "truncation": self.truncation, "precision": self.precision}
+                                  "truncation": self.truncation, "chunks": self.chunks, "precision": self.precision}
         wanted.update({k: v for k, v in overrides.items() if v is not None})
         return TrainParams(**wanted)
 

@@ -127,6 +127,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--truncation", choices=TRUNCATION_CHOICES,
                    help="what a message over --max-length tokens keeps (default: training.truncation)")
+    p.add_argument("--chunks", type=int, metavar="N",
+                   help="read a long message in up to N windows of --max-length tokens, scores averaged "
+                        "(default: training.chunks = 1)")
     p.add_argument("--precision", choices=PRECISION_CHOICES,
                    help="number format of the training steps: auto = bf16 on a GPU or an AMX CPU, else fp32 "
                         "(default: training.precision)")
@@ -298,9 +301,9 @@ def _settings(args: argparse.Namespace, cfg: Any) -> Settings:
         cfg.training if cfg is not None else TrainingConfig(),
         holdout_fraction=args.holdout_fraction, min_examples_per_class=args.min_examples, seed=args.seed,
         epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size, lora_r=args.lora_r,
-        truncation=args.truncation, precision=args.precision, serve=args.serve, refit_all=args.refit_all,
-        calibrate=args.calibrate, target_accuracy=args.target_accuracy, auto_filed=args.auto_filed,
-        auto_filed_days=args.auto_filed_days,
+        truncation=args.truncation, chunks=args.chunks, precision=args.precision, serve=args.serve,
+        refit_all=args.refit_all, calibrate=args.calibrate, target_accuracy=args.target_accuracy,
+        auto_filed=args.auto_filed, auto_filed_days=args.auto_filed_days,
     )
     # max_length and device are the fine-tune's (TrainParams checks them); the threshold is [model]'s.
     mc = _overlay(cfg.model if cfg is not None else ModelConfig(), threshold=args.threshold)

@@ -34,7 +34,6 @@ from mailtriage.core.training import TrainParams  # noqa: F401 - the one paramet
 from mailtriage.core.mailtext import MAILTEXT_VERSION
 from mailtriage.model.transformers import (
     autocast,
-    collate,
     default_modules_to_save,
     default_target_modules,
     load_base_model,
@@ -42,8 +41,9 @@ from mailtriage.model.transformers import (
     pick_device,
     pick_dtype,
     quiet_transformers,
-    tokenize,
+    tokenize_windows,
     training_precision,
+    windowed_logits,
 )
 
 log = structlog.get_logger(__name__)
@@ -154,9 +154,9 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     loss_fn: torch.nn.Module
-    train_ids: list[list[int]]
+    train_ids: list[list[list[int]]]     # per example its windows (one unless params.chunks > 1)
     train_y: torch.Tensor
-    val_ids: list[list[int]]             # shortest first: validation batches then need little padding
+    val_ids: list[list[list[int]]]       # shortest first: validation batches then need little padding
     val_y: torch.Tensor
     batches_per_epoch: int
     total_steps: int
@@ -212,12 +212,13 @@ def _setup(
         distributed.sync_parameters(trainable)
 
     label2id = labels.label2id
-    train_ids = tokenize(tokenizer, [t for t, _ in train], params.max_length, params.truncation)
+    # With chunks > 1 a long text is several windows, logits averaged before the loss, as served.
+    train_ids = tokenize_windows(tokenizer, [t for t, _ in train], params.max_length, params.truncation, params.chunks)
     train_y = torch.tensor([label2id[y] for _, y in train])
-    val_ids = tokenize(tokenizer, [t for t, _ in val], params.max_length, params.truncation)
+    val_ids = tokenize_windows(tokenizer, [t for t, _ in val], params.max_length, params.truncation, params.chunks)
     val_y = torch.tensor([label2id[y] for _, y in val])
     # The scores are over the whole set, so its order is free: sorted, each batch pads to little.
-    by_length = sorted(range(len(val_ids)), key=lambda i: len(val_ids[i]))
+    by_length = sorted(range(len(val_ids)), key=lambda i: _tokens(val_ids[i]))
     val_ids, val_y = [val_ids[i] for i in by_length], val_y[by_length]
 
     weight = _class_weights(train_y, len(labels.labels)) if params.class_weighting else None
@@ -247,7 +248,8 @@ def _setup(
         trainable_params=sum(p.numel() for p in trainable),
         optimizer_steps=total_steps,
         processes=distributed.world_size() if parallel else 1,
-        train_tokens=sum(map(len, train_ids)),
+        train_tokens=sum(map(_tokens, train_ids)),
+        train_windows=sum(map(len, train_ids)),
     )
     return _Run(device, precision, tokenizer, model, trainable, optimizer, scheduler, loss_fn, train_ids, train_y,
                 val_ids, val_y, batches_per_epoch, total_steps, parallel)
@@ -271,7 +273,7 @@ def _epochs(run: _Run, params: TrainParams, progress: bool) -> _Loop:
     best_state: dict[str, torch.Tensor] = {}
     best_epoch, stale, steps = 0, 0, 0
     generator = torch.Generator().manual_seed(params.seed)
-    lengths = [len(ids) for ids in run.train_ids]
+    lengths = [_tokens(windows) for windows in run.train_ids]
     stopped_early = False
     started = last_report = time.monotonic()
     try:
@@ -285,9 +287,8 @@ def _epochs(run: _Run, params: TrainParams, progress: bool) -> _Loop:
             for b, chunk in enumerate(length_grouped_batches(lengths, params.batch_size, generator)):
                 # Under torchrun this process takes its share of the batch, weighted by its size.
                 mine, share = distributed.my_share(chunk) if run.parallel else (chunk, 1.0)
-                batch = collate(run.tokenizer, [run.train_ids[i] for i in mine], device)
                 with autocast(device, run.precision):
-                    logits = model(**batch).logits
+                    logits = windowed_logits(model, run.tokenizer, [run.train_ids[i] for i in mine], device)
                 loss = run.loss_fn(logits.float(), run.train_y[mine].to(device))
                 (loss * share / params.grad_accum).backward()
                 if share:
@@ -346,6 +347,11 @@ def _epochs(run: _Run, params: TrainParams, progress: bool) -> _Loop:
     finally:
         bar.close()
     return _Loop(history, best_epoch, best_state, steps, stopped_early)
+
+
+def _tokens(windows: Sequence[list[int]]) -> int:
+    """An example's length for batching: the tokens of all its windows."""
+    return sum(map(len, windows))
 
 
 def _show_bar(progress: bool) -> bool:
@@ -436,7 +442,7 @@ def _serving_precision(run: _Run) -> str:
 def _evaluate(
     model: torch.nn.Module,
     tokenizer: Any,
-    ids: list[list[int]],
+    ids: list[list[list[int]]],
     y: torch.Tensor,
     batch_size: int,
     device: str,
@@ -448,8 +454,7 @@ def _evaluate(
     total_loss = 0.0
     with torch.inference_mode(), autocast(device, precision):
         for start in range(0, len(ids), batch_size):
-            batch = collate(tokenizer, ids[start : start + batch_size], device)
-            logits = model(**batch).logits.float().cpu()
+            logits = windowed_logits(model, tokenizer, ids[start : start + batch_size], device).float().cpu()
             target = y[start : start + batch_size]
             total_loss += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
             preds.extend(logits.argmax(-1).tolist())

@@ -18,6 +18,10 @@ TRUNCATION_CHOICES = ("head", "head_tail")
 # CUDA GPU, or a CPU with AMX matrix units) and fp32 elsewhere; the saved weights are fp32 either way.
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 
+# [training] chunks: a text is read in up to this many windows of max_length tokens, their logits
+# averaged (mailtriage.model.transformers.tokenize_windows). Each window costs one more forward pass.
+CHUNKS_MAX = 8
+
 # What a version serves (its manifest's "serve"; mailtriage.model.ensemble serves each), and what
 # [training] serve / --serve accept: one of those, or "auto" = the best of them on held-out mail.
 SERVE_MODEL = "model"
@@ -62,6 +66,7 @@ class TrainParams:
     device: str = "auto"
     num_threads: int | None = None       # CPU threads for torch while training; None keeps torch's default
     truncation: str = "head"             # a text over max_length keeps its "head", or "head_tail" (first quarter + end)
+    chunks: int = 1                      # read a long text in up to N windows of max_length, logits averaged
     precision: str = "auto"              # training steps in bf16 where fast (GPU, AMX CPU), else fp32: PRECISION_CHOICES
 
     def __post_init__(self) -> None:
@@ -86,6 +91,10 @@ class TrainParams:
         if self.truncation not in TRUNCATION_CHOICES:
             raise ConfigError(f"training parameter truncation = {self.truncation!r}: expected \"head\" (the "
                               "first max_length tokens) or \"head_tail\" (the first quarter and the end)")
+        if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or not 1 <= self.chunks <= CHUNKS_MAX:
+            raise ConfigError(f"training parameter chunks = {self.chunks!r}: expected a whole number 1..{CHUNKS_MAX} "
+                              "(1 reads the first max_length tokens as before; N reads up to N windows of "
+                              "max_length tokens and averages their scores; [training] chunks, or --chunks)")
         if self.precision not in PRECISION_CHOICES:
             raise ConfigError(f"training parameter precision = {self.precision!r}: expected \"auto\" (bf16 on a GPU "
                               "or a CPU with AMX, else fp32), \"fp32\" or \"bf16\" ([training] precision in the "

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from mailtriage.core.training import AUTO_FILED_CHOICES, TRUNCATION_CHOICES
+from mailtriage.core.training import AUTO_FILED_CHOICES, CHUNKS_MAX, TRUNCATION_CHOICES
 from mailtriage.errors import ModelError
 from mailtriage.model import modeldir
 from mailtriage.model.ensemble import DEFAULT_ENSEMBLE_WEIGHT, SERVE_CHOICES, SERVE_MODEL
@@ -68,6 +68,7 @@ class Manifest:
     ensemble_temperature: float = 1.0
     baseline_temperature: float = 1.0
     truncation: str = "head"               # params.truncation (training.params.truncation in bare finetune ones)
+    chunks: int = 1                        # params.chunks: windows of max_length read per text, logits averaged
     version: str | None = None
     created: str | None = None             # "%Y-%m-%dT%H:%M:%SZ", UTC
     threshold: float | None = None
@@ -106,6 +107,7 @@ class Manifest:
             "ensemble_temperature": data.get("ensemble_temperature", 1.0),
             "baseline_temperature": data.get("baseline_temperature", 1.0),
             "truncation": params.get("truncation", "head"),
+            "chunks": params.get("chunks", 1),
             "version": data.get("version"),
             "created": data.get("created"),
             "threshold": data.get("threshold"),
@@ -164,8 +166,11 @@ class Manifest:
             out["serving"] = dict(self.serving)
         if self.origins:
             out["origins"] = dict(self.origins)
-        if self.truncation != "head" or "params" in out:
-            out["params"] = {**(out.get("params") or {}), "truncation": self.truncation}
+        if self.truncation != "head" or self.chunks != 1 or "params" in out:
+            params = {**(out.get("params") or {}), "truncation": self.truncation}
+            if self.chunks != 1 or "chunks" in params:  # a manifest from before the option reads back unchanged
+                params["chunks"] = self.chunks
+            out["params"] = params
         return out
 
     def save(self, version_dir: Path) -> None:
@@ -220,6 +225,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "ensemble_temperature": ((int, float), _NUMBER),
     "baseline_temperature": ((int, float), _NUMBER),
     "truncation": ((str,), f"one of {list(TRUNCATION_CHOICES)}"),
+    "chunks": ((int,), f"a whole number 1..{CHUNKS_MAX}"),
     "version": ((str,), "a string"),
     "created": ((str,), "a UTC time such as \"2026-01-31T12:00:00Z\""),
     "threshold": ((int, float), _NUMBER),
@@ -277,6 +283,9 @@ def _validate(m: Mapping[str, Any], where: str) -> None:
     if m["truncation"] not in TRUNCATION_CHOICES:
         raise ModelError(f"{where} has params.truncation = {_show(m['truncation'])}; this mailtriage knows "
                          f"{list(TRUNCATION_CHOICES)}: run the release that trained it, or retrain")
+    if not 1 <= m["chunks"] <= CHUNKS_MAX:
+        raise ModelError(f"{where} has params.chunks = {_show(m['chunks'])}; expected a whole number 1..{CHUNKS_MAX} "
+                         "(windows of max_length tokens read per message): fix the value, or retrain")
     for key in ("temperature", "ensemble_temperature", "baseline_temperature"):
         if not (math.isfinite(_float(m[key])) and TEMPERATURE_MIN <= m[key] <= TEMPERATURE_MAX):
             raise _bad(where, key, m[key], f"a finite number in {TEMPERATURE_MIN}..{TEMPERATURE_MAX:g} "

@@ -31,7 +31,7 @@ from mailtriage.core import explain
 from mailtriage.core.classifier import Prediction
 from mailtriage.errors import ModelError
 from mailtriage.core.labels import LabelSet
-from mailtriage.core.training import TRUNCATION_CHOICES
+from mailtriage.core.training import CHUNKS_MAX, TRUNCATION_CHOICES
 
 if TYPE_CHECKING:  # transformers' modeling half costs ~90 MiB of RSS (torch._dynamo, sympy, accelerate);
     # a daemon serving a saved ONNX graph needs only the tokenizer, so it is imported where a model is built.
@@ -45,6 +45,7 @@ _LORA_TARGETS: tuple[tuple[str, ...], ...] = (
     ("q_proj", "v_proj"),     # Qwen2, Llama, Mistral, Gemma, Phi-3 ...
     ("query", "value"),       # BERT, RoBERTa, MiniLM, XLM-R, ELECTRA
     ("q_lin", "v_lin"),       # DistilBERT
+    ("q", "v"),               # MPNet (all-mpnet-base-v2): attention.attn.q / .k / .v / .o
 )
 
 
@@ -233,21 +234,88 @@ def tokenize(
     if truncation == "head":
         rows = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)["input_ids"]
     else:
-        # The special tokens around a text ([CLS] ... [SEP] on BERT, none on Qwen) stay; the text between is cut.
-        probe = tokenizer(["x"], add_special_tokens=False)["input_ids"][0]
-        framed = list(tokenizer(["x"])["input_ids"][0])
-        prefix = next(i for i in range(len(framed)) if framed[i:i + len(probe)] == list(probe))
-        suffix = len(framed) - prefix - len(probe)
+        prefix, suffix = _frame(tokenizer)
         budget = max(max_length - prefix - suffix, 1)
-        with quiet_transformers():  # "sequence longer than the model's maximum": it is cut below
-            full = tokenizer(list(texts), truncation=False, padding=False)["input_ids"]
         rows = [ids if len(ids) <= max_length else
                 ids[:prefix] + head_tail(ids[prefix:len(ids) - suffix], budget) + ids[len(ids) - suffix:]
-                for ids in map(list, full)]
-    # Decoder tokenizers add no special tokens, so an empty text would be an empty row, which the
-    # model cannot take; one EOS (or pad) token gives it a defined, if uninformative, input.
-    filler = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id]
+                for ids in _untruncated(tokenizer, texts)]
+    filler = _filler(tokenizer)
     return [list(ids) or filler for ids in rows]
+
+
+def tokenize_windows(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int, truncation: str = "head",
+    chunks: int = 1,
+) -> list[list[list[int]]]:
+    """Per text, the token-id windows the model reads: ``tokenize``'s one row when ``chunks`` is 1.
+
+    With ``chunks`` N > 1 a text over ``max_length`` tokens is read in up to N windows, each framed
+    by the special tokens like a text of its own and at most ``max_length`` long; the caller averages
+    the windows' logits (``pool_logits``). A text longer than N windows first loses what
+    ``truncation`` drops, with N windows' worth of budget. The windows are of equal size (within one
+    token), not full windows and a stub: a 20-token stub would get as much say in the average as a
+    window of 254. Training and serving both cut here, with the values recorded in the manifest.
+    """
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or not 1 <= chunks <= CHUNKS_MAX:
+        raise ModelError(f"chunks = {chunks!r} is out of range; use a whole number 1..{CHUNKS_MAX}")
+    if chunks == 1:
+        return [[ids] for ids in tokenize(tokenizer, texts, max_length, truncation)]
+    if truncation not in TRUNCATION_CHOICES:
+        raise ModelError(f"truncation = {truncation!r} is unknown; use one of {', '.join(TRUNCATION_CHOICES)}")
+    prefix, suffix = _frame(tokenizer)
+    budget = max(max_length - prefix - suffix, 1)
+    filler = _filler(tokenizer)
+    out: list[list[list[int]]] = []
+    for ids in _untruncated(tokenizer, texts):
+        if len(ids) <= max_length:
+            out.append([ids or filler])
+            continue
+        head, body, tail = ids[:prefix], ids[prefix:len(ids) - suffix], ids[len(ids) - suffix:]
+        cap = chunks * budget
+        body = body[:cap] if truncation == "head" else head_tail(body, cap)
+        n = -(-len(body) // budget)  # ceil
+        cuts = [round(len(body) * i / n) for i in range(n + 1)]
+        out.append([head + body[cuts[i]:cuts[i + 1]] + tail for i in range(n)])
+    return out
+
+
+def pool_logits(logits: torch.Tensor, owner: torch.Tensor, n_texts: int) -> torch.Tensor:
+    """Mean of the window logits of each text (``owner[i]``: the text window ``i`` belongs to);
+    differentiable, so training pools before the loss exactly as serving pools before the softmax."""
+    sums = torch.zeros((n_texts, logits.shape[-1]), dtype=logits.dtype, device=logits.device).index_add_(0, owner, logits)
+    counts = torch.bincount(owner, minlength=n_texts).clamp_min(1).to(logits.dtype)
+    return sums / counts[:, None]
+
+
+def windowed_logits(model: Any, tokenizer: PreTrainedTokenizerBase, windows: Sequence[Sequence[list[int]]],
+                    device: str) -> torch.Tensor:
+    """One forward pass over all windows of these texts, pooled per text (n_texts x n_labels, on ``device``)."""
+    rows = [w for text in windows for w in text]
+    logits = model(**collate(tokenizer, rows, device)).logits
+    if len(rows) == len(windows):  # one window each (chunks = 1, or only short texts): nothing to pool
+        return logits
+    owner = torch.tensor([i for i, text in enumerate(windows) for _ in text], device=device)
+    return pool_logits(logits, owner, len(windows))
+
+
+def _frame(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
+    """How many special tokens the tokenizer puts before and after a text ([CLS] ... [SEP] on BERT,
+    <s> ... </s> on MPNet, none on Qwen): they stay on every row or window; the text between is cut."""
+    probe = tokenizer(["x"], add_special_tokens=False)["input_ids"][0]
+    framed = list(tokenizer(["x"])["input_ids"][0])
+    prefix = next(i for i in range(len(framed)) if framed[i:i + len(probe)] == list(probe))
+    return prefix, len(framed) - prefix - len(probe)
+
+
+def _untruncated(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    with quiet_transformers():  # "sequence longer than the model's maximum": the callers cut it
+        return [list(ids) for ids in tokenizer(list(texts), truncation=False, padding=False)["input_ids"]]
+
+
+def _filler(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Decoder tokenizers add no special tokens, so an empty text would be an empty row, which the
+    model cannot take; one EOS (or pad) token gives it a defined, if uninformative, input."""
+    return [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id]
 
 
 def head_tail(ids: list[int], budget: int) -> list[int]:
@@ -284,6 +352,7 @@ class TransformersClassifier:
         temperature: float = 1.0,
         ensemble_temperature: float = 1.0,
         truncation: str = "head",
+        chunks: int = 1,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -304,11 +373,15 @@ class TransformersClassifier:
         self.ensemble_temperature = ensemble_temperature
         # How a text longer than max_length is cut: as the version was trained (manifest).
         self.truncation = truncation
+        # Windows of max_length read per long text, their logits averaged: as trained (manifest).
+        self.chunks = chunks
         # A model-only version's baseline.npz, loaded on the first explanation (never for classify).
         self._tfidf_view: Any = _NOT_LOADED
 
     def logits(self, texts: Sequence[str]) -> torch.Tensor:
         """Raw head outputs (n_texts x n_labels, fp32 on CPU), in input order."""
+        if self.chunks > 1:
+            return self._pooled_logits(texts)
         ids = tokenize(self.tokenizer, texts, self.max_length, self.truncation)
         # Batching texts of similar length wastes less compute on padding; the order is restored below.
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -319,6 +392,19 @@ class TransformersClassifier:
                 batch = collate(self.tokenizer, [ids[i] for i in chunk], self.device)
                 out[chunk] = self.model(**batch).logits.float().cpu()
         return out
+
+    def _pooled_logits(self, texts: Sequence[str]) -> torch.Tensor:
+        """``logits`` of a version trained with chunks > 1: every window of a text through the model
+        (``batch_size`` windows per pass, similar lengths together), then the mean per text."""
+        windows = tokenize_windows(self.tokenizer, texts, self.max_length, self.truncation, self.chunks)
+        flat = [(len(w), i, w) for i, text in enumerate(windows) for w in text]
+        flat.sort(key=lambda item: item[0])
+        window_logits = torch.empty((len(flat), len(self.labels)), dtype=torch.float32)
+        with torch.inference_mode(), autocast(self.device):
+            for start in range(0, len(flat), self.batch_size):
+                batch = collate(self.tokenizer, [w for _, _, w in flat[start : start + self.batch_size]], self.device)
+                window_logits[start : start + self.batch_size] = self.model(**batch).logits.float().cpu()
+        return pool_logits(window_logits, torch.tensor([i for _, i, _ in flat]), len(texts))
 
     def classify_explained(self, texts: Sequence[str]) -> list[Prediction]:
         """``classify`` with each prediction's evidence (``mailtriage.core.explain``): the served part,
@@ -528,6 +614,7 @@ def load_classifier(
         temperature=manifest.temperature,
         ensemble_temperature=manifest.ensemble_temperature,
         truncation=manifest.truncation,
+        chunks=manifest.chunks,
     )
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mailtriage.config import DEVICES, Config, load_config
+from mailtriage.config import DEVICES, Config, ModelConfig, load_config
 from mailtriage.errors import ConfigError, MailtriageError
 from mailtriage.cli.logs import configure_logging
 
@@ -69,7 +69,7 @@ def _classifier(args: argparse.Namespace, cfg: Config | None) -> Classifier:
     return load_classifier(
         model_path,
         device=args.device or (cfg.model.device if cfg else "auto"),
-        batch_size=cfg.model.batch_size if cfg else 16,
+        batch_size=(cfg.model if cfg else ModelConfig()).batch_size,
         max_length=cfg.model.max_length if cfg else 256,
         expected_labels=cfg.labels if cfg else None,
         quantize=cfg.model.quantize if cfg else "auto",
